@@ -1,0 +1,68 @@
+"""Input checks shared by every public entry: readable errors before any kernel sees the data."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def check_tensor(
+    where: str,
+    name: str,
+    value,
+    *,
+    ndim: int | Iterable[int] | None = None,
+    dtypes: Iterable[torch.dtype] | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Raise ``TypeError``/``ValueError`` naming ``where`` and ``name`` if ``value`` is off."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(value).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if value.dim() not in allowed:
+            want = " or ".join(f"{n}-D" for n in allowed)
+            raise ValueError(f"{where}: {name} must be {want}, got shape {tuple(value.shape)}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if value.dtype not in dtypes:
+            names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+            raise TypeError(f"{where}: {name} must have dtype in ({names}), got {value.dtype}")
+    if device is not None and value.device != device:
+        raise ValueError(f"{where}: {name} is on {value.device} but the other inputs are on {device}")
+    return value
+
+
+def check_cu_seqlens(where: str, cu_seqlens, total: int, device: torch.device) -> torch.Tensor:
+    """Check the flash-attn varlen convention: int32 [S+1], starts at 0, non-decreasing, ends at ``total``.
+
+    The check reads ``cu_seqlens`` on the host (it is tiny); callers that must not synchronize skip it.
+    """
+    check_tensor(where, "cu_seqlens", cu_seqlens, ndim=1, dtypes=INDEX_DTYPES, device=device)
+    if cu_seqlens.numel() < 2:
+        raise ValueError(f"{where}: cu_seqlens must hold at least 2 entries [0, ..., total], got {cu_seqlens.numel()}")
+    host = cu_seqlens.tolist()
+    if host[0] != 0:
+        raise ValueError(f"{where}: cu_seqlens must start at 0, got {host[0]}")
+    if any(b < a for a, b in zip(host, host[1:])):
+        raise ValueError(f"{where}: cu_seqlens must be non-decreasing, got {host}")
+    if host[-1] != total:
+        raise ValueError(f"{where}: cu_seqlens must end at the number of tokens {total}, got {host[-1]}")
+    return cu_seqlens
+
+
+def check_head_weights(where: str, hidden: torch.Tensor, w1, b1, w2, b2) -> None:
+    """Shapes [2d, d], [2d], [1, 2d], [1]; one floating dtype; same device as ``hidden``."""
+    d = hidden.shape[-1]
+    expected = {"w1": (2 * d, d), "b1": (2 * d,), "w2": (1, 2 * d), "b2": (1,)}
+    for name, tensor in zip(expected, (w1, b1, w2, b2)):
+        check_tensor(where, name, tensor, dtypes=FLOAT_DTYPES, device=hidden.device)
+        if tuple(tensor.shape) != expected[name]:
+            raise ValueError(
+                f"{where}: head {name} has shape {tuple(tensor.shape)}, expected {expected[name]} "
+                f"for hidden size {d}"
+            )

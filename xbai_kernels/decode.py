@@ -1,0 +1,211 @@
+"""DecodeScorer: scores steps while a decoder generates, with per-slot state kept on the device.
+
+Why events and not a running score: SPEC's thinking region depends on the whole trajectory
+(``<think>``/``</think>`` must occur exactly once), which is unknown until the end. So each decode
+step records, on the device and without synchronizing, what may matter:
+
+* a *step candidate* at position i (token i+1 is a step token, token i is neither a step token nor
+  ``<think>``) with the head's logit for ``h_i``;
+* a *marker* event at the position of every ``<think>`` / ``</think>`` token.
+
+``result`` applies the region rule to the events, keyed by position and de-duplicated, so a
+recomputed position (preemption, a re-run prefill chunk) counts once and trimmed tokens (stop
+strings) drop out when the final length is given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._validate import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
+from .head import SPRMHead
+from .ops import dispatch, reference
+from .rule import StepRule
+
+STEP, THINK_START, THINK_END = 0, 1, 2
+_NO_TOKEN = -1
+
+
+@dataclass
+class SlotResult:
+    """What one finished trajectory scored: positions int64 [n], logits / step_scores float32 [n], score."""
+
+    positions: torch.Tensor
+    logits: torch.Tensor
+    step_scores: torch.Tensor
+    score: float
+
+
+class DecodeScorer:
+    """Per-slot device state for scoring steps during generation.
+
+    ``num_slots`` concurrent trajectories, each recording at most ``capacity`` events (step
+    candidates plus ``<think>``/``</think>`` occurrences). ``step`` and ``prefill`` never
+    synchronize with the host; ``result`` does.
+    """
+
+    def __init__(self, head: SPRMHead, rule: StepRule, num_slots: int, capacity: int) -> None:
+        if not isinstance(head, SPRMHead):
+            raise TypeError(f"DecodeScorer: head must be an SPRMHead, got {type(head).__name__}")
+        if not isinstance(rule, StepRule):
+            raise TypeError(f"DecodeScorer: rule must be a StepRule, got {type(rule).__name__}")
+        for name, value in (("num_slots", num_slots), ("capacity", capacity)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"DecodeScorer: {name} must be a positive int, got {value!r}")
+        self.head = head
+        self.rule = rule
+        self.num_slots = num_slots
+        self.capacity = capacity
+        device = head[0].weight.device
+        self.device = device
+        self._step_ids = rule.step_ids_tensor(device)
+        self._positions = torch.zeros(num_slots, capacity, dtype=torch.int64, device=device)
+        self._kinds = torch.zeros(num_slots, capacity, dtype=torch.int8, device=device)
+        self._logits = torch.zeros(num_slots, capacity, dtype=torch.float32, device=device)
+        self._counts = torch.zeros(num_slots, dtype=torch.int64, device=device)
+        # The token at each slot's next position: the step scored at position i needs token i.
+        self._last_token = torch.full((num_slots,), _NO_TOKEN, dtype=torch.int64, device=device)
+
+    # ----- recording (device only, no host sync) ------------------------------------------------
+
+    def _candidates(self, current: torch.Tensor, following: torch.Tensor) -> torch.Tensor:
+        """SPEC rules 1 and 2: token i+1 in S, token i neither in S nor ``<think>``."""
+        return (
+            torch.isin(following, self._step_ids)
+            & ~torch.isin(current, self._step_ids)
+            & (current != self.rule.think_start_id)
+            & (current != _NO_TOKEN)
+        )
+
+    def _marker_kind(self, tokens: torch.Tensor) -> torch.Tensor:
+        kind = torch.where(tokens == self.rule.think_start_id, THINK_START, 0)
+        return torch.where(tokens == self.rule.think_end_id, THINK_END, kind).to(torch.int8)
+
+    def _logits_of(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return dispatch.call("head_logits_masked", hidden.device, hidden, rows, *self.head.weights)
+
+    def _write(self, slots, slot_offsets, has_event, kinds, positions, logits) -> None:
+        """Append events at ``counts[slot] + slot_offset``; events past capacity are counted, not kept."""
+        index = self._counts[slots] + slot_offsets
+        keep = has_event & (index < self.capacity)
+        flat = slots * self.capacity + index.clamp(max=self.capacity - 1)
+        for buffer, values in ((self._positions, positions), (self._kinds, kinds), (self._logits, logits)):
+            view = buffer.view(-1)
+            view.index_put_((flat,), torch.where(keep, values.to(buffer.dtype), view[flat]))
+
+    def _check_hidden(self, where: str, hidden: torch.Tensor, rows: int | None) -> None:
+        check_tensor(where, "hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES, device=self.device)
+        if hidden.shape[1] != self.head.hidden_size:
+            raise ValueError(f"{where}: hidden has size {hidden.shape[1]}, the head expects {self.head.hidden_size}")
+        if rows is not None and hidden.shape[0] != rows:
+            raise ValueError(f"{where}: hidden has {hidden.shape[0]} rows, expected {rows}")
+
+    def step(
+        self, hidden: torch.Tensor, sampled_ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor
+    ) -> None:
+        """Record one decoding step of B slots (each slot at most once per call).
+
+        hidden [B, d]: ``h`` of the positions just decoded; sampled_ids int [B]: the tokens sampled
+        from them (they sit at ``positions + 1``); slots int [B]; positions int [B].
+        """
+        batch = sampled_ids.shape[0] if isinstance(sampled_ids, torch.Tensor) and sampled_ids.dim() == 1 else None
+        for name, value in (("sampled_ids", sampled_ids), ("slots", slots), ("positions", positions)):
+            check_tensor("DecodeScorer.step", name, value, ndim=1, dtypes=INDEX_DTYPES, device=self.device)
+            if value.shape[0] != batch:
+                raise ValueError(f"DecodeScorer.step: {name} has {value.shape[0]} entries, sampled_ids has {batch}")
+        self._check_hidden("DecodeScorer.step", hidden, batch)
+        slots, positions, sampled = slots.long(), positions.long(), sampled_ids.long()
+
+        current = self._last_token[slots]
+        is_step = self._candidates(current, sampled)
+        logits = self._logits_of(hidden, is_step)
+        marker = self._marker_kind(sampled)
+        # A step token is never a marker (StepRule forbids it), so a row records at most one event.
+        kinds = torch.where(is_step, STEP, marker.long())
+        event_positions = torch.where(is_step, positions, positions + 1)
+        has_event = is_step | (marker != 0)
+        self._write(slots, torch.zeros_like(slots), has_event, kinds, event_positions, logits)
+        self._counts.index_add_(0, slots, has_event.long())
+        self._last_token[slots] = sampled
+
+    def prefill(self, slot: int, hidden: torch.Tensor, input_ids: torch.Tensor, start_position) -> None:
+        """Record a chunk of n known positions of one slot (a prompt, or text to score).
+
+        hidden [n, d]: ``h`` of positions ``start_position .. start_position + n - 1``;
+        input_ids int [n + 1]: the tokens at those positions plus the one after the chunk.
+        """
+        if isinstance(slot, torch.Tensor) or not 0 <= int(slot) < self.num_slots:
+            raise ValueError(f"DecodeScorer.prefill: slot must be an int in [0, {self.num_slots}), got {slot!r}")
+        check_tensor("DecodeScorer.prefill", "input_ids", input_ids, ndim=1, dtypes=INDEX_DTYPES, device=self.device)
+        n = input_ids.shape[0] - 1
+        if n < 0:
+            raise ValueError("DecodeScorer.prefill: input_ids must hold at least one token")
+        self._check_hidden("DecodeScorer.prefill", hidden, n)
+        ids = input_ids.long()
+        token_positions = torch.arange(n + 1, device=self.device) + start_position
+
+        is_step = self._candidates(ids[:-1], ids[1:])
+        logits = self._logits_of(hidden, is_step)
+        marker = self._marker_kind(ids)
+        has_event = torch.cat([is_step, marker != 0])
+        kinds = torch.cat([torch.full_like(is_step, STEP, dtype=torch.int8), marker])
+        event_positions = torch.cat([token_positions[:-1], token_positions])
+        event_logits = torch.cat([logits, torch.zeros(n + 1, dtype=torch.float32, device=self.device)])
+        offsets = torch.cumsum(has_event.long(), 0) - has_event.long()
+        slots = torch.full_like(offsets, int(slot))
+        self._write(slots, offsets, has_event, kinds, event_positions, event_logits)
+        self._counts[int(slot)] += has_event.sum()
+        self._last_token[int(slot)] = ids[-1]
+
+    def reset(self, slots) -> None:
+        """Free ``slots`` (an int, a list of ints or an int tensor) for new trajectories."""
+        slots = torch.as_tensor(slots, dtype=torch.int64, device=self.device).reshape(-1)
+        self._counts[slots] = 0
+        self._last_token[slots] = _NO_TOKEN
+
+    # ----- reading (synchronizes) ----------------------------------------------------------------
+
+    def result(self, slot: int, num_tokens: int | None = None) -> SlotResult:
+        """Apply SPEC's rule to what ``slot`` recorded.
+
+        ``num_tokens``, the final trajectory length (prompt + completion), drops events past the end
+        (tokens a stop string trimmed); without it every recorded event counts.
+        """
+        count = int(self._counts[slot])
+        if count > self.capacity:
+            raise RuntimeError(
+                f"DecodeScorer: slot {slot} recorded {count} events but capacity is {self.capacity}; "
+                f"construct the scorer with a larger capacity"
+            )
+        positions = self._positions[slot, :count].cpu()
+        kinds = self._kinds[slot, :count].cpu().long()
+        logits = self._logits[slot, :count].cpu()
+        if num_tokens is not None:
+            # A step at i needs its step token i+1 inside the trajectory; a marker needs itself inside.
+            last_needed = positions + (kinds == STEP).long()
+            inside = last_needed < num_tokens
+            positions, kinds, logits = positions[inside], kinds[inside], logits[inside]
+
+        latest: dict[tuple[int, int], float] = {}
+        for kind, position, logit in zip(kinds.tolist(), positions.tolist(), logits.tolist()):
+            latest[(kind, position)] = logit  # a recomputed position overrides, never adds
+
+        def exactly_once(kind: int) -> int | None:
+            found = [p for (k, p) in latest if k == kind]
+            return found[0] if len(found) == 1 else None
+
+        start = exactly_once(THINK_START)
+        end = exactly_once(THINK_END)
+        start = 0 if start is None else start
+        steps = sorted(
+            (p, logit)
+            for (k, p), logit in latest.items()
+            if k == STEP and p > start and (end is None or p < end)
+        )
+        step_positions = torch.tensor([p for p, _ in steps], dtype=torch.int64)
+        step_logits = torch.tensor([logit for _, logit in steps], dtype=torch.float32)
+        step_scores = torch.sigmoid(step_logits)
+        score = reference.segment_geomean(step_scores, torch.zeros_like(step_positions), 1)
+        return SlotResult(step_positions, step_logits, step_scores, float(score))

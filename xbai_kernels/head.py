@@ -1,0 +1,181 @@
+"""SPRMHead: the step-scoring MLP, and its checkpoints (released ``score_module.pt`` and our safetensors)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ._validate import FLOAT_DTYPES, check_tensor
+from .ops import dispatch
+
+RELEASED_FILENAME = "score_module.pt"
+SAFETENSORS_FILENAME = "sprm_head.safetensors"
+HEAD_KEYS = ("0.weight", "0.bias", "3.weight", "3.bias")
+# SPEC: dropout between the ReLU and W2, active in training only.
+DROPOUT_P = 0.5
+_FORMAT = "xbai-sprm-head"
+
+
+class CheckpointError(ValueError):
+    """A head checkpoint is missing, unreadable, unsafe or does not fit the model."""
+
+
+class SPRMHead(nn.Sequential):
+    """logit = W2 relu(W1 h + b1) + b2, with W1 [2d, d], b1 [2d], W2 [1, 2d], b2 [1].
+
+    Laid out as the released ``nn.Sequential(Linear, ReLU, Dropout, Linear)``, so its ``state_dict``
+    keys are ``0.weight``, ``0.bias``, ``3.weight``, ``3.bias`` and released checkpoints load as they
+    are. ``forward(h[..., d])`` returns float32 logits ``[...]`` (fp32 accumulation whatever the
+    weights' dtype); in training mode the dropout is active.
+    """
+
+    def __init__(self, hidden_size: int, device=None, dtype=None) -> None:
+        if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size <= 0:
+            raise ValueError(f"SPRMHead: hidden_size must be a positive int, got {hidden_size!r}")
+        factory = {"device": device, "dtype": dtype}
+        super().__init__(
+            nn.Linear(hidden_size, 2 * hidden_size, **factory),
+            nn.ReLU(),
+            nn.Dropout(DROPOUT_P),
+            nn.Linear(2 * hidden_size, 1, **factory),
+        )
+        self.hidden_size = hidden_size
+
+    @property
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(W1, b1, W2, b2), the tensors every backend op takes."""
+        return self[0].weight, self[0].bias, self[3].weight, self[3].bias
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        w1 = self[0].weight
+        check_tensor("SPRMHead", "hidden", hidden, dtypes=FLOAT_DTYPES, device=w1.device)
+        if hidden.dim() == 0 or hidden.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"SPRMHead: hidden must end in the hidden size {self.hidden_size}, got shape {tuple(hidden.shape)}"
+            )
+        lead = hidden.shape[:-1]
+        rows = hidden.reshape(-1, self.hidden_size)
+        if self.training and torch.is_grad_enabled():
+            activation = self[2](torch.relu(nn.functional.linear(rows.float(), w1.float(), self[0].bias.float())))
+            logits = nn.functional.linear(activation, self[3].weight.float(), self[3].bias.float()).squeeze(-1)
+        else:
+            logits = dispatch.call("head_logits", rows.device, rows, *self.weights)
+        return logits.reshape(lead)
+
+    # ----- checkpoints -------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        hidden_size: int | None = None,
+        device=None,
+        dtype: torch.dtype | None = None,
+    ) -> "SPRMHead":
+        """Load a head from a model directory (``sprm_head.safetensors`` or ``score_module.pt``) or a file.
+
+        ``hidden_size``, when given, must match the checkpoint (the backbone's hidden size). ``dtype``
+        defaults to the checkpoint's own.
+        """
+        state = load_state_dict(path)
+        d = validate_state_dict(state, hidden_size, source=str(path))
+        head = cls(d, device="meta")
+        head.load_state_dict(state, assign=True)
+        return head.to(device=device, dtype=dtype or state["0.weight"].dtype)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``sprm_head.safetensors`` (hidden size in its metadata) into ``directory``."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        target = directory / SAFETENSORS_FILENAME
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(target), metadata={"format": _FORMAT, "hidden_size": str(self.hidden_size)})
+        return target
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """The head file for ``path``: the path itself if a file, else the one a model directory holds."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for name in (SAFETENSORS_FILENAME, RELEASED_FILENAME):
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(f"no SPRM head in {path}: expected {SAFETENSORS_FILENAME} or {RELEASED_FILENAME}")
+    raise CheckpointError(f"SPRM head checkpoint {path} does not exist")
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a head checkpoint safely: safetensors, or a ``.pt`` pickle restricted to tensors."""
+    file = find_checkpoint(path)
+    if file.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(file))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{file} is not a readable safetensors file ({exc})") from exc
+    else:
+        try:
+            # SPEC: a .pt file is a pickle; anything but tensors and plain containers is refused.
+            state = torch.load(file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise CheckpointError(
+                f"{file} is not a plain tensor checkpoint: it asks to unpickle something other than "
+                f"tensors, which is refused ({str(exc).splitlines()[0]})"
+            ) from exc
+        except (RuntimeError, EOFError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{file} is not a readable torch checkpoint (truncated or corrupt?): {exc}") from exc
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{file} holds a {type(state).__name__}, expected a state dict")
+    return state
+
+
+def validate_state_dict(state: dict, hidden_size: int | None = None, source: str = "state dict") -> int:
+    """Check keys, shapes and dtypes of a head state dict; return its hidden size d."""
+    keys = set(state)
+    missing = [k for k in HEAD_KEYS if k not in keys]
+    unexpected = sorted(keys - set(HEAD_KEYS))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: SPRM head keys do not match the released layout {list(HEAD_KEYS)}: "
+            f"missing {missing}, unexpected {unexpected}"
+        )
+    for key in HEAD_KEYS:
+        tensor = state[key]
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"{source}: {key} is a {type(tensor).__name__}, expected a tensor")
+        if tensor.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{source}: {key} has dtype {tensor.dtype}, expected float32, float16 or bfloat16")
+    w1 = state["0.weight"]
+    if w1.dim() != 2 or w1.shape[0] != 2 * w1.shape[1]:
+        raise CheckpointError(f"{source}: 0.weight has shape {tuple(w1.shape)}, expected [2d, d]")
+    d = int(w1.shape[1])
+    expected = {"0.bias": (2 * d,), "3.weight": (1, 2 * d), "3.bias": (1,)}
+    for key, shape in expected.items():
+        if tuple(state[key].shape) != shape:
+            raise CheckpointError(f"{source}: {key} has shape {tuple(state[key].shape)}, expected {shape} for d={d}")
+    if hidden_size is not None and d != hidden_size:
+        raise CheckpointError(f"{source}: the head has hidden size {d} but the model's hidden size is {hidden_size}")
+    return d
+
+
+def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Validate ``src`` (a released ``score_module.pt``, or any head checkpoint) and write safetensors.
+
+    ``dst`` is a directory (gets ``sprm_head.safetensors``) or a ``.safetensors`` file path.
+    """
+    head = SPRMHead.from_pretrained(src)
+    dst = Path(dst)
+    if dst.suffix == ".safetensors":
+        written = head.save_pretrained(dst.parent)
+        return written.rename(dst) if written != dst else written
+    return head.save_pretrained(dst)

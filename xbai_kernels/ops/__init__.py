@@ -1,0 +1,1 @@
+"""SPRM ops: ``reference`` (plain PyTorch, the oracle), ``triton``, ``cuda``; ``dispatch`` picks one."""

@@ -1,0 +1,113 @@
+"""The single point that picks a backend for an op.
+
+Backends are modules exposing the op names of ``ops.reference`` (the contract). The choice:
+
+* ``XBAI_KERNELS_BACKEND=reference|triton|cuda`` forces one; a forced backend that cannot run
+  on the tensor's device, or lacks the op, is an error naming why.
+* Otherwise a CUDA tensor takes ``cuda`` (the compiled module), then ``triton``; a CPU tensor takes
+  ``reference``. A fast backend that is missing on a CUDA tensor falls back to ``reference`` and
+  says so once in the log; ``XBAI_KERNELS_STRICT=1`` turns that fallback into an error.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import os
+from types import ModuleType
+from typing import Callable
+
+import torch
+
+logger = logging.getLogger("xbai_kernels")
+
+BACKENDS = ("reference", "triton", "cuda")
+_MODULES = {
+    "reference": "xbai_kernels.ops.reference",
+    "triton": "xbai_kernels.ops.triton",
+    "cuda": "xbai_kernels.ops.cuda",
+}
+_AUTO_ORDER_CUDA = ("cuda", "triton", "reference")
+
+
+class BackendUnavailable(RuntimeError):
+    """A requested backend cannot run here; the message says why."""
+
+
+def forced_backend() -> str | None:
+    name = os.environ.get("XBAI_KERNELS_BACKEND", "").strip().lower()
+    if not name or name == "auto":
+        return None
+    if name not in BACKENDS:
+        raise ValueError(f"XBAI_KERNELS_BACKEND={name!r} is not one of {', '.join(BACKENDS)} or 'auto'")
+    return name
+
+
+def strict() -> bool:
+    return os.environ.get("XBAI_KERNELS_STRICT", "0") not in ("", "0", "false", "False")
+
+
+@functools.cache
+def _load(name: str) -> ModuleType | str:
+    """The backend module, or a string saying why it cannot be imported."""
+    try:
+        return importlib.import_module(_MODULES[name])
+    except Exception as exc:  # an optional backend may fail in any way at import (missing triton, no _C)
+        return f"{type(exc).__name__}: {exc}"
+
+
+def unavailable_reason(name: str, device: torch.device) -> str | None:
+    """None when backend ``name`` can run ops on ``device``, else why not."""
+    module = _load(name)
+    if isinstance(module, str):
+        return f"the {name} backend failed to import ({module})"
+    if name == "reference":
+        return None
+    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"Triton kernels need a CUDA device (or TRITON_INTERPRET=1), got {device}"
+    if name == "cuda" and device.type != "cuda":
+        return f"the CUDA backend needs a CUDA device, got {device}"
+    return module.unavailable_reason() if hasattr(module, "unavailable_reason") else None
+
+
+@functools.cache
+def _say_once(message: str, level: int) -> None:
+    logger.log(level, message)
+
+
+def resolve(op: str, device: torch.device) -> tuple[str, Callable]:
+    """(backend name, implementation) of ``op`` for tensors on ``device``."""
+    forced = forced_backend()
+    if forced is not None:
+        reason = unavailable_reason(forced, device)
+        if reason is None and not hasattr(_load(forced), op):
+            reason = f"the {forced} backend has no {op!r} op"
+        if reason is not None:
+            raise BackendUnavailable(f"XBAI_KERNELS_BACKEND={forced}: {reason}")
+        _say_once(f"xbai_kernels: {op} uses the {forced} backend (forced)", logging.INFO)
+        return forced, getattr(_load(forced), op)
+
+    if device.type != "cuda":
+        return "reference", getattr(_load("reference"), op)
+    reasons = []
+    for name in _AUTO_ORDER_CUDA:
+        reason = unavailable_reason(name, device)
+        if reason is None and not hasattr(_load(name), op):
+            reason = f"the {name} backend has no {op!r} op"
+        if reason is None:
+            if name == "reference":
+                message = f"xbai_kernels: {op} falls back to the reference path on {device}: " + "; ".join(reasons)
+                if strict():
+                    raise BackendUnavailable(message + " (XBAI_KERNELS_STRICT=1)")
+                _say_once(message, logging.WARNING)
+            else:
+                _say_once(f"xbai_kernels: {op} uses the {name} backend on {device}", logging.INFO)
+            return name, getattr(_load(name), op)
+        reasons.append(reason)
+    raise AssertionError("unreachable: the reference backend always resolves")
+
+
+def call(op: str, device: torch.device, *args, **kwargs):
+    """Run ``op`` on the backend chosen for ``device``."""
+    return resolve(op, device)[1](*args, **kwargs)

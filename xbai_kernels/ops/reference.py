@@ -1,0 +1,204 @@
+"""Plain-PyTorch SPRM ops: the oracle every backend is tested against, and the path that runs anywhere.
+
+Every function here is the backend contract: a Triton or CUDA backend exposes the same names with
+the same signatures and results (up to floating-point tolerance), and ``dispatch`` picks one.
+All head math accumulates in float32 whatever the input dtype (DESIGN: "fp32 accumulation
+everywhere"), so the hidden activation relu(W1 h + b1) is never rounded to bf16.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# SPEC: the geometric mean clamps step scores here before the log.
+SCORE_CLAMP_MIN = 1e-10
+# SPEC: rewards equal to this mark a sample the loss ignores; above this threshold the answer is correct.
+IGNORE_REWARD = 0.1
+CORRECT_THRESHOLD = 0.5
+# SPEC: positives are up-weighted by this factor; EPS keeps the weights finite on an empty batch.
+POSITIVE_WEIGHT = 1.5
+LOSS_EPS = 1e-5
+
+
+def head_logits(hidden: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
+    """logit = W2 relu(W1 h + b1) + b2 for every row. hidden [N, d] any float dtype -> float32 [N]."""
+    activation = torch.relu(F.linear(hidden.float(), w1.float(), b1.float()))
+    return F.linear(activation, w2.float(), b2.float()).squeeze(-1)
+
+
+def head_logits_rows(hidden: torch.Tensor, rows: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
+    """Head over the selected rows only. hidden [T, d], rows int [n] -> float32 [n] (packed scorer)."""
+    return head_logits(hidden.index_select(0, rows.long()), w1, b1, w2, b2)
+
+
+def head_logits_masked(
+    hidden: torch.Tensor, row_mask: torch.Tensor, w1, b1, w2, b2, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Head over the rows where ``row_mask`` is set; 0.0 elsewhere (decode scorer).
+
+    hidden [B, d], row_mask bool [B] -> float32 [B], written into ``out`` when given. A fast backend
+    decides on the device which rows to compute; this oracle computes all rows and masks, which
+    keeps it free of host synchronization.
+    """
+    logits = torch.where(row_mask, head_logits(hidden, w1, b1, w2, b2), 0.0)
+    if out is None:
+        return logits
+    return out.copy_(logits)
+
+
+def sequence_index(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """int64 [total]: which sequence of the packed batch each token belongs to."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    seq_ids = torch.arange(lengths.numel(), device=cu_seqlens.device)
+    return torch.repeat_interleave(seq_ids, lengths, output_size=total)
+
+
+def step_mask(
+    input_ids: torch.Tensor,
+    step_ids: torch.Tensor,
+    think_start_id: int,
+    think_end_id: int,
+    cu_seqlens: torch.Tensor,
+) -> torch.Tensor:
+    """SPEC's inference rule on packed ids. input_ids int [T], cu_seqlens int [S+1] -> bool [T].
+
+    Position i of a sequence is scored when token i+1 is a step token, token i is neither a step
+    token nor ``<think>``, and start < i < end (the thinking region of its own sequence).
+    """
+    total = input_ids.numel()
+    device = input_ids.device
+    ids = input_ids.long()
+    seq = sequence_index(cu_seqlens, total)
+    num_seqs = cu_seqlens.numel() - 1
+    starts = cu_seqlens[:-1].long()
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    local = torch.arange(total, device=device) - starts[seq]
+
+    is_step = torch.isin(ids, step_ids)
+    # The next token must belong to the same sequence: the last token of a sequence opens no step.
+    next_is_step = torch.zeros_like(is_step)
+    next_is_step[:-1] = is_step[1:] & (seq[1:] == seq[:-1])
+    candidate = next_is_step & ~is_step & (ids != think_start_id)
+
+    region_start = _marker_index(ids == think_start_id, seq, local, num_seqs, default=torch.zeros_like(lengths))
+    region_end = _marker_index(ids == think_end_id, seq, local, num_seqs, default=lengths)
+    return candidate & (local > region_start[seq]) & (local < region_end[seq])
+
+
+def _marker_index(is_marker, seq, local, num_seqs, default):
+    """Per sequence: the local index of the marker if it occurs exactly once, else ``default``."""
+    counts = torch.zeros(num_seqs, dtype=torch.int64, device=seq.device).index_add_(0, seq, is_marker.long())
+    index = torch.zeros(num_seqs, dtype=torch.int64, device=seq.device).index_add_(
+        0, seq, torch.where(is_marker, local, 0)
+    )
+    return torch.where(counts == 1, index, default)
+
+
+def segment_geomean(scores: torch.Tensor, segment: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """SPEC's trajectory score per segment: exp(mean(log(clamp(p, 1e-10)))), 0.0 for an empty one.
+
+    scores float [n], segment int64 [n] in [0, num_segments) -> float32 [num_segments].
+    """
+    log_p = torch.log(scores.float().clamp_min(SCORE_CLAMP_MIN))
+    sums = torch.zeros(num_segments, dtype=torch.float32, device=scores.device).index_add_(0, segment, log_p)
+    counts = torch.zeros(num_segments, dtype=torch.float32, device=scores.device).index_add_(
+        0, segment, torch.ones_like(log_p)
+    )
+    return torch.where(counts > 0, torch.exp(sums / counts.clamp_min(1)), 0.0)
+
+
+def spr_loss(
+    logits: torch.Tensor,
+    correct: torch.Tensor,
+    valid: torch.Tensor,
+    step_mask: torch.Tensor,
+    process_group=None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SPEC's SPR loss over elementwise-broadcast inputs of any shape.
+
+    logits float32, correct/valid/step_mask bool, all broadcastable to logits' shape. Positions
+    outside ``step_mask`` behave as logit 0: never kept. The positive/negative counts are summed
+    over ``process_group`` (SPEC: over all data-parallel ranks); the loss normalizer is local.
+    """
+    logits = logits.float()
+    correct = correct.expand_as(logits)
+    target = correct.float()
+    # SPEC's self-supervised filter: keep a position only where the head already agrees with the
+    # outcome; logit == 0 satisfies neither side.
+    keep = ((logits > 0) & correct) | ((logits < 0) & ~correct)
+    m = (keep & valid & step_mask).float()
+    counts = torch.stack([(m * target).sum(), (m * (1 - target)).sum()])
+    if process_group is not None:
+        counts = _all_reduce_sum(counts, process_group)
+    pos, neg = counts[0], counts[1]
+    w_pos = POSITIVE_WEIGHT * neg / (pos + neg + LOSS_EPS)
+    w_neg = pos / (pos + neg + LOSS_EPS)
+    w = m * torch.where(correct, w_pos, w_neg)
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    loss = (bce * w).sum() / (w.sum() + LOSS_EPS)
+    return loss, {"num_positive": pos.detach(), "num_negative": neg.detach()}
+
+
+def _all_reduce_sum(tensor: torch.Tensor, process_group) -> torch.Tensor:
+    import torch.distributed as dist
+
+    group = None if process_group is True else process_group
+    # The counts carry no gradient (they come from a boolean mask), so a plain all_reduce is exact.
+    tensor = tensor.clone()
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor
+
+
+def step_score_geomean(logits: torch.Tensor) -> torch.Tensor:
+    """Monitoring number of the released actor: per row, the geometric mean of sigmoid(logit) over
+    its non-zero logits (0.0 for a row with none). logits float [B, T] -> float32 [B]."""
+    logits = logits.detach().float()
+    nonzero = logits != 0
+    log_p = torch.where(nonzero, F.logsigmoid(logits).clamp_min(torch.log(torch.tensor(SCORE_CLAMP_MIN))), 0.0)
+    counts = nonzero.sum(-1)
+    return torch.where(counts > 0, torch.exp(log_p.sum(-1) / counts.clamp_min(1)), 0.0)
+
+
+def dropout_keep_mask(shape, p: float, device, generator: torch.Generator | None) -> torch.Tensor | None:
+    """Bernoulli(1 - p) keep mask as float scale (0 or 1/(1-p)); ``None`` when dropout is off."""
+    if p <= 0.0:
+        return None
+    if p >= 1.0:
+        return torch.zeros(shape, device=device)
+    keep = torch.rand(shape, generator=generator, device=device) >= p
+    return keep.float() / (1.0 - p)
+
+
+def sprm_head_loss(
+    hidden: torch.Tensor,
+    rows: torch.Tensor,
+    w1,
+    b1,
+    w2,
+    b2,
+    correct: torch.Tensor,
+    valid: torch.Tensor,
+    dropout_p: float,
+    backbone_grad_scale: float,
+    process_group=None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Training head + SPR loss on the step rows, through eager autograd.
+
+    hidden [N, d] (``h`` of every position), rows int64 [n] (the step positions to train),
+    correct/valid bool [n]. Returns
+    (loss, logits float32 [n], stats). The backbone sees the gradient through ``h`` scaled by
+    ``backbone_grad_scale`` exactly as the released code does it; the head gets the full gradient.
+    """
+    s = backbone_grad_scale
+    hidden_rows = hidden.index_select(0, rows)
+    h = hidden_rows * s + hidden_rows.detach() * (1 - s)
+    activation = torch.relu(F.linear(h.float(), w1.float(), b1.float()))
+    keep = dropout_keep_mask(activation.shape, dropout_p, activation.device, generator)
+    if keep is not None:
+        activation = activation * keep
+    logits = F.linear(activation, w2.float(), b2.float()).squeeze(-1)
+    all_rows = torch.ones_like(correct)
+    loss, stats = spr_loss(logits, correct, valid, all_rows, process_group)
+    return loss, logits, stats

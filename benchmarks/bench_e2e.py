@@ -1,0 +1,228 @@
+"""End-to-end cost of step scoring during generation, on random-weight models of the released shapes.
+
+Four ways to get step scores for B sampled trajectories of N new tokens:
+
+* ``off``: generation alone (the denominator);
+* ``ours``: ``DecodeScorer.step`` after every sampled token, on ``h`` captured at the last decoder
+  layer's input (no host sync, head work only on step rows);
+* ``eager_hook``: the released head (``nn.Sequential`` in the model dtype) hooked into the same loop,
+  on the boolean-mask gather of the step rows;
+* ``released``: the released pipeline: generate, then run the backbone again over every finished
+  trajectory with ``output_hidden_states=True`` and score the steps (its cost is the re-forward).
+
+Random weights sample near-uniform tokens, so real step tokens would almost never appear; the step set
+here is every ``1/step_fraction``-th vocabulary id, which gives about the step rate of real reasoning
+text (``.\\n\\n`` every ~40 tokens). The decode loop is HuggingFace eager with a dynamic cache, the
+same for every mode, so the overhead percentages compare like with like.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch import nn
+
+from xbai_kernels import DecodeScorer, SPRMHead, StepRule, score_trajectories
+
+from ._common import environment, write_result
+
+MODEL_SHAPES = {
+    # Qwen2 shapes of the released 1.5B and 7B models.
+    "1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                 intermediate_size=8960, vocab_size=151936),
+    "7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+               intermediate_size=18944, vocab_size=152064),
+    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                 intermediate_size=256, vocab_size=1024),
+}
+
+
+def build_model(shape: str, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    config = Qwen2Config(**MODEL_SHAPES[shape], max_position_embeddings=32768, tie_word_embeddings=False)
+    with device:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+class LastLayerInput:
+    """Forward pre-hook keeping ``h`` (SPEC: the input of the last decoder layer) of the latest call, [B, L, d]."""
+
+    def __init__(self, model) -> None:
+        self.value: torch.Tensor | None = None
+        self._handle = model.model.layers[-1].register_forward_pre_hook(self._keep, with_kwargs=True)
+
+    def _keep(self, module, args, kwargs):
+        self.value = args[0] if args else kwargs["hidden_states"]
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+@torch.inference_mode()
+def generate(model, prompts, new_tokens, on_token=None, temperature=0.7, seed=0):
+    """Sample ``new_tokens`` tokens for every row of ``prompts`` [B, P]; returns ids [B, P + N] and seconds."""
+    from transformers import DynamicCache
+
+    generator = torch.Generator(device=prompts.device).manual_seed(seed)
+    batch, prompt_len = prompts.shape
+    cache = DynamicCache()
+    ids = prompts
+    tokens = torch.empty(batch, new_tokens, dtype=torch.int64, device=prompts.device)
+    sync(prompts.device)
+    start = time.perf_counter()
+    step_input = prompts
+    for t in range(new_tokens):
+        out = model(input_ids=step_input, past_key_values=cache, use_cache=True)
+        probs = torch.softmax(out.logits[:, -1].float() / temperature, dim=-1)
+        sampled = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        if on_token is not None:
+            on_token(sampled, prompt_len + t - 1)
+        tokens[:, t] = sampled
+        step_input = sampled[:, None]
+    sync(prompts.device)
+    seconds = time.perf_counter() - start
+    return torch.cat([ids, tokens], dim=1), seconds
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def released_head(head: SPRMHead, dtype) -> nn.Sequential:
+    """The released module: nn.Sequential(Linear, ReLU, Dropout, Linear) in the model dtype."""
+    d = head.hidden_size
+    module = nn.Sequential(nn.Linear(d, 2 * d), nn.ReLU(), nn.Dropout(0.5), nn.Linear(2 * d, 1))
+    module.load_state_dict(head.state_dict())
+    return module.to(device=head[0].weight.device, dtype=dtype).eval()
+
+
+def run_case(model, head, rule, batch, prompt_len, new_tokens, device, dtype, seed):
+    vocab = model.config.vocab_size
+    generator = torch.Generator(device=device).manual_seed(seed)
+    prompts = torch.randint(0, vocab, (batch, prompt_len), device=device, generator=generator)
+    step_ids = rule.step_ids_tensor(device)
+    capture = LastLayerInput(model)
+    result = {"batch": batch, "prompt_tokens": prompt_len, "new_tokens": new_tokens}
+    try:
+        # Warm-up at the full prompt shape: allocator, cuBLAS handles, attention kernels.
+        generate(model, prompts, min(new_tokens, 8), seed=seed)
+
+        ids_off, seconds = generate(model, prompts, new_tokens, seed=seed)
+        result["off_s"] = seconds
+
+        scorer = DecodeScorer(head, rule, num_slots=batch, capacity=new_tokens + prompt_len)
+        slots = torch.arange(batch, device=device)
+
+        def ours(sampled, position):
+            if position == prompt_len - 1:
+                # The prompt's own steps: scored from the prefill pass, one chunk per trajectory.
+                for slot in range(batch):
+                    scorer.prefill(slot, capture.value[slot, :-1], prompts[slot], 0)
+            positions = torch.full((batch,), position, dtype=torch.int64, device=device)
+            scorer.step(capture.value[:, -1], sampled, slots, positions)
+
+        ids_ours, seconds = generate(model, prompts, new_tokens, on_token=ours, seed=seed)
+        result["ours_s"] = seconds
+
+        eager = released_head(head, dtype)
+        eager_scores = []
+
+        def eager_hook(sampled, position):
+            rows = torch.isin(sampled, step_ids)
+            eager_scores.append(torch.sigmoid(eager(capture.value[:, -1][rows]).float()))
+
+        _, seconds = generate(model, prompts, new_tokens, on_token=eager_hook, seed=seed)
+        result["eager_hook_s"] = seconds
+    finally:
+        capture.remove()
+
+    # The released pipeline: a second backbone pass over every finished trajectory.
+    sync(device)
+    start = time.perf_counter()
+    released_scores = []
+    with torch.inference_mode():
+        for row in ids_off:
+            hidden = model(input_ids=row[None], output_hidden_states=True).hidden_states[-2][0]
+            released_scores.append(score_trajectories(hidden, row, head, rule).scores)
+    sync(device)
+    result["rescore_s"] = time.perf_counter() - start
+    result["released_s"] = result["off_s"] + result["rescore_s"]
+
+    # Same seed, same tokens: our in-decode scores must agree with the released re-forward.
+    result["same_tokens"] = bool(torch.equal(ids_off, ids_ours))
+    ours_scores = torch.tensor([scorer.result(s).score for s in range(batch)])
+    result["trajectory_scores_ours"] = ours_scores.tolist()
+    result["max_abs_score_diff_vs_rescore"] = float((ours_scores - torch.stack(released_scores).cpu().flatten()).abs().max())
+    tokens = batch * new_tokens
+    for mode in ("off", "ours", "eager_hook", "released"):
+        result[f"{mode}_tokens_per_s"] = tokens / result[f"{mode}_s"]
+    for mode in ("ours", "eager_hook", "released"):
+        result[f"{mode}_overhead_pct"] = 100.0 * (result[f"{mode}_s"] - result["off_s"]) / result["off_s"]
+    result["released_scoring_cost_over_ours"] = result["rescore_s"] / max(result["ours_s"] - result["off_s"], 1e-9)
+    return result
+
+
+def step_rule_for(vocab_size: int, step_fraction: float) -> StepRule:
+    """Every ``1/step_fraction``-th id is a step token; the two ids after the last are the markers."""
+    stride = max(1, round(1 / step_fraction))
+    step_ids = tuple(range(0, vocab_size - 2, stride))
+    markers = [i for i in range(vocab_size - 1, 0, -1) if i % stride][:2]
+    return StepRule(step_ids, markers[1], markers[0])
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks e2e", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="1.5b,7b", help="comma list of: " + ", ".join(MODEL_SHAPES))
+    parser.add_argument("--batch", default="1,16,64", help="comma list of batch sizes")
+    parser.add_argument("--new-tokens", type=int, default=2048)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--step-fraction", type=float, default=0.025, help="fraction of the vocabulary that are step tokens")
+    parser.add_argument("--quick", action="store_true", help="1.5b, B 1 and 16, 256 new tokens")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>-e2e.json)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.models, args.batch, args.new_tokens = "1.5b", "1,16", 256
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cases = []
+    for shape in args.models.split(","):
+        model = build_model(shape, device, dtype)
+        torch.manual_seed(1)
+        head = SPRMHead(model.config.hidden_size, device=device, dtype=dtype)
+        rule = step_rule_for(model.config.vocab_size, args.step_fraction)
+        for batch in (int(b) for b in args.batch.split(",")):
+            case = run_case(model, head, rule, batch, args.prompt_tokens, args.new_tokens, device, dtype, seed=batch)
+            case["model"] = shape
+            cases.append(case)
+            print(
+                f"{shape:>5} B={batch:<3} off {case['off_tokens_per_s']:9.1f} tok/s | ours {case['ours_overhead_pct']:+6.2f}% "
+                f"| eager hook {case['eager_hook_overhead_pct']:+6.2f}% | released {case['released_overhead_pct']:+7.2f}% "
+                f"| released/ours scoring cost {case['released_scoring_cost_over_ours']:8.1f}x",
+                flush=True,
+            )
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    result = {
+        "benchmark": "e2e",
+        "environment": environment(device),
+        "config": {
+            "dtype": str(dtype).removeprefix("torch."),
+            "step_fraction": args.step_fraction,
+            "decode_loop": "HuggingFace eager forward, DynamicCache, multinomial sampling at T=0.7",
+        },
+        "cases": cases,
+    }
+    write_result(result, args.out, f"{result['environment']['device_slug']}-e2e.json")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -102,6 +102,7 @@ class DecodeScorer:
         if rows is not None and hidden.shape[0] != rows:
             raise ValueError(f"{where}: hidden has {hidden.shape[0]} rows, expected {rows}")
 
+    @torch.no_grad()  # scoring only: the buffers must not grow an autograd graph step after step
     def step(
         self, hidden: torch.Tensor, sampled_ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor
     ) -> None:
@@ -130,6 +131,7 @@ class DecodeScorer:
         self._counts.index_add_(0, slots, has_event.long())
         self._last_token[slots] = sampled
 
+    @torch.no_grad()
     def prefill(self, slot: int, hidden: torch.Tensor, input_ids: torch.Tensor, start_position) -> None:
         """Record a chunk of n known positions of one slot (a prompt, or text to score).
 

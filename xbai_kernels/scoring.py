@@ -66,6 +66,7 @@ class TrajectoryScores:
         return TrajectoryScore(self.positions[lo:hi], self.step_scores[lo:hi], float(self.scores[s]))
 
 
+@torch.no_grad()  # inference: the results carry no autograd graph back into the head
 def score_trajectories(
     hidden: torch.Tensor,
     input_ids: torch.Tensor,

@@ -175,6 +175,51 @@ def step_rule_for(vocab_size: int, step_fraction: float) -> StepRule:
     return StepRule(step_ids, markers[1], markers[0])
 
 
+def markdown_table(result: dict) -> str:
+    """README table: tokens/s without scoring and each mode's overhead, per model and batch."""
+    env = result["environment"]
+    lines = [
+        f"End to end on {env['device']} (torch {env['torch']}, {result['config']['dtype']}, "
+        f"{result['config']['decode_loop']}; {env['date'][:10]}):",
+        "",
+        "| model | B | new tokens | tok/s, no scoring | ours | eager head hooked in | released (re-forward) | released / ours scoring cost |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in result["cases"]:
+        lines.append(
+            f"| {c['model']} | {c['batch']} | {c['new_tokens']} | {c['off_tokens_per_s']:.0f} | "
+            f"{c['ours_overhead_pct']:+.2f}% | {c['eager_hook_overhead_pct']:+.2f}% | "
+            f"{c['released_overhead_pct']:+.1f}% | {c['released_scoring_cost_over_ours']:.0f}x |"
+        )
+    return "\n".join(lines)
+
+
+def plot(result: dict, path) -> None:
+    """Overhead of each way of scoring, in % of generation time, against the batch size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({c["model"] for c in result["cases"]})
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.6), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        cases = [c for c in result["cases"] if c["model"] == model]
+        batches = [c["batch"] for c in cases]
+        for mode, label in (("ours", "ours (in-decode)"), ("eager_hook", "eager head hooked in"), ("released", "released re-forward")):
+            ax.plot(batches, [max(c[f"{mode}_overhead_pct"], 1e-3) for c in cases], marker="o", label=label)
+        ax.axhline(1.0, color="gray", linestyle=":", label="1% goal")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("scoring overhead, % of generation time")
+        ax.set_title(f"{model} ({result['environment']['device']})")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks e2e", description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="1.5b,7b", help="comma list of: " + ", ".join(MODEL_SHAPES))
@@ -220,7 +265,9 @@ def main(argv=None) -> dict:
         },
         "cases": cases,
     }
-    write_result(result, args.out, f"{result['environment']['device_slug']}-e2e.json")
+    target = write_result(result, args.out, f"{result['environment']['device_slug']}-e2e.json")
+    plot(result, target.with_suffix(".png"))
+    print(markdown_table(result))
     return result
 
 

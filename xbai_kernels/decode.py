@@ -61,9 +61,10 @@ class DecodeScorer:
         device = head[0].weight.device
         self.device = device
         self._step_ids = rule.step_ids_tensor(device)
-        self._positions = torch.zeros(num_slots, capacity, dtype=torch.int64, device=device)
-        self._kinds = torch.zeros(num_slots, capacity, dtype=torch.int8, device=device)
-        self._logits = torch.zeros(num_slots, capacity, dtype=torch.float32, device=device)
+        # One event = (position << 2 | kind) plus its logit. Column ``capacity`` is a trash column:
+        # rows with nothing to record write there, so recording needs no gather-and-select.
+        self._events = torch.zeros(num_slots, capacity + 1, dtype=torch.int64, device=device)
+        self._logits = torch.zeros(num_slots, capacity + 1, dtype=torch.float32, device=device)
         self._counts = torch.zeros(num_slots, dtype=torch.int64, device=device)
         # The token at each slot's next position: the step scored at position i needs token i.
         self._last_token = torch.full((num_slots,), _NO_TOKEN, dtype=torch.int64, device=device)
@@ -89,11 +90,10 @@ class DecodeScorer:
     def _write(self, slots, slot_offsets, has_event, kinds, positions, logits) -> None:
         """Append events at ``counts[slot] + slot_offset``; events past capacity are counted, not kept."""
         index = self._counts[slots] + slot_offsets
-        keep = has_event & (index < self.capacity)
-        flat = slots * self.capacity + index.clamp(max=self.capacity - 1)
-        for buffer, values in ((self._positions, positions), (self._kinds, kinds), (self._logits, logits)):
-            view = buffer.view(-1)
-            view.index_put_((flat,), torch.where(keep, values.to(buffer.dtype), view[flat]))
+        column = torch.where(has_event & (index < self.capacity), index, self.capacity)
+        flat = slots * (self.capacity + 1) + column
+        self._events.view(-1).index_put_((flat,), positions * 4 + kinds.long())
+        self._logits.view(-1).index_put_((flat,), logits.float())
 
     def _check_hidden(self, where: str, hidden: torch.Tensor, rows: int | None) -> None:
         check_tensor(where, "hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES, device=self.device)
@@ -181,8 +181,8 @@ class DecodeScorer:
                 f"DecodeScorer: slot {slot} recorded {count} events but capacity is {self.capacity}; "
                 f"construct the scorer with a larger capacity"
             )
-        positions = self._positions[slot, :count].cpu()
-        kinds = self._kinds[slot, :count].cpu().long()
+        events = self._events[slot, :count].cpu()
+        positions, kinds = events >> 2, events & 3
         logits = self._logits[slot, :count].cpu()
         if num_tokens is not None:
             # A step at i needs its step token i+1 inside the trajectory; a marker needs itself inside.

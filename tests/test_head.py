@@ -70,7 +70,6 @@ def test_dropout_only_in_training():
     head.train()
     first, second = head(hidden), head(hidden)
     assert not torch.equal(first, second)  # p = 0.5 dropout between the ReLU and W2
-    # Inverted dropout: a dropped unit contributes nothing, a kept one twice its eval value.
     assert first.dtype == torch.float32 and first.shape == (64,)
 
 

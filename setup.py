@@ -1,5 +1,8 @@
 """Build of xbai-kernels: pure Python, plus an optional CUDA module ``xbai_kernels._C`` built by CMake.
 
+The module is ``_C.abi3.so``: CPython's stable ABI, no torch, no libpython, so one built file serves
+every torch release and every CPython >= 3.10 (CMakeLists.txt says how).
+
 ``XBAI_KERNELS_BUILD_CUDA``: ``auto`` (default) builds when nvcc is found and never fails the
 install; ``1`` builds or fails loudly; ``0`` skips. ``XBAI_KERNELS_CUDA_ARCHS`` picks the targets
 (CMake's ``CMAKE_CUDA_ARCHITECTURES`` syntax), ``MAX_JOBS`` caps the parallel compile jobs.
@@ -61,8 +64,6 @@ class CMakeBuild(build_ext):
             print(f"xbai-kernels: the CUDA module failed to build ({exc}); installing without it", file=sys.stderr)
 
     def _build_cmake(self, ext: Extension, nvcc: str) -> None:
-        import pybind11
-
         out_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
         build_dir = Path(self.build_temp).resolve() / "cmake"
         build_dir.mkdir(parents=True, exist_ok=True)
@@ -70,19 +71,20 @@ class CMakeBuild(build_ext):
         config = [
             f"-DCMAKE_CUDA_COMPILER={nvcc}",
             f"-DPython_EXECUTABLE={sys.executable}",
-            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DXBAI_OUTPUT_DIR={out_dir}",
             "-DCMAKE_BUILD_TYPE=Release",
         ]
         archs = os.environ.get("XBAI_KERNELS_CUDA_ARCHS")
-        if archs:
-            config.append(f"-DXBAI_CUDA_ARCHS={archs}")
+        # -U drops a list cached by an earlier build, so an unset variable means CMakeLists' default.
+        config.append(f"-DXBAI_CUDA_ARCHS={archs}" if archs else "-UXBAI_CUDA_ARCHS")
         subprocess.check_call(["cmake", str(ROOT), *generator, *config], cwd=build_dir)
         jobs = os.environ.get("MAX_JOBS", str(_default_jobs()))
         subprocess.check_call(["cmake", "--build", ".", "--parallel", jobs], cwd=build_dir)
 
 
 setup(
-    ext_modules=[Extension("xbai_kernels._C", sources=[])],
+    ext_modules=[Extension("xbai_kernels._C", sources=[], py_limited_api=True)],
     cmdclass={"build_ext": CMakeBuild},
+    # The module uses only the 3.10 stable ABI: the wheel is tagged cp310-abi3 and serves 3.10+.
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

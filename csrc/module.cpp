@@ -1,0 +1,95 @@
+// xbai_kernels._C: the Python face of the C interface in sprm_head_launch.h.
+//
+// Written against CPython's stable ABI (Py_LIMITED_API = 3.10) rather than pybind11: pybind11
+// cannot build a stable-ABI module, and the stable ABI is what lets one built file (_C.abi3.so)
+// import under every CPython >= 3.10. Nothing here knows torch: tensors arrive as data pointers
+// (Python ints), so the file also survives every torch release.
+#define Py_LIMITED_API 0x030A0000
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "sprm_head_launch.h"
+
+namespace {
+
+PyObject* raise_status(int32_t status) {
+  PyErr_Format(status > 0 ? PyExc_RuntimeError : PyExc_ValueError, "xbai_kernels._C: %s (status %d)",
+               xbai_status_string(status), static_cast<int>(status));
+  return nullptr;
+}
+
+PyObject* head_logits(PyObject*, PyObject* args) {
+  unsigned long long hidden, row_index, row_mask, w1, b1, w2, b2, out, workspace, stream;
+  long long hidden_rows, hidden_stride, d, num_rows, workspace_bytes;
+  int source, dtype;
+  if (!PyArg_ParseTuple(args, "KLLLiKKLKKKKKKLiK:head_logits", &hidden, &hidden_rows, &hidden_stride, &d, &source,
+                        &row_index, &row_mask, &num_rows, &w1, &b1, &w2, &b2, &out, &workspace, &workspace_bytes,
+                        &dtype, &stream))
+    return nullptr;
+  XbaiHeadLaunch launch;
+  launch.hidden = reinterpret_cast<const void*>(hidden);
+  launch.hidden_rows = hidden_rows;
+  launch.hidden_stride = hidden_stride;
+  launch.d = d;
+  launch.source = source;
+  launch.row_index = reinterpret_cast<const int64_t*>(row_index);
+  launch.row_mask = reinterpret_cast<const bool*>(row_mask);
+  launch.num_rows = num_rows;
+  launch.w1 = reinterpret_cast<const void*>(w1);
+  launch.b1 = reinterpret_cast<const void*>(b1);
+  launch.w2 = reinterpret_cast<const void*>(w2);
+  launch.b2 = reinterpret_cast<const void*>(b2);
+  launch.out = reinterpret_cast<float*>(out);
+  launch.workspace = reinterpret_cast<void*>(workspace);
+  launch.workspace_bytes = workspace_bytes;
+  launch.dtype = dtype;
+  launch.stream = reinterpret_cast<void*>(stream);
+  int32_t status;
+  // The launch only enqueues work, but other Python threads may run while the driver does.
+  Py_BEGIN_ALLOW_THREADS
+  status = xbai_head_logits(&launch);
+  Py_END_ALLOW_THREADS
+  if (status != XBAI_OK) return raise_status(status);
+  Py_RETURN_NONE;
+}
+
+PyObject* workspace_bytes(PyObject*, PyObject* args) {
+  int source;
+  long long num_rows, d;
+  if (!PyArg_ParseTuple(args, "iLL:workspace_bytes", &source, &num_rows, &d)) return nullptr;
+  return PyLong_FromLongLong(xbai_head_workspace_bytes(source, num_rows, d));
+}
+
+PyObject* compiled_targets(PyObject*, PyObject*) { return PyUnicode_FromString(xbai_compiled_targets()); }
+
+PyMethodDef methods[] = {
+    {"head_logits", head_logits, METH_VARARGS,
+     "head_logits(hidden_ptr, hidden_rows, hidden_stride, d, source, row_index_ptr, row_mask_ptr, num_rows,\n"
+     "            w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr, workspace_ptr, workspace_bytes, dtype, stream)\n"
+     "Enqueue the SPRM head on `stream`; out (float32 [num_rows]) is written asynchronously."},
+    {"workspace_bytes", workspace_bytes, METH_VARARGS,
+     "workspace_bytes(source, num_rows, d) -> int: scratch bytes head_logits needs."},
+    {"compiled_targets", compiled_targets, METH_NOARGS, "The GPU targets (sm_XX / compute_XX) compiled in."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "_C", "SPRM head CUDA kernels over raw device pointers (no torch).", -1, methods,
+    nullptr, nullptr, nullptr, nullptr,
+};
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) PyObject* PyInit__C(void) {
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+  if (PyModule_AddIntConstant(module, "ROWS_ALL", XBAI_ROWS_ALL) < 0 ||
+      PyModule_AddIntConstant(module, "ROWS_INDEXED", XBAI_ROWS_INDEXED) < 0 ||
+      PyModule_AddIntConstant(module, "ROWS_MASKED", XBAI_ROWS_MASKED) < 0 ||
+      PyModule_AddIntConstant(module, "FLOAT16", XBAI_FLOAT16) < 0 ||
+      PyModule_AddIntConstant(module, "BFLOAT16", XBAI_BFLOAT16) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

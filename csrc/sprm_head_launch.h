@@ -1,0 +1,65 @@
+/* C interface of the SPRM head kernels: raw device pointers, sizes, a dtype code and a CUDA stream.
+ *
+ * Plain C types only, so this boundary is stable across compilers, Python versions and torch
+ * releases; the Python module (module.cpp) is a thin layer over it.
+ */
+#pragma once
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum XbaiDtype { XBAI_FLOAT16 = 0, XBAI_BFLOAT16 = 1 };
+
+/* Which rows are scored (see sprm_head.cuh): all rows, rows by index, or rows under a mask. */
+enum XbaiRowSource { XBAI_ROWS_ALL = 0, XBAI_ROWS_INDEXED = 1, XBAI_ROWS_MASKED = 2 };
+
+/* Argument errors; any positive code is a cudaError_t. */
+enum XbaiStatus {
+  XBAI_OK = 0,
+  XBAI_BAD_DTYPE = -1,
+  XBAI_BAD_HIDDEN_SIZE = -2,   /* d must be a positive multiple of 8 (16-byte rows) */
+  XBAI_MISALIGNED = -3,        /* hidden, w1 and the row stride must be 16-byte aligned */
+  XBAI_BAD_ROW_SOURCE = -4,
+  XBAI_WORKSPACE_TOO_SMALL = -5,
+  XBAI_MISSING_POINTER = -6,
+};
+
+typedef struct XbaiHeadLaunch {
+  const void* hidden;       /* [hidden_rows, d], row stride hidden_stride elements */
+  int64_t hidden_rows;
+  int64_t hidden_stride;
+  int64_t d;
+  int32_t source;           /* XbaiRowSource */
+  const int64_t* row_index; /* XBAI_ROWS_INDEXED: [num_rows] */
+  const bool* row_mask;     /* XBAI_ROWS_MASKED: [num_rows], one byte per row */
+  int64_t num_rows;         /* outputs */
+  const void* w1;           /* [2d, d] */
+  const void* b1;           /* [2d] */
+  const void* w2;           /* [2d] */
+  const void* b2;           /* [1] */
+  float* out;               /* float32 [num_rows], written */
+  void* workspace;          /* xbai_head_workspace_bytes(...) bytes, 256-byte aligned, scratch */
+  int64_t workspace_bytes;
+  int32_t dtype;            /* XbaiDtype of hidden and of every weight */
+  void* stream;             /* cudaStream_t; the launch is asynchronous on it */
+} XbaiHeadLaunch;
+
+/* Scratch bytes a launch with these sizes needs (partial sums per hidden-unit tile and row). */
+int64_t xbai_head_workspace_bytes(int32_t source, int64_t num_rows, int64_t d);
+
+/* Enqueues the head on launch->stream: out = W2 relu(W1 h + b1) + b2 per scored row. No host
+ * synchronization, no allocation: safe inside CUDA-graph capture once a first call has run. */
+int32_t xbai_head_logits(const XbaiHeadLaunch* launch);
+
+/* A readable message for a status code. */
+const char* xbai_status_string(int32_t status);
+
+/* The -gencode targets this file was built for, e.g. "sm_80 compute_80 sm_90a". */
+const char* xbai_compiled_targets(void);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,223 @@
+"""CUDA backend: ``torch.library`` custom ops over the compiled, torch-free module ``xbai_kernels._C``.
+
+``_C`` (csrc/, built by CMakeLists.txt) takes raw device pointers, sizes, a dtype code and a CUDA
+stream; it links neither torch nor libpython, so the same file runs under any torch release. This
+module turns tensors into those arguments, registers the ops with fake (meta) implementations so
+``torch.compile`` and CUDA-graph capture see them, and runs each launch on the current torch stream.
+
+Ops of the backend contract (``ops/reference.py``):
+    head_logits(hidden [N, d], w1, b1, w2, b2) -> float32 [N]
+    head_logits_rows(hidden [T, d], rows int [n], w1, b1, w2, b2) -> float32 [n]
+    head_logits_masked(hidden [B, d], row_mask bool [B], w1, b1, w2, b2, out=None) -> float32 [B]
+
+The tensor-core kernels take fp16/bf16 ``hidden`` with every weight in the same dtype, d a multiple
+of 8. Other inputs (fp32, mixed dtypes, odd d) and calls that need autograd go to the reference
+path, which computes the same function; the log says so once. A row index outside ``hidden``
+gives NaN instead of an error, because checking would need a host synchronization.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from xbai_kernels import _validate
+from xbai_kernels.ops import reference
+
+try:
+    from xbai_kernels import _C
+except ImportError as exc:  # built without nvcc, or XBAI_KERNELS_BUILD_CUDA=0
+    _C = None
+    _IMPORT_ERROR: str | None = str(exc)
+else:
+    _IMPORT_ERROR = None
+
+logger = logging.getLogger("xbai_kernels")
+
+BUILD_HINT = "built without CUDA: reinstall with XBAI_KERNELS_BUILD_CUDA=1 and nvcc on PATH"
+# sm_80 is the oldest target compiled in (mma.sync bf16, cp.async); newer GPUs run its PTX or sm_90a.
+MIN_CAPABILITY = (8, 0)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+# Source codes of csrc/sprm_head_launch.h (XbaiRowSource): which rows the kernel scores.
+ROWS_ALL, ROWS_INDEXED, ROWS_MASKED = 0, 1, 2
+_DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
+
+
+def unavailable_reason() -> str | None:
+    """None when the compiled kernels can run on the current CUDA device, else why not."""
+    if _C is None:
+        return f"xbai_kernels._C is missing ({BUILD_HINT}; import said: {_IMPORT_ERROR})"
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    capability = torch.cuda.get_device_capability()
+    if capability < MIN_CAPABILITY:
+        return f"the CUDA kernels need compute capability >= 8.0, the device has {capability[0]}.{capability[1]}"
+    return None
+
+
+def compiled_targets() -> str | None:
+    """The GPU targets inside ``_C`` (e.g. ``"sm_80 compute_80 sm_90a"``), None without ``_C``."""
+    return None if _C is None else _C.compiled_targets()
+
+
+@functools.cache
+def _note_reference_route(reason: str) -> None:
+    logger.info("xbai_kernels: the cuda backend runs the reference path for %s", reason)
+
+
+def _reference_route(hidden: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> str | None:
+    """Why these inputs cannot take the kernel (they then take the reference path), or None."""
+    if hidden.dtype not in KERNEL_DTYPES:
+        return f"{hidden.dtype} inputs (the kernels take float16/bfloat16)"
+    if any(w.dtype != hidden.dtype for w in weights):
+        return "head weights whose dtype differs from hidden"
+    if hidden.shape[-1] % 8 != 0:
+        return "a hidden size that is not a multiple of 8 (the kernels read 16-byte rows)"
+    if torch.is_grad_enabled() and (hidden.requires_grad or any(w.requires_grad for w in weights)):
+        return "inputs that require grad (the kernels have no backward)"
+    return None
+
+
+def _check_head(where: str, hidden: torch.Tensor, w1, b1, w2, b2) -> None:
+    _validate.check_tensor(where, "hidden", hidden, ndim=2, dtypes=_validate.FLOAT_DTYPES)
+    if hidden.device.type != "cuda":
+        raise ValueError(f"{where}: the cuda backend needs CUDA tensors, hidden is on {hidden.device}")
+    _validate.check_head_weights(where, hidden, w1, b1, w2, b2)
+
+
+def _row_aligned(hidden: torch.Tensor) -> torch.Tensor:
+    """``hidden`` itself when the kernel can read it in place (unit last stride, 16-byte rows), else a copy."""
+    if hidden.stride(1) == 1 and hidden.stride(0) % 8 == 0 and hidden.data_ptr() % 16 == 0:
+        return hidden
+    return hidden.contiguous()
+
+
+def _launch(source: int, hidden, rows, row_mask, w1, b1, w2, b2, out: torch.Tensor) -> None:
+    """Enqueue the head on the current stream of hidden's device; writes ``out`` (float32 [n])."""
+    num_rows = out.numel()
+    if num_rows == 0:
+        return
+    hidden = _row_aligned(hidden)
+    w1 = w1.contiguous()
+    b1, w2, b2 = b1.contiguous(), w2.contiguous(), b2.contiguous()
+    d = hidden.shape[1]
+    workspace = torch.empty(_C.workspace_bytes(source, num_rows, d), dtype=torch.uint8, device=hidden.device)
+    with torch.cuda.device(hidden.device):
+        _C.head_logits(
+            hidden.data_ptr(), hidden.shape[0], hidden.stride(0), d, source,
+            rows.data_ptr() if rows is not None else 0,
+            row_mask.data_ptr() if row_mask is not None else 0,
+            num_rows,
+            w1.data_ptr(), b1.data_ptr(), w2.data_ptr(), b2.data_ptr(),
+            out.data_ptr(), workspace.data_ptr(), workspace.numel(),
+            _DTYPE_CODES[hidden.dtype],
+            torch.cuda.current_stream(hidden.device).cuda_stream,
+        )
+
+
+# The registered ops take already-checked inputs; the public functions below check and route.
+@torch.library.custom_op("xbai_kernels::cuda_head_logits", mutates_args=())
+def _head_logits_op(
+    hidden: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
+) -> torch.Tensor:
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    _launch(ROWS_ALL, hidden, None, None, w1, b1, w2, b2, out)
+    return out
+
+
+@_head_logits_op.register_fake
+def _(hidden, w1, b1, w2, b2):
+    return hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("xbai_kernels::cuda_head_logits_rows", mutates_args=())
+def _head_logits_rows_op(
+    hidden: torch.Tensor, rows: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
+) -> torch.Tensor:
+    out = torch.empty(rows.shape[0], dtype=torch.float32, device=hidden.device)
+    _launch(ROWS_INDEXED, hidden, rows.contiguous(), None, w1, b1, w2, b2, out)
+    return out
+
+
+@_head_logits_rows_op.register_fake
+def _(hidden, rows, w1, b1, w2, b2):
+    return hidden.new_empty(rows.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("xbai_kernels::cuda_head_logits_masked", mutates_args=())
+def _head_logits_masked_op(
+    hidden: torch.Tensor, row_mask: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+    b2: torch.Tensor,
+) -> torch.Tensor:
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    _launch(ROWS_MASKED, hidden, None, row_mask.contiguous(), w1, b1, w2, b2, out)
+    return out
+
+
+@_head_logits_masked_op.register_fake
+def _(hidden, row_mask, w1, b1, w2, b2):
+    return hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("xbai_kernels::cuda_head_logits_masked_out", mutates_args=("out",))
+def _head_logits_masked_out_op(
+    hidden: torch.Tensor, row_mask: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+    b2: torch.Tensor, out: torch.Tensor,
+) -> None:
+    _launch(ROWS_MASKED, hidden, None, row_mask.contiguous(), w1, b1, w2, b2, out)
+
+
+@_head_logits_masked_out_op.register_fake
+def _(hidden, row_mask, w1, b1, w2, b2, out):
+    return None
+
+
+def head_logits(hidden: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
+    """logit of every row. hidden [N, d] -> float32 [N]."""
+    _check_head("head_logits", hidden, w1, b1, w2, b2)
+    route = _reference_route(hidden, (w1, b1, w2, b2))
+    if route is not None:
+        _note_reference_route(route)
+        return reference.head_logits(hidden, w1, b1, w2, b2)
+    return _head_logits_op(hidden, w1, b1, w2, b2)
+
+
+def head_logits_rows(hidden: torch.Tensor, rows: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
+    """Head over hidden[rows]. hidden [T, d], rows int32/int64 [n] -> float32 [n] (packed scorer)."""
+    _check_head("head_logits_rows", hidden, w1, b1, w2, b2)
+    _validate.check_tensor("head_logits_rows", "rows", rows, ndim=1, dtypes=_validate.INDEX_DTYPES, device=hidden.device)
+    route = _reference_route(hidden, (w1, b1, w2, b2))
+    if route is not None:
+        _note_reference_route(route)
+        return reference.head_logits_rows(hidden, rows, w1, b1, w2, b2)
+    return _head_logits_rows_op(hidden, rows.long(), w1, b1, w2, b2)
+
+
+def head_logits_masked(
+    hidden: torch.Tensor, row_mask: torch.Tensor, w1, b1, w2, b2, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Head over the rows where ``row_mask`` is set, 0.0 elsewhere (decode scorer).
+
+    hidden [B, d], row_mask bool [B] -> float32 [B], written into ``out`` (float32 [B], contiguous)
+    when given. The kernel decides on the device which rows to compute: no host synchronization,
+    and rows that are not steps cost no head work.
+    """
+    where = "head_logits_masked"
+    _check_head(where, hidden, w1, b1, w2, b2)
+    _validate.check_tensor(where, "row_mask", row_mask, ndim=1, dtypes=(torch.bool,), device=hidden.device)
+    if row_mask.shape[0] != hidden.shape[0]:
+        raise ValueError(f"{where}: row_mask has {row_mask.shape[0]} rows, hidden has {hidden.shape[0]}")
+    if out is not None:
+        _validate.check_tensor(where, "out", out, ndim=1, dtypes=(torch.float32,), device=hidden.device)
+        if out.shape[0] != hidden.shape[0] or not out.is_contiguous():
+            raise ValueError(f"{where}: out must be a contiguous float32 [{hidden.shape[0]}], got {tuple(out.shape)}")
+    route = _reference_route(hidden, (w1, b1, w2, b2))
+    if route is not None:
+        _note_reference_route(route)
+        return reference.head_logits_masked(hidden, row_mask, w1, b1, w2, b2, out=out)
+    if out is None:
+        return _head_logits_masked_op(hidden, row_mask, w1, b1, w2, b2)
+    _head_logits_masked_out_op(hidden, row_mask, w1, b1, w2, b2, out)
+    return out

@@ -252,8 +252,9 @@ def test_malicious_pickle_is_refused_and_never_executed(tmp_path, writer):
     model_dir.mkdir()
     writer(model_dir / RELEASED_FILENAME, marker)
 
-    with pytest.raises(CheckpointError, match="refused"):
+    with pytest.raises(CheckpointError, match="refused") as refused:
         SPRMHead.from_pretrained(model_dir)
+    assert "weights_only" not in str(refused.value)  # never advise an unrestricted load
     with pytest.raises(CheckpointError):
         convert_checkpoint(model_dir / RELEASED_FILENAME, tmp_path / "out")
     assert not marker.exists(), "loading the checkpoint executed code from the pickle"

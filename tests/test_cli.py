@@ -1,0 +1,135 @@
+"""The ``xbai-kernels`` command: make-tiny-model, convert, demo, bench (through main(argv) and a subprocess)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from xbai_kernels import SPRMHead, cli
+
+
+def test_make_tiny_model_then_convert(tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    assert cli.main(["make-tiny-model", str(model_dir), "--arch", "qwen2", "--seed", "3", "--head-format", "pt"]) == 0
+    assert "score_module.pt" in capsys.readouterr().out
+    assert json.loads((model_dir / "config.json").read_text())["model_type"] == "qwen2"
+    assert not (model_dir / "sprm_head.safetensors").exists()
+
+    assert cli.main(["convert", str(model_dir / "score_module.pt"), str(tmp_path / "converted")]) == 0
+    written = tmp_path / "converted" / "sprm_head.safetensors"
+    assert str(written) in capsys.readouterr().out
+    original = torch.load(model_dir / "score_module.pt", weights_only=True)
+    converted = SPRMHead.from_pretrained(written).state_dict()
+    assert all(torch.equal(original[k], converted[k]) for k in original)
+
+    # A model directory works as SRC too, and a .safetensors path as DST.
+    assert cli.main(["convert", str(model_dir), str(tmp_path / "head.safetensors")]) == 0
+    assert (tmp_path / "head.safetensors").is_file()
+
+
+def test_convert_refuses_a_bad_checkpoint(tmp_path, capsys):
+    bad = tmp_path / "score_module.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    assert cli.main(["convert", str(bad), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "not a plain tensor checkpoint" in err and "Unsupported operand" in err
+    assert "weights_only" not in err  # never advise an unrestricted load
+    assert not (tmp_path / "out").exists()
+
+
+def _printed_scores(out: str) -> list[float]:
+    return [float(m) for m in re.findall(r"^trajectory \d+: .* score ([0-9.]+)$", out, flags=re.M)]
+
+
+def test_demo_on_a_model_directory(tiny_model_dir, capsys):
+    assert cli.main(["demo", "--model", str(tiny_model_dir), "-n", "3", "--max-new-tokens", "24"]) == 0
+    out = capsys.readouterr().out
+    scores = _printed_scores(out)
+    assert len(scores) == 3
+    assert out.count("step scores:") == 3
+    pick = int(re.search(r"Best-of-3 pick: trajectory (\d+)", out).group(1))
+    assert scores[pick] == max(scores)
+
+
+def test_demo_scores_are_the_package_scores(tiny_model_dir):
+    """The demo's numbers are score_trajectories on HF hidden_states[-2], trajectory by trajectory."""
+    from xbai_kernels import score_trajectories
+    from xbai_kernels.demo import hidden_states_for_scoring, load_model, run_demo, sample_trajectories
+
+    lines: list[str] = []
+    result = run_demo(tiny_model_dir, num_samples=2, max_new_tokens=16, seed=5, echo=lines.append)
+    model, tokenizer, head, rule = load_model(tiny_model_dir)
+    trajectories = sample_trajectories(model, tokenizer, "What is the sum of two three and four? Think step by step.", 2, 16, 5)
+    for s, ids in enumerate(trajectories):
+        alone = score_trajectories(hidden_states_for_scoring(model, ids), ids, head, rule)
+        torch.testing.assert_close(result.scores[s].step_scores, alone.step_scores, atol=1e-6, rtol=1e-6)
+        assert result.scores[s].positions.numel() > 0
+    assert result.best == int(torch.argmax(result.scores.scores))
+
+
+def test_demo_builds_the_tiny_model_in_the_cache(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert cli.main(["demo", "-n", "2", "--max-new-tokens", "8"]) == 0
+    model_dir = tmp_path / "cache" / "xbai-kernels" / "tiny-qwen3-seed0"
+    assert (model_dir / "config.json").is_file() and (model_dir / "sprm_head.safetensors").is_file()
+    first = capsys.readouterr().out
+    assert len(_printed_scores(first)) == 2
+    stamp = (model_dir / "model.safetensors").stat().st_mtime_ns
+    assert cli.main(["demo", "-n", "2", "--max-new-tokens", "8"]) == 0
+    assert (model_dir / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert capsys.readouterr().out == first  # same seed, same output
+    assert not [p for p in model_dir.parent.iterdir() if p.name.startswith(".")]  # no staging left over
+
+
+def test_demo_rejects_bad_counts(capsys):
+    assert cli.main(["demo", "-n", "0"]) == 2
+    assert "must be at least 1" in capsys.readouterr().err
+
+
+def test_bench_runs_the_benchmarks_package_with_the_remaining_args(tmp_path, monkeypatch):
+    package = tmp_path / "benchmarks"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "__main__.py").write_text(
+        "import json, sys, pathlib\npathlib.Path('argv.json').write_text(json.dumps(sys.argv[1:]))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["bench", "--quick", "--only", "decode"]) == 0
+    assert json.loads((tmp_path / "argv.json").read_text()) == ["--quick", "--only", "decode"]
+
+
+def test_bench_without_benchmarks_says_so(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "find_benchmarks", lambda: None)
+    assert cli.main(["bench"]) == 2
+    assert "benchmarks package" in capsys.readouterr().err
+
+
+def test_usage_errors_exit_nonzero(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([])
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit):
+        cli.main(["make-tiny-model", "x", "--arch", "llama"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_command_line_entry_points(tmp_path):
+    """``python -m xbai_kernels.cli`` always; the installed ``xbai-kernels`` script when it is installed."""
+    help_text = subprocess.run(
+        [sys.executable, "-m", "xbai_kernels.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for command in ("make-tiny-model", "convert", "demo", "bench"):
+        assert command in help_text
+    script = shutil.which("xbai-kernels") or str(Path(sys.executable).parent / "xbai-kernels")
+    if not Path(script).is_file():
+        pytest.skip("the xbai-kernels script is not installed (pip install -e . installs it)")
+    done = subprocess.run([script, "make-tiny-model", str(tmp_path / "m")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "m" / "sprm_head.safetensors").is_file()

@@ -129,14 +129,21 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             state = torch.load(file, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
             raise CheckpointError(
-                f"{file} is not a plain tensor checkpoint: it asks to unpickle something other than "
-                f"tensors, which is refused ({str(exc).splitlines()[0]})"
+                f"{file} is not a plain tensor checkpoint: it is corrupt, or it asks to unpickle something "
+                f"other than tensors, which is refused ({_unpickler_finding(exc)})"
             ) from exc
         except (RuntimeError, EOFError, OSError, ValueError) as exc:
             raise CheckpointError(f"{file} is not a readable torch checkpoint (truncated or corrupt?): {exc}") from exc
         if not isinstance(state, dict):
             raise CheckpointError(f"{file} holds a {type(state).__name__}, expected a state dict")
     return state
+
+
+def _unpickler_finding(exc: Exception) -> str:
+    """What torch's restricted unpickler objected to, without its advice to retry unrestricted."""
+    _, found, detail = str(exc).partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in (detail if found else str(exc)).splitlines() if line.strip()]
+    return lines[0].split(" Please use")[0] if lines else type(exc).__name__
 
 
 def validate_state_dict(state: dict, hidden_size: int | None = None, source: str = "state dict") -> int:

@@ -1,0 +1,307 @@
+"""The score path of the released verl actor as one call, on verl's "remove padding" layout.
+
+The released XBai o4 actor (``DataParallelPPOActor._forward_micro_batch_with_score``) runs the
+backbone with ``output_hidden_states=True``, scales every row of ``hidden_states[-2]`` by
+``h * 1e-4 + h.detach() * (1 - 1e-4)``, gathers the step rows with a boolean index, runs an eager
+``nn.Sequential`` head, pads the logits back to ``[batch, seqlen]`` and computes SPEC's SPR loss
+with all-reduced counts and a per-sequence monitoring geometric mean. ``sprm_score_loss`` takes the
+inputs that code has at that point and returns the same loss and monitoring numbers through
+``xbai_kernels.sprm_head_loss`` (the fused op). ``python/verl_actor_patch.md`` shows the patch.
+
+verl need not be installed: its padding helpers (flash-attn's ``bert_padding``) are restated here.
+The packed core, ``sequence_spr_loss``, is shared with the HuggingFace patch
+(``xbai_kernels.transformers``), which flattens a padded or packed batch into it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._validate import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
+from .head import SPRMHead
+from .loss import sprm_head_loss
+from .ops import reference
+
+# SPEC: the gradient reaching the backbone through h is scaled by this factor.
+BACKBONE_GRAD_SCALE = 1e-4
+# The released monitor counts a sequence as wrong only when its reward is exactly 0
+# (an ignored sample, reward 0.1, is neither correct nor wrong).
+WRONG_REWARD = 0.0
+RELEASED_METRICS = ("correct_prob", "correct_num", "false_prob", "false_num")
+
+# ----- verl's padding helpers (flash_attn.bert_padding), restated --------------------------------
+
+
+def unpad_input(hidden_states: torch.Tensor, attention_mask: torch.Tensor):
+    """[B, S, ...] and a [B, S] 0/1 mask -> (rows [nnz, ...], indices int64 [nnz], cu_seqlens int32 [B+1], max_seqlen).
+
+    ``indices`` are the positions of the kept tokens in the flattened ``[B * S]`` batch, in order.
+    """
+    check_tensor("unpad_input", "attention_mask", attention_mask, ndim=2, device=hidden_states.device)
+    if tuple(hidden_states.shape[:2]) != tuple(attention_mask.shape):
+        raise ValueError(
+            f"unpad_input: hidden_states starts with {tuple(hidden_states.shape[:2])}, "
+            f"attention_mask is {tuple(attention_mask.shape)}"
+        )
+    lengths = attention_mask.sum(dim=-1, dtype=torch.int32)
+    indices = torch.nonzero(attention_mask.flatten(), as_tuple=False).flatten()
+    cu_seqlens = torch.nn.functional.pad(torch.cumsum(lengths, dim=0, dtype=torch.int32), (1, 0))
+    flat = hidden_states.reshape((-1,) + tuple(hidden_states.shape[2:]))
+    return index_first_axis(flat, indices), indices, cu_seqlens, int(lengths.max()) if lengths.numel() else 0
+
+
+def index_first_axis(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``tensor[indices]`` along the first axis (differentiable)."""
+    return tensor.index_select(0, indices)
+
+
+def pad_input(hidden_states: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
+    """Inverse of ``unpad_input``: rows [nnz, ...] -> [batch, seqlen, ...] with zeros at padding (differentiable)."""
+    out = hidden_states.new_zeros((batch * seqlen,) + tuple(hidden_states.shape[1:]))
+    out = out.index_put((indices,), hidden_states)
+    return out.reshape((batch, seqlen) + tuple(hidden_states.shape[1:]))
+
+
+# ----- the packed core ---------------------------------------------------------------------------
+
+
+def next_token_step_mask(
+    input_ids: torch.Tensor,
+    step_token_id: int,
+    next_is_response: torch.Tensor | None,
+    same_sequence_as_next: torch.Tensor | None,
+) -> torch.Tensor:
+    """SPEC's training positions along the last axis: bool, same shape as ``input_ids``.
+
+    Position t is trained when token t+1 is the step id, token t+1 is a response token
+    (``next_is_response[..., t+1]``, the released actor tests the response mask of the NEXT token)
+    and t and t+1 belong to one sequence (``same_sequence_as_next[..., t]``): the next-token test
+    never crosses a sequence boundary of a packed row. No first-of-run, no thinking-region filter.
+    """
+    nxt = input_ids[..., 1:] == step_token_id
+    if next_is_response is not None:
+        nxt = nxt & next_is_response[..., 1:].bool()
+    if same_sequence_as_next is not None:
+        nxt = nxt & same_sequence_as_next[..., :-1].bool()
+    # The last position of a row has no next token.
+    return torch.nn.functional.pad(nxt, (0, 1), value=False)
+
+
+def head_dropout_p(head: SPRMHead) -> float:
+    """The head's own dropout (SPEC: p = 0.5 between ReLU and W2) when it is in training mode, else 0."""
+    return float(head[2].p) if head.training else 0.0
+
+
+def resolve_process_group(process_group):
+    """``"auto"``: the default group when torch.distributed is initialized (the released actor always
+    all-reduces the counts), else none. Anything else is passed on (a group, ``True`` or ``None``)."""
+    if isinstance(process_group, str):
+        if process_group != "auto":
+            raise ValueError(f"process_group must be a ProcessGroup, True, None or 'auto', got {process_group!r}")
+        import torch.distributed as dist
+
+        return True if dist.is_available() and dist.is_initialized() else None
+    return process_group
+
+
+def sequence_spr_loss(
+    hidden: torch.Tensor,
+    step_mask: torch.Tensor,
+    sequence_index: torch.Tensor,
+    rewards: torch.Tensor,
+    head: SPRMHead,
+    *,
+    dropout_p: float | None = None,
+    backbone_grad_scale: float = BACKBONE_GRAD_SCALE,
+    process_group="auto",
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SPR loss and the released monitoring numbers over tokens grouped into S sequences.
+
+    hidden [N, d] (``h`` of every token, any float dtype), step_mask bool [N] (the training
+    positions), sequence_index int64 [N] in [0, S) (the sequence of each token), rewards float [S].
+    ``dropout_p=None`` uses the head's dropout when it is in training mode. Returns (loss, stats):
+    ``num_positive``/``num_negative`` (counts summed over ``process_group``), ``logits`` float32 [N]
+    (0 off the steps), ``step_score_geomean`` float32 [S] (geometric mean of sigmoid over the
+    non-zero logits of each valid sequence, 0 otherwise) and the released actor's monitoring sums
+    ``correct_prob``/``correct_num`` (reward > 0.5) and ``false_prob``/``false_num`` (reward == 0),
+    all tensors (no host synchronization beyond the one of ``sprm_head_loss``).
+    """
+    check_tensor("sequence_spr_loss", "hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES)
+    num_tokens = hidden.shape[0]
+    check_tensor("sequence_spr_loss", "step_mask", step_mask, ndim=1, dtypes=(torch.bool,), device=hidden.device)
+    check_tensor("sequence_spr_loss", "sequence_index", sequence_index, ndim=1, dtypes=INDEX_DTYPES, device=hidden.device)
+    check_tensor("sequence_spr_loss", "rewards", rewards, ndim=1, dtypes=FLOAT_DTYPES + (torch.float64,), device=hidden.device)
+    if step_mask.shape[0] != num_tokens or sequence_index.shape[0] != num_tokens:
+        raise ValueError(
+            f"sequence_spr_loss: hidden has {num_tokens} rows, step_mask {step_mask.shape[0]}, "
+            f"sequence_index {sequence_index.shape[0]}"
+        )
+    num_sequences = rewards.shape[0]
+    sequence_index = sequence_index.long()
+    if num_tokens:
+        # One small synchronization (the fused op has one anyway): an out-of-range index would
+        # otherwise surface as a device-side assert.
+        low, high = torch.stack([sequence_index.min(), sequence_index.max()]).tolist()
+        if low < 0 or high >= num_sequences:
+            raise ValueError(
+                f"sequence_spr_loss: sequence_index spans [{low}, {high}] but there are {num_sequences} rewards"
+            )
+    if dropout_p is None:
+        dropout_p = head_dropout_p(head)
+
+    rewards = rewards.float()
+    loss, stats = sprm_head_loss(
+        hidden,
+        head,
+        step_mask,
+        rewards[sequence_index],
+        dropout_p=dropout_p,
+        backbone_grad_scale=backbone_grad_scale,
+        process_group=resolve_process_group(process_group),
+        generator=generator,
+    )
+    logits = stats["logits"]
+    valid = rewards != torch.tensor(reference.IGNORE_REWARD, dtype=torch.float32)
+    # The released monitor averages over the non-zero logits of valid sequences; every other token
+    # goes to an extra segment that is dropped.
+    monitored = (logits != 0) & valid[sequence_index]
+    segment = torch.where(monitored, sequence_index, num_sequences)
+    geomean = reference.segment_geomean(torch.sigmoid(logits), segment, num_sequences + 1)[:num_sequences]
+
+    correct = rewards > reference.CORRECT_THRESHOLD
+    wrong = rewards == WRONG_REWARD
+    # The released actor reports all four as 0 when no position of this rank is a step.
+    any_step = step_mask.any().float()
+    return loss, {
+        "num_positive": stats["num_positive"],
+        "num_negative": stats["num_negative"],
+        "logits": logits,
+        "step_score_geomean": geomean,
+        "correct_prob": (geomean * correct).sum(),
+        "correct_num": correct.sum().float() * any_step,
+        "false_prob": (geomean * wrong).sum(),
+        "false_num": wrong.sum().float() * any_step,
+    }
+
+
+def as_sprm_head(module: nn.Module) -> SPRMHead:
+    """An ``SPRMHead`` over the parameters of ``module``.
+
+    ``module`` is an ``SPRMHead``, or the released ``nn.Sequential(Linear(d, 2d), ReLU, Dropout,
+    Linear(2d, 1))`` (the verl ``score_module``): the returned head shares its ``Linear`` and
+    ``Dropout`` modules, so gradients land in the caller's parameters and its optimizer sees them.
+    A head wrapped by FSDP must be unwrapped (or its parameters gathered) first.
+    """
+    if isinstance(module, SPRMHead):
+        return module
+    layout_ok = (
+        isinstance(module, nn.Sequential)
+        and len(module) == 4
+        and isinstance(module[0], nn.Linear)
+        and isinstance(module[1], nn.ReLU)
+        and isinstance(module[2], nn.Dropout)
+        and isinstance(module[3], nn.Linear)
+        and module[0].out_features == 2 * module[0].in_features
+        and module[3].in_features == module[0].out_features
+        and module[3].out_features == 1
+        and module[0].bias is not None
+        and module[3].bias is not None
+    )
+    if not layout_ok:
+        raise TypeError(
+            "the SPRM head must be an SPRMHead or the released nn.Sequential(Linear(d, 2d), ReLU, Dropout, "
+            f"Linear(2d, 1)) with biases, got {module.__class__.__name__}: {module}"
+        )
+    head = SPRMHead(module[0].in_features, device="meta")
+    for index in range(4):
+        head[index] = module[index]
+    head.train(module.training)
+    return head
+
+
+def sprm_score_loss(
+    output_features: torch.Tensor,
+    input_ids_rmpad: torch.Tensor,
+    response_mask_rmpad: torch.Tensor,
+    rewards: torch.Tensor,
+    indices: torch.Tensor,
+    batch_size: int,
+    seqlen: int,
+    head: nn.Module,
+    step_token_id: int,
+    *,
+    dropout_p: float | None = None,
+    backbone_grad_scale: float = BACKBONE_GRAD_SCALE,
+    process_group="auto",
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The released actor's score loss on the remove-padding layout, as one call.
+
+    output_features [nnz, d] or [1, nnz, d]: ``h`` of every kept token, UNSCALED (the released
+    ``output.hidden_states[-2][0]``, or the tensor ``xbai_kernels.transformers`` captures; the
+    ``1e-4`` backbone scale is applied here, to the step rows only). input_ids_rmpad and
+    response_mask_rmpad [1, nnz] or [nnz] (unrolled: 1 on response tokens), rewards float [batch]
+    (the released ``rollout_level_scores.max(dim=1)[0]``), indices int64 [nnz] (from ``unpad_input``),
+    head an ``SPRMHead`` or the released ``nn.Sequential`` score module, step_token_id the first id
+    of ``".\\n\\n"``. ``dropout_p=None``: the head's dropout in training mode, none in eval mode.
+    ``process_group="auto"`` all-reduces the counts over the default group when one is initialized.
+
+    Returns (loss, stats): stats as ``sequence_spr_loss`` (per-sequence ``step_score_geomean``
+    [batch], the four released monitoring numbers, listed in ``RELEASED_METRICS``, as 0-d tensors)
+    with ``logits`` padded back to float32 [batch, seqlen] as the released ``score_probs``.
+    """
+    where = "sprm_score_loss"
+    if output_features.dim() == 3 and output_features.shape[0] == 1:
+        output_features = output_features[0]
+    check_tensor(where, "output_features", output_features, ndim=2, dtypes=FLOAT_DTYPES)
+    device = output_features.device
+    nnz = output_features.shape[0]
+    input_ids = _flat_tokens(where, "input_ids_rmpad", input_ids_rmpad, nnz, device, INDEX_DTYPES)
+    response = _flat_tokens(where, "response_mask_rmpad", response_mask_rmpad, nnz, device, None)
+    check_tensor(where, "indices", indices, ndim=1, dtypes=INDEX_DTYPES, device=device)
+    if indices.shape[0] != nnz:
+        raise ValueError(f"{where}: indices has {indices.shape[0]} entries, output_features {nnz} rows")
+    for name, value in (("batch_size", batch_size), ("seqlen", seqlen)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{where}: {name} must be a positive int, got {value!r}")
+    check_tensor(where, "rewards", rewards, ndim=1, device=device)
+    if rewards.shape[0] != batch_size:
+        raise ValueError(f"{where}: rewards has {rewards.shape[0]} entries, batch_size is {batch_size}")
+    head = as_sprm_head(head)
+
+    sequence_index = torch.div(indices.long(), seqlen, rounding_mode="floor")
+    # unpad_input keeps tokens in order, so a row boundary lies between neighbours whose rows differ.
+    same_sequence_as_next = torch.nn.functional.pad(sequence_index[1:] == sequence_index[:-1], (0, 1), value=False)
+    step_mask = next_token_step_mask(input_ids, step_token_id, response, same_sequence_as_next)
+    loss, stats = sequence_spr_loss(
+        output_features,
+        step_mask,
+        sequence_index,
+        rewards,
+        head,
+        dropout_p=dropout_p,
+        backbone_grad_scale=backbone_grad_scale,
+        process_group=process_group,
+        generator=generator,
+    )
+    stats["logits"] = pad_input(stats["logits"], indices.long(), batch_size, seqlen)
+    return loss, stats
+
+
+def released_metrics(stats: dict[str, torch.Tensor]) -> tuple[float, int, float, int]:
+    """The released ``(correct_prob, correct_num, false_prob, false_num)`` as Python numbers (synchronizes)."""
+    values = torch.stack([stats[name].float() for name in RELEASED_METRICS]).tolist()
+    return values[0], int(values[1]), values[2], int(values[3])
+
+
+def _flat_tokens(where, name, value, nnz, device, dtypes):
+    check_tensor(where, name, value, ndim=(1, 2), dtypes=dtypes, device=device)
+    if value.dim() == 2:
+        if value.shape[0] != 1:
+            raise ValueError(f"{where}: {name} must be [1, nnz] or [nnz], got shape {tuple(value.shape)}")
+        value = value[0]
+    if value.shape[0] != nnz:
+        raise ValueError(f"{where}: {name} has {value.shape[0]} tokens, output_features {nnz} rows")
+    return value

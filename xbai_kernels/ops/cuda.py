@@ -82,9 +82,9 @@ def _reference_route(hidden: torch.Tensor, weights: tuple[torch.Tensor, ...]) ->
 
 def _check_head(where: str, hidden: torch.Tensor, w1, b1, w2, b2) -> None:
     _validate.check_tensor(where, "hidden", hidden, ndim=2, dtypes=_validate.FLOAT_DTYPES)
+    _validate.check_head_weights(where, hidden, w1, b1, w2, b2)
     if hidden.device.type != "cuda":
         raise ValueError(f"{where}: the cuda backend needs CUDA tensors, hidden is on {hidden.device}")
-    _validate.check_head_weights(where, hidden, w1, b1, w2, b2)
 
 
 def _row_aligned(hidden: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,176 @@
+"""Decode scorer (head_logits_masked) per backend against the memory floor, on one CUDA GPU.
+
+The floor: the bytes the op must move (W1, b1, W2 and the step rows of hidden read once, the
+logits written once) over the device's copy bandwidth, measured in the same run (a large
+device-to-device copy, counting bytes read plus written). Each backend is timed two ways:
+``graph``, replays of a CUDA graph holding several calls (the kernels alone, as vLLM runs them),
+and ``eager``, back-to-back calls from Python (kernels plus host overhead). Two weight sets
+alternate so that no call finds W1 in L2 (105 MB at d = 5120, bf16, against 50-60 MB of L2).
+
+    PYTHONPATH=. python benchmarks/bench_cuda_decode.py --out benchmarks/results/cuda_decode_<gpu>.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import environment, write_result  # noqa: E402
+
+BACKENDS = ("cuda", "triton", "reference")
+CALLS_PER_GRAPH = 10
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 20) -> float:
+    """Bytes per second of a device-to-device copy, read plus write, median of ``repeats``."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * nbytes / statistics.median(times)
+
+
+def load_backend(name: str):
+    try:
+        module = importlib.import_module(f"xbai_kernels.ops.{name}")
+    except Exception as exc:  # an optional backend may be missing in any way
+        return None, f"{type(exc).__name__}: {exc}"
+    reason = module.unavailable_reason() if hasattr(module, "unavailable_reason") else None
+    if reason is None and not hasattr(module, "head_logits_masked"):
+        reason = "no head_logits_masked"
+    return (None, reason) if reason else (module, None)
+
+
+def time_graph(call, repeats: int = 30) -> float:
+    """Median seconds per call over replays of a graph of CALLS_PER_GRAPH calls."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(3):
+            call(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(CALLS_PER_GRAPH):
+            call(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / CALLS_PER_GRAPH)
+    return statistics.median(times)
+
+
+def time_eager(call, calls: int = 50, repeats: int = 7) -> float:
+    for i in range(3):
+        call(i)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for i in range(calls):
+            call(i)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / calls)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--d", type=int, default=5120)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 256])
+    parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    device = torch.device("cuda")
+    dtype = getattr(torch, args.dtype)
+    d = args.d
+    bandwidth = copy_bandwidth(device)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    heads = [
+        tuple(
+            t.to(device=device, dtype=dtype)
+            for t in (torch.randn(2 * d, d, generator=g) / d**0.5, torch.randn(2 * d, generator=g) * 0.1,
+                      torch.randn(1, 2 * d, generator=g) / (2 * d) ** 0.5, torch.randn(1, generator=g) * 0.1)
+        )
+        for _ in range(2)
+    ]
+    element = torch.finfo(dtype).bits // 8
+    cases = [(b, max(1, b // 4)) for b in args.batches]
+    cases += [(max(args.batches), 0), (max(args.batches), max(args.batches))]
+
+    backends = {}
+    skipped = {}
+    for name in BACKENDS:
+        module, reason = load_backend(name)
+        if module is None:
+            skipped[name] = reason
+        else:
+            backends[name] = module
+
+    rows = []
+    for batch, steps in cases:
+        hidden = torch.randn(batch, d, generator=g).to(device=device, dtype=dtype)
+        mask = torch.zeros(batch, dtype=torch.bool)
+        mask[torch.randperm(batch, generator=g)[:steps]] = True
+        mask = mask.to(device)
+        out = torch.empty(batch, device=device)
+        floor_bytes = (2 * d * d + 2 * d + 2 * d + 1 + steps * d) * element + batch + 4 * batch
+        # A step-free batch must not read W1 at all: its floor is the mask and the zeros.
+        floor_s = floor_bytes / bandwidth if steps else (batch + 4 * batch) / bandwidth
+        expected = backends["reference"].head_logits_masked(hidden, mask, *heads[0]) if "reference" in backends else None
+        for name, module in backends.items():
+
+            def call(i, module=module):
+                return module.head_logits_masked(hidden, mask, *heads[i % 2], out=out)
+
+            call(0)
+            error = None
+            if expected is not None:
+                error = float((out - expected).norm() / expected.norm().clamp_min(1e-30)) if steps else float(out.abs().max())
+            graph_s = time_graph(call)
+            eager_s = time_eager(call)
+            rows.append({
+                "backend": name, "batch": batch, "step_rows": steps, "d": d, "dtype": args.dtype,
+                "graph_us": graph_s * 1e6, "eager_us": eager_s * 1e6,
+                "floor_us": floor_s * 1e6, "graph_over_floor": graph_s / floor_s if steps else None,
+                "relative_error_vs_reference": error,
+            })
+            print(f"{name:>9} B={batch:<4} steps={steps:<4} graph {graph_s * 1e6:8.1f} us  eager {eager_s * 1e6:8.1f} us"
+                  f"  floor {floor_s * 1e6:7.1f} us  err {error}", flush=True)
+
+    result = {
+        "benchmark": "cuda_decode",
+        "environment": environment(device),
+        "copy_bandwidth_GBps": bandwidth / 1e9,
+        "calls_per_graph": CALLS_PER_GRAPH,
+        "skipped_backends": skipped,
+        "rows": rows,
+    }
+    write_result(result, args.out, f"cuda_decode_{result['environment']['device_slug']}.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""Qwen2/Qwen3 causal LMs for vLLM that also hand ``h`` (the input of the last decoder layer) to the SPRM head.
+
+vLLM compiles ``Qwen2Model.forward`` (Qwen3 reuses it), so forward hooks would not fire. Its
+EAGLE-3 auxiliary-hidden-state mechanism, asked for layer L-1, returns exactly
+``hidden_states + residual`` entering the last layer, from inside the compiled graph. The
+subclasses copy it into a persistent buffer (a fixed address, as CUDA graphs need) and return the
+ordinary hidden states, so the rest of vLLM sees a plain causal LM.
+
+Registered (by string, see ``register``) under the stock names ``Qwen2ForCausalLM`` and
+``Qwen3ForCausalLM``: a checkpoint directory holding an SPRM head is served with scoring on; one
+without a head runs exactly as the stock class. ``Qwen2SPRMForCausalLM`` /
+``Qwen3SPRMForCausalLM`` name them explicitly (``hf_overrides={"architectures": [...]}``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
+
+from ..head import HEAD_KEYS, SPRMHead
+from ..rule import StepRule
+from . import config as sprm_config
+from .recorder import StepLogitRecorder
+
+logger = logging.getLogger("xbai_kernels.vllm")
+
+
+class SPRMRuntime:
+    """What one worker needs to score: the head, the step rule, the ``h`` buffer and the recorder.
+
+    hidden [max_tokens, d] (model dtype) is written by every forward; next_prompt_ids int64
+    [max_requests] and, on CUDA, pinned host buffers for the per-step copy.
+    """
+
+    def __init__(self, head: SPRMHead, rule: StepRule, vocab_size: int, max_tokens: int, max_requests: int, dtype):
+        device = head[0].weight.device
+        self.head = head
+        self.rule = rule
+        self.hidden = torch.zeros(max_tokens, head.hidden_size, dtype=dtype, device=device)
+        self.recorder = StepLogitRecorder(head, rule, vocab_size, max_tokens, max_requests)
+        self.next_prompt_ids = torch.zeros(max_requests, dtype=torch.int64, device=device)
+        pinned = device.type == "cuda"
+        self.host_is_step = torch.zeros(max_tokens, dtype=torch.bool, pin_memory=pinned)
+        self.host_logits = torch.zeros(max_tokens, dtype=torch.float32, pin_memory=pinned)
+        self.layout = None  # the current step's _StepLayout, set by the runner patch
+
+
+def _refuse_unsupported(vllm_config) -> None:
+    if vllm_config.speculative_config is not None:
+        raise ValueError(
+            "xbai_kernels SPRM scoring cannot run with speculative decoding: it reads the EAGLE-3 auxiliary "
+            "hidden states that speculative methods (EAGLE-3 drafts above all) also claim, and the drafted "
+            "tokens would need per-token acceptance tracking. Disable speculative decoding, or turn scoring "
+            "off with XBAI_SPRM=0 / hf_overrides={'xbai_sprm': False}."
+        )
+    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+        raise ValueError(
+            "xbai_kernels SPRM scoring supports pipeline_parallel_size=1 only (the scored hidden state lives "
+            "on the last stage); use tensor parallelism, or XBAI_SPRM=0."
+        )
+    if getattr(vllm_config, "use_v2_model_runner", False):
+        raise ValueError(
+            "xbai_kernels SPRM scoring hooks vLLM's V1 model runner; this engine uses Model Runner V2. "
+            "Start it with VLLM_USE_V2_MODEL_RUNNER=0 (the plugin sets this default when the variable is unset)."
+        )
+
+
+def _build_runtime(vllm_config, hf_config) -> SPRMRuntime | None:
+    model_config = vllm_config.model_config
+    location = sprm_config.head_location(model_config)
+    if location is None:
+        if sprm_config.scoring_requested(model_config):
+            logger.info("xbai_kernels: no SPRM head for %s; serving it unscored", model_config.model)
+        return None
+    _refuse_unsupported(vllm_config)
+    from vllm.tokenizers import cached_tokenizer_from_config
+
+    tokenizer = cached_tokenizer_from_config(model_config)
+    if tokenizer is None:
+        raise ValueError("xbai_kernels SPRM scoring needs the tokenizer (skip_tokenizer_init must be off)")
+    rule = StepRule.from_tokenizer(tokenizer, lang=sprm_config.step_language(model_config))
+    device = vllm_config.device_config.device
+    head = SPRMHead.from_pretrained(
+        location, hidden_size=hf_config.hidden_size, device=device, dtype=model_config.dtype
+    ).eval()
+    scheduler = vllm_config.scheduler_config
+    max_tokens = max(scheduler.max_num_batched_tokens, vllm_config.compilation_config.max_cudagraph_capture_size or 0)
+    runtime = SPRMRuntime(
+        head, rule, hf_config.vocab_size, max_tokens, scheduler.max_num_seqs, dtype=model_config.dtype
+    )
+    from .worker import patch_model_runner
+
+    patch_model_runner()
+    logger.info(
+        "xbai_kernels: SPRM scoring on for %s (head %s, d=%d, %d step token(s))",
+        model_config.model,
+        location,
+        head.hidden_size,
+        len(rule.step_token_ids),
+    )
+    return runtime
+
+
+class _SPRMScoring:
+    """Mixin over a vLLM Qwen causal LM: capture ``h`` when scoring is on, pass through otherwise."""
+
+    sprm: SPRMRuntime | None
+
+    def _init_sprm(self, vllm_config) -> None:
+        hf_config = self.config
+        self.sprm = _build_runtime(vllm_config, hf_config)
+        if self.sprm is not None:
+            # SPEC: h enters the LAST decoder layer, i.e. what the aux mechanism reports for index L-1.
+            self.model._set_aux_hidden_state_layers((hf_config.num_hidden_layers - 1,))
+
+    def _forward_and_capture(self, input_ids, positions, intermediate_tensors, inputs_embeds):
+        output = self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+        if self.sprm is None or not isinstance(output, tuple):
+            return output
+        hidden_states, (last_layer_input,) = output
+        rows = last_layer_input.shape[0]
+        # Profiling runs may exceed the scheduler's token budget; their hidden states are never scored.
+        if rows <= self.sprm.hidden.shape[0]:
+            self.sprm.hidden[:rows].copy_(last_layer_input)
+        return hidden_states
+
+    @staticmethod
+    def _without_head(weights: Iterable[tuple[str, torch.Tensor]]):
+        # vLLM loads every *.safetensors of the directory, sprm_head.safetensors included: the head
+        # is loaded separately, in the model dtype, so its keys are dropped here.
+        return ((name, tensor) for name, tensor in weights if name not in HEAD_KEYS)
+
+
+class Qwen2SPRMForCausalLM(_SPRMScoring, Qwen2ForCausalLM):
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._init_sprm(vllm_config)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+        return self._forward_and_capture(input_ids, positions, intermediate_tensors, inputs_embeds)
+
+    def load_weights(self, weights):
+        return super().load_weights(self._without_head(weights))
+
+
+class Qwen3SPRMForCausalLM(_SPRMScoring, Qwen3ForCausalLM):
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._init_sprm(vllm_config)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+        return self._forward_and_capture(input_ids, positions, intermediate_tensors, inputs_embeds)
+
+    def load_weights(self, weights):
+        return super().load_weights(self._without_head(weights))

@@ -1,0 +1,84 @@
+"""Host-side helpers shared by the Triton launchers: input checks, the dot dtype, block sizes, device guard.
+
+Nothing here synchronizes with the device: every check reads tensor metadata only, so the decode
+launcher stays capturable in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..._validate import FLOAT_DTYPES, INDEX_DTYPES, check_head_weights, check_tensor
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def device_guard(tensor: torch.Tensor):
+    """Launch on the tensor's own GPU (Triton launches on the current device otherwise)."""
+    if tensor.device.type == "cuda":
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class DotFormat:
+    """How the head's first matmul runs: operand dtype, Triton's ``input_precision``, and the dtype
+    in which [n, 2d] activations and their gradients are stored (``torch_dtype``)."""
+
+    dtype: tl.dtype
+    torch_dtype: torch.dtype
+    precision: str
+
+
+def dot_format(hidden: torch.Tensor, w1: torch.Tensor) -> DotFormat:
+    """16-bit tensor cores when hidden and W1 share a 16-bit dtype; exact fp32 otherwise.
+
+    fp32 (or mixed) inputs use ``ieee`` precision because the contract promises fp32 results for
+    fp32 inputs, which tf32 (10-bit mantissa) would not give.
+    """
+    if hidden.dtype == w1.dtype and hidden.dtype in (torch.float16, torch.bfloat16):
+        if hidden.dtype == torch.bfloat16 and interpreting():
+            # Triton's CPU interpreter (3.9) returns garbage for bf16 x bf16 dots; bf16 -> fp32 is
+            # exact and the GPU's bf16 dot accumulates exact products in fp32, so this is the same sum.
+            return DotFormat(tl.float32, torch.bfloat16, "ieee")
+        return DotFormat(_TL_DTYPES[hidden.dtype], hidden.dtype, "tf32")
+    return DotFormat(tl.float32, torch.float32, "ieee")
+
+
+def rows_last_contiguous(hidden: torch.Tensor) -> torch.Tensor:
+    """Rows may be strided (a slice of a larger buffer); elements inside a row must be contiguous."""
+    return hidden if hidden.stride(-1) == 1 else hidden.contiguous()
+
+
+def head_weights(where: str, hidden: torch.Tensor, w1, b1, w2, b2):
+    """Check (shapes [2d, d], [2d], [1, 2d], [1], dtype, device) and return contiguous weights."""
+    check_head_weights(where, hidden, w1, b1, w2, b2)
+    return w1.contiguous(), b1.contiguous(), w2.contiguous().view(-1), b2.contiguous()
+
+
+def check_hidden(where: str, hidden) -> None:
+    check_tensor(where, "hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES)
+
+
+def check_rows(where: str, rows, device: torch.device) -> None:
+    check_tensor(where, "rows", rows, ndim=1, dtypes=INDEX_DTYPES, device=device)
+
+
+def next_pow2(value: int, minimum: int = 16) -> int:
+    return max(minimum, triton.next_power_of_2(max(int(value), 1)))
+
+
+def sum_block(num_tiles: int) -> int:
+    """Tiles summed per step of the fixed-order reduction (power of two, at most 32)."""
+    return min(32, next_pow2(num_tiles, minimum=2))

@@ -1,0 +1,110 @@
+"""Device functions shared by the three kernel families, and the fixed-order reduction kernel.
+
+Every head kernel splits the 2d hidden units of W1 into tiles; a program owns one tile of units and
+some rows, and writes the partial logit sum_u W2[u] * act[row, u] of its units in fp32. The partials
+[num_unit_tiles, rows] are summed by ``sum_partials_kernel`` in a fixed order, so results are
+bitwise reproducible (no float atomics, whose order depends on scheduling).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def preactivation_tile(
+    hidden_ptr,
+    stride_row,
+    rows,
+    row_ok,
+    w1_ptr,
+    units,
+    unit_ok,
+    d,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """fp32 [BLOCK_M, BLOCK_N]: sum_k hidden[rows[m], k] * W1[units[u], k].
+
+    rows int [BLOCK_M] index hidden's rows (row stride ``stride_row``, elements contiguous);
+    units int [BLOCK_N] index W1's rows (W1 contiguous [2d, d]). Masked rows/units read nothing.
+    """
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = hidden_ptr + rows.to(tl.int64)[:, None] * stride_row + ks[None, :]
+    w_ptrs = w1_ptr + units.to(tl.int64)[:, None] * d + ks[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, d, BLOCK_K):
+        if EVEN_K:
+            x = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=unit_ok[:, None], other=0.0)
+        else:
+            k_ok = (k0 + ks) < d
+            x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=unit_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(x.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    return acc
+
+
+@triton.jit
+def relu_bias(acc, b1_ptr, units, unit_ok):
+    """relu(acc + b1[units]) in fp32; SPEC's ReLU sits between W1 and the dropout."""
+    b1 = tl.load(b1_ptr + units, mask=unit_ok, other=0.0).to(tl.float32)
+    return tl.maximum(acc + b1[None, :], 0.0)
+
+
+@triton.jit
+def dropout_keep(seed, rows, unit0, p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """bool [BLOCK_M, BLOCK_N]: whether dropout keeps unit ``unit0 + u`` of row ``rows[m]``.
+
+    One Philox4x32-10 call per (row, group of 4 consecutive units) gives the 4 units of the group
+    their uniforms (a quarter of the Philox work of one call per element), and the draw depends only
+    on (seed, row, unit): forward, backward and any tile shape see the same mask. ``unit0`` is a
+    multiple of 4.
+    """
+    quads = unit0 // 4 + tl.arange(0, BLOCK_N // 4)
+    c0 = tl.broadcast_to(quads[None, :], [BLOCK_M, BLOCK_N // 4]).to(tl.uint32)
+    c1 = tl.broadcast_to(rows[:, None], [BLOCK_M, BLOCK_N // 4]).to(tl.uint32)
+    zero = tl.zeros([BLOCK_M, BLOCK_N // 4], dtype=tl.uint32)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero, zero)
+    # Unit 4q + 2b + a of the tile takes output r_{2a+b}: a fixed bijection, the same everywhere.
+    bits = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [BLOCK_M, BLOCK_N])
+    return tl.uint_to_uniform_float(bits) >= p
+
+
+@triton.jit
+def sum_partials_kernel(
+    partial_ptr,
+    num_tiles,
+    b2_ptr,
+    row_mask_ptr,
+    out_ptr,
+    n,
+    HAS_MASK: tl.constexpr,
+    TILE_BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """out[i] = sum_t partial[t, i] + b2 (0.0 where ``row_mask[i]`` is 0 when HAS_MASK).
+
+    partial fp32 [num_tiles, n] contiguous; the sum runs in a fixed order (chunks of TILE_BLOCK tiles,
+    each a fixed reduction tree), so the result is the same bits every run.
+    """
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    in_range = offs < n
+    wanted = in_range
+    if HAS_MASK:
+        wanted = in_range & (tl.load(row_mask_ptr + offs, mask=in_range, other=0) != 0)
+    tiles = tl.arange(0, TILE_BLOCK)
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for t0 in range(0, num_tiles, TILE_BLOCK):
+        ptrs = partial_ptr + (t0 + tiles).to(tl.int64)[:, None] * n + offs[None, :]
+        chunk = tl.load(ptrs, mask=((t0 + tiles) < num_tiles)[:, None] & wanted[None, :], other=0.0)
+        total += tl.sum(chunk, axis=0)
+    result = total + tl.load(b2_ptr).to(tl.float32)
+    tl.store(out_ptr + offs, tl.where(wanted, result, 0.0), mask=in_range)

@@ -1,0 +1,164 @@
+"""In-decode scorer: the head on the rows of a decode batch that sampled a step token.
+
+``head_logits_masked`` never synchronizes with the host and always launches the same two kernels
+with the same grid for a given (B, d, dtype), so it can be captured in a CUDA graph. Which rows are
+steps is decided on the device: every program of the first kernel compacts the step rows of
+``row_mask`` itself (a running count of the mask), so rows that are not steps cost no head work, and
+a batch with no step row reads no byte of W1 — only the mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..._validate import check_tensor
+from . import _launch
+from ._tile import preactivation_tile, relu_bias, sum_partials_kernel
+
+
+@triton.jit
+def _nth_step_rows(row_mask_ptr, B, first, BLOCK_M: tl.constexpr, MASK_CHUNK: tl.constexpr):
+    """int32 [BLOCK_M]: the batch row of the (first + j)-th set entry of ``row_mask`` (0-based j).
+
+    The row of the j-th step is the number of rows whose running step count is still <= j, which a
+    comparison against the inclusive prefix sum gives without any host-side compaction.
+    """
+    wanted = first + tl.arange(0, BLOCK_M)
+    lanes = tl.arange(0, MASK_CHUNK)
+    row = tl.zeros([BLOCK_M], dtype=tl.int32)
+    carried = 0
+    for c0 in range(0, B, MASK_CHUNK):
+        flags = tl.load(row_mask_ptr + c0 + lanes, mask=(c0 + lanes) < B, other=0).to(tl.int32)
+        inclusive = tl.cumsum(flags, 0) + carried
+        row += tl.sum((inclusive[None, :] <= wanted[:, None]).to(tl.int32), axis=1)
+        carried += tl.sum(flags, 0)
+    return row
+
+
+@triton.jit
+def _masked_partials_kernel(
+    hidden_ptr,
+    stride_row,
+    row_mask_ptr,
+    B,
+    w1_ptr,
+    b1_ptr,
+    w2_ptr,
+    partial_ptr,
+    d,
+    H,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    MASK_CHUNK: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """partial[tile, row] = sum_{u in tile} W2[u] relu(W1[u] . hidden[row] + b1[u]) for step rows only.
+
+    Grid: one program per tile of BLOCK_N hidden units (of H = 2d). Each program streams its W1 tile
+    once per BLOCK_M step rows (once in total when the batch has at most BLOCK_M steps) and never
+    when the batch has none. partial fp32 [num_tiles, B]; entries of rows that are not steps are left
+    unwritten (the reduction never reads them).
+    """
+    tile = tl.program_id(0)
+    units = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    unit_ok = units < H
+    lanes = tl.arange(0, MASK_CHUNK)
+    num_steps = 0
+    for c0 in range(0, B, MASK_CHUNK):
+        flags = tl.load(row_mask_ptr + c0 + lanes, mask=(c0 + lanes) < B, other=0).to(tl.int32)
+        num_steps += tl.sum(flags, 0)
+    w2 = tl.load(w2_ptr + units, mask=unit_ok, other=0.0).to(tl.float32)
+    for first in range(0, num_steps, BLOCK_M):
+        rows = _nth_step_rows(row_mask_ptr, B, first, BLOCK_M, MASK_CHUNK)
+        row_ok = (first + tl.arange(0, BLOCK_M)) < num_steps
+        acc = preactivation_tile(
+            hidden_ptr, stride_row, rows, row_ok, w1_ptr, units, unit_ok, d,
+            BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_DTYPE, PRECISION,
+        )
+        act = relu_bias(acc, b1_ptr, units, unit_ok)
+        partial = tl.sum(act * w2[None, :], axis=1)
+        tl.store(partial_ptr + tile * B + rows, partial, mask=row_ok)
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch shape of the decode kernel; fixed for a given (B, d, dtype), hence graph-capturable."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def default_config(batch: int, d: int, device: torch.device) -> DecodeConfig:
+    """Block sizes: small under the interpreter (several tiles on tiny test shapes), GPU-tuned otherwise."""
+    if device.type != "cuda":
+        return DecodeConfig(block_m=16, block_n=16, block_k=32, num_warps=4, num_stages=1)
+    # A quarter of a decode batch samples a step token in the issue's workload; one pass over W1
+    # covers that many step rows, more steps take another pass (re-reading the tile from L2/HBM).
+    block_m = min(128, max(16, triton.next_power_of_2(batch) // 4))
+    # 2d / 64 = 160 unit tiles at d = 5120: more programs than the H100's 132 SMs to keep HBM busy.
+    block_n = 64 if d >= 2048 else 32
+    return DecodeConfig(
+        block_m=block_m, block_n=block_n, block_k=128, num_warps=4 if block_m <= 64 else 8, num_stages=4
+    )
+
+
+def head_logits_masked(
+    hidden: torch.Tensor,
+    row_mask: torch.Tensor,
+    w1,
+    b1,
+    w2,
+    b2,
+    out: torch.Tensor | None = None,
+    config: DecodeConfig | None = None,
+) -> torch.Tensor:
+    """Head logits of the rows where ``row_mask`` is set, 0.0 elsewhere; no host synchronization.
+
+    hidden [B, d] fp32/fp16/bf16 (rows may be strided), row_mask bool [B] -> float32 [B], written
+    into ``out`` (float32 [B], contiguous) when given. Bitwise deterministic run to run.
+    """
+    where = "head_logits_masked"
+    _launch.check_hidden(where, hidden)
+    check_tensor(where, "row_mask", row_mask, ndim=1, dtypes=(torch.bool,), device=hidden.device)
+    batch, d = hidden.shape
+    if row_mask.shape[0] != batch:
+        raise ValueError(f"{where}: row_mask has {row_mask.shape[0]} entries, hidden has {batch} rows")
+    w1, b1, w2, b2 = _launch.head_weights(where, hidden, w1, b1, w2, b2)
+    if out is None:
+        out = torch.empty(batch, dtype=torch.float32, device=hidden.device)
+    else:
+        check_tensor(where, "out", out, ndim=1, dtypes=(torch.float32,), device=hidden.device)
+        if out.shape[0] != batch or not out.is_contiguous():
+            raise ValueError(f"{where}: out must be a contiguous float32 [{batch}], got shape {tuple(out.shape)}")
+    if batch == 0:
+        return out
+    hidden = _launch.rows_last_contiguous(hidden)
+    row_mask = row_mask.contiguous().view(torch.uint8)
+    fmt = _launch.dot_format(hidden, w1)
+    cfg = config or default_config(batch, d, hidden.device)
+    num_tiles = triton.cdiv(2 * d, cfg.block_n)
+    partial = torch.empty(num_tiles, batch, dtype=torch.float32, device=hidden.device)
+    mask_chunk = min(128, _launch.next_pow2(batch))
+    with _launch.device_guard(hidden):
+        _masked_partials_kernel[(num_tiles,)](
+            hidden, hidden.stride(0), row_mask, batch, w1, b1, w2, partial, d, 2 * d,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, MASK_CHUNK=mask_chunk,
+            EVEN_K=d % cfg.block_k == 0, DOT_DTYPE=fmt.dtype, PRECISION=fmt.precision,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        block = min(128, _launch.next_pow2(batch))
+        sum_partials_kernel[(triton.cdiv(batch, block),)](
+            partial, num_tiles, b2, row_mask, out, batch,
+            HAS_MASK=True, TILE_BLOCK=_launch.sum_block(num_tiles), BLOCK=block,
+        )
+    return out

@@ -89,14 +89,33 @@ class SPRMHead(nn.Sequential):
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write ``sprm_head.safetensors`` (hidden size in its metadata) into ``directory``."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         target = directory / SAFETENSORS_FILENAME
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(target), metadata={"format": _FORMAT, "hidden_size": str(self.hidden_size)})
+        data = save(state, metadata={"format": _FORMAT, "hidden_size": str(self.hidden_size)})
+        target.write_bytes(_sorted_metadata(data))
         return target
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """The same safetensors file with its metadata keys sorted.
+
+    safetensors keeps the metadata in a hash map, so their order, and with it the file's bytes,
+    changes from run to run; sorted, the same head always gives the same file.
+    """
+    import json
+
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > length:  # cannot happen for a reordering; keep the original rather than break it
+        return data
+    # Same length as before: the header's trailing space padding keeps the tensor data aligned.
+    return data[:8] + text.ljust(length) + data[8 + length :]
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:

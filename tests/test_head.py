@@ -276,3 +276,11 @@ def test_safetensors_metadata_is_json_free_strings(tmp_path):
     header = json.loads(path.read_bytes()[8 : 8 + header_len])
     assert header["__metadata__"]["hidden_size"] == "8"
     assert set(header) - {"__metadata__"} == set(HEAD_KEYS)
+
+
+def test_save_pretrained_is_byte_reproducible(tmp_path):
+    """safetensors orders metadata by a hash map; the saved file must not depend on it."""
+    head = SPRMHead(8)
+    files = {head.save_pretrained(tmp_path / str(i)).read_bytes() for i in range(12)}
+    assert len(files) == 1
+    assert torch.equal(SPRMHead.from_pretrained(tmp_path / "0")[0].weight, head[0].weight)

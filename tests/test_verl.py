@@ -205,7 +205,7 @@ def released_head(model, batch: dict, seed: int = 1) -> nn.Sequential:
     rm = rmpad(batch)
     with torch.no_grad():
         h = model(
-            input_ids=rm.input_ids, position_ids=rm.position_ids, output_hidden_states=True
+            input_ids=rm.input_ids, position_ids=rm.position_ids, use_cache=False, output_hidden_states=True
         ).hidden_states[-2][0]
         logits = head(h).squeeze(-1)
         head[3].bias -= logits.median()
@@ -289,7 +289,7 @@ def test_no_step_anywhere_gives_zero_loss_and_the_released_zero_metrics():
     model = tiny_model()
     head = SPRMHead(model.config.hidden_size).eval()
     rm = rmpad(batch)
-    hidden = model(input_ids=rm.input_ids, position_ids=rm.position_ids, output_hidden_states=True).hidden_states[-2][0]
+    hidden = model(input_ids=rm.input_ids, position_ids=rm.position_ids, use_cache=False, output_hidden_states=True).hidden_states[-2][0]
     loss, stats = sprm_score_loss(
         hidden, rm.input_ids, rm.response_mask, STANDARD_REWARDS, rm.indices, rm.batch_size, rm.seqlen, head, STEP_ID
     )
@@ -306,7 +306,7 @@ def test_dropout_follows_the_head_mode():
     head = released_head(model, batch)
     rm = rmpad(batch)
     with torch.no_grad():
-        hidden = model(input_ids=rm.input_ids, position_ids=rm.position_ids, output_hidden_states=True).hidden_states[-2][0]
+        hidden = model(input_ids=rm.input_ids, position_ids=rm.position_ids, use_cache=False, output_hidden_states=True).hidden_states[-2][0]
     args = (hidden, rm.input_ids, rm.response_mask, STANDARD_REWARDS, rm.indices, rm.batch_size, rm.seqlen)
     _, eval_stats = sprm_score_loss(*args, head.eval(), STEP_ID)
     _, train_stats = sprm_score_loss(*args, head.train(), STEP_ID, generator=torch.Generator().manual_seed(0))

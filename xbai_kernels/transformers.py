@@ -20,6 +20,8 @@ puts back exactly those originals (or removes an attribute that was not there be
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import inspect
 import operator
 import os
@@ -103,7 +105,10 @@ class _SPRMForward:
         self.original = original
         self.state = state
         self.model = model
-        signature = inspect.signature(original)
+        # The model class's own parameter names, even when ``original`` is a generic wrapper
+        # (accelerate's hooks install ``forward(*args, **kwargs)`` on the instance).
+        signature = inspect.signature(type(model).forward)
+        signature = signature.replace(parameters=list(signature.parameters.values())[1:])
         self._bind = signature.bind_partial
         extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in SPRM_KWARGS]
         params = list(signature.parameters.values())
@@ -127,6 +132,9 @@ class _SPRMForward:
                 "apply_sprm: no step token is known; pass rule=StepRule.from_tokenizer(tokenizer) "
                 "(or the id of '.\\n\\n') to apply_sprm"
             )
+        # A training forward needs no KV cache, and with one HuggingFace stops reading packed
+        # sequences from position_ids (attention would cross them).
+        kwargs.setdefault("use_cache", False)
         arguments = self._bind(*args, **kwargs).arguments
         extra = arguments.get("kwargs", {})
         input_ids = arguments.get("input_ids")
@@ -158,9 +166,22 @@ class _SPRMForward:
             response_mask=response_mask,
             cu_seqlens=cu_seqlens,
         )
-        outputs["sprm_loss"] = loss
-        outputs["sprm_stats"] = stats
-        return outputs
+        return _with_sprm_fields(type(outputs))(**outputs, sprm_loss=loss, sprm_stats=stats)
+
+
+@functools.cache
+def _with_sprm_fields(output_class: type) -> type:
+    """``output_class`` (a HuggingFace ``ModelOutput`` dataclass) with ``sprm_loss`` and ``sprm_stats``.
+
+    A real subclass, not two keys added to the instance: DistributedDataParallel rebuilds its output
+    through the constructor, which must know every field.
+    """
+    return dataclasses.make_dataclass(
+        f"SPRM{output_class.__name__}",
+        [("sprm_loss", "torch.Tensor | None", None), ("sprm_stats", "dict | None", None)],
+        bases=(output_class,),
+        namespace={"__module__": __name__},
+    )
 
 
 def training_loss(

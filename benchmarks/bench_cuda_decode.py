@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -24,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, write_result  # noqa: E402
 
 BACKENDS = ("cuda", "triton", "reference")
+# The CUDA backend's two W1 pipeline shapes (XBAI_KERNELS_CUDA_PIPELINE), timed as separate columns.
+CUDA_PIPELINES = ("wide", "deep")
 CALLS_PER_GRAPH = 10
 
 
@@ -121,14 +124,17 @@ def main() -> None:
     cases = [(b, max(1, b // 4)) for b in args.batches]
     cases += [(max(args.batches), 0), (max(args.batches), max(args.batches))]
 
-    backends = {}
+    backends = {}  # column -> (module, XBAI_KERNELS_CUDA_PIPELINE value or None)
     skipped = {}
     for name in BACKENDS:
         module, reason = load_backend(name)
         if module is None:
             skipped[name] = reason
+        elif name == "cuda":
+            for shape in CUDA_PIPELINES:
+                backends[f"cuda-{shape}"] = (module, shape)
         else:
-            backends[name] = module
+            backends[name] = (module, None)
 
     rows = []
     for batch, steps in cases:
@@ -140,13 +146,20 @@ def main() -> None:
         floor_bytes = (2 * d * d + 2 * d + 2 * d + 1 + steps * d) * element + batch + 4 * batch
         # A step-free batch must not read W1 at all: its floor is the mask and the zeros.
         floor_s = floor_bytes / bandwidth if steps else (batch + 4 * batch) / bandwidth
-        expected = backends["reference"].head_logits_masked(hidden, mask, *heads[0]) if "reference" in backends else None
-        for name, module in backends.items():
+        expected = backends["reference"][0].head_logits_masked(hidden, mask, *heads[0]) if "reference" in backends else None
+        cuda_bits = None
+        for name, (module, shape) in backends.items():
+            if shape is not None:
+                os.environ["XBAI_KERNELS_CUDA_PIPELINE"] = shape
 
             def call(i, module=module):
                 return module.head_logits_masked(hidden, mask, *heads[i % 2], out=out)
 
             call(0)
+            same_bits = None
+            if shape is not None:
+                cuda_bits = out.clone() if cuda_bits is None else cuda_bits
+                same_bits = bool(torch.equal(out, cuda_bits))
             error = None
             if expected is not None:
                 error = float((out - expected).norm() / expected.norm().clamp_min(1e-30)) if steps else float(out.abs().max())
@@ -156,8 +169,9 @@ def main() -> None:
                 "backend": name, "batch": batch, "step_rows": steps, "d": d, "dtype": args.dtype,
                 "graph_us": graph_s * 1e6, "eager_us": eager_s * 1e6,
                 "floor_us": floor_s * 1e6, "graph_over_floor": graph_s / floor_s if steps else None,
-                "relative_error_vs_reference": error,
+                "relative_error_vs_reference": error, "same_bits_as_first_cuda_shape": same_bits,
             })
+            os.environ.pop("XBAI_KERNELS_CUDA_PIPELINE", None)
             print(f"{name:>9} B={batch:<4} steps={steps:<4} graph {graph_s * 1e6:8.1f} us  eager {eager_s * 1e6:8.1f} us"
                   f"  floor {floor_s * 1e6:7.1f} us  err {error}", flush=True)
 

@@ -21,10 +21,10 @@ PyObject* raise_status(int32_t status) {
 PyObject* head_logits(PyObject*, PyObject* args) {
   unsigned long long hidden, row_index, row_mask, w1, b1, w2, b2, out, workspace, stream;
   long long hidden_rows, hidden_stride, d, num_rows, workspace_bytes;
-  int source, dtype;
-  if (!PyArg_ParseTuple(args, "KLLLiKKLKKKKKKLiK:head_logits", &hidden, &hidden_rows, &hidden_stride, &d, &source,
+  int source, dtype, pipeline;
+  if (!PyArg_ParseTuple(args, "KLLLiKKLKKKKKKLiiK:head_logits", &hidden, &hidden_rows, &hidden_stride, &d, &source,
                         &row_index, &row_mask, &num_rows, &w1, &b1, &w2, &b2, &out, &workspace, &workspace_bytes,
-                        &dtype, &stream))
+                        &dtype, &pipeline, &stream))
     return nullptr;
   XbaiHeadLaunch launch;
   launch.hidden = reinterpret_cast<const void*>(hidden);
@@ -43,6 +43,7 @@ PyObject* head_logits(PyObject*, PyObject* args) {
   launch.workspace = reinterpret_cast<void*>(workspace);
   launch.workspace_bytes = workspace_bytes;
   launch.dtype = dtype;
+  launch.pipeline = pipeline;
   launch.stream = reinterpret_cast<void*>(stream);
   int32_t status;
   // The launch only enqueues work, but other Python threads may run while the driver does.
@@ -65,7 +66,7 @@ PyObject* compiled_targets(PyObject*, PyObject*) { return PyUnicode_FromString(x
 PyMethodDef methods[] = {
     {"head_logits", head_logits, METH_VARARGS,
      "head_logits(hidden_ptr, hidden_rows, hidden_stride, d, source, row_index_ptr, row_mask_ptr, num_rows,\n"
-     "            w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr, workspace_ptr, workspace_bytes, dtype, stream)\n"
+     "            w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr, workspace_ptr, workspace_bytes, dtype, pipeline, stream)\n"
      "Enqueue the SPRM head on `stream`; out (float32 [num_rows]) is written asynchronously."},
     {"workspace_bytes", workspace_bytes, METH_VARARGS,
      "workspace_bytes(source, num_rows, d) -> int: scratch bytes head_logits needs."},
@@ -87,7 +88,9 @@ extern "C" __attribute__((visibility("default"))) PyObject* PyInit__C(void) {
       PyModule_AddIntConstant(module, "ROWS_INDEXED", XBAI_ROWS_INDEXED) < 0 ||
       PyModule_AddIntConstant(module, "ROWS_MASKED", XBAI_ROWS_MASKED) < 0 ||
       PyModule_AddIntConstant(module, "FLOAT16", XBAI_FLOAT16) < 0 ||
-      PyModule_AddIntConstant(module, "BFLOAT16", XBAI_BFLOAT16) < 0) {
+      PyModule_AddIntConstant(module, "BFLOAT16", XBAI_BFLOAT16) < 0 ||
+      PyModule_AddIntConstant(module, "PIPELINE_WIDE", XBAI_PIPELINE_WIDE) < 0 ||
+      PyModule_AddIntConstant(module, "PIPELINE_DEEP", XBAI_PIPELINE_DEEP) < 0) {
     Py_DECREF(module);
     return nullptr;
   }

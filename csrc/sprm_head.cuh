@@ -15,7 +15,7 @@
 //
 // Work split. The head is a skinny GEMM: W1 [H, d] times the selected rows [n, d]^T. W1 dominates
 // the bytes (105 MB at d = 5120 in bf16), so each CTA owns a tile of kTileUnits hidden units and
-// streams that slice of W1 once, through a kStages-deep cp.async pipeline of 16-byte copies, while
+// streams that slice of W1 once, through a multi-stage cp.async pipeline of 16-byte copies, while
 // the selected rows (a few MB at most, L2 resident) stream beside it. Tensor cores (mma.sync
 // m16n8k16, fp32 accumulation) multiply the tiles; the epilogue applies b1, ReLU and W2 in fp32 and
 // leaves one partial sum per (tile, row). A second small kernel adds the partials of all tiles in
@@ -38,17 +38,36 @@ enum RowSource : int { kRowsAll = 0, kRowsIndexed = 1, kRowsMasked = 2 };
 
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
-// Each warp owns one m16 slice of the tile: 64 hidden units per CTA gives 160 tiles at d = 5120,
-// enough to spread over 132 SMs with several CTAs resident per SM.
-constexpr int kTileUnits = 16 * kWarps;
-constexpr int kBlockK = 64;
-// Four stages keep three 8 KB W1 slices in flight per CTA (about 24-40 KB per SM with the CTAs
-// resident), what Little's law asks of HBM3 latency at ~25 GB/s per SM.
-constexpr int kStages = 4;
-// Rows padded by 16 bytes: ldmatrix's eight 16-byte row reads then fall into distinct banks.
-constexpr int kSmemStride = kBlockK + 8;
+// 64 hidden units per CTA gives 160 tiles at d = 5120, enough to spread over 132 SMs with two
+// CTAs resident per SM. The tile is four 16-unit slices (one mma m16 each); partial sums are
+// always added slice by slice in slice order, whatever the warp layout, so every configuration
+// below gives the same bits.
+constexpr int kTileUnits = 64;
+constexpr int kSlices = kTileUnits / 16;
 // Tiles of W1 that concurrent CTAs share in the packed order, so W1 and the rows both stay in L2.
 constexpr int kTileGroup = 8;
+
+// A tile configuration: ChunkRows selected rows per work item, BlockK columns per pipeline stage,
+// Stages stages, warps arranged WarpsM (along hidden units) x kWarps / WarpsM (along rows).
+template <int ChunkRowsV, int BlockKV, int StagesV, int WarpsMV>
+struct TileConfig {
+  static constexpr int kChunkRows = ChunkRowsV;
+  static constexpr int kBlockK = BlockKV;
+  static constexpr int kStages = StagesV;
+  static constexpr int kWarpsM = WarpsMV;
+  static constexpr int kWarpsN = kWarps / WarpsMV;
+  static constexpr int kWarpUnits = kTileUnits / WarpsMV;
+  static constexpr int kMTiles = kWarpUnits / 16;
+  static constexpr int kWarpRows = ChunkRowsV / kWarpsN;
+  static constexpr int kNTiles = kWarpRows / 8;
+  // Rows padded by 16 bytes: ldmatrix's eight 16-byte row reads then fall into distinct banks.
+  static constexpr int kStride = BlockKV + 8;
+  static_assert(kWarpRows % 8 == 0 && kWarpUnits % 16 == 0 && BlockKV % 32 == 0 && StagesV >= 2, "tile shape");
+  template <typename T>
+  static constexpr size_t smem_bytes() {
+    return static_cast<size_t>(kStages) * (kTileUnits + kChunkRows) * kStride * sizeof(T);
+  }
+};
 
 struct HeadParams {
   const void* hidden;
@@ -151,14 +170,19 @@ __device__ int rank_masked_rows(const bool* row_mask, int64_t num_rows, int64_t 
   return filled <= 0 ? 0 : (filled >= ChunkRows ? ChunkRows : static_cast<int>(filled));
 }
 
-// One work item: hidden-unit tile `tile` against row chunk `chunk` (ChunkRows rows). Writes
-// partials[tile, chunk * ChunkRows + i] = sum over the tile's units j of w2[j] relu(W1[j] . h_i + b1[j]).
-template <typename T, int ChunkRows>
+// One work item: hidden-unit tile `tile` against row chunk `chunk` (Cfg::kChunkRows rows). Writes
+// partials[tile, chunk * kChunkRows + i] = sum over the tile's units j of w2[j] relu(W1[j] . h_i + b1[j]).
+template <typename T, class Cfg>
 __device__ void head_tile(const HeadParams& p, int tile, int chunk, int filled, const int64_t* chunk_rows,
-                          T* a_smem, T* b_smem, float (*warp_sums)[ChunkRows]) {
-  constexpr int kRowTiles = ChunkRows / 8;
+                          T* a_smem, T* b_smem, float (*slice_sums)[Cfg::kChunkRows]) {
+  constexpr int kBlockK = Cfg::kBlockK;
+  constexpr int kStages = Cfg::kStages;
+  constexpr int kStride = Cfg::kStride;
+  constexpr int kChunkRows = Cfg::kChunkRows;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
+  const int warp_m = warp % Cfg::kWarpsM;
+  const int warp_n = warp / Cfg::kWarpsM;
   const int64_t d = p.d;
   const int64_t units = 2 * d;
   const int64_t unit0 = static_cast<int64_t>(tile) * kTileUnits;
@@ -169,30 +193,31 @@ __device__ void head_tile(const HeadParams& p, int tile, int chunk, int filled, 
   // d % 8 == 0 (checked by the launcher), so each 16-byte piece is wholly inside or outside the row.
   auto load_stage = [&](int stage, int k_block) {
     const int64_t k0 = static_cast<int64_t>(k_block) * kBlockK;
-    T* a_stage = a_smem + stage * kTileUnits * kSmemStride;
-    T* b_stage = b_smem + stage * ChunkRows * kSmemStride;
+    T* a_stage = a_smem + stage * kTileUnits * kStride;
+    T* b_stage = b_smem + stage * kChunkRows * kStride;
 #pragma unroll
     for (int piece = threadIdx.x; piece < kTileUnits * (kBlockK / 8); piece += kThreads) {
       const int r = piece / (kBlockK / 8);
       const int col = (piece % (kBlockK / 8)) * 8;
       const int64_t unit = unit0 + r;
       const bool valid = unit < units && k0 + col < d;
-      copy_16_async(a_stage + r * kSmemStride + col, valid ? w1 + unit * d + k0 + col : w1, valid);
+      copy_16_async(a_stage + r * kStride + col, valid ? w1 + unit * d + k0 + col : w1, valid);
     }
 #pragma unroll
-    for (int piece = threadIdx.x; piece < ChunkRows * (kBlockK / 8); piece += kThreads) {
+    for (int piece = threadIdx.x; piece < kChunkRows * (kBlockK / 8); piece += kThreads) {
       const int r = piece / (kBlockK / 8);
       const int col = (piece % (kBlockK / 8)) * 8;
       const int64_t row = r < filled ? chunk_rows[r] : -1;
       const bool valid = row >= 0 && k0 + col < d;
-      copy_16_async(b_stage + r * kSmemStride + col, valid ? hidden + row * p.hidden_stride + k0 + col : hidden,
-                    valid);
+      copy_16_async(b_stage + r * kStride + col, valid ? hidden + row * p.hidden_stride + k0 + col : hidden, valid);
     }
   };
 
-  float acc[kRowTiles][4];
+  float acc[Cfg::kMTiles][Cfg::kNTiles][4];
 #pragma unroll
-  for (int n = 0; n < kRowTiles; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+  for (int m = 0; m < Cfg::kMTiles; ++m)
+#pragma unroll
+    for (int n = 0; n < Cfg::kNTiles; ++n) acc[m][n][0] = acc[m][n][1] = acc[m][n][2] = acc[m][n][3] = 0.f;
 
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
@@ -208,72 +233,85 @@ __device__ void head_tile(const HeadParams& p, int tile, int chunk, int filled, 
     copy_commit();
 
     const int stage = kb % kStages;
-    const T* a_warp = a_smem + (stage * kTileUnits + warp * 16) * kSmemStride;
-    const T* b_stage = b_smem + stage * ChunkRows * kSmemStride;
+    const T* a_warp = a_smem + (stage * kTileUnits + warp_m * Cfg::kWarpUnits) * kStride;
+    const T* b_warp = b_smem + (stage * kChunkRows + warp_n * Cfg::kWarpRows) * kStride;
 #pragma unroll
     for (int k32 = 0; k32 < kBlockK / 32; ++k32) {
-      uint32_t a_lo[4], a_hi[4];
-      // Lane l addresses row l % 16, column half l / 16 of the 16x16 A tile (ldmatrix x4 order).
-      load_matrix_x4(a_lo, a_warp + (lane % 16) * kSmemStride + k32 * 32 + (lane / 16) * 8);
-      load_matrix_x4(a_hi, a_warp + (lane % 16) * kSmemStride + k32 * 32 + 16 + (lane / 16) * 8);
+      uint32_t a_lo[Cfg::kMTiles][4], a_hi[Cfg::kMTiles][4];
 #pragma unroll
-      for (int n = 0; n < kRowTiles; ++n) {
+      for (int m = 0; m < Cfg::kMTiles; ++m) {
+        // Lane l addresses row l % 16, column half l / 16 of a 16x16 A tile (ldmatrix x4 order).
+        const T* a_rows = a_warp + (m * 16 + lane % 16) * kStride + k32 * 32 + (lane / 16) * 8;
+        load_matrix_x4(a_lo[m], a_rows);
+        load_matrix_x4(a_hi[m], a_rows + 16);
+      }
+#pragma unroll
+      for (int n = 0; n < Cfg::kNTiles; ++n) {
         // Rows are stored [row][k]: the col-major B operand of mma; one x4 covers k32 of 8 rows.
         uint32_t b[4];
-        load_matrix_x4(b, b_stage + (n * 8 + lane % 8) * kSmemStride + k32 * 32 + (lane / 8) * 8);
-        mma_16816<T>(acc[n], a_lo, b[0], b[1]);
-        mma_16816<T>(acc[n], a_hi, b[2], b[3]);
+        load_matrix_x4(b, b_warp + (n * 8 + lane % 8) * kStride + k32 * 32 + (lane / 8) * 8);
+#pragma unroll
+        for (int m = 0; m < Cfg::kMTiles; ++m) {
+          mma_16816<T>(acc[m][n], a_lo[m], b[0], b[1]);
+          mma_16816<T>(acc[m][n], a_hi[m], b[2], b[3]);
+        }
       }
     }
   }
   copy_wait<0>();
 
   // Epilogue in fp32 (SPEC: the activation is never rounded). Lane (g, t) holds units g and g + 8
-  // of its warp's slice for rows 2t and 2t + 1 of each 8-row tile.
+  // of each 16-unit slice for rows 2t and 2t + 1 of each 8-row tile.
   const int g = lane >> 2;
   const int t = lane & 3;
   const T* b1 = static_cast<const T*>(p.b1);
   const T* w2 = static_cast<const T*>(p.w2);
-  const int64_t unit_lo = unit0 + warp * 16 + g;
-  const int64_t unit_hi = unit_lo + 8;
-  const float bias_lo = unit_lo < units ? to_float(b1[unit_lo]) : 0.f;
-  const float bias_hi = unit_hi < units ? to_float(b1[unit_hi]) : 0.f;
-  const float out_w_lo = unit_lo < units ? to_float(w2[unit_lo]) : 0.f;
-  const float out_w_hi = unit_hi < units ? to_float(w2[unit_hi]) : 0.f;
 #pragma unroll
-  for (int n = 0; n < kRowTiles; ++n) {
-    float even = fmaxf(acc[n][0] + bias_lo, 0.f) * out_w_lo + fmaxf(acc[n][2] + bias_hi, 0.f) * out_w_hi;
-    float odd = fmaxf(acc[n][1] + bias_lo, 0.f) * out_w_lo + fmaxf(acc[n][3] + bias_hi, 0.f) * out_w_hi;
+  for (int m = 0; m < Cfg::kMTiles; ++m) {
+    const int slice = warp_m * Cfg::kMTiles + m;
+    const int64_t unit_lo = unit0 + slice * 16 + g;
+    const int64_t unit_hi = unit_lo + 8;
+    const float bias_lo = unit_lo < units ? to_float(b1[unit_lo]) : 0.f;
+    const float bias_hi = unit_hi < units ? to_float(b1[unit_hi]) : 0.f;
+    const float out_w_lo = unit_lo < units ? to_float(w2[unit_lo]) : 0.f;
+    const float out_w_hi = unit_hi < units ? to_float(w2[unit_hi]) : 0.f;
 #pragma unroll
-    for (int offset = 4; offset < 32; offset <<= 1) {
-      even += __shfl_xor_sync(0xffffffffu, even, offset);
-      odd += __shfl_xor_sync(0xffffffffu, odd, offset);
-    }
-    if (g == 0) {
-      warp_sums[warp][n * 8 + 2 * t] = even;
-      warp_sums[warp][n * 8 + 2 * t + 1] = odd;
+    for (int n = 0; n < Cfg::kNTiles; ++n) {
+      float even = fmaxf(acc[m][n][0] + bias_lo, 0.f) * out_w_lo + fmaxf(acc[m][n][2] + bias_hi, 0.f) * out_w_hi;
+      float odd = fmaxf(acc[m][n][1] + bias_lo, 0.f) * out_w_lo + fmaxf(acc[m][n][3] + bias_hi, 0.f) * out_w_hi;
+#pragma unroll
+      for (int offset = 4; offset < 32; offset <<= 1) {
+        even += __shfl_xor_sync(0xffffffffu, even, offset);
+        odd += __shfl_xor_sync(0xffffffffu, odd, offset);
+      }
+      if (g == 0) {
+        const int row = warp_n * Cfg::kWarpRows + n * 8 + 2 * t;
+        slice_sums[slice][row] = even;
+        slice_sums[slice][row + 1] = odd;
+      }
     }
   }
   __syncthreads();
   for (int r = threadIdx.x; r < filled; r += kThreads) {
     float total = 0.f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) total += warp_sums[w][r];
-    p.partials[static_cast<int64_t>(tile) * p.row_capacity + static_cast<int64_t>(chunk) * ChunkRows + r] = total;
+    for (int slice = 0; slice < kSlices; ++slice) total += slice_sums[slice][r];
+    p.partials[static_cast<int64_t>(tile) * p.row_capacity + static_cast<int64_t>(chunk) * kChunkRows + r] = total;
   }
-  // The next item overwrites chunk_rows, warp_sums and the stages.
+  // The next item overwrites chunk_rows, slice_sums and the stages.
   __syncthreads();
 }
 
 // Persistent grid over work items (hidden-unit tile, row chunk). Dynamic shared memory holds the
-// kStages stages of W1 and row tiles.
-template <typename T, int ChunkRows>
-__global__ void __launch_bounds__(kThreads, 3) head_tiles_kernel(const HeadParams p) {
+// pipeline stages of W1 and row tiles.
+template <typename T, class Cfg>
+__global__ void __launch_bounds__(kThreads, 2) head_tiles_kernel(const HeadParams p) {
+  constexpr int ChunkRows = Cfg::kChunkRows;
   extern __shared__ __align__(16) unsigned char dynamic_smem[];
   T* a_smem = reinterpret_cast<T*>(dynamic_smem);
-  T* b_smem = a_smem + kStages * kTileUnits * kSmemStride;
+  T* b_smem = a_smem + Cfg::kStages * kTileUnits * Cfg::kStride;
   __shared__ int64_t chunk_rows[ChunkRows];
-  __shared__ float warp_sums[kWarps][ChunkRows];
+  __shared__ float slice_sums[kSlices][ChunkRows];
   __shared__ int warp_counts[kWarps];
 
   const int num_items = p.num_tiles * p.num_chunks;
@@ -316,7 +354,7 @@ __global__ void __launch_bounds__(kThreads, 3) head_tiles_kernel(const HeadParam
       __syncthreads();
     }
     first = false;
-    head_tile<T, ChunkRows>(p, tile, chunk, filled, chunk_rows, a_smem, b_smem, warp_sums);
+    head_tile<T, Cfg>(p, tile, chunk, filled, chunk_rows, a_smem, b_smem, slice_sums);
   }
 }
 

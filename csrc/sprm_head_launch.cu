@@ -45,14 +45,23 @@ Layout layout_for(int32_t source, int64_t num_rows, int64_t d) {
   return l;
 }
 
-template <typename T, int ChunkRows>
-size_t tile_smem_bytes() {
-  return static_cast<size_t>(xbai::kStages) * (xbai::kTileUnits + ChunkRows) * xbai::kSmemStride * sizeof(T);
-}
+// Tile configurations: TileConfig<chunk rows, BlockK, stages, warps along units>. Each keeps
+// about 50-64 KB of W1 in flight per CTA (Little's law at HBM3 latency under load: ~40 KB per
+// CTA for 160 CTAs to reach 4 TB/s) with two CTAs resident per SM (<= 113 KB of shared memory each).
+// The "wide" family moves 128 columns per stage (fewer barriers per byte); "deep" moves 64 with
+// more stages (finer-grained refill). Both give the same bits (see sprm_head.cuh).
+using Wide8 = xbai::TileConfig<8, 128, 5, 4>;
+using Wide16 = xbai::TileConfig<16, 128, 5, 4>;
+using Wide32 = xbai::TileConfig<32, 128, 4, 2>;
+using Wide64 = xbai::TileConfig<64, 64, 5, 2>;
+using Deep8 = xbai::TileConfig<8, 64, 9, 4>;
+using Deep16 = xbai::TileConfig<16, 64, 8, 4>;
+using Deep32 = xbai::TileConfig<32, 64, 7, 2>;
+using Deep64 = xbai::TileConfig<64, 128, 3, 2>;
 
 // Per device: resident CTAs per SM times SMs, read once (the attribute calls are not stream work,
 // so the cached value also serves launches under graph capture).
-template <typename T, int ChunkRows>
+template <typename T, class Cfg>
 cudaError_t persistent_grid(int* grid) {
   static std::atomic<int> cached[kMaxDevices];
   int device = 0;
@@ -62,8 +71,8 @@ cudaError_t persistent_grid(int* grid) {
     *grid = cached[device].load();
     return cudaSuccess;
   }
-  const size_t smem = tile_smem_bytes<T, ChunkRows>();
-  auto kernel = xbai::head_tiles_kernel<T, ChunkRows>;
+  const size_t smem = Cfg::template smem_bytes<T>();
+  auto kernel = xbai::head_tiles_kernel<T, Cfg>;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   int sms = 0, per_sm = 0;
@@ -76,14 +85,14 @@ cudaError_t persistent_grid(int* grid) {
   return cudaSuccess;
 }
 
-template <typename T, int ChunkRows>
+template <typename T, class Cfg>
 cudaError_t launch(const xbai::HeadParams& p, cudaStream_t stream) {
   int grid = 0;
-  cudaError_t err = persistent_grid<T, ChunkRows>(&grid);
+  cudaError_t err = persistent_grid<T, Cfg>(&grid);
   if (err != cudaSuccess) return err;
   const int items = p.num_tiles * p.num_chunks;
   if (grid > items) grid = items;
-  xbai::head_tiles_kernel<T, ChunkRows><<<grid, xbai::kThreads, tile_smem_bytes<T, ChunkRows>(), stream>>>(p);
+  xbai::head_tiles_kernel<T, Cfg><<<grid, xbai::kThreads, Cfg::template smem_bytes<T>(), stream>>>(p);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const int64_t reduce_blocks = (p.num_rows + kReduceWarps - 1) / kReduceWarps;
@@ -92,12 +101,13 @@ cudaError_t launch(const xbai::HeadParams& p, cudaStream_t stream) {
 }
 
 template <typename T>
-cudaError_t launch_for_chunk(const xbai::HeadParams& p, int chunk_rows, cudaStream_t stream) {
+cudaError_t launch_for_chunk(const xbai::HeadParams& p, int chunk_rows, int pipeline, cudaStream_t stream) {
+  const bool deep = pipeline == XBAI_PIPELINE_DEEP;
   switch (chunk_rows) {
-    case 8: return launch<T, 8>(p, stream);
-    case 16: return launch<T, 16>(p, stream);
-    case 32: return launch<T, 32>(p, stream);
-    default: return launch<T, 64>(p, stream);
+    case 8: return deep ? launch<T, Deep8>(p, stream) : launch<T, Wide8>(p, stream);
+    case 16: return deep ? launch<T, Deep16>(p, stream) : launch<T, Wide16>(p, stream);
+    case 32: return deep ? launch<T, Deep32>(p, stream) : launch<T, Wide32>(p, stream);
+    default: return deep ? launch<T, Deep64>(p, stream) : launch<T, Wide64>(p, stream);
   }
 }
 
@@ -112,6 +122,7 @@ extern "C" int64_t xbai_head_workspace_bytes(int32_t source, int64_t num_rows, i
 extern "C" int32_t xbai_head_logits(const XbaiHeadLaunch* a) {
   if (a->dtype != XBAI_FLOAT16 && a->dtype != XBAI_BFLOAT16) return XBAI_BAD_DTYPE;
   if (a->d <= 0 || a->d % 8 != 0) return XBAI_BAD_HIDDEN_SIZE;
+  if (a->pipeline != XBAI_PIPELINE_WIDE && a->pipeline != XBAI_PIPELINE_DEEP) return XBAI_BAD_PIPELINE;
   if (a->source != XBAI_ROWS_ALL && a->source != XBAI_ROWS_INDEXED && a->source != XBAI_ROWS_MASKED)
     return XBAI_BAD_ROW_SOURCE;
   if (a->num_rows <= 0) return XBAI_OK;
@@ -145,8 +156,9 @@ extern "C" int32_t xbai_head_logits(const XbaiHeadLaunch* a) {
   p.num_chunks = l.num_chunks;
 
   cudaStream_t stream = static_cast<cudaStream_t>(a->stream);
-  const cudaError_t err = a->dtype == XBAI_BFLOAT16 ? launch_for_chunk<__nv_bfloat16>(p, l.chunk_rows, stream)
-                                                    : launch_for_chunk<__half>(p, l.chunk_rows, stream);
+  const cudaError_t err = a->dtype == XBAI_BFLOAT16
+                              ? launch_for_chunk<__nv_bfloat16>(p, l.chunk_rows, a->pipeline, stream)
+                              : launch_for_chunk<__half>(p, l.chunk_rows, a->pipeline, stream);
   return static_cast<int32_t>(err);
 }
 
@@ -159,6 +171,7 @@ extern "C" const char* xbai_status_string(int32_t status) {
     case XBAI_BAD_ROW_SOURCE: return "row source must be 0 (all), 1 (indexed) or 2 (masked)";
     case XBAI_WORKSPACE_TOO_SMALL: return "workspace is smaller than xbai_head_workspace_bytes()";
     case XBAI_MISSING_POINTER: return "a required pointer is null";
+    case XBAI_BAD_PIPELINE: return "pipeline must be 0 (wide) or 1 (deep)";
     default: return status > 0 ? cudaGetErrorString(static_cast<cudaError_t>(status)) : "unknown status";
   }
 }

@@ -25,7 +25,11 @@ enum XbaiStatus {
   XBAI_BAD_ROW_SOURCE = -4,
   XBAI_WORKSPACE_TOO_SMALL = -5,
   XBAI_MISSING_POINTER = -6,
+  XBAI_BAD_PIPELINE = -7,
 };
+
+/* Shape of the W1 pipeline (sprm_head_launch.cu): same results, different speed per GPU. */
+enum XbaiPipeline { XBAI_PIPELINE_WIDE = 0, XBAI_PIPELINE_DEEP = 1 };
 
 typedef struct XbaiHeadLaunch {
   const void* hidden;       /* [hidden_rows, d], row stride hidden_stride elements */
@@ -44,6 +48,7 @@ typedef struct XbaiHeadLaunch {
   void* workspace;          /* xbai_head_workspace_bytes(...) bytes, 256-byte aligned, scratch */
   int64_t workspace_bytes;
   int32_t dtype;            /* XbaiDtype of hidden and of every weight */
+  int32_t pipeline;         /* XbaiPipeline */
   void* stream;             /* cudaStream_t; the launch is asynchronous on it */
 } XbaiHeadLaunch;
 

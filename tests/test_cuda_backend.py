@@ -110,7 +110,7 @@ def test_ops_have_fake_implementations_for_tracing():
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_KERNELS, reason="needs a CUDA GPU and the built _C")
 def test_golden_vectors(golden, d, dtype):
-    w1, b1, w2, b2 = (t.cuda().to(dtype) for t in golden.head(d).weights())
+    w1, b1, w2, b2 = (t.detach().cuda().to(dtype) for t in golden.head(d).weights)
     for case in golden.trajectories:
         hidden = case.hidden[d].cuda().to(dtype)
         mask = case.mask.cuda()
@@ -213,6 +213,27 @@ def test_bitwise_deterministic_run_to_run():
     first = cuda_ops.head_logits_masked(hidden, mask, w1, b1, w2, b2)
     for _ in range(5):
         assert torch.equal(cuda_ops.head_logits_masked(hidden, mask, w1, b1, w2, b2), first)
+
+
+@pytest.mark.parametrize("batch", [1, 16, 32, 256])
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_KERNELS, reason="needs a CUDA GPU and the built _C")
+def test_pipeline_shapes_give_the_same_bits(monkeypatch, batch):
+    """Every tile configuration (one per chunk width, wide and deep) adds in the same order."""
+    d = 1536
+    w1, b1, w2, b2 = _random_head(d, torch.bfloat16, seed=12)
+    hidden = _random_inputs(batch, d, torch.bfloat16, seed=13)
+    mask = _step_mask(batch, batch // 2 + 1)
+    results = {}
+    for name in ("wide", "deep"):
+        monkeypatch.setenv("XBAI_KERNELS_CUDA_PIPELINE", name)
+        results[name] = cuda_ops.head_logits_masked(hidden, mask, w1, b1, w2, b2)
+    assert torch.equal(results["wide"], results["deep"])
+    expected = reference.head_logits_masked(hidden, mask, w1, b1, w2, b2)
+    assert _relative_error(results["wide"], expected) <= SAME_INPUT_RTOL
+    monkeypatch.setenv("XBAI_KERNELS_CUDA_PIPELINE", "sideways")
+    with pytest.raises(ValueError, match="XBAI_KERNELS_CUDA_PIPELINE"):
+        cuda_ops.head_logits_masked(hidden, mask, w1, b1, w2, b2)
 
 
 @pytest.mark.cuda

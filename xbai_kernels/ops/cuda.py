@@ -14,14 +14,19 @@ The tensor-core kernels take fp16/bf16 ``hidden`` with every weight in the same 
 of 8. Other inputs (fp32, mixed dtypes, odd d) and calls that need autograd go to the reference
 path, which computes the same function; the log says so once. A row index outside ``hidden``
 gives NaN instead of an error, because checking would need a host synchronization.
+
+``XBAI_KERNELS_CUDA_PIPELINE=wide|deep`` picks the shape of the W1 pipeline (csrc/sprm_head_launch.cu);
+both give the same bits, the default is the faster on the H200 measured in benchmarks/NOTES.md.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import torch
+from torch.utils import _python_dispatch
 
 from xbai_kernels import _validate
 from xbai_kernels.ops import reference
@@ -43,6 +48,16 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 # Source codes of csrc/sprm_head_launch.h (XbaiRowSource): which rows the kernel scores.
 ROWS_ALL, ROWS_INDEXED, ROWS_MASKED = 0, 1, 2
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
+_PIPELINES = {"wide": 0, "deep": 1}
+DEFAULT_PIPELINE = "wide"
+
+
+def pipeline() -> str:
+    """The W1 pipeline shape the next launch uses (``XBAI_KERNELS_CUDA_PIPELINE``, default wide)."""
+    name = os.environ.get("XBAI_KERNELS_CUDA_PIPELINE", DEFAULT_PIPELINE).strip().lower() or DEFAULT_PIPELINE
+    if name not in _PIPELINES:
+        raise ValueError(f"XBAI_KERNELS_CUDA_PIPELINE={name!r} is not one of {', '.join(_PIPELINES)}")
+    return name
 
 
 def unavailable_reason() -> str | None:
@@ -104,22 +119,26 @@ def _launch(source: int, hidden, rows, row_mask, w1, b1, w2, b2, out: torch.Tens
     b1, w2, b2 = b1.contiguous(), w2.contiguous(), b2.contiguous()
     d = hidden.shape[1]
     workspace = torch.empty(_C.workspace_bytes(source, num_rows, d), dtype=torch.uint8, device=hidden.device)
-    with torch.cuda.device(hidden.device):
-        _C.head_logits(
-            hidden.data_ptr(), hidden.shape[0], hidden.stride(0), d, source,
-            rows.data_ptr() if rows is not None else 0,
-            row_mask.data_ptr() if row_mask is not None else 0,
-            num_rows,
-            w1.data_ptr(), b1.data_ptr(), w2.data_ptr(), b2.data_ptr(),
-            out.data_ptr(), workspace.data_ptr(), workspace.numel(),
-            _DTYPE_CODES[hidden.dtype],
-            torch.cuda.current_stream(hidden.device).cuda_stream,
-        )
+    arguments = (
+        hidden.data_ptr(), hidden.shape[0], hidden.stride(0), d, source,
+        rows.data_ptr() if rows is not None else 0,
+        row_mask.data_ptr() if row_mask is not None else 0,
+        num_rows,
+        w1.data_ptr(), b1.data_ptr(), w2.data_ptr(), b2.data_ptr(),
+        out.data_ptr(), workspace.data_ptr(), workspace.numel(),
+        _DTYPE_CODES[hidden.dtype], _PIPELINES[pipeline()],
+        torch.cuda.current_stream(hidden.device).cuda_stream,
+    )
+    # _C launches on the thread's current device: make it hidden's (a context switch costs microseconds).
+    if hidden.device.index == torch.cuda.current_device():
+        _C.head_logits(*arguments)
+    else:
+        with torch.cuda.device(hidden.device):
+            _C.head_logits(*arguments)
 
 
 # The registered ops take already-checked inputs; the public functions below check and route.
-@torch.library.custom_op("xbai_kernels::cuda_head_logits", mutates_args=())
-def _head_logits_op(
+def _all_rows(
     hidden: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
 ) -> torch.Tensor:
     out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
@@ -127,13 +146,7 @@ def _head_logits_op(
     return out
 
 
-@_head_logits_op.register_fake
-def _(hidden, w1, b1, w2, b2):
-    return hidden.new_empty(hidden.shape[0], dtype=torch.float32)
-
-
-@torch.library.custom_op("xbai_kernels::cuda_head_logits_rows", mutates_args=())
-def _head_logits_rows_op(
+def _indexed_rows(
     hidden: torch.Tensor, rows: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
 ) -> torch.Tensor:
     out = torch.empty(rows.shape[0], dtype=torch.float32, device=hidden.device)
@@ -141,13 +154,7 @@ def _head_logits_rows_op(
     return out
 
 
-@_head_logits_rows_op.register_fake
-def _(hidden, rows, w1, b1, w2, b2):
-    return hidden.new_empty(rows.shape[0], dtype=torch.float32)
-
-
-@torch.library.custom_op("xbai_kernels::cuda_head_logits_masked", mutates_args=())
-def _head_logits_masked_op(
+def _masked_rows(
     hidden: torch.Tensor, row_mask: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
     b2: torch.Tensor,
 ) -> torch.Tensor:
@@ -156,22 +163,59 @@ def _head_logits_masked_op(
     return out
 
 
-@_head_logits_masked_op.register_fake
-def _(hidden, row_mask, w1, b1, w2, b2):
-    return hidden.new_empty(hidden.shape[0], dtype=torch.float32)
-
-
-@torch.library.custom_op("xbai_kernels::cuda_head_logits_masked_out", mutates_args=("out",))
-def _head_logits_masked_out_op(
+def _masked_rows_out(
     hidden: torch.Tensor, row_mask: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
     b2: torch.Tensor, out: torch.Tensor,
 ) -> None:
     _launch(ROWS_MASKED, hidden, None, row_mask.contiguous(), w1, b1, w2, b2, out)
 
 
+_head_logits_op = torch.library.custom_op("xbai_kernels::cuda_head_logits", mutates_args=())(_all_rows)
+_head_logits_rows_op = torch.library.custom_op("xbai_kernels::cuda_head_logits_rows", mutates_args=())(_indexed_rows)
+_head_logits_masked_op = torch.library.custom_op("xbai_kernels::cuda_head_logits_masked", mutates_args=())(
+    _masked_rows
+)
+_head_logits_masked_out_op = torch.library.custom_op(
+    "xbai_kernels::cuda_head_logits_masked_out", mutates_args=("out",)
+)(_masked_rows_out)
+_EAGER = {
+    _head_logits_op: _all_rows,
+    _head_logits_rows_op: _indexed_rows,
+    _head_logits_masked_op: _masked_rows,
+    _head_logits_masked_out_op: _masked_rows_out,
+}
+
+
+@_head_logits_op.register_fake
+def _(hidden, w1, b1, w2, b2):
+    return hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+
+
+@_head_logits_rows_op.register_fake
+def _(hidden, rows, w1, b1, w2, b2):
+    return hidden.new_empty(rows.shape[0], dtype=torch.float32)
+
+
+@_head_logits_masked_op.register_fake
+def _(hidden, row_mask, w1, b1, w2, b2):
+    return hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+
+
 @_head_logits_masked_out_op.register_fake
 def _(hidden, row_mask, w1, b1, w2, b2, out):
     return None
+
+
+def _op(custom_op, hidden: torch.Tensor):
+    """The registered op whenever something traces (torch.compile, export, a dispatch mode, fake
+    tensors: they need its fake implementation), else its plain function, so that eager calls skip
+    the dispatcher. A CUDA graph captures the same two kernels either way."""
+    tracing = (
+        torch.compiler.is_compiling()
+        or type(hidden) is not torch.Tensor
+        or _python_dispatch._get_current_dispatch_mode() is not None
+    )
+    return custom_op if tracing else _EAGER[custom_op]
 
 
 def head_logits(hidden: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
@@ -181,7 +225,7 @@ def head_logits(hidden: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
     if route is not None:
         _note_reference_route(route)
         return reference.head_logits(hidden, w1, b1, w2, b2)
-    return _head_logits_op(hidden, w1, b1, w2, b2)
+    return _op(_head_logits_op, hidden)(hidden, w1, b1, w2, b2)
 
 
 def head_logits_rows(hidden: torch.Tensor, rows: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
@@ -192,7 +236,7 @@ def head_logits_rows(hidden: torch.Tensor, rows: torch.Tensor, w1, b1, w2, b2) -
     if route is not None:
         _note_reference_route(route)
         return reference.head_logits_rows(hidden, rows, w1, b1, w2, b2)
-    return _head_logits_rows_op(hidden, rows.long(), w1, b1, w2, b2)
+    return _op(_head_logits_rows_op, hidden)(hidden, rows.long(), w1, b1, w2, b2)
 
 
 def head_logits_masked(
@@ -218,6 +262,6 @@ def head_logits_masked(
         _note_reference_route(route)
         return reference.head_logits_masked(hidden, row_mask, w1, b1, w2, b2, out=out)
     if out is None:
-        return _head_logits_masked_op(hidden, row_mask, w1, b1, w2, b2)
-    _head_logits_masked_out_op(hidden, row_mask, w1, b1, w2, b2, out)
+        return _op(_head_logits_masked_op, hidden)(hidden, row_mask, w1, b1, w2, b2)
+    _op(_head_logits_masked_out_op, hidden)(hidden, row_mask, w1, b1, w2, b2, out)
     return out

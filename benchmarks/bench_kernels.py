@@ -1,0 +1,518 @@
+"""The three SPRM kernels against eager PyTorch, torch.compile and the hardware floor, on one CUDA GPU.
+
+* ``decode``: ``head_logits_masked`` on a decode batch of B rows, a quarter of them steps (and none);
+* ``packed``: ``head_logits_rows`` on 2% of T = 65536 packed tokens (and the whole ``score_trajectories``);
+* ``train``: ``sprm_head_loss`` forward + backward on n step rows, with its peak memory.
+
+Every backend that ``ops.dispatch`` can run here is a column (``XBAI_KERNELS_BACKEND`` forced per
+column), so a new backend shows up without touching this file. Baselines: the released head as
+eager PyTorch (``nn.Sequential`` in bf16, on all rows and on the boolean-mask gather) and the same
+under ``torch.compile``. The floor comes from two ceilings measured in the same run: a large
+device-to-device copy (bytes read + written) and an 8192^3 bf16 matmul. Times are medians of
+``triton.testing.do_bench`` (CUDA events); inputs rotate between several sets, weights between
+enough copies that no call finds them in L2. ``*_graph`` columns replay a CUDA graph of several
+calls (the kernels alone, as an engine runs them); the others include Python launch overhead.
+
+    python -m benchmarks kernels [--quick] [--sweep] [--budget SECONDS] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._common import RESULTS_DIR, environment, write_result
+
+DTYPE = torch.bfloat16
+GRAPH_CALLS = 10
+L2_MARGIN = 2  # rotate through at least this many times the L2 size of weights
+
+
+# ----- measurement helpers ---------------------------------------------------------------------
+
+
+def median_us(fn, warmup_ms: int = 25, rep_ms: int = 100) -> float:
+    import triton.testing
+
+    return 1e3 * triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes/s of a 1 GiB device-to-device copy, counting bytes read plus written."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    seconds = median_us(lambda: dst.copy_(src)) * 1e-6
+    return 2 * src.numel() / seconds
+
+
+def matmul_rate(device) -> float:
+    """bf16 FLOP/s of an 8192^3 matmul on random data."""
+    a = torch.randn(8192, 8192, device=device, dtype=DTYPE)
+    b = torch.randn(8192, 8192, device=device, dtype=DTYPE)
+    seconds = median_us(lambda: a @ b) * 1e-6
+    return 2 * 8192**3 / seconds
+
+
+def l2_bytes(device) -> int:
+    return getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+
+
+def weight_copies(d: int, device, count_floor: int = 2) -> list[list[torch.Tensor]]:
+    """Random heads (W1, b1, W2, b2) in bf16, enough copies to exceed L2_MARGIN x the L2 size."""
+    nbytes = (2 * d * d + 4 * d + 1) * 2
+    count = max(count_floor, math.ceil(L2_MARGIN * l2_bytes(device) / nbytes))
+    g = torch.Generator(device=device).manual_seed(d)
+    return [random_head(d, device, g) for _ in range(count)]
+
+
+def random_head(d: int, device, generator) -> list[torch.Tensor]:
+    """(W1, b1, W2, b2) in bf16, scaled like a trained head (logits of order 1), never zeros."""
+    w1 = torch.randn(2 * d, d, device=device, generator=generator) / d**0.5
+    b1 = torch.randn(2 * d, device=device, generator=generator) * 0.1
+    w2 = torch.randn(1, 2 * d, device=device, generator=generator) / (2 * d) ** 0.5
+    b2 = torch.randn(1, device=device, generator=generator)
+    return [t.to(DTYPE) for t in (w1, b1, w2, b2)]
+
+
+def released_head(weights) -> nn.Sequential:
+    """The released module: nn.Sequential(Linear, ReLU, Dropout, Linear) in bf16, eval mode."""
+    w1, b1, w2, b2 = weights
+    d = w1.shape[1]
+    head = nn.Sequential(nn.Linear(d, 2 * d), nn.ReLU(), nn.Dropout(0.5), nn.Linear(2 * d, 1))
+    head = head.to(device=w1.device, dtype=DTYPE).eval()
+    with torch.no_grad():
+        head[0].weight.copy_(w1), head[0].bias.copy_(b1), head[3].weight.copy_(w2), head[3].bias.copy_(b2)
+    return head
+
+
+def released_functional(hidden, w1, b1, w2, b2):
+    """The released head's math as a function of its weights, so one compiled graph serves every copy."""
+    return F.linear(torch.relu(F.linear(hidden, w1, b1)), w2, b2)
+
+
+class Rotation:
+    """Calls ``fn(*args_k)`` for k = 0, 1, 2, ... cycling through argument sets."""
+
+    def __init__(self, fn, arg_sets):
+        self.fn, self.arg_sets, self.k = fn, arg_sets, 0
+
+    def __call__(self):
+        args = self.arg_sets[self.k % len(self.arg_sets)]
+        self.k += 1
+        return self.fn(*args)
+
+
+def graph_us(fn, arg_sets, calls: int = GRAPH_CALLS) -> float:
+    """Per-call time of a CUDA graph holding ``calls`` calls, each on the next argument set."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for k in range(2):
+            fn(*arg_sets[k % len(arg_sets)])
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for k in range(calls):
+            fn(*arg_sets[k % len(arg_sets)])
+    return median_us(graph.replay) / calls
+
+
+@contextlib.contextmanager
+def forced_backend(name: str | None):
+    saved = os.environ.get("XBAI_KERNELS_BACKEND")
+    if name is None:
+        os.environ.pop("XBAI_KERNELS_BACKEND", None)
+    else:
+        os.environ["XBAI_KERNELS_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("XBAI_KERNELS_BACKEND", None)
+        else:
+            os.environ["XBAI_KERNELS_BACKEND"] = saved
+
+
+def backend_ops(op: str, device) -> dict[str, object]:
+    """Backend name -> implementation of ``op``, for every backend dispatch can run on ``device``."""
+    from xbai_kernels.ops import dispatch
+
+    found = {}
+    for name in dispatch.BACKENDS:
+        with forced_backend(name):
+            try:
+                found[name] = dispatch.resolve(op, device)[1]
+            except dispatch.BackendUnavailable as exc:
+                print(f"  ({op}: no {name} column: {exc})")
+    return found
+
+
+class Budget:
+    """Optional work (torch.compile columns, the sweep) runs only while time is left."""
+
+    def __init__(self, seconds: float):
+        self.deadline = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def allows(self, seconds_needed: float) -> bool:
+        return self.left() > seconds_needed
+
+
+def guarded(row: dict, column: str, fn):
+    """row[column] = fn(), or the error text: one failing column must not lose the others."""
+    try:
+        row[column] = fn()
+    except Exception as exc:  # a benchmark records failures instead of stopping the run
+        row[column] = None
+        row.setdefault("errors", {})[column] = f"{type(exc).__name__}: {exc}"
+        traceback.print_exc()
+
+
+# ----- decode ------------------------------------------------------------------------------------
+
+
+def decode_cases(args, device, ceilings, budget) -> list[dict]:
+    ops = backend_ops("head_logits_masked", device)
+    rows_out = []
+    for d in args.decode_d:
+        heads = weight_copies(d, device)
+        released = [released_head(w) for w in heads]
+        compiled = None
+        for batch, steps in [(b, max(1, b // 4)) for b in args.decode_b] + [(max(args.decode_b), 0)]:
+            g = torch.Generator(device=device).manual_seed(batch + d)
+            sets = []
+            for k in range(max(4, len(heads))):
+                hidden = torch.randn(batch, d, device=device, dtype=DTYPE, generator=g)
+                mask = torch.zeros(batch, dtype=torch.bool, device=device)
+                mask[torch.randperm(batch, device=device, generator=g)[:steps]] = True
+                sets.append((hidden, mask, *heads[k % len(heads)], torch.empty(batch, device=device)))
+            weight_bytes = (2 * d * d + 4 * d + 1) * 2
+            floor_bytes = (weight_bytes if steps else 0) + batch + steps * d * 2 + batch * 4
+            row = {"d": d, "B": batch, "step_rows": steps, "floor_us": 1e6 * floor_bytes / ceilings["copy_Bps"]}
+            for name, impl in ops.items():
+                call = lambda h, m, w1, b1, w2, b2, out, impl=impl: impl(h, m, w1, b1, w2, b2, out=out)
+                guarded(row, name, lambda: median_us(Rotation(call, sets)))
+                guarded(row, f"{name}_graph", lambda: graph_us(call, sets))
+            eager_sets = [(s[0], s[1], released[k % len(released)]) for k, s in enumerate(sets)]
+            guarded(row, "eager_released", lambda: median_us(Rotation(lambda h, m, head: head(h), eager_sets)))
+            guarded(row, "eager_released_gather", lambda: median_us(Rotation(lambda h, m, head: head(h[m]), eager_sets)))
+            if args.compile and budget.allows(120) and (not args.quick or d == max(args.decode_d)):
+                if compiled is None:
+                    compiled = torch.compile(released_functional, dynamic=False)
+                comp_sets = [s[:6] for s in sets]
+                guarded(row, "compile_released", lambda: median_us(Rotation(lambda h, m, *w: compiled(h, *w), comp_sets)))
+            rows_out.append(row)
+            print(_line("decode", row), flush=True)
+        del heads, released, compiled
+        torch.cuda.empty_cache()
+    return rows_out
+
+
+# ----- packed ------------------------------------------------------------------------------------
+
+
+def packed_cases(args, device, ceilings, budget) -> list[dict]:
+    import xbai_kernels as xk
+
+    ops = backend_ops("head_logits_rows", device)
+    total = args.tokens
+    out = []
+    for d in args.packed_d:
+        heads = weight_copies(d, device)
+        released = [released_head(w) for w in heads]
+        g = torch.Generator(device=device).manual_seed(d)
+        sets = []
+        for k in range(2):
+            hidden = torch.randn(total, d, device=device, dtype=DTYPE, generator=g)
+            mask = torch.rand(total, device=device, generator=g) < args.step_fraction
+            sets.append((hidden, mask, mask.nonzero().squeeze(-1)))
+        n = int(sets[0][2].numel())
+        bytes_moved = (2 * d * d + 4 * d + 1) * 2 + n * d * 2 + n * 4
+        flops = 4 * n * d * d
+        row = {
+            "d": d, "T": total, "n": n,
+            "floor_memory_us": 1e6 * bytes_moved / ceilings["copy_Bps"],
+            "floor_compute_us": 1e6 * flops / ceilings["matmul_flops"],
+        }
+        row["floor_us"] = max(row["floor_memory_us"], row["floor_compute_us"])
+        arg_sets = [(s[0], s[2], *heads[k % len(heads)]) for k, s in enumerate(sets * len(heads))]
+        for name, impl in ops.items():
+            guarded(row, name, lambda impl=impl: median_us(Rotation(impl, arg_sets)))
+        eager_sets = [(s[0], s[1], s[2], released[k % len(released)]) for k, s in enumerate(sets * len(heads))]
+        guarded(row, "eager_released_gather", lambda: median_us(Rotation(lambda h, m, r, head: head(h[m]), eager_sets)))
+        guarded(row, "eager_released_index", lambda: median_us(Rotation(lambda h, m, r, head: head(h.index_select(0, r)), eager_sets)))
+        if args.compile and budget.allows(120) and (not args.quick or d == max(args.packed_d)):
+            compiled = torch.compile(lambda h, r, *w: released_functional(h.index_select(0, r), *w), dynamic=False)
+            guarded(row, "compile_released", lambda: median_us(Rotation(compiled, arg_sets)))
+        # The whole packed scorer: step mask on the device, head on the step rows, geometric means.
+        rule = xk.StepRule((13,), 3, 4)
+        ids = [torch.where(s[1].roll(1), 13, 7) for s in sets]  # a step token right after each step row
+        cu = torch.tensor([0, total // 2, total], dtype=torch.int32, device=device)
+        sk = xk.SPRMHead(d, device=device, dtype=DTYPE).eval()
+        for name in ops:
+            with forced_backend(name):
+                guarded(row, f"score_trajectories[{name}]",
+                        lambda: median_us(Rotation(lambda h, i: xk.score_trajectories(h, i, sk, rule, cu), list(zip([s[0] for s in sets], ids)))))
+                guarded(row, f"score_trajectories[{name},capacity]",
+                        lambda: median_us(Rotation(lambda h, i: xk.score_trajectories(h, i, sk, rule, cu, capacity=2 * n), list(zip([s[0] for s in sets], ids)))))
+        out.append(row)
+        print(_line("packed", row), flush=True)
+        del heads, released, sets, arg_sets, eager_sets
+        torch.cuda.empty_cache()
+    return out
+
+
+# ----- train -------------------------------------------------------------------------------------
+
+
+def eager_train_loss(hidden, rows, w1, b1, w2, b2, correct, valid, p):
+    """The released training path in bf16: gather, h*s + h.detach()*(1-s), Linear-ReLU-Dropout-Linear, SPR loss."""
+    from xbai_kernels.ops import reference
+
+    h = hidden.index_select(0, rows)
+    h = h * 1e-4 + h.detach() * (1 - 1e-4)
+    act = F.dropout(torch.relu(F.linear(h, w1, b1)), p, training=True)
+    logits = F.linear(act, w2, b2).squeeze(-1).float()
+    loss, _ = reference.spr_loss(logits, correct, valid, torch.ones_like(correct))
+    return loss
+
+
+def train_cases(args, device, ceilings, budget) -> list[dict]:
+    ops = backend_ops("sprm_head_loss", device)
+    out = []
+    for n, d in args.train_shapes:
+        total = 4 * n
+        g = torch.Generator(device=device).manual_seed(n + d)
+        hidden = torch.randn(total, d, device=device, dtype=DTYPE, generator=g).requires_grad_()
+        rows = torch.randperm(total, device=device, generator=g)[:n].sort().values
+        correct = torch.rand(n, device=device, generator=g) < 0.5
+        valid = torch.rand(n, device=device, generator=g) < 0.95
+        params = [w.requires_grad_() for w in random_head(d, device, g)]
+        row = {"n": n, "d": d, "dropout_p": args.dropout, "floor_us": 1e6 * 12 * n * d * d / ceilings["matmul_flops"]}
+
+        def step(loss_fn):
+            def run():
+                hidden.grad = None
+                for w in params:
+                    w.grad = None
+                loss_fn().backward()
+            return run
+
+        columns = {
+            name: step(lambda impl=impl: impl(hidden, rows, *params, correct, valid, args.dropout, 1e-4, None, None)[0])
+            for name, impl in ops.items()
+        }
+        columns["eager_released"] = step(lambda: eager_train_loss(hidden, rows, *params, correct, valid, args.dropout))
+        if args.compile and budget.allows(240):
+            compiled = torch.compile(eager_train_loss)
+            columns["compile_released"] = step(lambda: compiled(hidden, rows, *params, correct, valid, args.dropout))
+        for name, run in columns.items():
+            guarded(row, name, lambda run=run: median_us(run, warmup_ms=50, rep_ms=300))
+            guarded(row, f"{name}_peak_MB", lambda run=run: _peak_extra_mb(run))
+        out.append(row)
+        print(_line("train", row), flush=True)
+        del hidden, params
+        torch.cuda.empty_cache()
+    return out
+
+
+def _peak_extra_mb(run) -> float:
+    """Peak memory above what was allocated before one forward + backward, in MB."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 1e6
+
+
+# ----- launch-shape sweep (tuning aid) ---------------------------------------------------------------
+
+
+def sweep(args, device, budget) -> dict:
+    """Triton launch shapes around the defaults: graph-timed decode, packed at 2% of 65536 rows."""
+    from xbai_kernels.ops.triton import decode, packed
+
+    results = {"decode": [], "packed": []}
+    d = 5120
+    heads = weight_copies(d, device)
+    decode_configs = [
+        decode.DecodeConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=s)
+        for bn in (32, 64, 128) for bk, s in ((64, 4), (128, 3)) for bm, w in ((16, 4), (64, 4))
+    ]
+    for batch in (1, 16, 256):
+        g = torch.Generator(device=device).manual_seed(batch)
+        sets = []
+        for k in range(4):
+            hidden = torch.randn(batch, d, device=device, dtype=DTYPE, generator=g)
+            mask = torch.zeros(batch, dtype=torch.bool, device=device)
+            mask[torch.randperm(batch, device=device, generator=g)[: max(1, batch // 4)]] = True
+            sets.append((hidden, mask, *heads[k % len(heads)], torch.empty(batch, device=device)))
+        for cfg in decode_configs:
+            if (cfg.block_m == 16) != (batch <= 16):  # one pass over the step rows: 16 rows for B <= 16
+                continue
+            if not budget.allows(30):
+                break
+            call = lambda h, m, w1, b1, w2, b2, out, cfg=cfg: decode.head_logits_masked(h, m, w1, b1, w2, b2, out=out, config=cfg)
+            entry = {"B": batch, **cfg.__dict__}
+            guarded(entry, "graph_us", lambda: graph_us(call, sets))
+            results["decode"].append(entry)
+            print(f"  sweep decode B={batch} {cfg} {entry['graph_us']}", flush=True)
+    del heads
+    torch.cuda.empty_cache()
+    packed_configs = [
+        packed.RowsConfig(block_m=bm, block_n=bn, block_k=bk, group_m=8, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in (
+            (128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
+            (128, 128, 128, 8, 3), (64, 256, 64, 8, 4), (128, 64, 64, 4, 4),
+        )
+    ]
+    for d in (1536, 5120):
+        heads = weight_copies(d, device)
+        g = torch.Generator(device=device).manual_seed(d)
+        hidden = torch.randn(args.tokens, d, device=device, dtype=DTYPE, generator=g)
+        rows = (torch.rand(args.tokens, device=device, generator=g) < args.step_fraction).nonzero().squeeze(-1)
+        arg_sets = [(hidden, rows, w) for w in heads]
+        for cfg in packed_configs:
+            if not budget.allows(30):
+                break
+            entry = {"d": d, "n": int(rows.numel()), **cfg.__dict__}
+            guarded(entry, "us", lambda cfg=cfg: median_us(Rotation(
+                lambda h, r, w: packed.head_logits_rows(h, r, *w, config=cfg), arg_sets)))
+            results["packed"].append(entry)
+            print(f"  sweep packed d={d} {cfg} {entry['us']}", flush=True)
+        del heads, hidden
+        torch.cuda.empty_cache()
+    return results
+
+
+# ----- report ------------------------------------------------------------------------------------
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else (f"{value:.1f}" if isinstance(value, float) else str(value))
+
+
+def _line(kind: str, row: dict) -> str:
+    keys = [k for k in row if k != "errors"]
+    return f"{kind:>6} " + " ".join(f"{k}={_fmt(row[k])}" for k in keys)
+
+
+_SHAPE_KEYS = {"decode": ("d", "B", "step_rows"), "packed": ("d", "T", "n"), "train": ("n", "d", "dropout_p")}
+
+
+def markdown_table(result: dict) -> str:
+    """One table per section: shape, floor, and every timed column (us; *_peak_MB in MB)."""
+    env = result["environment"]
+    parts = [f"{env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}; "
+             f"copy {result['ceilings']['copy_Bps'] / 1e12:.2f} TB/s, bf16 matmul {result['ceilings']['matmul_flops'] / 1e12:.0f} TFLOP/s. "
+             "Times are medians in us."]
+    for section, keys in _SHAPE_KEYS.items():
+        rows = result.get(section) or []
+        if not rows:
+            continue
+        columns = []
+        for row in rows:
+            for k in row:
+                if k not in keys and k != "errors" and k not in columns:
+                    columns.append(k)
+        header = [*keys, *columns]
+        lines = [f"**{section}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for row in rows:
+            lines.append("| " + " | ".join(_fmt(row.get(k)) for k in header) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def plot(result: dict, path) -> None:
+    """Bar charts (log time) of each section's columns, one group of bars per shape."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sections = [s for s in _SHAPE_KEYS if result.get(s)]
+    fig, axes = plt.subplots(len(sections), 1, figsize=(13, 4.2 * len(sections)), squeeze=False)
+    for ax, section in zip(axes[:, 0], sections):
+        rows = result[section]
+        keys = _SHAPE_KEYS[section]
+        columns = [c for c in rows[0] if c not in keys and c != "errors" and not c.endswith("_MB")
+                   and not c.startswith("floor_") and isinstance(rows[0].get(c), (float, int, type(None)))]
+        columns = sorted(set(columns) | {"floor_us"}, key=lambda c: (c != "floor_us", c))
+        width = 0.8 / len(columns)
+        for j, column in enumerate(columns):
+            values = [row.get(column) or float("nan") for row in rows]
+            ax.bar([i + j * width for i in range(len(rows))], values, width, label=column)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))])
+        ax.set_xticklabels([" ".join(f"{k}={row[k]}" for k in keys) for row in rows], fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel("us (median)")
+        ax.set_title(f"{section} - {result['environment']['device']}")
+        ax.legend(fontsize=7, ncol=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----- main --------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> dict | None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks kernels", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer shapes; torch.compile only at the largest d")
+    parser.add_argument("--sweep", action="store_true", help="also time Triton launch shapes around the defaults")
+    parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--sections", default="decode,packed,train")
+    parser.add_argument("--budget", type=float, default=1e9, help="seconds after which optional work is skipped")
+    parser.add_argument("--tokens", type=int, default=65536)
+    parser.add_argument("--step-fraction", type=float, default=0.02)
+    parser.add_argument("--dropout", type=float, default=0.5)
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>-kernels.json)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("python -m benchmarks kernels: needs a CUDA GPU; nothing to time here")
+        return None
+    args.decode_d = (1536, 5120) if args.quick else (1536, 3584, 5120)
+    args.decode_b = (1, 16, 256) if args.quick else (1, 16, 256, 1024)
+    args.packed_d = (1536, 3584, 5120)
+    args.train_shapes = ((4096, 5120),) if args.quick else ((1024, 1536), (4096, 5120))
+    device = torch.device("cuda")
+    budget = Budget(args.budget)
+    env = environment(device)
+    ceilings = {"copy_Bps": copy_bandwidth(device), "matmul_flops": matmul_rate(device)}
+    print(f"{env['device']}: copy {ceilings['copy_Bps'] / 1e12:.2f} TB/s, bf16 matmul {ceilings['matmul_flops'] / 1e12:.0f} TFLOP/s", flush=True)
+    result = {"benchmark": "kernels", "environment": env, "ceilings": ceilings, "quick": args.quick}
+    sections = [s for s in args.sections.split(",") if s]
+    runners = {"decode": decode_cases, "packed": packed_cases, "train": train_cases}
+    for section in sections:
+        try:
+            result[section] = runners[section](args, device, ceilings, budget)
+        except Exception as exc:  # keep what the other sections measured
+            result.setdefault("errors", {})[section] = f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+    if args.sweep:
+        result["sweep"] = sweep(args, device, budget)
+    default_name = f"{env['device_slug']}-kernels.json"
+    path = write_result(result, args.out, default_name)
+    try:
+        plot(result, Path(path).with_suffix(".png"))
+    except Exception as exc:  # the plot is a convenience; the JSON is the record
+        print(f"plot skipped: {exc}")
+    print(markdown_table(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

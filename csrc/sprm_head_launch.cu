@@ -102,7 +102,9 @@ cudaError_t launch(const xbai::HeadParams& p, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t launch_for_chunk(const xbai::HeadParams& p, int chunk_rows, int pipeline, cudaStream_t stream) {
-  const bool deep = pipeline == XBAI_PIPELINE_DEEP;
+  // H200, d = 5120 (benchmarks/NOTES.md): wide was faster at 8 and 16 rows (41 vs 46 us, 48 vs 51),
+  // deep at 64 rows (78 vs 82 us); 32 rows was not timed and keeps wide.
+  const bool deep = pipeline == XBAI_PIPELINE_DEEP || (pipeline == XBAI_PIPELINE_AUTO && chunk_rows == 64);
   switch (chunk_rows) {
     case 8: return deep ? launch<T, Deep8>(p, stream) : launch<T, Wide8>(p, stream);
     case 16: return deep ? launch<T, Deep16>(p, stream) : launch<T, Wide16>(p, stream);
@@ -122,7 +124,8 @@ extern "C" int64_t xbai_head_workspace_bytes(int32_t source, int64_t num_rows, i
 extern "C" int32_t xbai_head_logits(const XbaiHeadLaunch* a) {
   if (a->dtype != XBAI_FLOAT16 && a->dtype != XBAI_BFLOAT16) return XBAI_BAD_DTYPE;
   if (a->d <= 0 || a->d % 8 != 0) return XBAI_BAD_HIDDEN_SIZE;
-  if (a->pipeline != XBAI_PIPELINE_WIDE && a->pipeline != XBAI_PIPELINE_DEEP) return XBAI_BAD_PIPELINE;
+  if (a->pipeline != XBAI_PIPELINE_WIDE && a->pipeline != XBAI_PIPELINE_DEEP && a->pipeline != XBAI_PIPELINE_AUTO)
+    return XBAI_BAD_PIPELINE;
   if (a->source != XBAI_ROWS_ALL && a->source != XBAI_ROWS_INDEXED && a->source != XBAI_ROWS_MASKED)
     return XBAI_BAD_ROW_SOURCE;
   if (a->num_rows <= 0) return XBAI_OK;
@@ -171,7 +174,7 @@ extern "C" const char* xbai_status_string(int32_t status) {
     case XBAI_BAD_ROW_SOURCE: return "row source must be 0 (all), 1 (indexed) or 2 (masked)";
     case XBAI_WORKSPACE_TOO_SMALL: return "workspace is smaller than xbai_head_workspace_bytes()";
     case XBAI_MISSING_POINTER: return "a required pointer is null";
-    case XBAI_BAD_PIPELINE: return "pipeline must be 0 (wide) or 1 (deep)";
+    case XBAI_BAD_PIPELINE: return "pipeline must be 0 (wide), 1 (deep) or 2 (auto)";
     default: return status > 0 ? cudaGetErrorString(static_cast<cudaError_t>(status)) : "unknown status";
   }
 }

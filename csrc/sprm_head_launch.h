@@ -28,8 +28,9 @@ enum XbaiStatus {
   XBAI_BAD_PIPELINE = -7,
 };
 
-/* Shape of the W1 pipeline (sprm_head_launch.cu): same results, different speed per GPU. */
-enum XbaiPipeline { XBAI_PIPELINE_WIDE = 0, XBAI_PIPELINE_DEEP = 1 };
+/* Shape of the W1 pipeline (sprm_head_launch.cu): same results, different speed per GPU. AUTO takes
+ * the one measured faster on an H200 for the batch's chunk width (benchmarks/NOTES.md). */
+enum XbaiPipeline { XBAI_PIPELINE_WIDE = 0, XBAI_PIPELINE_DEEP = 1, XBAI_PIPELINE_AUTO = 2 };
 
 typedef struct XbaiHeadLaunch {
   const void* hidden;       /* [hidden_rows, d], row stride hidden_stride elements */

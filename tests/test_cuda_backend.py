@@ -124,9 +124,14 @@ def test_golden_vectors(golden, d, dtype):
             continue
         expected = reference.head_logits_rows(hidden, rows, w1, b1, w2, b2)
         assert _relative_error(packed, expected) <= SAME_INPUT_RTOL, case.name
+        # Against the released fp32 numbers the 16-bit inputs themselves cost up to ~1e-2 (golden
+        # README); PyTorch's error on the same inputs, in 16-bit or fp32 math, is the yardstick.
         golden_logits = case.logits[d].cuda()
-        lowp_error = _relative_error(_torch_lowp_logits(hidden[rows], w1, b1, w2, b2), golden_logits)
-        assert _relative_error(packed, golden_logits) <= 2 * lowp_error + 1e-3, case.name
+        torch_error = max(
+            _relative_error(_torch_lowp_logits(hidden[rows], w1, b1, w2, b2), golden_logits),
+            _relative_error(expected, golden_logits),
+        )
+        assert _relative_error(packed, golden_logits) <= 2 * torch_error + 1e-4, case.name
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -225,10 +230,10 @@ def test_pipeline_shapes_give_the_same_bits(monkeypatch, batch):
     hidden = _random_inputs(batch, d, torch.bfloat16, seed=13)
     mask = _step_mask(batch, batch // 2 + 1)
     results = {}
-    for name in ("wide", "deep"):
+    for name in ("wide", "deep", "auto"):
         monkeypatch.setenv("XBAI_KERNELS_CUDA_PIPELINE", name)
         results[name] = cuda_ops.head_logits_masked(hidden, mask, w1, b1, w2, b2)
-    assert torch.equal(results["wide"], results["deep"])
+    assert torch.equal(results["wide"], results["deep"]) and torch.equal(results["wide"], results["auto"])
     expected = reference.head_logits_masked(hidden, mask, w1, b1, w2, b2)
     assert _relative_error(results["wide"], expected) <= SAME_INPUT_RTOL
     monkeypatch.setenv("XBAI_KERNELS_CUDA_PIPELINE", "sideways")

@@ -15,8 +15,9 @@ of 8. Other inputs (fp32, mixed dtypes, odd d) and calls that need autograd go t
 path, which computes the same function; the log says so once. A row index outside ``hidden``
 gives NaN instead of an error, because checking would need a host synchronization.
 
-``XBAI_KERNELS_CUDA_PIPELINE=wide|deep`` picks the shape of the W1 pipeline (csrc/sprm_head_launch.cu);
-both give the same bits, the default is the faster on the H200 measured in benchmarks/NOTES.md.
+``XBAI_KERNELS_CUDA_PIPELINE=wide|deep|auto`` picks the shape of the W1 pipeline
+(csrc/sprm_head_launch.cu); all give the same bits. ``auto`` (the default) takes, per batch width,
+the shape measured faster on an H200 (benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
@@ -48,12 +49,12 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 # Source codes of csrc/sprm_head_launch.h (XbaiRowSource): which rows the kernel scores.
 ROWS_ALL, ROWS_INDEXED, ROWS_MASKED = 0, 1, 2
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
-_PIPELINES = {"wide": 0, "deep": 1}
-DEFAULT_PIPELINE = "wide"
+_PIPELINES = {"wide": 0, "deep": 1, "auto": 2}
+DEFAULT_PIPELINE = "auto"
 
 
 def pipeline() -> str:
-    """The W1 pipeline shape the next launch uses (``XBAI_KERNELS_CUDA_PIPELINE``, default wide)."""
+    """The W1 pipeline shape the next launch uses (``XBAI_KERNELS_CUDA_PIPELINE``, default auto)."""
     name = os.environ.get("XBAI_KERNELS_CUDA_PIPELINE", DEFAULT_PIPELINE).strip().lower() or DEFAULT_PIPELINE
     if name not in _PIPELINES:
         raise ValueError(f"XBAI_KERNELS_CUDA_PIPELINE={name!r} is not one of {', '.join(_PIPELINES)}")

@@ -18,6 +18,7 @@ from xbai_kernels.ops import cuda as cuda_ops
 from xbai_kernels.ops import dispatch, reference
 
 HAS_KERNELS = torch.cuda.is_available() and cuda_ops.unavailable_reason() is None
+needs_kernels = pytest.mark.skipif(not HAS_KERNELS, reason="needs a CUDA GPU and the built _C")
 DTYPES = (torch.bfloat16, torch.float16)
 # Summation order alone (fp32 accumulators over d <= 5120) moves a logit by far less than this.
 SAME_INPUT_RTOL = 2e-5
@@ -108,7 +109,7 @@ def test_ops_have_fake_implementations_for_tracing():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", [64, 96])
 @pytest.mark.cuda
-@pytest.mark.skipif(not HAS_KERNELS, reason="needs a CUDA GPU and the built _C")
+@needs_kernels
 def test_golden_vectors(golden, d, dtype):
     w1, b1, w2, b2 = (t.detach().cuda().to(dtype) for t in golden.head(d).weights)
     for case in golden.trajectories:
@@ -138,7 +139,7 @@ def test_golden_vectors(golden, d, dtype):
 @pytest.mark.parametrize("d", [1536, 3584, 5120])
 @pytest.mark.parametrize("batch", [1, 16, 256])
 @pytest.mark.cuda
-@pytest.mark.skipif(not HAS_KERNELS, reason="needs a CUDA GPU and the built _C")
+@needs_kernels
 def test_decode_parity_random(d, dtype, batch):
     w1, b1, w2, b2 = _random_head(d, dtype, seed=d)
     hidden = _random_inputs(batch, d, dtype, seed=batch)
@@ -160,7 +161,7 @@ def test_decode_parity_random(d, dtype, batch):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.cuda
-@pytest.mark.skipif(not HAS_KERNELS, reason="needs a CUDA GPU and the built _C")
+@needs_kernels
 def test_packed_rows_and_all_rows_parity(dtype):
     """Many chunks (the grouped tile order), repeated and unsorted indices, int32 indices, d = 1536."""
     d = 1536
@@ -178,7 +179,7 @@ def test_packed_rows_and_all_rows_parity(dtype):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not HAS_KERNELS, reason="needs a CUDA GPU and the built _C")
+@needs_kernels
 def test_edge_inputs():
     d = 96
     w1, b1, w2, b2 = _random_head(d, torch.bfloat16)
@@ -209,7 +210,7 @@ def test_edge_inputs():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not HAS_KERNELS, reason="needs a CUDA GPU and the built _C")
+@needs_kernels
 def test_bitwise_deterministic_run_to_run():
     d = 5120
     w1, b1, w2, b2 = _random_head(d, torch.bfloat16, seed=3)
@@ -222,7 +223,7 @@ def test_bitwise_deterministic_run_to_run():
 
 @pytest.mark.parametrize("batch", [1, 16, 32, 256])
 @pytest.mark.cuda
-@pytest.mark.skipif(not HAS_KERNELS, reason="needs a CUDA GPU and the built _C")
+@needs_kernels
 def test_pipeline_shapes_give_the_same_bits(monkeypatch, batch):
     """Every tile configuration (one per chunk width, wide and deep) adds in the same order."""
     d = 1536
@@ -242,7 +243,7 @@ def test_pipeline_shapes_give_the_same_bits(monkeypatch, batch):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not HAS_KERNELS, reason="needs a CUDA GPU and the built _C")
+@needs_kernels
 def test_opcheck_registered_ops():
     d = 64
     w1, b1, w2, b2 = _random_head(d, torch.bfloat16)
@@ -258,7 +259,7 @@ def test_opcheck_registered_ops():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not HAS_KERNELS, reason="needs a CUDA GPU and the built _C")
+@needs_kernels
 def test_cuda_graph_capture_and_replay():
     d = 1536
     w1, b1, w2, b2 = _random_head(d, torch.float16, seed=5)
@@ -279,7 +280,7 @@ def test_cuda_graph_capture_and_replay():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not HAS_KERNELS, reason="needs a CUDA GPU and the built _C")
+@needs_kernels
 def test_torch_compile_fullgraph():
     d = 64
     w1, b1, w2, b2 = _random_head(d, torch.bfloat16)
@@ -294,7 +295,7 @@ def test_torch_compile_fullgraph():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not HAS_KERNELS, reason="needs a CUDA GPU and the built _C")
+@needs_kernels
 def test_dispatch_forced_cuda_backend(monkeypatch):
     monkeypatch.setenv("XBAI_KERNELS_BACKEND", "cuda")
     name, fn = dispatch.resolve("head_logits_masked", torch.device("cuda", 0))

@@ -208,7 +208,7 @@ def decode_cases(args, device, ceilings, budget) -> list[dict]:
             eager_sets = [(s[0], s[1], released[k % len(released)]) for k, s in enumerate(sets)]
             guarded(row, "eager_released", lambda: median_us(Rotation(lambda h, m, head: head(h), eager_sets)))
             guarded(row, "eager_released_gather", lambda: median_us(Rotation(lambda h, m, head: head(h[m]), eager_sets)))
-            if args.compile and budget.allows(120) and (not args.quick or d == max(args.decode_d)):
+            if args.compile and budget.allows(60) and d == max(args.decode_d):
                 if compiled is None:
                     compiled = torch.compile(released_functional, dynamic=False)
                 comp_sets = [s[:6] for s in sets]
@@ -253,7 +253,7 @@ def packed_cases(args, device, ceilings, budget) -> list[dict]:
         eager_sets = [(s[0], s[1], s[2], released[k % len(released)]) for k, s in enumerate(sets * len(heads))]
         guarded(row, "eager_released_gather", lambda: median_us(Rotation(lambda h, m, r, head: head(h[m]), eager_sets)))
         guarded(row, "eager_released_index", lambda: median_us(Rotation(lambda h, m, r, head: head(h.index_select(0, r)), eager_sets)))
-        if args.compile and budget.allows(120) and (not args.quick or d == max(args.packed_d)):
+        if args.compile and budget.allows(60) and (not args.quick or d == max(args.packed_d)):
             compiled = torch.compile(lambda h, r, *w: released_functional(h.index_select(0, r), *w), dynamic=False)
             guarded(row, "compile_released", lambda: median_us(Rotation(compiled, arg_sets)))
         # The whole packed scorer: step mask on the device, head on the step rows, geometric means.
@@ -315,12 +315,19 @@ def train_cases(args, device, ceilings, budget) -> list[dict]:
             for name, impl in ops.items()
         }
         columns["eager_released"] = step(lambda: eager_train_loss(hidden, rows, *params, correct, valid, args.dropout))
-        if args.compile and budget.allows(240):
+        if args.compile and budget.allows(90):
             compiled = torch.compile(eager_train_loss)
             columns["compile_released"] = step(lambda: compiled(hidden, rows, *params, correct, valid, args.dropout))
+        def clear_grads():
+            hidden.grad = None
+            for w in params:
+                w.grad = None
+
         for name, run in columns.items():
             guarded(row, name, lambda run=run: median_us(run, warmup_ms=50, rep_ms=300))
+            clear_grads()
             guarded(row, f"{name}_peak_MB", lambda run=run: _peak_extra_mb(run))
+            clear_grads()
         out.append(row)
         print(_line("train", row), flush=True)
         del hidden, params
@@ -329,7 +336,8 @@ def train_cases(args, device, ceilings, budget) -> list[dict]:
 
 
 def _peak_extra_mb(run) -> float:
-    """Peak memory above what was allocated before one forward + backward, in MB."""
+    """Peak memory above what was allocated before one forward + backward (inputs and weights, no
+    gradients yet), in MB: activations, workspaces and the gradients themselves."""
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -342,60 +350,108 @@ def _peak_extra_mb(run) -> float:
 
 
 def sweep(args, device, budget) -> dict:
-    """Triton launch shapes around the defaults: graph-timed decode, packed at 2% of 65536 rows."""
-    from xbai_kernels.ops.triton import decode, packed
+    """Triton launch shapes around the defaults (graph-timed decode, packed at 2% of 65536 rows) and
+    the parts of the training op, to see where its time goes."""
+    from xbai_kernels.ops.triton import decode, packed, train
 
-    results = {"decode": [], "packed": []}
-    d = 5120
-    heads = weight_copies(d, device)
-    decode_configs = [
-        decode.DecodeConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=s)
-        for bn in (32, 64, 128) for bk, s in ((64, 4), (128, 3)) for bm, w in ((16, 4), (64, 4))
-    ]
-    for batch in (1, 16, 256):
+    results = {"decode": [], "packed": [], "train_parts": []}
+    D = decode.DecodeConfig
+    decode_plan = {
+        (5120, 1): [D(16, 64, 128, 4, 3), D(16, 64, 128, 4, 3, False), D(16, 64, 128, 4, 4), D(16, 32, 128, 4, 3)],
+        (5120, 256): [D(64, 128, 128, 4, 3), D(64, 128, 128, 4, 3, False), D(64, 128, 128, 8, 3),
+                      D(64, 128, 64, 4, 4), D(64, 256, 64, 8, 3), D(64, 64, 128, 8, 3)],
+        (1536, 1): [D(16, 32, 128, 4, 3), D(16, 32, 128, 4, 3, False), D(16, 16, 128, 4, 3), D(16, 32, 64, 4, 4)],
+    }
+    for (d, batch), configs in decode_plan.items():
+        heads = weight_copies(d, device)
         g = torch.Generator(device=device).manual_seed(batch)
-        sets = []
-        for k in range(4):
-            hidden = torch.randn(batch, d, device=device, dtype=DTYPE, generator=g)
-            mask = torch.zeros(batch, dtype=torch.bool, device=device)
-            mask[torch.randperm(batch, device=device, generator=g)[: max(1, batch // 4)]] = True
-            sets.append((hidden, mask, *heads[k % len(heads)], torch.empty(batch, device=device)))
-        for cfg in decode_configs:
-            if (cfg.block_m == 16) != (batch <= 16):  # one pass over the step rows: 16 rows for B <= 16
-                continue
-            if not budget.allows(30):
-                break
-            call = lambda h, m, w1, b1, w2, b2, out, cfg=cfg: decode.head_logits_masked(h, m, w1, b1, w2, b2, out=out, config=cfg)
-            entry = {"B": batch, **cfg.__dict__}
-            guarded(entry, "graph_us", lambda: graph_us(call, sets))
-            results["decode"].append(entry)
-            print(f"  sweep decode B={batch} {cfg} {entry['graph_us']}", flush=True)
-    del heads
-    torch.cuda.empty_cache()
-    packed_configs = [
-        packed.RowsConfig(block_m=bm, block_n=bn, block_k=bk, group_m=8, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in (
-            (128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
-            (128, 128, 128, 8, 3), (64, 256, 64, 8, 4), (128, 64, 64, 4, 4),
-        )
-    ]
-    for d in (1536, 5120):
+        for steps in (max(1, batch // 4), 0):
+            sets = []
+            for k in range(max(4, len(heads))):
+                hidden = torch.randn(batch, d, device=device, dtype=DTYPE, generator=g)
+                mask = torch.zeros(batch, dtype=torch.bool, device=device)
+                mask[torch.randperm(batch, device=device, generator=g)[:steps]] = True
+                sets.append((hidden, mask, *heads[k % len(heads)], torch.empty(batch, device=device)))
+            for cfg in configs[: 2 if steps == 0 else None]:
+                if not budget.allows(10):
+                    break
+                call = lambda h, m, w1, b1, w2, b2, out, cfg=cfg: decode.head_logits_masked(h, m, w1, b1, w2, b2, out=out, config=cfg)
+                entry = {"d": d, "B": batch, "step_rows": steps, **cfg.__dict__}
+                guarded(entry, "graph_us", lambda: graph_us(call, sets))
+                results["decode"].append(entry)
+                print(f"  sweep decode {entry}", flush=True)
+        del heads
+        torch.cuda.empty_cache()
+    R = packed.RowsConfig
+    packed_plan = {
+        5120: [R(128, 256, 64, 8, 8, 3), R(128, 256, 64, 8, 8, 4), R(256, 128, 64, 8, 8, 3), R(128, 256, 64, 4, 8, 3),
+               R(128, 128, 64, 8, 8, 3)],
+        1536: [R(128, 128, 128, 8, 8, 3), R(128, 64, 128, 8, 4, 3), R(64, 128, 128, 8, 4, 3), R(128, 128, 64, 8, 8, 4)],
+    }
+    for d, configs in packed_plan.items():
         heads = weight_copies(d, device)
         g = torch.Generator(device=device).manual_seed(d)
         hidden = torch.randn(args.tokens, d, device=device, dtype=DTYPE, generator=g)
         rows = (torch.rand(args.tokens, device=device, generator=g) < args.step_fraction).nonzero().squeeze(-1)
         arg_sets = [(hidden, rows, w) for w in heads]
-        for cfg in packed_configs:
-            if not budget.allows(30):
+        for cfg in configs:
+            if not budget.allows(10):
                 break
             entry = {"d": d, "n": int(rows.numel()), **cfg.__dict__}
             guarded(entry, "us", lambda cfg=cfg: median_us(Rotation(
                 lambda h, r, w: packed.head_logits_rows(h, r, *w, config=cfg), arg_sets)))
             results["packed"].append(entry)
-            print(f"  sweep packed d={d} {cfg} {entry['us']}", flush=True)
+            print(f"  sweep packed {entry}", flush=True)
         del heads, hidden
         torch.cuda.empty_cache()
+    results["train_parts"] = train_parts(device, budget, train, packed, R)
     return results
+
+
+def train_parts(device, budget, train, packed, R, n: int = 4096, d: int = 5120) -> list[dict]:
+    """Times of the training op's pieces at n x d: fused forward (launch shapes, dropout on/off),
+    the backward kernel, and the cuBLAS products it relies on."""
+    g = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(4 * n, d, device=device, dtype=DTYPE, generator=g)
+    rows = torch.randperm(4 * n, device=device, generator=g)[:n].sort().values
+    w1, b1, w2, b2 = random_head(d, device, g)
+    act = torch.empty(n, 2 * d, device=device, dtype=DTYPE)
+    seed = train.draw_seed(device, g)
+    parts = []
+
+    def add(name, fn, **extra):
+        if not budget.allows(8):
+            return
+        entry = {"part": name, **extra}
+        guarded(entry, "us", lambda: median_us(fn))
+        parts.append(entry)
+        print(f"  train part {entry}", flush=True)
+
+    for cfg in (R(128, 128, 64, 8, 8, 4), R(128, 256, 64, 8, 8, 3), R(128, 128, 64, 8, 8, 3), R(128, 64, 64, 8, 4, 4)):
+        add("forward_dropout", lambda cfg=cfg: packed.launch_rows_head(
+            hidden, rows, w1, b1, w2.view(-1), b2, act=act, seed=seed, dropout_p=0.5, config=cfg), **cfg.__dict__)
+    add("forward_no_dropout", lambda: packed.launch_rows_head(
+        hidden, rows, w1, b1, w2.view(-1), b2, act=act, config=R(128, 128, 64, 8, 8, 4)))
+    grad = torch.randn(n, device=device, generator=g)
+    parts_w = [p.requires_grad_() for p in (w1, b1, w2, b2)]
+    hidden.requires_grad_()
+
+    def fwd_bwd():
+        hidden.grad = None
+        for p in parts_w:
+            p.grad = None
+        logits = train.RowsHeadDropout.apply(hidden, rows, *parts_w[:2], w2, b2, seed, 0.5, 1e-4)
+        logits.backward(grad)
+
+    add("forward_backward_op", fwd_bwd)
+    x = hidden.detach().index_select(0, rows)
+    add("cublas_x_w1t", lambda: x @ w1.detach().t())
+    dpre = torch.randn(n, 2 * d, device=device, dtype=DTYPE, generator=g)
+    add("cublas_dpre_t_x", lambda: dpre.t() @ x)
+    add("cublas_dpre_w1", lambda: dpre @ w1.detach())
+    add("index_select_rows", lambda: hidden.detach().index_select(0, rows))
+    add("zeros_index_add", lambda: torch.zeros_like(hidden).index_add_(0, rows, x))
+    return parts
 
 
 # ----- report ------------------------------------------------------------------------------------

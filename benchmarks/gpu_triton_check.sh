@@ -12,8 +12,9 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu 
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 
 if [ "$MODE" = full ]; then
-  timeout 200 python3 -m benchmarks kernels --budget 170 --out "$OUT/kernels.json" 2>&1 | tee "$OUT/bench.log"
-  timeout 80 python3 -m pytest -q -ra -p no:cacheprovider tests/test_triton_gpu.py 2>&1 | tee "$OUT/pytest.log"
+  timeout 50 python3 -m pytest -q -ra -p no:cacheprovider tests/test_triton_gpu.py 2>&1 | tee "$OUT/pytest.log"
+  timeout 165 python3 -m benchmarks kernels --budget 140 --out "$OUT/kernels.json" 2>&1 | tee "$OUT/bench.log"
+  timeout 60 python3 -m benchmarks kernels --sections= --sweep --budget 50 --out "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log"
 else
   timeout 90 python3 -m benchmarks kernels --quick --no-compile --out "$OUT/kernels.json" 2>&1 | tee "$OUT/bench.log"
   timeout 75 python3 -m pytest -q -ra -p no:cacheprovider tests/test_triton_gpu.py 2>&1 | tee "$OUT/pytest.log"

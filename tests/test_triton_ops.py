@@ -175,6 +175,23 @@ def test_masked_more_steps_than_one_row_block(env):
     torch.testing.assert_close(out, reference.head_logits_masked(hidden, mask, *weights), **FP32_TOL)
 
 
+def test_masked_two_launch_variant_and_repeated_calls(env):
+    """The single-launch reduction (ticket counter) and the two-launch one give the same bits, and
+    the counter is back at 0 after every call (a stale ticket would skip the final sum)."""
+    triton_ops, device = env
+    from xbai_kernels.ops.triton import decode
+
+    weights = make_head(64, device)
+    hidden = randn(17, 64, device=device)
+    base = decode.default_config(17, 64, device)
+    two_launch = decode.DecodeConfig(**{**base.__dict__, "fused_reduction": False})
+    for seed in range(3):
+        mask = random_mask(17, device, seed=seed)
+        fused = triton_ops.head_logits_masked(hidden, mask, *weights)
+        assert torch.equal(fused, decode.head_logits_masked(hidden, mask, *weights, config=two_launch))
+        assert int(decode._ticket(device)) == 0
+
+
 def test_masked_rejects_bad_inputs(env):
     triton_ops, device = env
     weights = make_head(64, device)

@@ -145,6 +145,17 @@ def test_backbone_grad_scale_scales_only_hidden(env):
     assert torch.all(small[2][untouched] == 0)
 
 
+def test_second_backward_through_one_forward_is_an_error(env):
+    """The backward overwrites its saved activation in place; a retained graph must fail loudly."""
+    triton_ops, device = env
+    hidden, rows, correct, valid, weights = _problem(64, 30, 17, device, seed=9)
+    params = [w.detach().clone().requires_grad_() for w in weights]
+    loss, logits, _ = triton_ops.sprm_head_loss(hidden, rows, *params, correct, valid, 0.0, 1e-4)
+    logits.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        logits.sum().backward()
+
+
 def test_no_step_rows(env):
     triton_ops, device = env
     hidden, _, _, _, weights = _problem(64, 10, 0, device)

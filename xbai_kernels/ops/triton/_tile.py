@@ -79,6 +79,34 @@ def dropout_keep(seed, rows, unit0, p, BLOCK_M: tl.constexpr, BLOCK_N: tl.conste
 
 
 @triton.jit
+def sum_tiles(partial_ptr, num_tiles, n, offs, wanted, TILE_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
+    """fp32 [BLOCK]: sum_t partial[t, offs] over t < num_tiles, in a fixed order (chunks of TILE_BLOCK
+    tiles, each a fixed reduction tree). Entries where ``wanted`` is false read nothing."""
+    tiles = tl.arange(0, TILE_BLOCK)
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for t0 in range(0, num_tiles, TILE_BLOCK):
+        ptrs = partial_ptr + (t0 + tiles).to(tl.int64)[:, None] * n + offs[None, :]
+        # .cg: partials written by other programs of the same launch must come from L2, never L1.
+        chunk = tl.load(ptrs, mask=((t0 + tiles) < num_tiles)[:, None] & wanted[None, :], other=0.0,
+                        cache_modifier=".cg")
+        total += tl.sum(chunk, axis=0)
+    return total
+
+
+@triton.jit
+def write_logits(partial_ptr, num_tiles, b2_ptr, row_mask_ptr, out_ptr, n, first,
+                 HAS_MASK: tl.constexpr, TILE_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
+    """out[i] = sum_t partial[t, i] + b2 for i in [first, first + BLOCK) (0.0 off ``row_mask``)."""
+    offs = first + tl.arange(0, BLOCK)
+    in_range = offs < n
+    wanted = in_range
+    if HAS_MASK:
+        wanted = in_range & (tl.load(row_mask_ptr + offs, mask=in_range, other=0) != 0)
+    result = sum_tiles(partial_ptr, num_tiles, n, offs, wanted, TILE_BLOCK, BLOCK) + tl.load(b2_ptr).to(tl.float32)
+    tl.store(out_ptr + offs, tl.where(wanted, result, 0.0), mask=in_range)
+
+
+@triton.jit
 def sum_partials_kernel(
     partial_ptr,
     num_tiles,
@@ -92,19 +120,8 @@ def sum_partials_kernel(
 ):
     """out[i] = sum_t partial[t, i] + b2 (0.0 where ``row_mask[i]`` is 0 when HAS_MASK).
 
-    partial fp32 [num_tiles, n] contiguous; the sum runs in a fixed order (chunks of TILE_BLOCK tiles,
-    each a fixed reduction tree), so the result is the same bits every run.
+    partial fp32 [num_tiles, n] contiguous; the sum runs in a fixed order, so the result is the same
+    bits every run.
     """
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    in_range = offs < n
-    wanted = in_range
-    if HAS_MASK:
-        wanted = in_range & (tl.load(row_mask_ptr + offs, mask=in_range, other=0) != 0)
-    tiles = tl.arange(0, TILE_BLOCK)
-    total = tl.zeros([BLOCK], dtype=tl.float32)
-    for t0 in range(0, num_tiles, TILE_BLOCK):
-        ptrs = partial_ptr + (t0 + tiles).to(tl.int64)[:, None] * n + offs[None, :]
-        chunk = tl.load(ptrs, mask=((t0 + tiles) < num_tiles)[:, None] & wanted[None, :], other=0.0)
-        total += tl.sum(chunk, axis=0)
-    result = total + tl.load(b2_ptr).to(tl.float32)
-    tl.store(out_ptr + offs, tl.where(wanted, result, 0.0), mask=in_range)
+    write_logits(partial_ptr, num_tiles, b2_ptr, row_mask_ptr, out_ptr, n, tl.program_id(0) * BLOCK,
+                 HAS_MASK, TILE_BLOCK, BLOCK)

@@ -1,10 +1,17 @@
 """In-decode scorer: the head on the rows of a decode batch that sampled a step token.
 
-``head_logits_masked`` never synchronizes with the host and always launches the same two kernels
-with the same grid for a given (B, d, dtype), so it can be captured in a CUDA graph. Which rows are
-steps is decided on the device: every program of the first kernel compacts the step rows of
-``row_mask`` itself (a running count of the mask), so rows that are not steps cost no head work, and
-a batch with no step row reads no byte of W1 — only the mask.
+``head_logits_masked`` never synchronizes with the host and always launches the same kernel with
+the same grid for a given (B, d, dtype), so it can be captured in a CUDA graph. Which rows are
+steps is decided on the device: every program compacts the step rows of ``row_mask`` itself (a
+running count of the mask), so rows that are not steps cost no head work, and a batch with no step
+row reads no byte of W1 — only the mask.
+
+One launch, deterministic: each program writes fp32 partial logits of its unit tile, then takes an
+integer ticket; the program that takes the last ticket sums all tiles in a fixed order and writes
+the logits (integer atomics only, so the float sums never depend on scheduling). The ticket counter
+is one int32 per device, reset by that last program: calls on one device must not overlap in time
+(one stream, as decode engines run it). ``DecodeConfig(fused_reduction=False)`` uses a second
+launch for the sum instead.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import triton.language as tl
 
 from ..._validate import check_tensor
 from . import _launch
-from ._tile import preactivation_tile, relu_bias, sum_partials_kernel
+from ._tile import preactivation_tile, relu_bias, sum_partials_kernel, write_logits
 
 
 @triton.jit
@@ -49,6 +56,9 @@ def _masked_partials_kernel(
     b1_ptr,
     w2_ptr,
     partial_ptr,
+    b2_ptr,
+    out_ptr,
+    ticket_ptr,
     d,
     H,
     BLOCK_M: tl.constexpr,
@@ -58,13 +68,17 @@ def _masked_partials_kernel(
     EVEN_K: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
+    FUSED_REDUCTION: tl.constexpr,
+    TILE_BLOCK: tl.constexpr,
+    OUT_BLOCK: tl.constexpr,
 ):
     """partial[tile, row] = sum_{u in tile} W2[u] relu(W1[u] . hidden[row] + b1[u]) for step rows only.
 
     Grid: one program per tile of BLOCK_N hidden units (of H = 2d). Each program streams its W1 tile
     once per BLOCK_M step rows (once in total when the batch has at most BLOCK_M steps) and never
     when the batch has none. partial fp32 [num_tiles, B]; entries of rows that are not steps are left
-    unwritten (the reduction never reads them).
+    unwritten (the reduction never reads them). With FUSED_REDUCTION the last program to finish also
+    writes out[b] = sum_t partial[t, b] + b2 (0.0 off the mask) and resets *ticket_ptr to 0.
     """
     tile = tl.program_id(0)
     units = tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -85,6 +99,16 @@ def _masked_partials_kernel(
         act = relu_bias(acc, b1_ptr, units, unit_ok)
         partial = tl.sum(act * w2[None, :], axis=1)
         tl.store(partial_ptr + tile * B + rows, partial, mask=row_ok)
+    if FUSED_REDUCTION:
+        # Every thread's partial stores come before this program's release of its ticket.
+        tl.debug_barrier()
+        ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+        tl.debug_barrier()
+        if ticket == tl.num_programs(0) - 1:
+            for first_row in range(0, B, OUT_BLOCK):
+                write_logits(partial_ptr, tl.num_programs(0), b2_ptr, row_mask_ptr, out_ptr, B, first_row,
+                             True, TILE_BLOCK, OUT_BLOCK)
+            tl.atomic_xchg(ticket_ptr, 0, sem="relaxed")
 
 
 @dataclass(frozen=True)
@@ -96,6 +120,7 @@ class DecodeConfig:
     block_k: int
     num_warps: int
     num_stages: int
+    fused_reduction: bool = True
 
 
 def default_config(batch: int, d: int, device: torch.device) -> DecodeConfig:
@@ -105,11 +130,28 @@ def default_config(batch: int, d: int, device: torch.device) -> DecodeConfig:
     # A quarter of a decode batch samples a step token in the issue's workload; one pass over W1
     # covers that many step rows, more steps take another pass (re-reading the tile from L2/HBM).
     block_m = min(128, max(16, triton.next_power_of_2(batch) // 4))
-    # 2d / 64 = 160 unit tiles at d = 5120: more programs than the H100's 132 SMs to keep HBM busy.
-    block_n = 64 if d >= 2048 else 32
+    # Measured on an H200 at d = 5120 (benchmarks/NOTES.md): with up to 16 step rows 64-unit tiles
+    # (160 programs) stream W1 fastest; with 64 rows each program also re-reads the step rows from
+    # L2 for every tile, so 128-unit tiles (half the re-reads) win. d = 1536 has only 3072 units:
+    # 32-unit tiles keep 96 programs in flight.
+    if d < 2048:
+        block_n = 32
+    else:
+        block_n = 64 if block_m <= 16 else 128
     return DecodeConfig(
-        block_m=block_m, block_n=block_n, block_k=128, num_warps=4 if block_m <= 64 else 8, num_stages=4
+        block_m=block_m, block_n=block_n, block_k=128, num_warps=4 if block_m <= 64 else 8, num_stages=3
     )
+
+
+_TICKETS: dict[tuple[str, int | None], torch.Tensor] = {}
+
+
+def _ticket(device: torch.device) -> torch.Tensor:
+    """The device's int32 ticket counter (0 between calls; the last program of each call resets it)."""
+    key = (device.type, device.index)
+    if key not in _TICKETS:
+        _TICKETS[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return _TICKETS[key]
 
 
 def head_logits_masked(
@@ -149,16 +191,20 @@ def head_logits_masked(
     num_tiles = triton.cdiv(2 * d, cfg.block_n)
     partial = torch.empty(num_tiles, batch, dtype=torch.float32, device=hidden.device)
     mask_chunk = min(128, _launch.next_pow2(batch))
+    out_block = min(128, _launch.next_pow2(batch))
+    tile_block = _launch.sum_block(num_tiles)
     with _launch.device_guard(hidden):
+        ticket = _ticket(hidden.device) if cfg.fused_reduction else partial
         _masked_partials_kernel[(num_tiles,)](
-            hidden, hidden.stride(0), row_mask, batch, w1, b1, w2, partial, d, 2 * d,
+            hidden, hidden.stride(0), row_mask, batch, w1, b1, w2, partial, b2, out, ticket, d, 2 * d,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, MASK_CHUNK=mask_chunk,
             EVEN_K=d % cfg.block_k == 0, DOT_DTYPE=fmt.dtype, PRECISION=fmt.precision,
+            FUSED_REDUCTION=cfg.fused_reduction, TILE_BLOCK=tile_block, OUT_BLOCK=out_block,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        block = min(128, _launch.next_pow2(batch))
-        sum_partials_kernel[(triton.cdiv(batch, block),)](
-            partial, num_tiles, b2, row_mask, out, batch,
-            HAS_MASK=True, TILE_BLOCK=_launch.sum_block(num_tiles), BLOCK=block,
-        )
+        if not cfg.fused_reduction:
+            sum_partials_kernel[(triton.cdiv(batch, out_block),)](
+                partial, num_tiles, b2, row_mask, out, batch,
+                HAS_MASK=True, TILE_BLOCK=tile_block, BLOCK=out_block,
+            )
     return out

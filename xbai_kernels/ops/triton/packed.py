@@ -47,9 +47,10 @@ def rows_head_kernel(
 
     Grid: (row tiles of BLOCK_M) x (unit tiles of BLOCK_N over H = 2d), visited GROUP_M row tiles at a
     time so that the programs running together share each W1 tile through L2. partial fp32
-    [num_unit_tiles, n]. With STORE_ACT, act[i, u] = relu(...) (before dropout) is stored in the dot
-    dtype [n, H] for the backward. With DROPOUT, drop() keeps a unit with probability 1 - p (Philox
-    seeded by *seed_ptr, counters = (unit // 4, i)) and scales it by keep_scale = 1 / (1 - p).
+    [num_unit_tiles, n]. With DROPOUT, drop() keeps a unit with probability 1 - p (Philox seeded by
+    *seed_ptr, counters = (unit // 4, i)) and scales it by keep_scale = 1 / (1 - p). With STORE_ACT,
+    act[i, u] = keep * relu(...) (dropped units 0, not yet scaled) is stored in act's dtype [n, H]:
+    the one tensor the backward needs, since act > 0 exactly where the unit passed ReLU and dropout.
     """
     pid = tl.program_id(0)
     num_m = tl.cdiv(n, BLOCK_M)
@@ -71,14 +72,16 @@ def rows_head_kernel(
         BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_DTYPE, PRECISION,
     )
     act = relu_bias(acc, b1_ptr, units, unit_ok)
+    if DROPOUT:
+        keep = dropout_keep(tl.load(seed_ptr), index, unit0, dropout_p, BLOCK_M, BLOCK_N)
+        act = tl.where(keep, act, 0.0)
     if STORE_ACT:
         act_ptrs = act_ptr + index.to(tl.int64)[:, None] * H + units[None, :]
         tl.store(act_ptrs, act.to(act_ptr.dtype.element_ty), mask=index_ok[:, None] & unit_ok[None, :])
-    if DROPOUT:
-        keep = dropout_keep(tl.load(seed_ptr), index, unit0, dropout_p, BLOCK_M, BLOCK_N)
-        act = tl.where(keep, act * keep_scale, 0.0)
     w2 = tl.load(w2_ptr + units, mask=unit_ok, other=0.0).to(tl.float32)
     partial = tl.sum(act * w2[None, :], axis=1)
+    if DROPOUT:
+        partial = partial * keep_scale
     tl.store(partial_ptr + pid_n * n + index, partial, mask=index_ok)
 
 
@@ -95,11 +98,18 @@ class RowsConfig:
 
 
 def default_config(n: int, d: int, device: torch.device) -> RowsConfig:
-    """Small tiles under the interpreter (several tiles on tiny shapes); Hopper tensor-core tiles on GPU."""
+    """Small tiles under the interpreter (several tiles on tiny shapes); Hopper tensor-core tiles on GPU.
+
+    Measured on an H200, 2% of 65536 rows (benchmarks/NOTES.md): 128x256x64 tiles, 3 stages, were
+    fastest at d = 5120; at d = 1536 (3072 units, fewer tiles) 128x128x128 was.
+    """
     if device.type != "cuda":
         return RowsConfig(block_m=16, block_n=32, block_k=16, group_m=2, num_warps=4, num_stages=1)
-    block_m = 64 if n <= 64 else 128
-    return RowsConfig(block_m=block_m, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=4)
+    if n <= 64:
+        return RowsConfig(block_m=64, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=4)
+    if d < 3072:
+        return RowsConfig(block_m=128, block_n=128, block_k=128, group_m=8, num_warps=8, num_stages=3)
+    return RowsConfig(block_m=128, block_n=256, block_k=64, group_m=8, num_warps=8, num_stages=3)
 
 
 def launch_rows_head(
@@ -117,8 +127,8 @@ def launch_rows_head(
 ) -> torch.Tensor:
     """Logits float32 [n] of ``rows``; checked, contiguous inputs (see ``head_logits_rows``).
 
-    ``act`` (dot dtype [n, 2d]) receives relu(W1 h + b1) before dropout; ``seed`` (int64 [1] on the
-    device) and ``dropout_p`` > 0 switch dropout on.
+    ``act`` ([n, 2d]) receives keep * relu(W1 h + b1) (unscaled); ``seed`` (int64 [1] on the device)
+    and ``dropout_p`` > 0 switch dropout on.
     """
     n = rows.shape[0]
     d = hidden.shape[1]

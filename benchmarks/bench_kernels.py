@@ -357,10 +357,10 @@ def sweep(args, device, budget) -> dict:
     results = {"decode": [], "packed": [], "train_parts": []}
     D = decode.DecodeConfig
     decode_plan = {
-        (5120, 1): [D(16, 64, 128, 4, 3), D(16, 64, 128, 4, 3, False), D(16, 64, 128, 4, 4), D(16, 32, 128, 4, 3)],
-        (5120, 256): [D(64, 128, 128, 4, 3), D(64, 128, 128, 4, 3, False), D(64, 128, 128, 8, 3),
-                      D(64, 128, 64, 4, 4), D(64, 256, 64, 8, 3), D(64, 64, 128, 8, 3)],
-        (1536, 1): [D(16, 32, 128, 4, 3), D(16, 32, 128, 4, 3, False), D(16, 16, 128, 4, 3), D(16, 32, 64, 4, 4)],
+        (1536, 1): [D(16, 32, 128, 4, 4), D(16, 16, 256, 4, 3), D(16, 16, 128, 4, 4), D(16, 32, 256, 4, 3)],
+        (5120, 16): [D(16, 64, 128, 4, 3), D(16, 64, 128, 4, 4), D(16, 32, 256, 4, 3)],
+        (5120, 256): [D(64, 128, 128, 4, 3, False), D(64, 128, 128, 4, 3)],
+        (5120, 1024): [D(128, 128, 128, 8, 3, False), D(128, 128, 128, 8, 3), D(128, 128, 64, 8, 3, False)],
     }
     for (d, batch), configs in decode_plan.items():
         heads = weight_copies(d, device)
@@ -384,9 +384,8 @@ def sweep(args, device, budget) -> dict:
         torch.cuda.empty_cache()
     R = packed.RowsConfig
     packed_plan = {
-        5120: [R(128, 256, 64, 8, 8, 3), R(128, 256, 64, 8, 8, 4), R(256, 128, 64, 8, 8, 3), R(128, 256, 64, 4, 8, 3),
-               R(128, 128, 64, 8, 8, 3)],
-        1536: [R(128, 128, 128, 8, 8, 3), R(128, 64, 128, 8, 4, 3), R(64, 128, 128, 8, 4, 3), R(128, 128, 64, 8, 8, 4)],
+        3584: [R(128, 256, 64, 8, 8, 3), R(128, 128, 64, 8, 8, 3), R(128, 128, 128, 8, 8, 3)],
+        1536: [R(128, 128, 128, 8, 8, 3), R(128, 128, 128, 8, 8, 4), R(128, 64, 256, 8, 4, 3)],
     }
     for d, configs in packed_plan.items():
         heads = weight_copies(d, device)
@@ -427,11 +426,11 @@ def train_parts(device, budget, train, packed, R, n: int = 4096, d: int = 5120) 
         parts.append(entry)
         print(f"  train part {entry}", flush=True)
 
-    for cfg in (R(128, 128, 64, 8, 8, 4), R(128, 256, 64, 8, 8, 3), R(128, 128, 64, 8, 8, 3), R(128, 64, 64, 8, 4, 4)):
+    for cfg in (R(128, 256, 64, 8, 8, 3), R(128, 256, 64, 8, 8, 4)):
         add("forward_dropout", lambda cfg=cfg: packed.launch_rows_head(
             hidden, rows, w1, b1, w2.view(-1), b2, act=act, seed=seed, dropout_p=0.5, config=cfg), **cfg.__dict__)
     add("forward_no_dropout", lambda: packed.launch_rows_head(
-        hidden, rows, w1, b1, w2.view(-1), b2, act=act, config=R(128, 128, 64, 8, 8, 4)))
+        hidden, rows, w1, b1, w2.view(-1), b2, act=act, config=R(128, 256, 64, 8, 8, 3)))
     grad = torch.randn(n, device=device, generator=g)
     parts_w = [p.requires_grad_() for p in (w1, b1, w2, b2)]
     hidden.requires_grad_()

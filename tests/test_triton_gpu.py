@@ -75,12 +75,13 @@ def test_decode_error_rule(dtype, d, batch):
     assert torch.all(out[~mask] == 0)
 
 
-def test_decode_no_host_sync_and_deterministic():
+@pytest.mark.parametrize("batch", [16, 256])
+def test_decode_no_host_sync_and_deterministic(batch):
     triton_ops = _backend()
     weights = _head(5120, torch.bfloat16)
-    hidden = _randn(256, 5120, dtype=torch.bfloat16, seed=1)
-    mask = _mask(256, 0.25, seed=2)
-    out = torch.empty(256, device=DEVICE)
+    hidden = _randn(batch, 5120, dtype=torch.bfloat16, seed=1)
+    mask = _mask(batch, 0.25, seed=2)
+    out = torch.empty(batch, device=DEVICE)
     triton_ops.head_logits_masked(hidden, mask, *weights, out=out)  # compile outside the check
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -114,10 +115,11 @@ def test_decode_scorer_step_no_host_sync(monkeypatch):
     assert scorer.result(0).positions.numel() >= 0
 
 
-def test_decode_cuda_graph_replay():
+@pytest.mark.parametrize("batch", [16, 256])  # single-launch and two-launch reductions
+def test_decode_cuda_graph_replay(batch):
     """Captured once, replayed on new contents of the static inputs: same bits as eager calls."""
     triton_ops = _backend()
-    d, batch = 5120, 256
+    d = 5120
     weights = _head(d, torch.bfloat16, seed=4)
     static_hidden = _randn(batch, d, dtype=torch.bfloat16, seed=5)
     static_mask = _mask(batch, 0.25, seed=6)

@@ -10,8 +10,8 @@ One launch, deterministic: each program writes fp32 partial logits of its unit t
 integer ticket; the program that takes the last ticket sums all tiles in a fixed order and writes
 the logits (integer atomics only, so the float sums never depend on scheduling). The ticket counter
 is one int32 per device, reset by that last program: calls on one device must not overlap in time
-(one stream, as decode engines run it). ``DecodeConfig(fused_reduction=False)`` uses a second
-launch for the sum instead.
+(one stream, as decode engines run it). Batches of more than 64 rows use a second launch for the
+sum instead (``DecodeConfig.fused_reduction``), which spreads it over many programs.
 """
 
 from __future__ import annotations
@@ -133,13 +133,16 @@ def default_config(batch: int, d: int, device: torch.device) -> DecodeConfig:
     # Measured on an H200 at d = 5120 (benchmarks/NOTES.md): with up to 16 step rows 64-unit tiles
     # (160 programs) stream W1 fastest; with 64 rows each program also re-reads the step rows from
     # L2 for every tile, so 128-unit tiles (half the re-reads) win. d = 1536 has only 3072 units:
-    # 32-unit tiles keep 96 programs in flight.
+    # 32-unit tiles keep 96 programs in flight, and a deeper pipeline hides more latency.
     if d < 2048:
-        block_n = 32
+        block_n, num_stages = 32, 4
     else:
-        block_n = 64 if block_m <= 16 else 128
+        block_n, num_stages = (64, 3) if block_m <= 16 else (128, 3)
+    # The single-launch reduction runs in one program after all others: free for a few rows (it saves
+    # a launch), but its serial loop over B costs more than a second, parallel launch for large B.
     return DecodeConfig(
-        block_m=block_m, block_n=block_n, block_k=128, num_warps=4 if block_m <= 64 else 8, num_stages=3
+        block_m=block_m, block_n=block_n, block_k=128, num_warps=4 if block_m <= 64 else 8,
+        num_stages=num_stages, fused_reduction=batch <= 64,
     )
 
 

@@ -19,7 +19,7 @@ from ..._validate import check_tensor
 from .. import reference
 from . import _launch
 from ._tile import dropout_keep
-from .packed import RowsConfig, default_config, launch_rows_head
+from .packed import launch_rows_head
 
 # Seeds are drawn from [0, 2**62): any int64 the generator gives, kept positive for readability.
 _SEED_BOUND = 2**62
@@ -78,15 +78,6 @@ def _keep_mask_kernel(seed_ptr, keep_ptr, n, H, dropout_p, BLOCK_M: tl.constexpr
     tl.store(keep_ptr + index.to(tl.int64)[:, None] * H + units[None, :], keep.to(tl.uint8), mask=ok)
 
 
-def train_config(n: int, d: int, device: torch.device) -> RowsConfig:
-    """Forward launch shape: the packed scorer's, except 128x128 tiles on the GPU, where the epilogue
-    (Philox, activation store) of a 128x256 fp32 tile would not fit in registers."""
-    config = default_config(n, d, device)
-    if device.type == "cuda" and config.block_n > 128:
-        return RowsConfig(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=4)
-    return config
-
-
 def _backward_blocks(device: torch.device) -> tuple[int, int]:
     # Interpreter: small tiles so tiny tests cross tile edges; GPU: 64x128 fp32 tiles, 64 values a thread.
     return (16, 32) if device.type != "cuda" else (64, 128)
@@ -131,7 +122,6 @@ class RowsHeadDropout(torch.autograd.Function):
         act = torch.empty(n, 2 * d, dtype=fmt.torch_dtype, device=hidden.device)
         logits = launch_rows_head(
             hidden, rows, w1, b1, w2.view(-1), b2, act=act, seed=seed, dropout_p=dropout_p,
-            config=train_config(n, d, hidden.device),
         )
         ctx.save_for_backward(hidden, rows, w1, w2, act)
         ctx.consumed = False

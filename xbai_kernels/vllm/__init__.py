@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 
 from .best_of_n import MODES, BestOfN, Candidate, best_of_n
 
@@ -29,11 +28,6 @@ MODEL_CLASSES = {
     "Qwen2SPRMRewardModel": "xbai_kernels.vllm.pooling:Qwen2SPRMRewardModel",
     "Qwen3SPRMRewardModel": "xbai_kernels.vllm.pooling:Qwen3SPRMRewardModel",
 }
-_SERVER_MODULES = (
-    "vllm.entrypoints.openai.api_server",
-    "vllm.entrypoints.openai.completion.serving",
-    "vllm.entrypoints.openai.chat_completion.serving",
-)
 _registered = False
 
 __all__ = ["MODES", "BestOfN", "Candidate", "SUPPORTED_VLLM", "best_of_n", "check_vllm_version", "register"]
@@ -74,11 +68,8 @@ def register() -> None:
     from .frontend import patch_output_processor
     patch_scheduler()
     patch_output_processor()
-    if any(name in sys.modules for name in _SERVER_MODULES):
-        # Only the API server process imports these (before loading plugins); engine-core and
-        # worker processes need no server patch and are spared the import.
-        from .server import patch_openai_server
+    from .server import install_server_patch
 
-        patch_openai_server()
+    install_server_patch()
     _registered = True
     logger.debug("xbai_kernels: vLLM plugin registered (%s)", ", ".join(MODEL_CLASSES))

@@ -12,8 +12,10 @@ vLLM's choice models allow extra fields, so the fields serialize like the stock 
 from __future__ import annotations
 
 import functools
+import importlib.abc
 import inspect
 import json
+import sys
 
 SPRM_FIELDS = (
     "sprm_score",
@@ -146,6 +148,53 @@ def patch_openai_server() -> bool:
         _PATCHED[name] = (owner, original)
         setattr(owner, name, factory(original))
     return True
+
+
+class _PatchAfterImport(importlib.abc.MetaPathFinder):
+    """Applies ``patch_openai_server`` right after vLLM's serving modules are first imported.
+
+    Only the API server process imports them, and it may do so after loading plugins; engine-core
+    and worker processes never pay for importing the server.
+    """
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in _SERVING_MODULES:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                spec.loader = _PatchingLoader(spec.loader)
+                return spec
+        return None
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    def __init__(self, loader) -> None:
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self.loader.exec_module(module)
+        if all(name in sys.modules for name in _SERVING_MODULES):
+            patch_openai_server()
+
+
+_SERVING_MODULES = (
+    "vllm.entrypoints.openai.completion.serving",
+    "vllm.entrypoints.openai.chat_completion.serving",
+)
+
+
+def install_server_patch() -> None:
+    """Patch the server now if its modules are loaded, else as soon as they are (idempotent)."""
+    if all(name in sys.modules for name in _SERVING_MODULES):
+        patch_openai_server()
+    elif not any(isinstance(finder, _PatchAfterImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _PatchAfterImport())
 
 
 def revert_openai_server() -> None:

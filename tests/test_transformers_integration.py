@@ -14,7 +14,7 @@ import socket
 
 import pytest
 import torch
-from test_verl import (
+from released_actor import (
     STANDARD_REWARDS,
     STEP_ID,
     assert_grads_close,

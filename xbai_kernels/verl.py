@@ -152,16 +152,19 @@ def sequence_spr_loss(
         dropout_p = head_dropout_p(head)
 
     rewards = rewards.float()
-    loss, stats = sprm_head_loss(
-        hidden,
-        head,
-        step_mask,
-        rewards[sequence_index],
-        dropout_p=dropout_p,
-        backbone_grad_scale=backbone_grad_scale,
-        process_group=resolve_process_group(process_group),
-        generator=generator,
-    )
+    # The released actor runs under bf16 autocast; the head and loss accumulate in fp32 regardless
+    # (DESIGN), and autocast would otherwise round the head's matmuls to bf16.
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        loss, stats = sprm_head_loss(
+            hidden,
+            head,
+            step_mask,
+            rewards[sequence_index],
+            dropout_p=dropout_p,
+            backbone_grad_scale=backbone_grad_scale,
+            process_group=resolve_process_group(process_group),
+            generator=generator,
+        )
     logits = stats["logits"]
     valid = rewards != torch.tensor(reference.IGNORE_REWARD, dtype=torch.float32)
     # The released monitor averages over the non-zero logits of valid sequences; every other token

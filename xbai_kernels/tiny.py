@@ -124,6 +124,29 @@ def _bias_lm_head(model, tokenizer) -> None:
             lm_head[token_id, 0] = bias * scale
 
 
+def _spread_head(head: SPRMHead, model, tokenizer, seed: int) -> SPRMHead:
+    """Calibrate a random head so its step scores spread over (0, 1) on the tiny model's hidden states.
+
+    ``h`` of the tiny model is far from zero-mean and unit-scale (the constant embedding coordinate of
+    _bias_lm_head dominates it), so a default-initialized head gives every step about the same score.
+    Whitening ``h`` with statistics of the corpus text inside W1/b1, and centering the logit with b2,
+    makes the logit vary by about one unit from step to step.
+    """
+    text = "".join(_corpus(seed)[:16])
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        h = model(input_ids=ids, output_hidden_states=True).hidden_states[-2][0].float()
+        mean, std = h.mean(0), h.std(0).clamp_min(1e-6)
+        w1, b1, w2, b2 = head.weights
+        d = head.hidden_size
+        w1.copy_(torch.randn_like(w1) / (std * d**0.5))
+        b1.copy_(-(w1 @ mean))
+        w2.copy_(torch.randn_like(w2) * (2.0 / (2 * d) ** 0.5) * 3.0)
+        b2.zero_()
+        b2.copy_(-head.eval()(h).mean().reshape(1))
+    return head
+
+
 def make_tiny_model(directory: str | Path, arch: str = "qwen3", seed: int = 0, head_file: str = "safetensors") -> Path:
     """Write a tiny ``arch`` model, its tokenizer and a random SPRM head into ``directory``.
 
@@ -146,7 +169,7 @@ def make_tiny_model(directory: str | Path, arch: str = "qwen3", seed: int = 0, h
     )
 
     torch.manual_seed(seed + 1)
-    head = SPRMHead(config.hidden_size)
+    head = _spread_head(SPRMHead(config.hidden_size), model, tokenizer, seed)
     if head_file == "pt":
         torch.save(head.state_dict(), directory / "score_module.pt")
     elif head_file == "safetensors":

@@ -503,15 +503,16 @@ def plot(result: dict, path) -> None:
     for ax, section in zip(axes[:, 0], sections):
         rows = result[section]
         keys = _SHAPE_KEYS[section]
-        columns = [c for c in rows[0] if c not in keys and c != "errors" and not c.endswith("_MB")
-                   and not c.startswith("floor_") and isinstance(rows[0].get(c), (float, int, type(None)))]
+        columns = [c for row in rows for c in row if c not in keys and c != "errors" and not c.endswith("_MB")
+                   and not c.startswith("floor_") and isinstance(row.get(c), (float, int, type(None)))]
         columns = sorted(set(columns) | {"floor_us"}, key=lambda c: (c != "floor_us", c))
         width = 0.8 / len(columns)
         for j, column in enumerate(columns):
-            values = [row.get(column) or float("nan") for row in rows]
+            # A zero-byte floor (no step row) has no bar on a log axis.
+            values = [row.get(column) if (row.get(column) or 0) > 0.01 else float("nan") for row in rows]
             ax.bar([i + j * width for i in range(len(rows))], values, width, label=column)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))])
-        ax.set_xticklabels([" ".join(f"{k}={row[k]}" for k in keys) for row in rows], fontsize=8)
+        ax.set_xticklabels(["\n".join(f"{k}={row[k]}" for k in keys) for row in rows], fontsize=7)
         ax.set_yscale("log")
         ax.set_ylabel("us (median)")
         ax.set_title(f"{section} - {result['environment']['device']}")
@@ -548,8 +549,10 @@ def main(argv=None) -> dict | None:
     env = environment(device)
     ceilings = {"copy_Bps": copy_bandwidth(device), "matmul_flops": matmul_rate(device)}
     print(f"{env['device']}: copy {ceilings['copy_Bps'] / 1e12:.2f} TB/s, bf16 matmul {ceilings['matmul_flops'] / 1e12:.0f} TFLOP/s", flush=True)
-    result = {"benchmark": "kernels", "environment": env, "ceilings": ceilings, "quick": args.quick}
     sections = [s for s in args.sections.split(",") if s]
+    # A sweep-only file is a tuning record, not a results table: report.py renders only "kernels".
+    name = "kernels" if sections else "kernels-sweep"
+    result = {"benchmark": name, "environment": env, "ceilings": ceilings, "quick": args.quick}
     runners = {"decode": decode_cases, "packed": packed_cases, "train": train_cases}
     for section in sections:
         try:
@@ -559,7 +562,7 @@ def main(argv=None) -> dict | None:
             traceback.print_exc()
     if args.sweep:
         result["sweep"] = sweep(args, device, budget)
-    default_name = f"{env['device_slug']}-kernels.json"
+    default_name = f"{env['device_slug']}-{name}.json"
     path = write_result(result, args.out, default_name)
     try:
         plot(result, Path(path).with_suffix(".png"))

@@ -137,7 +137,7 @@ def default_config(batch: int, d: int, device: torch.device) -> DecodeConfig:
     if d < 2048:
         block_n, num_stages = 32, 4
     else:
-        block_n, num_stages = (64, 3) if block_m <= 16 else (128, 3)
+        block_n, num_stages = (64, 4) if block_m <= 16 else (128, 3)
     # The single-launch reduction runs in one program after all others: free for a few rows (it saves
     # a launch), but its serial loop over B costs more than a second, parallel launch for large B.
     return DecodeConfig(

@@ -25,8 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, write_result  # noqa: E402
 
 BACKENDS = ("cuda", "triton", "reference")
-# The CUDA backend's two W1 pipeline shapes (XBAI_KERNELS_CUDA_PIPELINE), timed as separate columns.
-CUDA_PIPELINES = ("wide", "deep")
+# CUDA backend variants timed as separate columns: W1 pipeline shape (XBAI_KERNELS_CUDA_PIPELINE)
+# and programmatic dependent launch on/off (XBAI_KERNELS_CUDA_PDL).
+CUDA_VARIANTS = {"cuda-wide": ("wide", "1"), "cuda-deep": ("deep", "1"), "cuda-wide-nopdl": ("wide", "0")}
 CALLS_PER_GRAPH = 10
 
 
@@ -124,15 +125,15 @@ def main() -> None:
     cases = [(b, max(1, b // 4)) for b in args.batches]
     cases += [(max(args.batches), 0), (max(args.batches), max(args.batches))]
 
-    backends = {}  # column -> (module, XBAI_KERNELS_CUDA_PIPELINE value or None)
+    backends = {}  # column -> (module, (pipeline, pdl) environment values or None)
     skipped = {}
     for name in BACKENDS:
         module, reason = load_backend(name)
         if module is None:
             skipped[name] = reason
         elif name == "cuda":
-            for shape in CUDA_PIPELINES:
-                backends[f"cuda-{shape}"] = (module, shape)
+            for column, variant in CUDA_VARIANTS.items():
+                backends[column] = (module, variant)
         else:
             backends[name] = (module, None)
 
@@ -148,16 +149,16 @@ def main() -> None:
         floor_s = floor_bytes / bandwidth if steps else (batch + 4 * batch) / bandwidth
         expected = backends["reference"][0].head_logits_masked(hidden, mask, *heads[0]) if "reference" in backends else None
         cuda_bits = None
-        for name, (module, shape) in backends.items():
-            if shape is not None:
-                os.environ["XBAI_KERNELS_CUDA_PIPELINE"] = shape
+        for name, (module, variant) in backends.items():
+            if variant is not None:
+                os.environ["XBAI_KERNELS_CUDA_PIPELINE"], os.environ["XBAI_KERNELS_CUDA_PDL"] = variant
 
             def call(i, module=module):
                 return module.head_logits_masked(hidden, mask, *heads[i % 2], out=out)
 
             call(0)
             same_bits = None
-            if shape is not None:
+            if variant is not None:
                 cuda_bits = out.clone() if cuda_bits is None else cuda_bits
                 same_bits = bool(torch.equal(out, cuda_bits))
             error = None
@@ -169,10 +170,11 @@ def main() -> None:
                 "backend": name, "batch": batch, "step_rows": steps, "d": d, "dtype": args.dtype,
                 "graph_us": graph_s * 1e6, "eager_us": eager_s * 1e6,
                 "floor_us": floor_s * 1e6, "graph_over_floor": graph_s / floor_s if steps else None,
-                "relative_error_vs_reference": error, "same_bits_as_first_cuda_shape": same_bits,
+                "relative_error_vs_reference": error, "same_bits_as_first_cuda_variant": same_bits,
             })
             os.environ.pop("XBAI_KERNELS_CUDA_PIPELINE", None)
-            print(f"{name:>9} B={batch:<4} steps={steps:<4} graph {graph_s * 1e6:8.1f} us  eager {eager_s * 1e6:8.1f} us"
+            os.environ.pop("XBAI_KERNELS_CUDA_PDL", None)
+            print(f"{name:>15} B={batch:<4} steps={steps:<4} graph {graph_s * 1e6:8.1f} us  eager {eager_s * 1e6:8.1f} us"
                   f"  floor {floor_s * 1e6:7.1f} us  err {error}", flush=True)
 
     result = {

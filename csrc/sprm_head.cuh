@@ -14,17 +14,31 @@
 //   kRowsMasked   output i is the head of hidden row i where row_mask[i], else 0.0 (decode scorer)
 //
 // Work split. The head is a skinny GEMM: W1 [H, d] times the selected rows [n, d]^T. W1 dominates
-// the bytes (105 MB at d = 5120 in bf16), so each CTA owns a tile of kTileUnits hidden units and
-// streams that slice of W1 once, through a multi-stage cp.async pipeline of 16-byte copies, while
-// the selected rows (a few MB at most, L2 resident) stream beside it. Tensor cores (mma.sync
-// m16n8k16, fp32 accumulation) multiply the tiles; the epilogue applies b1, ReLU and W2 in fp32 and
-// leaves one partial sum per (tile, row). A second small kernel adds the partials of all tiles in
-// tile order and b2. No float atomics anywhere: results are bitwise identical run to run and do
-// not depend on how many CTAs ran or which CTA took which tile.
+// the bytes (105 MB at d = 5120 in bf16). The hidden units come in slices of 16 (one mma m16); a
+// work item is a run of up to kMaxSlices consecutive slices against one chunk of selected rows.
+// The item's slice of W1 streams once through a multi-stage cp.async pipeline of 16-byte copies
+// beside the chunk's rows (a few MB at most, L2 resident); tensor cores (mma.sync m16n8k16, fp32
+// accumulation) multiply them. Two schedules hand out items:
+//   balanced (decode): a persistent grid of one CTA per SM; CTA c owns slices
+//     [c S / G, (c + 1) S / G), so every SM streams the same number of W1 bytes to within one slice
+//     (at d = 5120 on 132 SMs: 4 or 5 slices, 97% balance; 64-unit tiles gave 160 tiles on 132
+//     SMs, where 28 SMs streamed two tiles while the others idled half the time);
+//   grouped (packed, many row chunks): 4-slice tiles, kTileGroup tiles times every chunk in a row,
+//     so W1 and the rows both stay in L2 while many chunks reuse them.
+//
+// Determinism. Every (unit, row) pre-activation is summed in one fixed order: warp k of the CTA's
+// kWarpsK warps takes the 16-column blocks with index = k mod kWarpsK in increasing order, and the
+// kWarpsK partial sums are added in warp order. The epilogue (b1, ReLU, W2 in fp32) sums each slice's
+// 16 units in unit order into partials[slice, row]; a second small kernel adds the slices in a fixed
+// order plus b2. No float atomics: results are bitwise identical run to run, and the same for every
+// schedule, tile configuration, grid size and batch (a logit never depends on which other rows or
+// units shared its item).
 //
 // Decode (kRowsMasked) decides on the device which rows are steps: every CTA ranks the mask itself
-// (a few hundred bytes), so there is no host synchronization, no compaction launch, and a CTA whose
-// chunk of step rows is empty returns before touching W1; with zero step rows W1 is never read.
+// (a few hundred bytes), so there is no host synchronization and no compaction launch; with zero
+// step rows W1 is never read. On sm_90 the kernels use programmatic dependent launch: each waits on
+// `griddepcontrol.wait` before touching any input, so its launch (and an L2 prefetch of the first W1
+// stages, harmless since L2 is coherent) overlaps the kernel before it.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -36,36 +50,45 @@ namespace xbai {
 
 enum RowSource : int { kRowsAll = 0, kRowsIndexed = 1, kRowsMasked = 2 };
 
-constexpr int kWarps = 4;
-constexpr int kThreads = 32 * kWarps;
-// 64 hidden units per CTA gives 160 tiles at d = 5120, enough to spread over 132 SMs with two
-// CTAs resident per SM. The tile is four 16-unit slices (one mma m16 each); partial sums are
-// always added slice by slice in slice order, whatever the warp layout, so every configuration
-// below gives the same bits.
-constexpr int kTileUnits = 64;
-constexpr int kSlices = kTileUnits / 16;
-// Tiles of W1 that concurrent CTAs share in the packed order, so W1 and the rows both stay in L2.
+constexpr int kSliceUnits = 16;
+// The K split among warps is fixed for every configuration: it fixes the summation order.
+constexpr int kWarpsK = 4;
+// Largest item: 96 units. Balanced items at d = 5120 on 132 SMs need 5 slices; larger d (or fewer
+// SMs) takes several passes over a CTA's range.
+constexpr int kMaxSlices = 6;
+constexpr int kMaxUnits = kMaxSlices * kSliceUnits;
+// Grouped schedule: 64-unit tiles, kTileGroup of them share every row chunk while in L2.
+constexpr int kTileSlices = 4;
 constexpr int kTileGroup = 8;
 
-// A tile configuration: ChunkRows selected rows per work item, BlockK columns per pipeline stage,
-// Stages stages, warps arranged WarpsM (along hidden units) x kWarps / WarpsM (along rows).
-template <int ChunkRowsV, int BlockKV, int StagesV, int WarpsMV>
+// A tile configuration: ChunkRows selected rows per item, BlockK columns per pipeline stage (a
+// multiple of 16 * kWarpsK), Stages stages, WarpsN warps along the rows (times kWarpsK along K).
+template <int ChunkRowsV, int BlockKV, int StagesV, int WarpsNV>
 struct TileConfig {
   static constexpr int kChunkRows = ChunkRowsV;
   static constexpr int kBlockK = BlockKV;
   static constexpr int kStages = StagesV;
-  static constexpr int kWarpsM = WarpsMV;
-  static constexpr int kWarpsN = kWarps / WarpsMV;
-  static constexpr int kWarpUnits = kTileUnits / WarpsMV;
-  static constexpr int kMTiles = kWarpUnits / 16;
-  static constexpr int kWarpRows = ChunkRowsV / kWarpsN;
+  static constexpr int kWarpsN = WarpsNV;
+  static constexpr int kWarps = kWarpsK * WarpsNV;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kWarpRows = ChunkRowsV / WarpsNV;
   static constexpr int kNTiles = kWarpRows / 8;
+  // 16-column blocks of a stage each warp multiplies.
+  static constexpr int kBlocksPerWarp = BlockKV / (16 * kWarpsK);
   // Rows padded by 16 bytes: ldmatrix's eight 16-byte row reads then fall into distinct banks.
   static constexpr int kStride = BlockKV + 8;
-  static_assert(kWarpRows % 8 == 0 && kWarpUnits % 16 == 0 && BlockKV % 32 == 0 && StagesV >= 2, "tile shape");
+  static_assert(kWarpRows % 8 == 0 && BlockKV % (16 * kWarpsK) == 0 && StagesV >= 2, "tile shape");
+  template <typename T>
+  static constexpr size_t pipeline_bytes() {
+    return static_cast<size_t>(kStages) * (kMaxUnits + kChunkRows) * kStride * sizeof(T);
+  }
+  // After the pipeline drains, the same memory holds each K-warp's pre-activations for the item.
+  static constexpr size_t reduce_bytes() {
+    return static_cast<size_t>(kWarpsK) * kMaxUnits * kChunkRows * sizeof(float);
+  }
   template <typename T>
   static constexpr size_t smem_bytes() {
-    return static_cast<size_t>(kStages) * (kTileUnits + kChunkRows) * kStride * sizeof(T);
+    return pipeline_bytes<T>() > reduce_bytes() ? pipeline_bytes<T>() : reduce_bytes();
   }
 };
 
@@ -82,12 +105,13 @@ struct HeadParams {
   const void* b1;
   const void* w2;
   const void* b2;
-  float* partials;       // [num_tiles, row_capacity]
+  float* partials;       // [num_slices, row_capacity]
   int32_t* output_slot;  // kRowsMasked: [num_rows] rank among step rows, or -1
   float* out;            // [num_rows]
   int64_t row_capacity;  // num_chunks * chunk rows
-  int num_tiles;
+  int num_slices;        // H / 16
   int num_chunks;
+  int balanced;          // 1: balanced schedule, 0: grouped
 };
 
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
@@ -95,6 +119,26 @@ __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162f
 
 __device__ __forceinline__ uint32_t smem_address(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Programmatic dependent launch (sm_90): wait until the grids this one depends on have finished
+// and their writes are visible; let the next grid start launching. No-ops on older GPUs, where the
+// launch is an ordinary stream-ordered one.
+__device__ __forceinline__ void wait_for_prior_grids() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void allow_next_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+// Asks L2 to fetch `bytes` (a multiple of 16) at a 16-byte aligned address; a hint only.
+__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
+#endif
 }
 
 // 16-byte global->shared copy that bypasses L1 (W1 is read once); zero-fills when !valid so tile
@@ -115,40 +159,46 @@ __device__ __forceinline__ void load_matrix_x4(uint32_t (&r)[4], const void* p) 
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_address(p)));
 }
+__device__ __forceinline__ void load_matrix_x2(uint32_t (&r)[2], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(smem_address(p)));
+}
 
 template <typename T>
-__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
 
 template <>
-__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                         uint32_t b1) {
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4],
+                                                         const uint32_t (&b)[2]) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
 template <>
-__device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+__device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
 // Ranks the step rows of the mask with the whole CTA; stores in chunk_rows the hidden row of each
 // step whose rank lies in [first_rank, first_rank + ChunkRows) and, when output_slot is given, the
 // rank of every row (-1 for non-steps). Returns how many chunk slots were filled, the same on every
 // thread. Ends with a barrier, so chunk_rows is ready to read.
-template <int ChunkRows>
+template <class Cfg>
 __device__ int rank_masked_rows(const bool* row_mask, int64_t num_rows, int64_t first_rank,
                                 int64_t* chunk_rows, int32_t* output_slot, int* warp_counts) {
+  constexpr int kChunkRows = Cfg::kChunkRows;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   int64_t rank_base = 0;
-  for (int64_t start = 0; start < num_rows; start += kThreads) {
+  for (int64_t start = 0; start < num_rows; start += Cfg::kThreads) {
     const int64_t row = start + threadIdx.x;
     const bool is_step = row < num_rows && row_mask[row];
     const unsigned ballot = __ballot_sync(0xffffffffu, is_step);
@@ -156,66 +206,93 @@ __device__ int rank_masked_rows(const bool* row_mask, int64_t num_rows, int64_t 
     __syncthreads();
     int before = 0, total = 0;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
+    for (int w = 0; w < Cfg::kWarps; ++w) {
       before += w < warp ? warp_counts[w] : 0;
       total += warp_counts[w];
     }
     const int64_t rank = rank_base + before + __popc(ballot & ((1u << lane) - 1u));
-    if (is_step && rank >= first_rank && rank < first_rank + ChunkRows) chunk_rows[rank - first_rank] = row;
+    if (is_step && rank >= first_rank && rank < first_rank + kChunkRows) chunk_rows[rank - first_rank] = row;
     if (output_slot != nullptr && row < num_rows) output_slot[row] = is_step ? static_cast<int32_t>(rank) : -1;
     rank_base += total;
     __syncthreads();
   }
   const int64_t filled = rank_base - first_rank;
-  return filled <= 0 ? 0 : (filled >= ChunkRows ? ChunkRows : static_cast<int>(filled));
+  return filled <= 0 ? 0 : (filled >= kChunkRows ? kChunkRows : static_cast<int>(filled));
 }
 
-// One work item: hidden-unit tile `tile` against row chunk `chunk` (Cfg::kChunkRows rows). Writes
-// partials[tile, chunk * kChunkRows + i] = sum over the tile's units j of w2[j] relu(W1[j] . h_i + b1[j]).
+// The slices [first, first + count) of this CTA's share of `total` slices split over `parts`.
+__device__ __forceinline__ void share_of(int total, int parts, int part, int* first, int* count) {
+  const int begin = static_cast<int>(static_cast<int64_t>(total) * part / parts);
+  const int end = static_cast<int>(static_cast<int64_t>(total) * (part + 1) / parts);
+  *first = begin;
+  *count = end - begin;
+}
+
+// Fetches the first Stages - 1 stages of an item's W1 rows into L2 (one bulk prefetch per unit).
 template <typename T, class Cfg>
-__device__ void head_tile(const HeadParams& p, int tile, int chunk, int filled, const int64_t* chunk_rows,
-                          T* a_smem, T* b_smem, float (*slice_sums)[Cfg::kChunkRows]) {
+__device__ void prefetch_item(const HeadParams& p, int slice0, int slices) {
+  const int64_t columns = min(static_cast<int64_t>(Cfg::kStages - 1) * Cfg::kBlockK, p.d);
+  const T* w1 = static_cast<const T*>(p.w1);
+  for (int u = threadIdx.x; u < slices * kSliceUnits; u += Cfg::kThreads)
+    prefetch_l2(w1 + (static_cast<int64_t>(slice0) * kSliceUnits + u) * p.d, static_cast<uint32_t>(columns * sizeof(T)));
+}
+
+// One work item: `slices` (<= kMaxSlices) slices from slice0 against row chunk `chunk` (filled of
+// Cfg::kChunkRows slots in use). Writes partials[s, chunk * kChunkRows + i] for each of its slices
+// s = sum over the slice's 16 units j of w2[j] relu(W1[j] . h_i + b1[j]).
+template <typename T, class Cfg>
+__device__ void head_item(const HeadParams& p, int slice0, int slices, int chunk, int filled,
+                          const int64_t* chunk_rows, unsigned char* smem) {
   constexpr int kBlockK = Cfg::kBlockK;
   constexpr int kStages = Cfg::kStages;
   constexpr int kStride = Cfg::kStride;
   constexpr int kChunkRows = Cfg::kChunkRows;
+  constexpr int kPiecesPerRow = kBlockK / 8;
+  T* a_smem = reinterpret_cast<T*>(smem);
+  T* b_smem = a_smem + kStages * kMaxUnits * kStride;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-  const int warp_m = warp % Cfg::kWarpsM;
-  const int warp_n = warp / Cfg::kWarpsM;
+  const int warp_k = warp % kWarpsK;
+  const int warp_n = warp / kWarpsK;
   const int64_t d = p.d;
-  const int64_t units = 2 * d;
-  const int64_t unit0 = static_cast<int64_t>(tile) * kTileUnits;
+  const int64_t unit0 = static_cast<int64_t>(slice0) * kSliceUnits;
+  const int units = slices * kSliceUnits;
   const T* w1 = static_cast<const T*>(p.w1);
   const T* hidden = static_cast<const T*>(p.hidden);
   const int num_k_blocks = static_cast<int>((d + kBlockK - 1) / kBlockK);
 
-  // d % 8 == 0 (checked by the launcher), so each 16-byte piece is wholly inside or outside the row.
+  // d % 8 == 0 (checked by the launcher), so each 16-byte piece is wholly inside or outside the row;
+  // H % 16 == 0, so an item's units all exist. Trip counts are compile-time (unrolled) with a guard.
   auto load_stage = [&](int stage, int k_block) {
     const int64_t k0 = static_cast<int64_t>(k_block) * kBlockK;
-    T* a_stage = a_smem + stage * kTileUnits * kStride;
+    T* a_stage = a_smem + stage * kMaxUnits * kStride;
     T* b_stage = b_smem + stage * kChunkRows * kStride;
 #pragma unroll
-    for (int piece = threadIdx.x; piece < kTileUnits * (kBlockK / 8); piece += kThreads) {
-      const int r = piece / (kBlockK / 8);
-      const int col = (piece % (kBlockK / 8)) * 8;
-      const int64_t unit = unit0 + r;
-      const bool valid = unit < units && k0 + col < d;
-      copy_16_async(a_stage + r * kStride + col, valid ? w1 + unit * d + k0 + col : w1, valid);
+    for (int i = 0; i < (kMaxUnits * kPiecesPerRow + Cfg::kThreads - 1) / Cfg::kThreads; ++i) {
+      const int piece = i * Cfg::kThreads + threadIdx.x;
+      const int r = piece / kPiecesPerRow;
+      const int col = (piece % kPiecesPerRow) * 8;
+      if (r < units) {
+        const bool valid = k0 + col < d;
+        copy_16_async(a_stage + r * kStride + col, valid ? w1 + (unit0 + r) * d + k0 + col : w1, valid);
+      }
     }
 #pragma unroll
-    for (int piece = threadIdx.x; piece < kChunkRows * (kBlockK / 8); piece += kThreads) {
-      const int r = piece / (kBlockK / 8);
-      const int col = (piece % (kBlockK / 8)) * 8;
-      const int64_t row = r < filled ? chunk_rows[r] : -1;
-      const bool valid = row >= 0 && k0 + col < d;
-      copy_16_async(b_stage + r * kStride + col, valid ? hidden + row * p.hidden_stride + k0 + col : hidden, valid);
+    for (int i = 0; i < (kChunkRows * kPiecesPerRow + Cfg::kThreads - 1) / Cfg::kThreads; ++i) {
+      const int piece = i * Cfg::kThreads + threadIdx.x;
+      if (kChunkRows * kPiecesPerRow % Cfg::kThreads == 0 || piece < kChunkRows * kPiecesPerRow) {
+        const int r = piece / kPiecesPerRow;
+        const int col = (piece % kPiecesPerRow) * 8;
+        const int64_t row = r < filled ? chunk_rows[r] : -1;
+        const bool valid = row >= 0 && k0 + col < d;
+        copy_16_async(b_stage + r * kStride + col, valid ? hidden + row * p.hidden_stride + k0 + col : hidden, valid);
+      }
     }
   };
 
-  float acc[Cfg::kMTiles][Cfg::kNTiles][4];
+  float acc[kMaxSlices][Cfg::kNTiles][4];
 #pragma unroll
-  for (int m = 0; m < Cfg::kMTiles; ++m)
+  for (int m = 0; m < kMaxSlices; ++m)
 #pragma unroll
     for (int n = 0; n < Cfg::kNTiles; ++n) acc[m][n][0] = acc[m][n][1] = acc[m][n][2] = acc[m][n][3] = 0.f;
 
@@ -233,135 +310,153 @@ __device__ void head_tile(const HeadParams& p, int tile, int chunk, int filled, 
     copy_commit();
 
     const int stage = kb % kStages;
-    const T* a_warp = a_smem + (stage * kTileUnits + warp_m * Cfg::kWarpUnits) * kStride;
+    const T* a_stage = a_smem + stage * kMaxUnits * kStride;
     const T* b_warp = b_smem + (stage * kChunkRows + warp_n * Cfg::kWarpRows) * kStride;
 #pragma unroll
-    for (int k32 = 0; k32 < kBlockK / 32; ++k32) {
-      uint32_t a_lo[Cfg::kMTiles][4], a_hi[Cfg::kMTiles][4];
+    for (int j = 0; j < Cfg::kBlocksPerWarp; ++j) {
+      // This warp's 16-column blocks: global index = warp_k (mod kWarpsK), in increasing order.
+      const int col = (j * kWarpsK + warp_k) * 16;
+      uint32_t b[Cfg::kNTiles][2];
 #pragma unroll
-      for (int m = 0; m < Cfg::kMTiles; ++m) {
-        // Lane l addresses row l % 16, column half l / 16 of a 16x16 A tile (ldmatrix x4 order).
-        const T* a_rows = a_warp + (m * 16 + lane % 16) * kStride + k32 * 32 + (lane / 16) * 8;
-        load_matrix_x4(a_lo[m], a_rows);
-        load_matrix_x4(a_hi[m], a_rows + 16);
-      }
+      for (int n = 0; n < Cfg::kNTiles; ++n)
+        // Rows are stored [row][k]: the col-major B operand. Lanes 0-7 address k 0-7, 8-15 k 8-15.
+        load_matrix_x2(b[n], b_warp + (n * 8 + lane % 8) * kStride + col + ((lane / 8) % 2) * 8);
 #pragma unroll
-      for (int n = 0; n < Cfg::kNTiles; ++n) {
-        // Rows are stored [row][k]: the col-major B operand of mma; one x4 covers k32 of 8 rows.
-        uint32_t b[4];
-        load_matrix_x4(b, b_warp + (n * 8 + lane % 8) * kStride + k32 * 32 + (lane / 8) * 8);
+      for (int m = 0; m < kMaxSlices; ++m) {
+        if (m < slices) {
+          uint32_t a[4];
+          // Lane l addresses row l % 16, column half l / 16 of the 16x16 A tile (ldmatrix x4 order).
+          load_matrix_x4(a, a_stage + (m * 16 + lane % 16) * kStride + col + (lane / 16) * 8);
 #pragma unroll
-        for (int m = 0; m < Cfg::kMTiles; ++m) {
-          mma_16816<T>(acc[m][n], a_lo[m], b[0], b[1]);
-          mma_16816<T>(acc[m][n], a_hi[m], b[2], b[3]);
+          for (int n = 0; n < Cfg::kNTiles; ++n) mma_16816<T>(acc[m][n], a, b[n]);
         }
       }
     }
   }
   copy_wait<0>();
+  __syncthreads();
 
-  // Epilogue in fp32 (SPEC: the activation is never rounded). Lane (g, t) holds units g and g + 8
-  // of each 16-unit slice for rows 2t and 2t + 1 of each 8-row tile.
+  // Each K-warp's pre-activations to shared memory: pre[warp_k][unit][row]. Lane (g, t) holds units
+  // g and g + 8 of each slice for rows 2t and 2t + 1 of each 8-row tile.
+  float* pre = reinterpret_cast<float*>(smem);
   const int g = lane >> 2;
   const int t = lane & 3;
+#pragma unroll
+  for (int m = 0; m < kMaxSlices; ++m) {
+    if (m < slices) {
+#pragma unroll
+      for (int n = 0; n < Cfg::kNTiles; ++n) {
+        const int row = warp_n * Cfg::kWarpRows + n * 8 + 2 * t;
+        float* lo = pre + (warp_k * kMaxUnits + m * 16 + g) * kChunkRows + row;
+        float* hi = lo + 8 * kChunkRows;
+        *reinterpret_cast<float2*>(lo) = make_float2(acc[m][n][0], acc[m][n][1]);
+        *reinterpret_cast<float2*>(hi) = make_float2(acc[m][n][2], acc[m][n][3]);
+      }
+    }
+  }
+  __syncthreads();
+
+  // Epilogue in fp32 (SPEC: the activation is never rounded), one thread per (slice, row).
   const T* b1 = static_cast<const T*>(p.b1);
   const T* w2 = static_cast<const T*>(p.w2);
-#pragma unroll
-  for (int m = 0; m < Cfg::kMTiles; ++m) {
-    const int slice = warp_m * Cfg::kMTiles + m;
-    const int64_t unit_lo = unit0 + slice * 16 + g;
-    const int64_t unit_hi = unit_lo + 8;
-    const float bias_lo = unit_lo < units ? to_float(b1[unit_lo]) : 0.f;
-    const float bias_hi = unit_hi < units ? to_float(b1[unit_hi]) : 0.f;
-    const float out_w_lo = unit_lo < units ? to_float(w2[unit_lo]) : 0.f;
-    const float out_w_hi = unit_hi < units ? to_float(w2[unit_hi]) : 0.f;
-#pragma unroll
-    for (int n = 0; n < Cfg::kNTiles; ++n) {
-      float even = fmaxf(acc[m][n][0] + bias_lo, 0.f) * out_w_lo + fmaxf(acc[m][n][2] + bias_hi, 0.f) * out_w_hi;
-      float odd = fmaxf(acc[m][n][1] + bias_lo, 0.f) * out_w_lo + fmaxf(acc[m][n][3] + bias_hi, 0.f) * out_w_hi;
-#pragma unroll
-      for (int offset = 4; offset < 32; offset <<= 1) {
-        even += __shfl_xor_sync(0xffffffffu, even, offset);
-        odd += __shfl_xor_sync(0xffffffffu, odd, offset);
-      }
-      if (g == 0) {
-        const int row = warp_n * Cfg::kWarpRows + n * 8 + 2 * t;
-        slice_sums[slice][row] = even;
-        slice_sums[slice][row + 1] = odd;
-      }
-    }
-  }
-  __syncthreads();
-  for (int r = threadIdx.x; r < filled; r += kThreads) {
+  for (int job = threadIdx.x; job < slices * kChunkRows; job += Cfg::kThreads) {
+    const int m = job / kChunkRows;
+    const int row = job % kChunkRows;
+    if (row >= filled) continue;
     float total = 0.f;
+#pragma unroll 4
+    for (int u = m * 16; u < m * 16 + 16; ++u) {
+      float sum = pre[u * kChunkRows + row];
 #pragma unroll
-    for (int slice = 0; slice < kSlices; ++slice) total += slice_sums[slice][r];
-    p.partials[static_cast<int64_t>(tile) * p.row_capacity + static_cast<int64_t>(chunk) * kChunkRows + r] = total;
+      for (int k = 1; k < kWarpsK; ++k) sum += pre[(k * kMaxUnits + u) * kChunkRows + row];
+      total += fmaxf(sum + to_float(b1[unit0 + u]), 0.f) * to_float(w2[unit0 + u]);
+    }
+    p.partials[static_cast<int64_t>(slice0 + m) * p.row_capacity + static_cast<int64_t>(chunk) * kChunkRows + row] = total;
   }
-  // The next item overwrites chunk_rows, slice_sums and the stages.
+  // The next item overwrites chunk_rows and this memory.
   __syncthreads();
 }
 
-// Persistent grid over work items (hidden-unit tile, row chunk). Dynamic shared memory holds the
-// pipeline stages of W1 and row tiles.
-template <typename T, class Cfg>
-__global__ void __launch_bounds__(kThreads, 2) head_tiles_kernel(const HeadParams p) {
-  constexpr int ChunkRows = Cfg::kChunkRows;
-  extern __shared__ __align__(16) unsigned char dynamic_smem[];
-  T* a_smem = reinterpret_cast<T*>(dynamic_smem);
-  T* b_smem = a_smem + Cfg::kStages * kTileUnits * Cfg::kStride;
-  __shared__ int64_t chunk_rows[ChunkRows];
-  __shared__ float slice_sums[kSlices][ChunkRows];
-  __shared__ int warp_counts[kWarps];
+// Selects the rows of chunk `chunk` into chunk_rows; returns how many slots hold a row. For the
+// decode source, the first call of CTA 0 also records every row's rank for the reduction.
+template <class Cfg>
+__device__ int select_chunk_rows(const HeadParams& p, int chunk, bool record_slots, int64_t* chunk_rows,
+                                 int* warp_counts) {
+  constexpr int kChunkRows = Cfg::kChunkRows;
+  const int64_t first_rank = static_cast<int64_t>(chunk) * kChunkRows;
+  if (p.source == kRowsMasked)
+    return rank_masked_rows<Cfg>(p.row_mask, p.num_rows, first_rank, chunk_rows,
+                                 record_slots ? p.output_slot : nullptr, warp_counts);
+  const int64_t left = p.num_rows - first_rank;
+  const int filled = left >= kChunkRows ? kChunkRows : static_cast<int>(left);
+  for (int r = threadIdx.x; r < kChunkRows; r += Cfg::kThreads) {
+    int64_t row = -1;
+    if (r < filled) {
+      row = p.source == kRowsIndexed ? p.row_index[first_rank + r] : first_rank + r;
+      // An index outside hidden is never read; the reduction reports it as NaN.
+      if (row < 0 || row >= p.hidden_rows) row = -1;
+    }
+    chunk_rows[r] = row;
+  }
+  __syncthreads();
+  return filled;
+}
 
-  const int num_items = p.num_tiles * p.num_chunks;
-  bool first = true;
-  for (int item = blockIdx.x; item < num_items; item += gridDim.x) {
-    int tile, chunk;
-    if (p.source == kRowsMasked) {
-      // Chunk-major: the CTAs that find their chunk empty leave at once, and the rest stay balanced.
-      chunk = item / p.num_tiles;
-      tile = item % p.num_tiles;
-    } else {
-      // Grouped: kTileGroup W1 tiles times every chunk run together, so both stay in L2.
-      const int per_group = kTileGroup * p.num_chunks;
-      const int group = item / per_group;
-      const int group_tiles = min(kTileGroup, p.num_tiles - group * kTileGroup);
-      const int within = item % per_group;
-      tile = group * kTileGroup + within % group_tiles;
-      chunk = within / group_tiles;
+// Persistent grid. Dynamic shared memory holds the pipeline stages, then the pre-activations.
+template <typename T, class Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, 1) head_items_kernel(const HeadParams p) {
+  extern __shared__ __align__(16) unsigned char dynamic_smem[];
+  __shared__ int64_t chunk_rows[Cfg::kChunkRows];
+  __shared__ int warp_counts[Cfg::kWarps];
+  allow_next_grid();
+
+  if (p.balanced) {
+    // This CTA's slices, in passes of at most kMaxSlices (one pass at d <= 7680 on 132 SMs).
+    int first, count;
+    share_of(p.num_slices, gridDim.x, blockIdx.x, &first, &count);
+    const int passes = (count + kMaxSlices - 1) / kMaxSlices;
+    if (passes > 0) {
+      int pass_first, pass_count;
+      share_of(count, passes, 0, &pass_first, &pass_count);
+      prefetch_item<T, Cfg>(p, first + pass_first, pass_count);
     }
-    const int64_t first_rank = static_cast<int64_t>(chunk) * ChunkRows;
-    int filled;
-    if (p.source == kRowsMasked) {
-      // CTA 0 also records every row's rank for the reduction; it always runs item 0.
-      filled = rank_masked_rows<ChunkRows>(p.row_mask, p.num_rows, first_rank, chunk_rows,
-                                           first && blockIdx.x == 0 ? p.output_slot : nullptr, warp_counts);
-      // Later items of this CTA have chunks at least as large: none has work either.
+    wait_for_prior_grids();
+    for (int chunk = 0; chunk < p.num_chunks; ++chunk) {
+      const int filled = select_chunk_rows<Cfg>(p, chunk, chunk == 0 && blockIdx.x == 0, chunk_rows, warp_counts);
+      // Decode chunks fill in rank order: after an empty one, all later ones are empty too.
       if (filled == 0) break;
-    } else {
-      const int64_t left = p.num_rows - first_rank;
-      filled = left >= ChunkRows ? ChunkRows : static_cast<int>(left);
-      for (int r = threadIdx.x; r < ChunkRows; r += kThreads) {
-        int64_t row = -1;
-        if (r < filled) {
-          row = p.source == kRowsIndexed ? p.row_index[first_rank + r] : first_rank + r;
-          // An index outside hidden is never read; the reduction reports it as NaN.
-          if (row < 0 || row >= p.hidden_rows) row = -1;
-        }
-        chunk_rows[r] = row;
+      for (int pass = 0; pass < passes; ++pass) {
+        int pass_first, pass_count;
+        share_of(count, passes, pass, &pass_first, &pass_count);
+        head_item<T, Cfg>(p, first + pass_first, pass_count, chunk, filled, chunk_rows, dynamic_smem);
       }
-      __syncthreads();
     }
-    first = false;
-    head_tile<T, Cfg>(p, tile, chunk, filled, chunk_rows, a_smem, b_smem, slice_sums);
+    return;
+  }
+
+  // Grouped: kTileGroup tiles times every chunk run together, so both stay in L2.
+  const int num_tiles = (p.num_slices + kTileSlices - 1) / kTileSlices;
+  const int num_items = num_tiles * p.num_chunks;
+  wait_for_prior_grids();
+  for (int item = blockIdx.x; item < num_items; item += gridDim.x) {
+    const int per_group = kTileGroup * p.num_chunks;
+    const int group = item / per_group;
+    const int group_tiles = min(kTileGroup, num_tiles - group * kTileGroup);
+    const int within = item % per_group;
+    const int tile = group * kTileGroup + within % group_tiles;
+    const int chunk = within / group_tiles;
+    const int filled = select_chunk_rows<Cfg>(p, chunk, false, chunk_rows, warp_counts);
+    const int slice0 = tile * kTileSlices;
+    head_item<T, Cfg>(p, slice0, min(kTileSlices, p.num_slices - slice0), chunk, filled, chunk_rows, dynamic_smem);
   }
 }
 
-// One warp per output: the partials of all tiles in tile order, plus b2. Non-step rows of the
-// decode scorer get 0.0 (SPEC: the oracle's torch.where); out-of-range indices get NaN.
+// One warp per output: the partials of all slices in a fixed order (lane-strided, then a fixed
+// shuffle tree), plus b2. Non-step rows of the decode scorer get 0.0 (SPEC: the oracle's
+// torch.where); out-of-range indices get NaN.
 template <typename T>
 __global__ void head_reduce_kernel(const HeadParams p) {
+  wait_for_prior_grids();
   const int lane = threadIdx.x & 31;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5);
   if (row >= p.num_rows) return;
@@ -380,7 +475,7 @@ __global__ void head_reduce_kernel(const HeadParams p) {
     }
   }
   float total = 0.f;
-  for (int tile = lane; tile < p.num_tiles; tile += 32) total += p.partials[static_cast<int64_t>(tile) * p.row_capacity + slot];
+  for (int s = lane; s < p.num_slices; s += 32) total += p.partials[static_cast<int64_t>(s) * p.row_capacity + slot];
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) total += __shfl_xor_sync(0xffffffffu, total, offset);
   if (lane == 0) p.out[row] = total + to_float(static_cast<const T*>(p.b2)[0]);

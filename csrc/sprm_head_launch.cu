@@ -1,5 +1,5 @@
-// Host side of the SPRM head kernels: picks the row-chunk width, sizes the persistent grid from the
-// device, and enqueues the tile kernel and the reduction on the caller's stream.
+// Host side of the SPRM head kernels: picks the row-chunk width and tile configuration, sizes the
+// persistent grid from the device, and enqueues the item kernel and the reduction on the caller's stream.
 #include <atomic>
 
 #include "sprm_head.cuh"
@@ -16,7 +16,7 @@ constexpr int64_t kWorkspaceAlign = 256;
 constexpr int kReduceWarps = 8;
 
 // Narrow chunks for small batches: a decode step of B rows never has more than B step rows, so
-// B = 1 multiplies an 8-row tile instead of a 64-row one (less shared memory, more CTAs per SM).
+// B = 1 multiplies an 8-row tile instead of a 64-row one (less shared memory, fewer wasted MMAs).
 int chunk_rows_for(int64_t num_rows) {
   if (num_rows <= 8) return 8;
   if (num_rows <= 16) return 16;
@@ -27,7 +27,7 @@ int chunk_rows_for(int64_t num_rows) {
 struct Layout {
   int chunk_rows;
   int num_chunks;
-  int num_tiles;
+  int num_slices;
   int64_t row_capacity;
   int64_t partials_bytes;
   int64_t total_bytes;
@@ -37,79 +37,134 @@ Layout layout_for(int32_t source, int64_t num_rows, int64_t d) {
   Layout l;
   l.chunk_rows = chunk_rows_for(num_rows);
   l.num_chunks = static_cast<int>((num_rows + l.chunk_rows - 1) / l.chunk_rows);
-  l.num_tiles = static_cast<int>((2 * d + xbai::kTileUnits - 1) / xbai::kTileUnits);
+  l.num_slices = static_cast<int>((2 * d + xbai::kSliceUnits - 1) / xbai::kSliceUnits);
   l.row_capacity = static_cast<int64_t>(l.num_chunks) * l.chunk_rows;
-  l.partials_bytes = (l.num_tiles * l.row_capacity * 4 + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign;
+  l.partials_bytes = (l.num_slices * l.row_capacity * 4 + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign;
   l.total_bytes = l.partials_bytes + (source == XBAI_ROWS_MASKED ? num_rows * 4 : 0);
   if (l.total_bytes == 0) l.total_bytes = kWorkspaceAlign;
   return l;
 }
 
-// Tile configurations: TileConfig<chunk rows, BlockK, stages, warps along units>. Each keeps
-// about 50-64 KB of W1 in flight per CTA (Little's law at HBM3 latency under load: ~40 KB per
-// CTA for 160 CTAs to reach 4 TB/s) with two CTAs resident per SM (<= 113 KB of shared memory each).
-// The "wide" family moves 128 columns per stage (fewer barriers per byte); "deep" moves 64 with
-// more stages (finer-grained refill). Both give the same bits (see sprm_head.cuh).
-using Wide8 = xbai::TileConfig<8, 128, 5, 4>;
-using Wide16 = xbai::TileConfig<16, 128, 5, 4>;
-using Wide32 = xbai::TileConfig<32, 128, 4, 2>;
-using Wide64 = xbai::TileConfig<64, 64, 5, 2>;
-using Deep8 = xbai::TileConfig<8, 64, 9, 4>;
-using Deep16 = xbai::TileConfig<16, 64, 8, 4>;
-using Deep32 = xbai::TileConfig<32, 64, 7, 2>;
-using Deep64 = xbai::TileConfig<64, 128, 3, 2>;
+// Tile configurations: TileConfig<chunk rows, BlockK, stages, warps along rows>, one CTA per SM.
+// "wide" moves 128 columns per stage and keeps 4-5 stages of a 96-unit item in flight (up to 120 KB
+// per SM: by Little's law ~60 KB per SM already covers 4.2 TB/s at ~2 us loaded latency), using up
+// to 218 KB of shared memory (Hopper, A100). "deep" moves 64 columns per stage in at most 97 KB, so
+// it also fits GPUs with 99 KB per block (sm_86/sm_89); auto takes wide where it fits. All give the
+// same bits (sprm_head.cuh: the K split among warps and every sum order are fixed).
+using Wide8 = xbai::TileConfig<8, 128, 6, 1>;
+using Wide16 = xbai::TileConfig<16, 128, 6, 1>;
+using Wide32 = xbai::TileConfig<32, 128, 5, 2>;
+using Wide64 = xbai::TileConfig<64, 128, 5, 2>;
+using Deep8 = xbai::TileConfig<8, 64, 6, 1>;
+using Deep16 = xbai::TileConfig<16, 64, 6, 1>;
+using Deep32 = xbai::TileConfig<32, 64, 5, 2>;
+using Deep64 = xbai::TileConfig<64, 64, 4, 2>;
 
-// Per device: resident CTAs per SM times SMs, read once (the attribute calls are not stream work,
-// so the cached value also serves launches under graph capture).
-template <typename T, class Cfg>
-cudaError_t persistent_grid(int* grid) {
-  static std::atomic<int> cached[kMaxDevices];
+struct DeviceInfo {
+  int device;
+  int sms;
+  int max_smem;     // opt-in dynamic shared memory per block
+  int dependent;    // programmatic dependent launch (sm_90+)
+};
+
+// Read once per device (attribute queries are not stream work, so the cached values also serve
+// launches under graph capture).
+cudaError_t device_info(DeviceInfo* info) {
+  static std::atomic<int> cached_sms[kMaxDevices], cached_smem[kMaxDevices], cached_major[kMaxDevices];
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
-  if (device < kMaxDevices && cached[device].load() > 0) {
-    *grid = cached[device].load();
+  info->device = device;
+  if (device < kMaxDevices && cached_sms[device].load() > 0) {
+    info->sms = cached_sms[device].load();
+    info->max_smem = cached_smem[device].load();
+    info->dependent = cached_major[device].load() >= 9;
     return cudaSuccess;
   }
-  const size_t smem = Cfg::template smem_bytes<T>();
-  auto kernel = xbai::head_tiles_kernel<T, Cfg>;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (err != cudaSuccess) return err;
-  int sms = 0, per_sm = 0;
-  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err != cudaSuccess) return err;
-  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, xbai::kThreads, smem);
-  if (err != cudaSuccess) return err;
-  *grid = sms * (per_sm > 0 ? per_sm : 1);
-  if (device < kMaxDevices) cached[device].store(*grid);
+  int sms = 0, smem = 0, major = 0;
+  if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) return err;
+  if ((err = cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device)) != cudaSuccess) return err;
+  if ((err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device)) != cudaSuccess) return err;
+  if (device < kMaxDevices) {
+    cached_smem[device].store(smem);
+    cached_major[device].store(major);
+    cached_sms[device].store(sms);
+  }
+  info->sms = sms;
+  info->max_smem = smem;
+  info->dependent = major >= 9;
   return cudaSuccess;
 }
 
+// Raises the kernel's dynamic shared-memory limit, once per device.
 template <typename T, class Cfg>
-cudaError_t launch(const xbai::HeadParams& p, cudaStream_t stream) {
-  int grid = 0;
-  cudaError_t err = persistent_grid<T, Cfg>(&grid);
+cudaError_t prepare_kernel(int device) {
+  static std::atomic<int> done[kMaxDevices];
+  if (device < kMaxDevices && done[device].load()) return cudaSuccess;
+  const cudaError_t err = cudaFuncSetAttribute(xbai::head_items_kernel<T, Cfg>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(Cfg::template smem_bytes<T>()));
+  if (err == cudaSuccess && device < kMaxDevices) done[device].store(1);
+  return err;
+}
+
+// Launches `kernel` on `stream`, as a programmatic dependent launch where the GPU has it: the
+// kernel may start while the previous grid on the stream finishes, and waits on
+// griddepcontrol.wait before it reads anything (sprm_head.cuh).
+template <typename Kernel>
+cudaError_t launch_kernel(Kernel kernel, unsigned grid, unsigned threads, size_t smem, bool dependent,
+                          cudaStream_t stream, const xbai::HeadParams& p) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(grid);
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = dependent ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, p);
+}
+
+template <typename T, class Cfg>
+cudaError_t launch(xbai::HeadParams p, const DeviceInfo& info, bool dependent, cudaStream_t stream) {
+  cudaError_t err = prepare_kernel<T, Cfg>(info.device);
   if (err != cudaSuccess) return err;
-  const int items = p.num_tiles * p.num_chunks;
-  if (grid > items) grid = items;
-  xbai::head_tiles_kernel<T, Cfg><<<grid, xbai::kThreads, Cfg::template smem_bytes<T>(), stream>>>(p);
-  err = cudaGetLastError();
+  // Decode and single-chunk calls: the balanced schedule, one CTA per SM, each its share of the
+  // slices. Many row chunks: the grouped schedule over 64-unit tiles.
+  p.balanced = p.source == XBAI_ROWS_MASKED || p.num_chunks == 1;
+  const int tiles = (p.num_slices + xbai::kTileSlices - 1) / xbai::kTileSlices;
+  const int64_t work = p.balanced ? p.num_slices : static_cast<int64_t>(tiles) * p.num_chunks;
+  const int grid = static_cast<int>(work < info.sms ? work : info.sms);
+  err = launch_kernel(xbai::head_items_kernel<T, Cfg>, grid, Cfg::kThreads, Cfg::template smem_bytes<T>(),
+                      dependent, stream, p);
   if (err != cudaSuccess) return err;
   const int64_t reduce_blocks = (p.num_rows + kReduceWarps - 1) / kReduceWarps;
-  xbai::head_reduce_kernel<T><<<static_cast<unsigned>(reduce_blocks), 32 * kReduceWarps, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(xbai::head_reduce_kernel<T>, static_cast<unsigned>(reduce_blocks), 32 * kReduceWarps, 0,
+                       dependent, stream, p);
+}
+
+template <typename T, class Wide, class Deep>
+cudaError_t launch_family(const xbai::HeadParams& p, int pipeline, const DeviceInfo& info, bool dependent,
+                          cudaStream_t stream) {
+  const bool wide_fits = Wide::template smem_bytes<T>() <= static_cast<size_t>(info.max_smem);
+  const bool deep = pipeline == XBAI_PIPELINE_DEEP || (pipeline == XBAI_PIPELINE_AUTO && !wide_fits);
+  return deep ? launch<T, Deep>(p, info, dependent, stream) : launch<T, Wide>(p, info, dependent, stream);
 }
 
 template <typename T>
-cudaError_t launch_for_chunk(const xbai::HeadParams& p, int chunk_rows, int pipeline, cudaStream_t stream) {
-  // H200, d = 5120 (benchmarks/NOTES.md): wide was faster at 8 and 16 rows (41 vs 46 us, 48 vs 51),
-  // deep at 64 rows (78 vs 82 us); 32 rows was not timed and keeps wide.
-  const bool deep = pipeline == XBAI_PIPELINE_DEEP || (pipeline == XBAI_PIPELINE_AUTO && chunk_rows == 64);
+cudaError_t launch_for_chunk(const xbai::HeadParams& p, int chunk_rows, int pipeline, bool dependent,
+                             cudaStream_t stream) {
+  DeviceInfo info;
+  const cudaError_t err = device_info(&info);
+  if (err != cudaSuccess) return err;
+  dependent = dependent && info.dependent;
   switch (chunk_rows) {
-    case 8: return deep ? launch<T, Deep8>(p, stream) : launch<T, Wide8>(p, stream);
-    case 16: return deep ? launch<T, Deep16>(p, stream) : launch<T, Wide16>(p, stream);
-    case 32: return deep ? launch<T, Deep32>(p, stream) : launch<T, Wide32>(p, stream);
-    default: return deep ? launch<T, Deep64>(p, stream) : launch<T, Wide64>(p, stream);
+    case 8: return launch_family<T, Wide8, Deep8>(p, pipeline, info, dependent, stream);
+    case 16: return launch_family<T, Wide16, Deep16>(p, pipeline, info, dependent, stream);
+    case 32: return launch_family<T, Wide32, Deep32>(p, pipeline, info, dependent, stream);
+    default: return launch_family<T, Wide64, Deep64>(p, pipeline, info, dependent, stream);
   }
 }
 
@@ -155,13 +210,14 @@ extern "C" int32_t xbai_head_logits(const XbaiHeadLaunch* a) {
   p.output_slot = reinterpret_cast<int32_t*>(static_cast<char*>(a->workspace) + l.partials_bytes);
   p.out = a->out;
   p.row_capacity = l.row_capacity;
-  p.num_tiles = l.num_tiles;
+  p.num_slices = l.num_slices;
   p.num_chunks = l.num_chunks;
+  p.balanced = 0;
 
   cudaStream_t stream = static_cast<cudaStream_t>(a->stream);
   const cudaError_t err = a->dtype == XBAI_BFLOAT16
-                              ? launch_for_chunk<__nv_bfloat16>(p, l.chunk_rows, a->pipeline, stream)
-                              : launch_for_chunk<__half>(p, l.chunk_rows, a->pipeline, stream);
+                              ? launch_for_chunk<__nv_bfloat16>(p, l.chunk_rows, a->pipeline, a->dependent_launch != 0, stream)
+                              : launch_for_chunk<__half>(p, l.chunk_rows, a->pipeline, a->dependent_launch != 0, stream);
   return static_cast<int32_t>(err);
 }
 

@@ -28,8 +28,8 @@ enum XbaiStatus {
   XBAI_BAD_PIPELINE = -7,
 };
 
-/* Shape of the W1 pipeline (sprm_head_launch.cu): same results, different speed per GPU. AUTO takes
- * the one measured faster on an H200 for the batch's chunk width (benchmarks/NOTES.md). */
+/* Shape of the W1 pipeline (sprm_head_launch.cu): same results, different speed and shared memory.
+ * AUTO takes WIDE where the GPU's shared memory holds it, else DEEP. */
 enum XbaiPipeline { XBAI_PIPELINE_WIDE = 0, XBAI_PIPELINE_DEEP = 1, XBAI_PIPELINE_AUTO = 2 };
 
 typedef struct XbaiHeadLaunch {
@@ -50,10 +50,11 @@ typedef struct XbaiHeadLaunch {
   int64_t workspace_bytes;
   int32_t dtype;            /* XbaiDtype of hidden and of every weight */
   int32_t pipeline;         /* XbaiPipeline */
+  int32_t dependent_launch; /* 1: programmatic dependent launch on sm_90+ (ignored elsewhere), 0: plain */
   void* stream;             /* cudaStream_t; the launch is asynchronous on it */
 } XbaiHeadLaunch;
 
-/* Scratch bytes a launch with these sizes needs (partial sums per hidden-unit tile and row). */
+/* Scratch bytes a launch with these sizes needs (partial sums per 16-unit slice and row). */
 int64_t xbai_head_workspace_bytes(int32_t source, int64_t num_rows, int64_t d);
 
 /* Enqueues the head on launch->stream: out = W2 relu(W1 h + b1) + b2 per scored row. No host

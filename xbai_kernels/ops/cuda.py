@@ -16,8 +16,10 @@ path, which computes the same function; the log says so once. A row index outsid
 gives NaN instead of an error, because checking would need a host synchronization.
 
 ``XBAI_KERNELS_CUDA_PIPELINE=wide|deep|auto`` picks the shape of the W1 pipeline
-(csrc/sprm_head_launch.cu); all give the same bits. ``auto`` (the default) takes, per batch width,
-the shape measured faster on an H200 (benchmarks/NOTES.md).
+(csrc/sprm_head_launch.cu); all give the same bits. ``auto`` (the default) takes ``wide`` where the
+GPU's shared memory holds it (Hopper, A100), else ``deep``. ``XBAI_KERNELS_CUDA_PDL=0`` turns off
+programmatic dependent launch (on by default; sm_90+ only), which lets each kernel's launch overlap
+the end of the kernel before it on the stream.
 """
 
 from __future__ import annotations
@@ -59,6 +61,14 @@ def pipeline() -> str:
     if name not in _PIPELINES:
         raise ValueError(f"XBAI_KERNELS_CUDA_PIPELINE={name!r} is not one of {', '.join(_PIPELINES)}")
     return name
+
+
+def dependent_launch() -> bool:
+    """Whether launches use programmatic dependent launch (``XBAI_KERNELS_CUDA_PDL``, default 1)."""
+    value = os.environ.get("XBAI_KERNELS_CUDA_PDL", "1").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"XBAI_KERNELS_CUDA_PDL={value!r} must be 0 or 1")
+    return value == "1"
 
 
 def unavailable_reason() -> str | None:
@@ -127,7 +137,7 @@ def _launch(source: int, hidden, rows, row_mask, w1, b1, w2, b2, out: torch.Tens
         num_rows,
         w1.data_ptr(), b1.data_ptr(), w2.data_ptr(), b2.data_ptr(),
         out.data_ptr(), workspace.data_ptr(), workspace.numel(),
-        _DTYPE_CODES[hidden.dtype], _PIPELINES[pipeline()],
+        _DTYPE_CODES[hidden.dtype], _PIPELINES[pipeline()], int(dependent_launch()),
         torch.cuda.current_stream(hidden.device).cuda_stream,
     )
     # _C launches on the thread's current device: make it hidden's (a context switch costs microseconds).

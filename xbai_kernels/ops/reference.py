@@ -8,6 +8,8 @@ everywhere"), so the hidden activation relu(W1 h + b1) is never rounded to bf16.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -155,7 +157,7 @@ def step_score_geomean(logits: torch.Tensor) -> torch.Tensor:
     its non-zero logits (0.0 for a row with none). logits float [B, T] -> float32 [B]."""
     logits = logits.detach().float()
     nonzero = logits != 0
-    log_p = torch.where(nonzero, F.logsigmoid(logits).clamp_min(torch.log(torch.tensor(SCORE_CLAMP_MIN))), 0.0)
+    log_p = torch.where(nonzero, F.logsigmoid(logits).clamp_min(math.log(SCORE_CLAMP_MIN)), 0.0)
     counts = nonzero.sum(-1)
     return torch.where(counts > 0, torch.exp(log_p.sum(-1) / counts.clamp_min(1)), 0.0)
 

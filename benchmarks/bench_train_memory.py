@@ -245,22 +245,29 @@ def main(argv=None) -> dict:
                 try:
                     numbers = measure(variant, mode, layout, model, head, rm, rewards, step_id, device,
                                       autocast_dtype, args.repeats)
+                except Exception as exc:  # one failing variant must not lose the others' numbers
+                    numbers = {"error": f"{type(exc).__name__}: {exc}"}
                 finally:
                     if variant == "patched":
                         revert_sprm(model)
                 rows.append({"layout": layout, "mode": mode, "variant": variant, **numbers})
-                print(f"{layout:7s} {mode:20s} {variant:9s} peak {numbers['peak_bytes'] / 2**20:10.1f} MiB  "
-                      f"step {numbers['step_seconds_median']:.3f} s", flush=True)
+                if "error" in numbers:
+                    print(f"{layout:7s} {mode:20s} {variant:9s} FAILED {numbers['error'][:200]}", flush=True)
+                else:
+                    print(f"{layout:7s} {mode:20s} {variant:9s} peak {numbers['peak_bytes'] / 2**20:10.1f} MiB  "
+                          f"step {numbers['step_seconds_median']:.3f} s", flush=True)
 
     env = environment(device)
     saved = {}
     for row in rows:
         key = f"{row['layout']}/{row['mode']}"
-        entry = saved.setdefault(key, {})
-        entry[f"{row['variant']}_mib"] = row["peak_bytes"] / 2**20
+        entry = saved.setdefault(key, {"released_mib": None, "patched_mib": None})
+        if "peak_bytes" in row:
+            entry[f"{row['variant']}_mib"] = row["peak_bytes"] / 2**20
     for entry in saved.values():
-        entry["saved_mib"] = entry["released_mib"] - entry["patched_mib"]
-        entry["patched_lower"] = entry["patched_mib"] < entry["released_mib"]
+        if entry["released_mib"] is not None and entry["patched_mib"] is not None:
+            entry["saved_mib"] = entry["released_mib"] - entry["patched_mib"]
+            entry["patched_lower"] = entry["patched_mib"] < entry["released_mib"]
     result = {
         "benchmark": "train_memory",
         **env,
@@ -279,7 +286,10 @@ def main(argv=None) -> dict:
     write_result(result, args.out, f"{slug}-train-memory.json")
     print("\nlayout/mode                 released MiB  patched MiB   saved MiB")
     for key, entry in saved.items():
-        print(f"{key:27s} {entry['released_mib']:12.1f} {entry['patched_mib']:12.1f} {entry['saved_mib']:11.1f}")
+        if "saved_mib" in entry:
+            print(f"{key:27s} {entry['released_mib']:12.1f} {entry['patched_mib']:12.1f} {entry['saved_mib']:11.1f}")
+        else:
+            print(f"{key:27s} (a variant failed: see rows)")
     return result
 
 

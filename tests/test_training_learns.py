@@ -73,3 +73,14 @@ def test_backbone_training_moves_the_backbone_through_the_scaled_path(script):
     assert not torch.equal(embeddings.detach(), start)
     # The LM head and final norm only see the language-model loss, which this loop does not use.
     assert model.lm_head.weight.grad is None
+
+
+def test_trainer_path_trains_the_head(script, tmp_path):
+    pytest.importorskip("accelerate", reason="HuggingFace Trainer needs accelerate (extra 'train')")
+    torch.set_num_threads(1)
+    model, task = script.build_model(seed=0)
+    head = model.get_submodule("sprm_head")
+    start = head[0].weight.detach().clone()
+    losses = script.train_with_trainer(model, task, steps=4, batch_size=8, output_dir=str(tmp_path))
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    assert not torch.equal(head[0].weight.detach(), start)

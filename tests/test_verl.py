@@ -155,3 +155,20 @@ def test_input_errors_are_readable():
     with pytest.raises(ValueError, match="hidden must be"):
         sprm_score_loss(**{**good, "output_features": hidden[:, :64]})
     assert RELEASED_METRICS == ("correct_prob", "correct_num", "false_prob", "false_num")
+
+
+def test_head_and_loss_stay_float32_under_bf16_autocast():
+    # The released actor runs its forward under bf16 autocast; the head must still accumulate in fp32.
+    batch = standard_batch()
+    model = tiny_model()
+    head = released_head(model, batch)
+    rm = rmpad(batch)
+    with torch.no_grad():
+        hidden = model(input_ids=rm.input_ids, position_ids=rm.position_ids, use_cache=False, output_hidden_states=True).hidden_states[-2][0]
+    args = (hidden, rm.input_ids, rm.response_mask, STANDARD_REWARDS, rm.indices, rm.batch_size, rm.seqlen, head, STEP_ID)
+    expected, expected_stats = sprm_score_loss(*args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, stats = sprm_score_loss(*args)
+    assert stats["logits"].dtype == torch.float32
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(stats["logits"], expected_stats["logits"])

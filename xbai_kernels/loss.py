@@ -110,7 +110,7 @@ def sprm_head_loss(
         generator,
     )
     logits = torch.zeros(flat_mask.shape, dtype=torch.float32, device=hidden.device)
-    logits = logits.index_put((rows,), row_logits.detach()).reshape(step_mask.shape)
+    logits = logits.index_put((rows,), row_logits.detach().float()).reshape(step_mask.shape)
     stats = dict(stats)
     stats["logits"] = logits
     monitored = torch.where(valid, logits, 0.0).reshape(logits.shape[0], -1)

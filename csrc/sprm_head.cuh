@@ -53,9 +53,9 @@ enum RowSource : int { kRowsAll = 0, kRowsIndexed = 1, kRowsMasked = 2 };
 constexpr int kSliceUnits = 16;
 // The K split among warps is fixed for every configuration: it fixes the summation order.
 constexpr int kWarpsK = 4;
-// Largest item: 96 units. Balanced items at d = 5120 on 132 SMs need 5 slices; larger d (or fewer
+// Largest item: 80 units. Balanced items at d = 5120 on 132 SMs need 5 slices; larger d (or fewer
 // SMs) takes several passes over a CTA's range.
-constexpr int kMaxSlices = 6;
+constexpr int kMaxSlices = 5;
 constexpr int kMaxUnits = kMaxSlices * kSliceUnits;
 // Grouped schedule: 64-unit tiles, kTileGroup of them share every row chunk while in L2.
 constexpr int kTileSlices = 4;

@@ -25,8 +25,14 @@ LOSS_EPS = 1e-5
 
 def head_logits(hidden: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
     """logit = W2 relu(W1 h + b1) + b2 for every row. hidden [N, d] any float dtype -> float32 [N]."""
-    activation = torch.relu(F.linear(hidden.float(), w1.float(), b1.float()))
-    return F.linear(activation, w2.float(), b2.float()).squeeze(-1)
+    with _float32(hidden):
+        activation = torch.relu(F.linear(hidden.float(), w1.float(), b1.float()))
+        return F.linear(activation, w2.float(), b2.float()).squeeze(-1)
+
+
+def _float32(tensor: torch.Tensor):
+    """The oracle computes in float32 even inside an autocast region, which would round to bf16."""
+    return torch.autocast(tensor.device.type, enabled=False)
 
 
 def head_logits_rows(hidden: torch.Tensor, rows: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
@@ -196,11 +202,12 @@ def sprm_head_loss(
     s = backbone_grad_scale
     hidden_rows = hidden.index_select(0, rows)
     h = hidden_rows * s + hidden_rows.detach() * (1 - s)
-    activation = torch.relu(F.linear(h.float(), w1.float(), b1.float()))
-    keep = dropout_keep_mask(activation.shape, dropout_p, activation.device, generator)
-    if keep is not None:
-        activation = activation * keep
-    logits = F.linear(activation, w2.float(), b2.float()).squeeze(-1)
+    with _float32(h):
+        activation = torch.relu(F.linear(h.float(), w1.float(), b1.float()))
+        keep = dropout_keep_mask(activation.shape, dropout_p, activation.device, generator)
+        if keep is not None:
+            activation = activation * keep
+        logits = F.linear(activation, w2.float(), b2.float()).squeeze(-1)
     all_rows = torch.ones_like(correct)
     loss, stats = spr_loss(logits, correct, valid, all_rows, process_group)
     return loss, logits, stats

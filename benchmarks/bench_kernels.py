@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import time
@@ -31,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._common import RESULTS_DIR, environment, write_result
+from ._common import environment, write_result
 
 DTYPE = torch.bfloat16
 GRAPH_CALLS = 10
@@ -183,6 +182,19 @@ def guarded(row: dict, column: str, fn):
 # ----- decode ------------------------------------------------------------------------------------
 
 
+def decode_sets(batch: int, d: int, steps: int, heads, device, seed: int) -> list[tuple]:
+    """Argument sets (hidden, row_mask, W1, b1, W2, b2, out) of a decode batch with ``steps`` step rows
+    at random positions; enough sets that consecutive calls use different weight copies."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    sets = []
+    for k in range(max(4, len(heads))):
+        hidden = torch.randn(batch, d, device=device, dtype=DTYPE, generator=g)
+        mask = torch.zeros(batch, dtype=torch.bool, device=device)
+        mask[torch.randperm(batch, device=device, generator=g)[:steps]] = True
+        sets.append((hidden, mask, *heads[k % len(heads)], torch.empty(batch, device=device)))
+    return sets
+
+
 def decode_cases(args, device, ceilings, budget) -> list[dict]:
     ops = backend_ops("head_logits_masked", device)
     rows_out = []
@@ -191,13 +203,7 @@ def decode_cases(args, device, ceilings, budget) -> list[dict]:
         released = [released_head(w) for w in heads]
         compiled = None
         for batch, steps in [(b, max(1, b // 4)) for b in args.decode_b] + [(max(args.decode_b), 0)]:
-            g = torch.Generator(device=device).manual_seed(batch + d)
-            sets = []
-            for k in range(max(4, len(heads))):
-                hidden = torch.randn(batch, d, device=device, dtype=DTYPE, generator=g)
-                mask = torch.zeros(batch, dtype=torch.bool, device=device)
-                mask[torch.randperm(batch, device=device, generator=g)[:steps]] = True
-                sets.append((hidden, mask, *heads[k % len(heads)], torch.empty(batch, device=device)))
+            sets = decode_sets(batch, d, steps, heads, device, seed=batch + d)
             weight_bytes = (2 * d * d + 4 * d + 1) * 2
             floor_bytes = (weight_bytes if steps else 0) + batch + steps * d * 2 + batch * 4
             row = {"d": d, "B": batch, "step_rows": steps, "floor_us": 1e6 * floor_bytes / ceilings["copy_Bps"]}
@@ -364,14 +370,8 @@ def sweep(args, device, budget) -> dict:
     }
     for (d, batch), configs in decode_plan.items():
         heads = weight_copies(d, device)
-        g = torch.Generator(device=device).manual_seed(batch)
         for steps in (max(1, batch // 4), 0):
-            sets = []
-            for k in range(max(4, len(heads))):
-                hidden = torch.randn(batch, d, device=device, dtype=DTYPE, generator=g)
-                mask = torch.zeros(batch, dtype=torch.bool, device=device)
-                mask[torch.randperm(batch, device=device, generator=g)[:steps]] = True
-                sets.append((hidden, mask, *heads[k % len(heads)], torch.empty(batch, device=device)))
+            sets = decode_sets(batch, d, steps, heads, device, seed=batch + steps)
             for cfg in configs[: 2 if steps == 0 else None]:
                 if not budget.allows(10):
                     break

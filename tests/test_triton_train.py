@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_triton_ops import env, make_head, randn, triton_backend  # noqa: F401  (env is a fixture)
+from test_triton_ops import env, make_head, randn  # noqa: F401  (env is a fixture)
 from xbai_kernels.ops import reference
 from xbai_kernels.ops.triton import train
 

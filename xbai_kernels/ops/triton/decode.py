@@ -123,7 +123,7 @@ class DecodeConfig:
     fused_reduction: bool = True
 
 
-def default_config(batch: int, d: int, device: torch.device) -> DecodeConfig:
+def default_config(batch: int, d: int, device: torch.device, operand_bytes: int = 2) -> DecodeConfig:
     """Block sizes: small under the interpreter (several tiles on tiny test shapes), GPU-tuned otherwise."""
     if device.type != "cuda":
         return DecodeConfig(block_m=16, block_n=16, block_k=32, num_warps=4, num_stages=1)
@@ -140,8 +140,9 @@ def default_config(batch: int, d: int, device: torch.device) -> DecodeConfig:
         block_n, num_stages = (64, 4) if block_m <= 16 else (128, 3)
     # The single-launch reduction runs in one program after all others: free for a few rows (it saves
     # a launch), but its serial loop over B costs more than a second, parallel launch for large B.
+    # fp32 operands (an fp32 head) halve the K depth so a stage still fits Hopper's 227 KB per block.
     return DecodeConfig(
-        block_m=block_m, block_n=block_n, block_k=128, num_warps=4 if block_m <= 64 else 8,
+        block_m=block_m, block_n=block_n, block_k=256 // operand_bytes, num_warps=4 if block_m <= 64 else 8,
         num_stages=num_stages, fused_reduction=batch <= 64,
     )
 
@@ -190,7 +191,7 @@ def head_logits_masked(
     hidden = _launch.rows_last_contiguous(hidden)
     row_mask = row_mask.contiguous().view(torch.uint8)
     fmt = _launch.dot_format(hidden, w1)
-    cfg = config or default_config(batch, d, hidden.device)
+    cfg = config or default_config(batch, d, hidden.device, fmt.dtype.primitive_bitwidth // 8)
     num_tiles = triton.cdiv(2 * d, cfg.block_n)
     partial = torch.empty(num_tiles, batch, dtype=torch.float32, device=hidden.device)
     mask_chunk = min(128, _launch.next_pow2(batch))

@@ -97,7 +97,7 @@ class RowsConfig:
     num_stages: int
 
 
-def default_config(n: int, d: int, device: torch.device) -> RowsConfig:
+def default_config(n: int, d: int, device: torch.device, operand_bytes: int = 2) -> RowsConfig:
     """Small tiles under the interpreter (several tiles on tiny shapes); Hopper tensor-core tiles on GPU.
 
     Measured on an H200, 2% of 65536 rows (benchmarks/NOTES.md): 128x256x64 tiles, 3 stages, were
@@ -105,6 +105,10 @@ def default_config(n: int, d: int, device: torch.device) -> RowsConfig:
     """
     if device.type != "cuda":
         return RowsConfig(block_m=16, block_n=32, block_k=16, group_m=2, num_warps=4, num_stages=1)
+    if operand_bytes > 2:
+        # fp32 operands (an fp32 head) take twice the shared memory per stage: the 16-bit tiles below
+        # would ask for 256 KB, over Hopper's 227 KB per block.
+        return RowsConfig(block_m=64, block_n=128, block_k=32, group_m=8, num_warps=4, num_stages=3)
     if n <= 64:
         return RowsConfig(block_m=64, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=4)
     if d < 3072:
@@ -136,7 +140,7 @@ def launch_rows_head(
     if n == 0:
         return logits
     fmt = _launch.dot_format(hidden, w1)
-    cfg = config or default_config(n, d, hidden.device)
+    cfg = config or default_config(n, d, hidden.device, fmt.dtype.primitive_bitwidth // 8)
     num_m = triton.cdiv(n, cfg.block_m)
     num_n = triton.cdiv(2 * d, cfg.block_n)
     partial = torch.empty(num_n, n, dtype=torch.float32, device=hidden.device)

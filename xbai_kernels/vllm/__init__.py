@@ -49,27 +49,40 @@ def check_vllm_version(version: str) -> None:
 
 
 def register() -> None:
-    """The ``vllm.general_plugins`` entry point: idempotent, models registered by string, no CUDA."""
+    """The ``vllm.general_plugins`` entry point: idempotent, models registered by string, no CUDA.
+
+    With ``XBAI_SPRM=0`` the model classes are still registered (they load a checkpoint directory
+    that holds ``sprm_head.safetensors``, which stock vLLM would try to load as model weights) but
+    score nothing, and no vLLM default is changed.
+    """
     global _registered
     from . import config
 
-    if _registered or not config.enabled_by_environment():
+    if _registered:
         return
     import vllm
 
-    check_vllm_version(vllm.__version__)
-    # Scoring hooks the V1 model runner; CUDA builds of 0.32 default to Model Runner V2.
-    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    scoring = config.enabled_by_environment()
+    try:
+        check_vllm_version(vllm.__version__)
+    except RuntimeError:
+        if scoring:
+            raise
+        return  # XBAI_SPRM=0 on an unsupported vLLM: leave vLLM entirely alone
+    if scoring:
+        # Scoring hooks the V1 model runner; CUDA builds of 0.32 default to Model Runner V2.
+        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     from vllm import ModelRegistry
 
     for architecture, target in MODEL_CLASSES.items():
         ModelRegistry.register_model(architecture, target)
-    from .engine import patch_scheduler
-    from .frontend import patch_output_processor
-    patch_scheduler()
-    patch_output_processor()
-    from .server import install_server_patch
+    if scoring:
+        from .engine import patch_scheduler
+        from .frontend import patch_output_processor
+        from .server import install_server_patch
 
-    install_server_patch()
+        patch_scheduler()
+        patch_output_processor()
+        install_server_patch()
     _registered = True
-    logger.debug("xbai_kernels: vLLM plugin registered (%s)", ", ".join(MODEL_CLASSES))
+    logger.debug("xbai_kernels: vLLM plugin registered (scoring %s)", "on" if scoring else "off")

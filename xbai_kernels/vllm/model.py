@@ -24,29 +24,9 @@ from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 from ..head import HEAD_KEYS, SPRMHead
 from ..rule import StepRule
 from . import config as sprm_config
-from .recorder import StepLogitRecorder
+from .runtime import SPRMRuntime
 
 logger = logging.getLogger("xbai_kernels.vllm")
-
-
-class SPRMRuntime:
-    """What one worker needs to score: the head, the step rule, the ``h`` buffer and the recorder.
-
-    hidden [max_tokens, d] (model dtype) is written by every forward; next_prompt_ids int64
-    [max_requests] and, on CUDA, pinned host buffers for the per-step copy.
-    """
-
-    def __init__(self, head: SPRMHead, rule: StepRule, vocab_size: int, max_tokens: int, max_requests: int, dtype):
-        device = head[0].weight.device
-        self.head = head
-        self.rule = rule
-        self.hidden = torch.zeros(max_tokens, head.hidden_size, dtype=dtype, device=device)
-        self.recorder = StepLogitRecorder(head, rule, vocab_size, max_tokens, max_requests)
-        self.next_prompt_ids = torch.zeros(max_requests, dtype=torch.int64, device=device)
-        pinned = device.type == "cuda"
-        self.host_is_step = torch.zeros(max_tokens, dtype=torch.bool, pin_memory=pinned)
-        self.host_logits = torch.zeros(max_tokens, dtype=torch.float32, pin_memory=pinned)
-        self.layout = None  # the current step's _StepLayout, set by the runner patch
 
 
 def _refuse_unsupported(vllm_config) -> None:

@@ -48,6 +48,7 @@ class StepLogitRecorder:
         inside = (token_ids >= 0) & (token_ids < self.is_step_token.numel())
         return self.is_step_token[token_ids.clamp(0, self.is_step_token.numel() - 1)] & inside
 
+    @torch.no_grad()
     def update(
         self,
         hidden: torch.Tensor,

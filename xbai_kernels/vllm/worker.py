@@ -68,9 +68,13 @@ def _capture_layout(runner) -> _StepLayout:
 
 def _run_update(runner, runtime, layout: _StepLayout, sampled_token_ids: torch.Tensor) -> None:
     num_reqs, num_tokens = len(layout.req_ids), layout.num_tokens
-    device = runtime.recorder.device
+    on_cuda = runtime.recorder.device.type == "cuda"
+    host = runtime.next_host_buffers()
+    # Staged through pinned memory: asynchronous copies both ways, no wait on the host.
+    staged = host.next_prompt_ids[:num_reqs]
+    staged.numpy()[:] = layout.next_prompt_ids
     next_prompt = runtime.next_prompt_ids[:num_reqs]
-    next_prompt.copy_(torch.from_numpy(layout.next_prompt_ids), non_blocking=device.type == "cuda")
+    next_prompt.copy_(staged, non_blocking=on_cuda)
     is_step, logits = runtime.recorder.update(
         runtime.hidden[:num_tokens],
         runner.input_ids.gpu[:num_tokens],
@@ -79,16 +83,14 @@ def _run_update(runner, runtime, layout: _StepLayout, sampled_token_ids: torch.T
         runner.discard_request_mask.gpu[:num_reqs],
         next_prompt,
     )
-    if device.type == "cuda":
-        host_is_step = runtime.host_is_step[:num_tokens]
-        host_logits = runtime.host_logits[:num_tokens]
-        host_is_step.copy_(is_step, non_blocking=True)
-        host_logits.copy_(logits, non_blocking=True)
+    host_is_step, host_logits = host.is_step[:num_tokens], host.logits[:num_tokens]
+    host_is_step.copy_(is_step, non_blocking=on_cuda)
+    host_logits.copy_(logits, non_blocking=on_cuda)
+    ready = None
+    if on_cuda:
         ready = torch.cuda.Event()
         ready.record()
-        layout.host_copy = (host_is_step, host_logits, ready)
-    else:
-        layout.host_copy = (is_step.clone(), logits.clone(), None)
+    layout.host_copy = (host_is_step, host_logits, ready)
 
 
 def _host_records(layout: _StepLayout) -> dict[str, tuple[list[int], list[float]]]:

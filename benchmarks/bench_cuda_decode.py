@@ -27,9 +27,7 @@ from _common import environment, write_result  # noqa: E402
 BACKENDS = ("cuda", "triton", "reference")
 # CUDA backend variants timed as separate columns: W1 pipeline shape (XBAI_KERNELS_CUDA_PIPELINE)
 # and programmatic dependent launch on/off (XBAI_KERNELS_CUDA_PDL).
-CUDA_VARIANTS = {
-    "cuda-wide": ("wide", "1"), "cuda-long": ("long", "1"), "cuda-deep": ("deep", "1"), "cuda-wide-nopdl": ("wide", "0"),
-}
+CUDA_VARIANTS = {"cuda-wide": ("wide", "1"), "cuda-deep": ("deep", "1"), "cuda-wide-nopdl": ("wide", "0")}
 CALLS_PER_GRAPH = 10
 
 

@@ -18,7 +18,7 @@ timeout 70 python3 -m benchmarks kernels --quick --no-compile --budget 55 --out 
 echo "kernels suite rc=$? (log: kernels.log)"; tail -25 "$OUT/kernels.log"
 # Hardware counters for one decode launch at B = 1 per pipeline shape (DRAM throughput, stalls).
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-for shape in wide long; do
+for shape in wide deep; do
   [ -n "$NCU" ] || break
   echo "== ncu $shape" >> "$OUT/ncu.txt"
   XBAI_KERNELS_CUDA_PIPELINE=$shape timeout 45 "$NCU" --clock-control none -k regex:head_items --launch-skip 2 \

@@ -93,8 +93,7 @@ extern "C" __attribute__((visibility("default"))) PyObject* PyInit__C(void) {
       PyModule_AddIntConstant(module, "BFLOAT16", XBAI_BFLOAT16) < 0 ||
       PyModule_AddIntConstant(module, "PIPELINE_WIDE", XBAI_PIPELINE_WIDE) < 0 ||
       PyModule_AddIntConstant(module, "PIPELINE_DEEP", XBAI_PIPELINE_DEEP) < 0 ||
-      PyModule_AddIntConstant(module, "PIPELINE_AUTO", XBAI_PIPELINE_AUTO) < 0 ||
-      PyModule_AddIntConstant(module, "PIPELINE_LONG", XBAI_PIPELINE_LONG) < 0) {
+      PyModule_AddIntConstant(module, "PIPELINE_AUTO", XBAI_PIPELINE_AUTO) < 0) {
     Py_DECREF(module);
     return nullptr;
   }

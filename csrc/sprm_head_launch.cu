@@ -46,15 +46,12 @@ Layout layout_for(int32_t source, int64_t num_rows, int64_t d) {
 }
 
 // Tile configurations: TileConfig<chunk rows, BlockK, stages, warps along rows>, one CTA per SM.
-// The families differ in the columns of each W1 row one stage reads (BlockK x 2 bytes contiguous):
-// "long" 512 bytes (3-4 stages, up to 223 KB of shared memory), "wide" 256 bytes (5-6 stages, up to
-// 177 KB), "deep" 128 bytes in at most 97 KB, so it also fits GPUs with 99 KB per block
-// (sm_86/sm_89). auto takes the preferred family where it fits (benchmarks/NOTES.md). All give the
-// same bits (sprm_head.cuh: the K split among warps and every sum order are fixed).
-using Long8 = xbai::TileConfig<8, 256, 4, 1>;
-using Long16 = xbai::TileConfig<16, 256, 4, 1>;
-using Long32 = xbai::TileConfig<32, 256, 3, 2>;
-using Long64 = xbai::TileConfig<64, 256, 3, 2>;
+// "wide" reads 256 contiguous bytes of each W1 row per stage, 5-6 stages (up to 196 KB of shared
+// memory: Hopper, A100); "deep" reads 128 bytes per row in at most 83 KB, so it also fits GPUs with
+// 99 KB per block (sm_86/sm_89). H200, d = 5120 (benchmarks/NOTES.md): wide 41/46/64 us at
+// B = 1/16/256, deep 55/56/64, and a 512-byte "long" family (3-4 stages) 42/46/66, so auto takes
+// wide where it fits. All give the same bits (sprm_head.cuh: the K split among warps and every sum
+// order are fixed).
 using Wide8 = xbai::TileConfig<8, 128, 6, 1>;
 using Wide16 = xbai::TileConfig<16, 128, 6, 1>;
 using Wide32 = xbai::TileConfig<32, 128, 5, 2>;
@@ -149,24 +146,12 @@ cudaError_t launch(xbai::HeadParams p, const DeviceInfo& info, bool dependent, c
                        dependent, stream, p);
 }
 
-// The family `pipeline` names; AUTO: kAutoPipeline where the GPU's shared memory holds it, else the
-// next smaller family.
-constexpr int kAutoPipeline = XBAI_PIPELINE_WIDE;
-
-template <typename T, class Long, class Wide, class Deep>
+template <typename T, class Wide, class Deep>
 cudaError_t launch_family(const xbai::HeadParams& p, int pipeline, const DeviceInfo& info, bool dependent,
                           cudaStream_t stream) {
-  const size_t limit = static_cast<size_t>(info.max_smem);
-  if (pipeline == XBAI_PIPELINE_AUTO) {
-    pipeline = kAutoPipeline;
-    if (pipeline == XBAI_PIPELINE_LONG && Long::template smem_bytes<T>() > limit) pipeline = XBAI_PIPELINE_WIDE;
-    if (pipeline == XBAI_PIPELINE_WIDE && Wide::template smem_bytes<T>() > limit) pipeline = XBAI_PIPELINE_DEEP;
-  }
-  switch (pipeline) {
-    case XBAI_PIPELINE_LONG: return launch<T, Long>(p, info, dependent, stream);
-    case XBAI_PIPELINE_WIDE: return launch<T, Wide>(p, info, dependent, stream);
-    default: return launch<T, Deep>(p, info, dependent, stream);
-  }
+  const bool wide_fits = Wide::template smem_bytes<T>() <= static_cast<size_t>(info.max_smem);
+  const bool deep = pipeline == XBAI_PIPELINE_DEEP || (pipeline == XBAI_PIPELINE_AUTO && !wide_fits);
+  return deep ? launch<T, Deep>(p, info, dependent, stream) : launch<T, Wide>(p, info, dependent, stream);
 }
 
 template <typename T>
@@ -177,10 +162,10 @@ cudaError_t launch_for_chunk(const xbai::HeadParams& p, int chunk_rows, int pipe
   if (err != cudaSuccess) return err;
   dependent = dependent && info.dependent;
   switch (chunk_rows) {
-    case 8: return launch_family<T, Long8, Wide8, Deep8>(p, pipeline, info, dependent, stream);
-    case 16: return launch_family<T, Long16, Wide16, Deep16>(p, pipeline, info, dependent, stream);
-    case 32: return launch_family<T, Long32, Wide32, Deep32>(p, pipeline, info, dependent, stream);
-    default: return launch_family<T, Long64, Wide64, Deep64>(p, pipeline, info, dependent, stream);
+    case 8: return launch_family<T, Wide8, Deep8>(p, pipeline, info, dependent, stream);
+    case 16: return launch_family<T, Wide16, Deep16>(p, pipeline, info, dependent, stream);
+    case 32: return launch_family<T, Wide32, Deep32>(p, pipeline, info, dependent, stream);
+    default: return launch_family<T, Wide64, Deep64>(p, pipeline, info, dependent, stream);
   }
 }
 
@@ -195,8 +180,7 @@ extern "C" int64_t xbai_head_workspace_bytes(int32_t source, int64_t num_rows, i
 extern "C" int32_t xbai_head_logits(const XbaiHeadLaunch* a) {
   if (a->dtype != XBAI_FLOAT16 && a->dtype != XBAI_BFLOAT16) return XBAI_BAD_DTYPE;
   if (a->d <= 0 || a->d % 8 != 0) return XBAI_BAD_HIDDEN_SIZE;
-  if (a->pipeline != XBAI_PIPELINE_WIDE && a->pipeline != XBAI_PIPELINE_DEEP && a->pipeline != XBAI_PIPELINE_AUTO &&
-      a->pipeline != XBAI_PIPELINE_LONG)
+  if (a->pipeline != XBAI_PIPELINE_WIDE && a->pipeline != XBAI_PIPELINE_DEEP && a->pipeline != XBAI_PIPELINE_AUTO)
     return XBAI_BAD_PIPELINE;
   if (a->source != XBAI_ROWS_ALL && a->source != XBAI_ROWS_INDEXED && a->source != XBAI_ROWS_MASKED)
     return XBAI_BAD_ROW_SOURCE;
@@ -247,7 +231,7 @@ extern "C" const char* xbai_status_string(int32_t status) {
     case XBAI_BAD_ROW_SOURCE: return "row source must be 0 (all), 1 (indexed) or 2 (masked)";
     case XBAI_WORKSPACE_TOO_SMALL: return "workspace is smaller than xbai_head_workspace_bytes()";
     case XBAI_MISSING_POINTER: return "a required pointer is null";
-    case XBAI_BAD_PIPELINE: return "pipeline must be 0 (wide), 1 (deep), 2 (auto) or 3 (long)";
+    case XBAI_BAD_PIPELINE: return "pipeline must be 0 (wide), 1 (deep) or 2 (auto)";
     default: return status > 0 ? cudaGetErrorString(static_cast<cudaError_t>(status)) : "unknown status";
   }
 }

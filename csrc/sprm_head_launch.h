@@ -29,8 +29,8 @@ enum XbaiStatus {
 };
 
 /* Shape of the W1 pipeline (sprm_head_launch.cu): same results, different speed and shared memory.
- * AUTO takes the family preferred on Hopper where the GPU's shared memory holds it. */
-enum XbaiPipeline { XBAI_PIPELINE_WIDE = 0, XBAI_PIPELINE_DEEP = 1, XBAI_PIPELINE_AUTO = 2, XBAI_PIPELINE_LONG = 3 };
+ * AUTO takes WIDE (measured fastest on an H200) where the GPU's shared memory holds it, else DEEP. */
+enum XbaiPipeline { XBAI_PIPELINE_WIDE = 0, XBAI_PIPELINE_DEEP = 1, XBAI_PIPELINE_AUTO = 2 };
 
 typedef struct XbaiHeadLaunch {
   const void* hidden;       /* [hidden_rows, d], row stride hidden_stride elements */

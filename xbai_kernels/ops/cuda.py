@@ -15,10 +15,10 @@ of 8. Other inputs (fp32, mixed dtypes, odd d) and calls that need autograd go t
 path, which computes the same function; the log says so once. A row index outside ``hidden``
 gives NaN instead of an error, because checking would need a host synchronization.
 
-``XBAI_KERNELS_CUDA_PIPELINE=long|wide|deep|auto`` picks the shape of the W1 pipeline (512, 256 or
-128 contiguous bytes of each W1 row per stage; csrc/sprm_head_launch.cu); all give the same bits.
-``auto`` (the default) takes the shape measured fastest on an H200 where the GPU's shared memory
-holds it, else a smaller one. ``XBAI_KERNELS_CUDA_PDL=0`` turns off
+``XBAI_KERNELS_CUDA_PIPELINE=wide|deep|auto`` picks the shape of the W1 pipeline (256 or 128
+contiguous bytes of each W1 row per stage; csrc/sprm_head_launch.cu); all give the same bits.
+``auto`` (the default) takes ``wide``, measured fastest on an H200, where the GPU's shared memory
+holds it (Hopper, A100), else ``deep``. ``XBAI_KERNELS_CUDA_PDL=0`` turns off
 programmatic dependent launch (on by default; sm_90+ only), which lets each kernel's launch overlap
 the end of the kernel before it on the stream.
 """
@@ -52,7 +52,7 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 # Source codes of csrc/sprm_head_launch.h (XbaiRowSource): which rows the kernel scores.
 ROWS_ALL, ROWS_INDEXED, ROWS_MASKED = 0, 1, 2
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
-_PIPELINES = {"wide": 0, "deep": 1, "auto": 2, "long": 3}
+_PIPELINES = {"wide": 0, "deep": 1, "auto": 2}
 DEFAULT_PIPELINE = "auto"
 
 

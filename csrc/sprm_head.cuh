@@ -21,8 +21,8 @@
 // accumulation) multiply them. Two schedules hand out items:
 //   balanced (decode): a persistent grid of one CTA per SM; CTA c owns slices
 //     [c S / G, (c + 1) S / G), so every SM streams the same number of W1 bytes to within one slice
-//     (at d = 5120 on 132 SMs: 4 or 5 slices, 97% balance; 64-unit tiles gave 160 tiles on 132
-//     SMs, where 28 SMs streamed two tiles while the others idled half the time);
+//     (at d = 5120 on 132 SMs: 4 or 5 slices). On the H200 this loop is bound by instruction issue,
+//     not by the balance (benchmarks/NOTES.md, v3);
 //   grouped (packed, many row chunks): 4-slice tiles, kTileGroup tiles times every chunk in a row,
 //     so W1 and the rows both stay in L2 while many chunks reuse them.
 //

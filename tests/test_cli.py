@@ -44,6 +44,12 @@ def test_convert_refuses_a_bad_checkpoint(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.fixture(autouse=True)
+def hf_demo_engine(monkeypatch):
+    """These tests pin the HuggingFace demo path; the vLLM one is tested in tests/vllm/test_vllm_demo.py."""
+    monkeypatch.setenv("XBAI_DEMO_ENGINE", "hf")
+
+
 def _printed_scores(out: str) -> list[float]:
     return [float(m) for m in re.findall(r"^trajectory \d+: .* score ([0-9.]+)$", out, flags=re.M)]
 

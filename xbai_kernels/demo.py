@@ -1,13 +1,16 @@
 """The demo: Best-of-N on a tiny local model, every trajectory scored step by step with the SPRM head.
 
-This version samples with HuggingFace ``generate`` and then scores the finished trajectories the way
-the released pipeline does (one more forward over each whole text to read ``h``), which is the path
-the package exists to remove from serving; ``hidden_states_for_scoring`` and ``score_sequences_hf``
-are kept as functions so the vLLM demo can reuse them as its cross-check.
+With vLLM installed, the candidates are sampled and scored in one engine pass
+(``xbai_kernels.vllm.best_of_n``: the step scores come from the hidden states vLLM already had), and
+on the tiny model the demo cross-checks them against a HuggingFace forward over the same token ids.
+Without vLLM (or with ``XBAI_DEMO_ENGINE=hf``) it samples with HuggingFace ``generate`` and scores
+the finished trajectories the way the released pipeline does: one more forward over each whole
+text to read ``h``, the path the package exists to remove from serving.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -118,6 +121,19 @@ class DemoResult:
     best: int
 
 
+DEMO_ENGINES = ("auto", "vllm", "hf")
+
+
+def demo_engine(engine: str | None = None) -> str:
+    """``vllm`` or ``hf``: the argument, else ``XBAI_DEMO_ENGINE``, else vLLM when it is importable."""
+    choice = (engine or os.environ.get("XBAI_DEMO_ENGINE") or "auto").strip().lower()
+    if choice not in DEMO_ENGINES:
+        raise ValueError(f"demo engine must be one of {', '.join(DEMO_ENGINES)}, got {choice!r}")
+    if choice == "auto":
+        return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+    return choice
+
+
 def run_demo(
     model_dir: str | Path | None = None,
     num_samples: int = 4,
@@ -126,8 +142,28 @@ def run_demo(
     prompt: str = DEFAULT_PROMPT,
     device: str = "cpu",
     echo: Callable[[str], None] = print,
+    engine: str | None = None,
 ) -> DemoResult:
-    """Sample ``num_samples`` trajectories, score every step, print them and the Best-of-N pick."""
+    """Sample ``num_samples`` trajectories, score every step, print them and the Best-of-N pick.
+
+    ``engine``: ``"vllm"`` (one engine pass, see ``run_demo_vllm``), ``"hf"`` (generate, then a
+    second forward to score) or ``"auto"``/None (``XBAI_DEMO_ENGINE``, else vLLM when installed).
+    """
+    if demo_engine(engine) == "vllm":
+        return run_demo_vllm(model_dir, num_samples, max_new_tokens, seed, prompt, echo)
+    return run_demo_hf(model_dir, num_samples, max_new_tokens, seed, prompt, device, echo)
+
+
+def run_demo_hf(
+    model_dir: str | Path | None = None,
+    num_samples: int = 4,
+    max_new_tokens: int = 96,
+    seed: int = 0,
+    prompt: str = DEFAULT_PROMPT,
+    device: str = "cpu",
+    echo: Callable[[str], None] = print,
+) -> DemoResult:
+    """The HuggingFace path: ``generate``, then one forward per trajectory to score it."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -142,17 +178,105 @@ def run_demo(
     scores = score_sequences_hf(model, head, rule, trajectories)
 
     echo(f"prompt: {prompt!r}; {num_samples} samples, up to {max_new_tokens} new tokens each\n")
-    texts = []
-    for s, ids in enumerate(trajectories):
+    texts = [tokenizer.decode(ids) for ids in trajectories]
+    best = _report(scores, [ids.numel() for ids in trajectories], num_samples, echo)
+    echo("  " + _snippet(tokenizer.decode(trajectories[best][-48:])))
+    return DemoResult(texts, scores, best)
+
+
+def _report(scores: TrajectoryScores, lengths: list[int], num_samples: int, echo) -> int:
+    """Print every trajectory's step scores and the pick; return the pick's index."""
+    for s, length in enumerate(lengths):
         one = scores[s]
-        texts.append(tokenizer.decode(ids))
         step_scores = " ".join(f"{p:.4f}" for p in one.step_scores.tolist()) or "(no step)"
-        echo(f"trajectory {s}: {ids.numel()} tokens, {one.positions.numel()} steps, score {one.score:.4f}")
+        echo(f"trajectory {s}: {length} tokens, {one.positions.numel()} steps, score {one.score:.4f}")
         echo(f"  step scores: {step_scores}")
     best = int(torch.argmax(scores.scores)) if len(scores) else 0
     echo(f"\nBest-of-{num_samples} pick: trajectory {best} (score {float(scores.scores[best]):.4f})")
-    echo("  " + _snippet(tokenizer.decode(trajectories[best][-48:])))
-    return DemoResult(texts, scores, best)
+    return best
+
+
+def _as_trajectory_scores(candidates) -> TrajectoryScores:
+    """The vLLM candidates' scores in the packed layout ``score_trajectories`` returns."""
+    counts = torch.tensor([len(c.step_positions) for c in candidates], dtype=torch.int64)
+    step_scores = torch.tensor([p for c in candidates for p in c.step_scores], dtype=torch.float32)
+    cu_steps = torch.zeros(len(candidates) + 1, dtype=torch.int64)
+    cu_steps[1:] = counts.cumsum(0)
+    return TrajectoryScores(
+        positions=torch.tensor([p for c in candidates for p in c.step_positions], dtype=torch.int64),
+        sequence_index=torch.repeat_interleave(torch.arange(len(candidates)), counts),
+        logits=torch.logit(step_scores.double()).float(),
+        step_scores=step_scores,
+        cu_steps=cu_steps,
+        scores=torch.tensor([c.score or 0.0 for c in candidates], dtype=torch.float32),
+    )
+
+
+def run_demo_vllm(
+    model_dir: str | Path | None = None,
+    num_samples: int = 4,
+    max_new_tokens: int = 96,
+    seed: int = 0,
+    prompt: str = DEFAULT_PROMPT,
+    echo: Callable[[str], None] = print,
+) -> DemoResult:
+    """The vLLM path: N candidates sampled and step-scored in one ``generate`` (``best_of_n``).
+
+    On the tiny model the scores are cross-checked against a HuggingFace forward over the same
+    token ids (the released pipeline's second pass), and the largest difference is printed.
+    """
+    # Quiet and in-process unless the user asked otherwise: the demo prints its own results.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM
+
+    from .vllm import best_of_n
+
+    tiny = model_dir is None
+    if tiny:
+        model_dir = ensure_tiny_model()
+        echo(f"model: tiny Qwen3 with random weights (built in {model_dir}), served by vLLM")
+        # The vLLM CPU engine wants KV blocks of a multiple of 32 tokens; a small memory share suffices.
+        engine_options = dict(dtype="float32", gpu_memory_utilization=0.3, max_model_len=1024)
+    else:
+        echo(f"model: {model_dir}, served by vLLM")
+        engine_options = {}
+    llm = LLM(str(model_dir), seed=seed, enforce_eager=True, block_size=32, **engine_options)
+    try:
+        tokenizer = llm.get_tokenizer()
+        chat = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        # SPEC: the released pipeline sampled at temperature 0.6-0.8 with top_p 0.95.
+        (result,) = best_of_n(llm, [chat], n=num_samples, temperature=0.7, top_p=0.95, max_tokens=max_new_tokens)
+    finally:
+        _shutdown(llm)
+    candidates = result.candidates
+    scores = _as_trajectory_scores(candidates)
+    prompt_length = len(result.prompt_token_ids)
+
+    echo(f"prompt: {prompt!r}; {num_samples} candidates from one engine pass, up to {max_new_tokens} new tokens each\n")
+    best = _report(scores, [prompt_length + len(c.token_ids) for c in candidates], num_samples, echo)
+    echo("  " + _snippet(candidates[best].text))
+    if tiny:
+        model, _, head, rule = load_model(model_dir)
+        sequences = [torch.tensor(result.prompt_token_ids + c.token_ids) for c in candidates]
+        again = score_sequences_hf(model, head, rule, sequences)
+        same_positions = torch.equal(again.positions, scores.positions)
+        difference = float((again.step_scores - scores.step_scores).abs().max()) if scores.step_scores.numel() else 0.0
+        echo(
+            f"\ncross-check, HuggingFace forward over the same tokens: step positions "
+            f"{'identical' if same_positions else 'DIFFER'}, largest step-score difference {difference:.2e}"
+        )
+    return DemoResult([result.prompt + c.text if result.prompt else c.text for c in candidates], scores, best)
+
+
+def _shutdown(llm) -> None:
+    """Stop the engine and release what an in-process engine holds (its distributed group)."""
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    llm.llm_engine.engine_core.shutdown()
+    cleanup_dist_env_and_memory()
 
 
 def _snippet(text: str, limit: int = 160) -> str:

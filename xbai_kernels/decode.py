@@ -24,8 +24,8 @@ from .head import SPRMHead
 from .ops import dispatch, reference
 from .rule import StepRule
 
-STEP, THINK_START, THINK_END = 0, 1, 2
-_NO_TOKEN = -1
+STEP, THINK_START, THINK_END = reference.EVENT_STEP, reference.EVENT_THINK_START, reference.EVENT_THINK_END
+_NO_TOKEN = reference.NO_TOKEN
 
 
 @dataclass
@@ -72,13 +72,9 @@ class DecodeScorer:
     # ----- recording (device only, no host sync) ------------------------------------------------
 
     def _candidates(self, current: torch.Tensor, following: torch.Tensor) -> torch.Tensor:
-        """SPEC rules 1 and 2: token i+1 in S, token i neither in S nor ``<think>``."""
-        return (
-            torch.isin(following, self._step_ids)
-            & ~torch.isin(current, self._step_ids)
-            & (current != self.rule.think_start_id)
-            & (current != _NO_TOKEN)
-        )
+        """SPEC rules 1 and 2 for a prefill chunk: token i+1 in S, token i neither in S nor ``<think>``."""
+        positions = torch.arange(current.shape[0], device=current.device)
+        return reference.decode_candidates(current, following, positions, self._step_ids, self.rule.think_start_id)
 
     def _marker_kind(self, tokens: torch.Tensor) -> torch.Tensor:
         kind = torch.where(tokens == self.rule.think_start_id, THINK_START, 0)
@@ -117,19 +113,19 @@ class DecodeScorer:
             if value.shape[0] != batch:
                 raise ValueError(f"DecodeScorer.step: {name} has {value.shape[0]} entries, sampled_ids has {batch}")
         self._check_hidden("DecodeScorer.step", hidden, batch)
-        slots, positions, sampled = slots.long(), positions.long(), sampled_ids.long()
+        slots, positions, sampled = (t.long().contiguous() for t in (slots, positions, sampled_ids))
 
-        current = self._last_token[slots]
-        is_step = self._candidates(current, sampled)
+        # Three launches on a fast backend (candidates, head, record) instead of thirty small ops:
+        # this runs after every sampled token.
+        device = self.device
+        is_step = dispatch.call(
+            "decode_candidates", device, self._last_token, sampled, slots, self._step_ids, self.rule.think_start_id
+        )
         logits = self._logits_of(hidden, is_step)
-        marker = self._marker_kind(sampled)
-        # A step token is never a marker (StepRule forbids it), so a row records at most one event.
-        kinds = torch.where(is_step, STEP, marker.long())
-        event_positions = torch.where(is_step, positions, positions + 1)
-        has_event = is_step | (marker != 0)
-        self._write(slots, torch.zeros_like(slots), has_event, kinds, event_positions, logits)
-        self._counts.index_add_(0, slots, has_event.long())
-        self._last_token[slots] = sampled
+        dispatch.call(
+            "decode_record", device, self._events, self._logits, self._counts, self._last_token,
+            slots, positions, sampled, is_step, logits, self.rule.think_start_id, self.rule.think_end_id,
+        )
 
     @torch.no_grad()
     def prefill(self, slot: int, hidden: torch.Tensor, input_ids: torch.Tensor, start_position) -> None:

@@ -55,6 +55,65 @@ def head_logits_masked(
     return out.copy_(logits)
 
 
+# DecodeScorer's event encoding: one int64 per event, (position << 2) | kind, in a [slots, capacity + 1]
+# buffer whose last column is a trash column (rows with nothing to record write there).
+EVENT_STEP, EVENT_THINK_START, EVENT_THINK_END = 0, 1, 2
+NO_TOKEN = -1
+
+
+def decode_candidates(
+    last_token: torch.Tensor, sampled: torch.Tensor, slots: torch.Tensor, step_ids: torch.Tensor, think_start_id: int
+) -> torch.Tensor:
+    """SPEC rules 1 and 2 for one decode step: bool [B], True where the row's position opens a step.
+
+    last_token int64 [num_slots] (the token at each slot's position being decoded, NO_TOKEN if
+    unknown), sampled int64 [B] (the token after it), slots int64 [B], step_ids int64 [|S|].
+    """
+    current = last_token[slots]
+    return (
+        torch.isin(sampled, step_ids)
+        & ~torch.isin(current, step_ids)
+        & (current != think_start_id)
+        & (current != NO_TOKEN)
+    )
+
+
+def decode_record(
+    events: torch.Tensor,
+    event_logits: torch.Tensor,
+    counts: torch.Tensor,
+    last_token: torch.Tensor,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+    sampled: torch.Tensor,
+    is_step: torch.Tensor,
+    logits: torch.Tensor,
+    think_start_id: int,
+    think_end_id: int,
+) -> None:
+    """Append one decode step's events in place (no host sync); slots must be distinct.
+
+    A row records a step candidate at ``positions`` (with its logit) when ``is_step``, else a marker
+    event at ``positions + 1`` when the sampled token is ``<think>``/``</think>``. Written in place:
+    events int64 / event_logits float32 [num_slots, capacity + 1], counts and last_token int64
+    [num_slots]. Events past capacity go to the trash column but are counted.
+    """
+    capacity = events.shape[1] - 1
+    marker = torch.where(sampled == think_start_id, EVENT_THINK_START, 0)
+    marker = torch.where(sampled == think_end_id, EVENT_THINK_END, marker)
+    # A step token is never a marker (StepRule forbids it), so a row records at most one event.
+    kind = torch.where(is_step, EVENT_STEP, marker)
+    event_position = torch.where(is_step, positions, positions + 1)
+    has_event = is_step | (marker != 0)
+    index = counts[slots]
+    column = torch.where(has_event & (index < capacity), index, capacity)
+    flat = slots * (capacity + 1) + column
+    events.view(-1).index_put_((flat,), event_position * 4 + kind)
+    event_logits.view(-1).index_put_((flat,), logits.float())
+    counts.index_add_(0, slots, has_event.long())
+    last_token.index_put_((slots,), sampled)
+
+
 def sequence_index(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     """int64 [total]: which sequence of the packed batch each token belongs to."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()

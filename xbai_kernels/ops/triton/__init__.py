@@ -1,7 +1,8 @@
 """Triton backend of the SPRM ops: the contract of ``ops.reference``, on GPU tensor cores.
 
-Three kernel families, one file each: ``decode`` (the in-decode scorer, ``head_logits_masked``),
-``packed`` (``head_logits``, ``head_logits_rows``: rows gathered in the kernel) and ``train``
+Four kernel families, one file each: ``decode`` (the in-decode scorer, ``head_logits_masked``),
+``record`` (its per-step bookkeeping, ``decode_candidates`` and ``decode_record``), ``packed``
+(``head_logits``, ``head_logits_rows``: rows gathered in the kernel) and ``train``
 (``sprm_head_loss``: fused forward with dropout and its backward). On a machine without a GPU the
 kernels run under Triton's interpreter when ``TRITON_INTERPRET=1`` is set before this import.
 """
@@ -13,9 +14,18 @@ import torch
 from ._launch import interpreting
 from .decode import head_logits_masked
 from .packed import head_logits_rows
+from .record import decode_candidates, decode_record
 from .train import sprm_head_loss
 
-__all__ = ["head_logits", "head_logits_rows", "head_logits_masked", "sprm_head_loss", "unavailable_reason"]
+__all__ = [
+    "decode_candidates",
+    "decode_record",
+    "head_logits",
+    "head_logits_masked",
+    "head_logits_rows",
+    "sprm_head_loss",
+    "unavailable_reason",
+]
 
 # bf16 tensor-core dots need Ampere or newer.
 _MIN_CAPABILITY = (8, 0)

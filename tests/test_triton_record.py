@@ -1,0 +1,116 @@
+"""DecodeScorer's per-step bookkeeping kernels (ops/triton/record.py) against the reference ops.
+
+Random decode steps over a pool of slots, with step ids, both markers, unknown current tokens and
+slots at capacity; the whole scorer state after each step must equal the reference's bit for bit.
+Runs under Triton's interpreter without a GPU (see ``test_triton_ops``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_triton_ops import env  # noqa: F401  (fixture)
+from xbai_kernels.ops import reference
+
+THINK_START, THINK_END = 3, 4
+NUM_SLOTS, CAPACITY = 9, 5
+
+
+def _random_step(generator, batch, vocab, device):
+    slots = torch.randperm(NUM_SLOTS, generator=generator)[:batch]
+    sampled = torch.randint(0, vocab, (batch,), generator=generator)
+    positions = torch.randint(1, 200, (batch,), generator=generator)
+    logits = torch.randn(batch, generator=generator)
+    return [t.to(device) for t in (slots, sampled, positions, logits)]
+
+
+@pytest.mark.parametrize("step_ids", [(7,), (7, 8, 9), tuple(range(10, 80))])  # one, few, more than a chunk
+@pytest.mark.parametrize("batch", [1, 5, 9])
+def test_record_matches_reference(env, step_ids, batch):  # noqa: F811
+    backend, device = env
+    generator = torch.Generator().manual_seed(batch * 100 + len(step_ids))
+    step_ids = torch.tensor(step_ids, dtype=torch.int64, device=device)
+    vocab = int(step_ids.max()) + 3
+    state = {
+        "events": torch.zeros(NUM_SLOTS, CAPACITY + 1, dtype=torch.int64),
+        "event_logits": torch.zeros(NUM_SLOTS, CAPACITY + 1),
+        "counts": torch.zeros(NUM_SLOTS, dtype=torch.int64),
+        "last_token": torch.full((NUM_SLOTS,), reference.NO_TOKEN, dtype=torch.int64),
+    }
+    ours = {k: v.clone().to(device) for k, v in state.items()}
+    oracle = {k: v.clone().to(device) for k, v in state.items()}
+    for _ in range(40):  # enough steps to fill some slots past capacity
+        slots, sampled, positions, logits = _random_step(generator, batch, vocab, device)
+        # Markers and step tokens often, so every branch runs.
+        sampled = torch.where(positions % 5 == 0, THINK_START, torch.where(positions % 7 == 0, THINK_END, sampled))
+        expected = reference.decode_candidates(oracle["last_token"], sampled, slots, step_ids, THINK_START)
+        got = backend.decode_candidates(ours["last_token"], sampled, slots, step_ids, THINK_START)
+        assert torch.equal(got, expected)
+        masked = torch.where(expected, logits, 0.0)
+        reference.decode_record(*oracle.values(), slots, positions, sampled, expected, masked, THINK_START, THINK_END)
+        backend.decode_record(*ours.values(), slots, positions, sampled, got, masked, THINK_START, THINK_END)
+        for name in state:
+            # The trash column holds whatever the last non-recording row wrote: compare the kept events.
+            if name in ("events", "event_logits"):
+                assert torch.equal(ours[name][:, :CAPACITY], oracle[name][:, :CAPACITY]), name
+            else:
+                assert torch.equal(ours[name], oracle[name]), name
+    assert int(oracle["counts"].max()) > CAPACITY, "the test should overflow a slot"
+
+
+def test_record_rejects_bad_inputs(env):  # noqa: F811
+    backend, device = env
+    last_token = torch.zeros(4, dtype=torch.int64, device=device)
+    step_ids = torch.tensor([7], device=device)
+    with pytest.raises(TypeError, match="sampled"):
+        backend.decode_candidates(last_token, torch.zeros(2, device=device), torch.zeros(2, dtype=torch.int64, device=device), step_ids, 3)
+    with pytest.raises(ValueError, match="slots"):
+        backend.decode_candidates(last_token, torch.zeros(2, dtype=torch.int64, device=device), torch.zeros(3, dtype=torch.int64, device=device), step_ids, 3)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_scorer_step_in_cuda_graph_matches_cpu_reference(monkeypatch):
+    """A whole DecodeScorer.step (candidates, head, record) captured once and replayed on new tokens
+    records what the CPU reference scorer records for the same steps."""
+    import xbai_kernels as xk
+
+    monkeypatch.setenv("XBAI_KERNELS_BACKEND", "triton")
+    batch, d, steps = 16, 1536, 24
+    rule = xk.StepRule((13, 14), THINK_START, THINK_END)
+    head_cpu = xk.SPRMHead(d).eval()
+    head_gpu = xk.SPRMHead(d).cuda().eval()
+    head_gpu.load_state_dict(head_cpu.state_dict())
+    gpu = xk.DecodeScorer(head_gpu, rule, batch, capacity=steps + 1)
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 20, (steps, batch), generator=generator)
+    hiddens = torch.randn(steps, batch, d, generator=generator)
+
+    static = {
+        "hidden": hiddens[0].cuda(), "sampled": tokens[0].cuda(),
+        "slots": torch.arange(batch, device="cuda"), "positions": torch.zeros(batch, dtype=torch.int64, device="cuda"),
+    }
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile every kernel outside the capture, then undo its effect
+        gpu.step(**{"sampled_ids" if k == "sampled" else k: v for k, v in static.items()})
+    torch.cuda.current_stream().wait_stream(side)
+    gpu.reset(list(range(batch)))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gpu.step(static["hidden"], static["sampled"], static["slots"], static["positions"])
+    gpu.reset(list(range(batch)))
+
+    monkeypatch.setenv("XBAI_KERNELS_BACKEND", "reference")
+    cpu = xk.DecodeScorer(head_cpu, rule, batch, capacity=steps + 1)
+    for t in range(steps):
+        static["hidden"].copy_(hiddens[t])
+        static["sampled"].copy_(tokens[t])
+        static["positions"].fill_(t)
+        graph.replay()
+        cpu.step(hiddens[t], tokens[t], torch.arange(batch), torch.full((batch,), t))
+    for slot in range(batch):
+        ours, expected = gpu.result(slot), cpu.result(slot)
+        assert torch.equal(ours.positions, expected.positions), slot
+        torch.testing.assert_close(ours.logits, expected.logits, atol=1e-4, rtol=1e-4)

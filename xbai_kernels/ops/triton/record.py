@@ -1,0 +1,138 @@
+"""DecodeScorer's per-step bookkeeping in two launches: which rows open a step, and the event append.
+
+The reference does each in a dozen small PyTorch ops; after every sampled token that is ~30 launches,
+which on a decode step of a few hundred microseconds is the whole overhead budget. Both kernels read
+and write only [B]-sized data (plus one event slot per row) and never synchronize with the host.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..._validate import INDEX_DTYPES, check_tensor
+from . import _launch
+from ..reference import EVENT_STEP, EVENT_THINK_END, EVENT_THINK_START, NO_TOKEN
+
+# Rows per program: decode batches are at most a few thousand rows, one or a few programs suffice.
+_BLOCK = 128
+# Step ids compared per iteration (the Chinese step set has a few hundred ids).
+_IDS_CHUNK = 32
+
+
+@triton.jit
+def _is_member(tokens, ids_ptr, num_ids, IDS_CHUNK: tl.constexpr):
+    """int1 [BLOCK]: tokens[i] is one of ids[0:num_ids]."""
+    found = tokens != tokens  # all False
+    lanes = tl.arange(0, IDS_CHUNK)
+    for c0 in range(0, num_ids, IDS_CHUNK):
+        ids = tl.load(ids_ptr + c0 + lanes, mask=(c0 + lanes) < num_ids, other=-2)
+        found = found | (tl.sum((tokens[:, None] == ids[None, :]).to(tl.int32), axis=1) > 0)
+    return found
+
+
+@triton.jit
+def _candidates_kernel(
+    last_token_ptr, sampled_ptr, slots_ptr, step_ids_ptr, num_ids, out_ptr, B, think_start, no_token,
+    BLOCK: tl.constexpr, IDS_CHUNK: tl.constexpr,
+):
+    """out[i] = sampled[i] in S and current not in S, not <think>, known (SPEC rules 1 and 2)."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = rows < B
+    slot = tl.load(slots_ptr + rows, mask=ok, other=0)
+    current = tl.load(last_token_ptr + slot, mask=ok, other=no_token)
+    sampled = tl.load(sampled_ptr + rows, mask=ok, other=no_token)
+    opens = (
+        _is_member(sampled, step_ids_ptr, num_ids, IDS_CHUNK)
+        & ~_is_member(current, step_ids_ptr, num_ids, IDS_CHUNK)
+        & (current != think_start)
+        & (current != no_token)
+    )
+    tl.store(out_ptr + rows, opens.to(tl.int8), mask=ok)
+
+
+@triton.jit
+def _record_kernel(
+    events_ptr, event_logits_ptr, counts_ptr, last_token_ptr, slots_ptr, positions_ptr, sampled_ptr,
+    is_step_ptr, logits_ptr, B, capacity, think_start, think_end,
+    STEP: tl.constexpr, THINK_START: tl.constexpr, THINK_END: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Append each row's event to its slot; slots are distinct, so rows never race."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = rows < B
+    slot = tl.load(slots_ptr + rows, mask=ok, other=0)
+    position = tl.load(positions_ptr + rows, mask=ok, other=0)
+    sampled = tl.load(sampled_ptr + rows, mask=ok, other=-1)
+    is_step = tl.load(is_step_ptr + rows, mask=ok, other=0) != 0
+    logit = tl.load(logits_ptr + rows, mask=ok, other=0.0)
+    marker = tl.where(sampled == think_start, THINK_START, tl.where(sampled == think_end, THINK_END, 0))
+    kind = tl.where(is_step, STEP, marker).to(tl.int64)
+    event_position = tl.where(is_step, position, position + 1)
+    has_event = is_step | (marker != 0)
+    count = tl.load(counts_ptr + slot, mask=ok, other=0)
+    column = tl.where(has_event & (count < capacity), count, capacity)
+    flat = slot * (capacity + 1) + column
+    tl.store(events_ptr + flat, event_position * 4 + kind, mask=ok)
+    tl.store(event_logits_ptr + flat, logit, mask=ok)
+    tl.store(counts_ptr + slot, count + has_event.to(tl.int64), mask=ok)
+    tl.store(last_token_ptr + slot, sampled, mask=ok)
+
+
+def _check_rows(where: str, device: torch.device, batch: int, **tensors) -> None:
+    for name, tensor in tensors.items():
+        check_tensor(where, name, tensor, ndim=1, dtypes=INDEX_DTYPES, device=device)
+        if tensor.shape[0] != batch or not tensor.is_contiguous():
+            raise ValueError(f"{where}: {name} must be a contiguous [{batch}] tensor, got {tuple(tensor.shape)}")
+
+
+def decode_candidates(
+    last_token: torch.Tensor, sampled: torch.Tensor, slots: torch.Tensor, step_ids: torch.Tensor, think_start_id: int
+) -> torch.Tensor:
+    """Triton ``ops.reference.decode_candidates``: bool [B], no host sync."""
+    where = "decode_candidates"
+    batch = sampled.shape[0]
+    _check_rows(where, sampled.device, batch, sampled=sampled, slots=slots)
+    for name, tensor in (("last_token", last_token), ("step_ids", step_ids)):
+        check_tensor(where, name, tensor, ndim=1, dtypes=(torch.int64,), device=sampled.device)
+    out = torch.empty(batch, dtype=torch.bool, device=sampled.device)
+    if batch == 0:
+        return out
+    with _launch.device_guard(sampled):
+        _candidates_kernel[(triton.cdiv(batch, _BLOCK),)](
+            last_token, sampled, slots, step_ids.contiguous(), step_ids.numel(), out.view(torch.int8), batch,
+            think_start_id, NO_TOKEN, BLOCK=_BLOCK, IDS_CHUNK=_IDS_CHUNK,
+        )
+    return out
+
+
+def decode_record(
+    events: torch.Tensor,
+    event_logits: torch.Tensor,
+    counts: torch.Tensor,
+    last_token: torch.Tensor,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+    sampled: torch.Tensor,
+    is_step: torch.Tensor,
+    logits: torch.Tensor,
+    think_start_id: int,
+    think_end_id: int,
+) -> None:
+    """Triton ``ops.reference.decode_record``: one launch, in place, no host sync."""
+    where = "decode_record"
+    batch = sampled.shape[0]
+    device = sampled.device
+    _check_rows(where, device, batch, slots=slots, positions=positions, sampled=sampled)
+    check_tensor(where, "is_step", is_step, ndim=1, dtypes=(torch.bool,), device=device)
+    check_tensor(where, "logits", logits, ndim=1, dtypes=(torch.float32,), device=device)
+    check_tensor(where, "events", events, ndim=2, dtypes=(torch.int64,), device=device)
+    check_tensor(where, "event_logits", event_logits, ndim=2, dtypes=(torch.float32,), device=device)
+    if batch == 0:
+        return
+    with _launch.device_guard(sampled):
+        _record_kernel[(triton.cdiv(batch, _BLOCK),)](
+            events, event_logits, counts, last_token, slots, positions, sampled, is_step.view(torch.int8),
+            logits.contiguous(), batch, events.shape[1] - 1, think_start_id, think_end_id,
+            STEP=EVENT_STEP, THINK_START=EVENT_THINK_START, THINK_END=EVENT_THINK_END, BLOCK=_BLOCK,
+        )

@@ -78,7 +78,12 @@ def _say_once(message: str, level: int) -> None:
 
 def resolve(op: str, device: torch.device) -> tuple[str, Callable]:
     """(backend name, implementation) of ``op`` for tensors on ``device``."""
-    forced = forced_backend()
+    # Decided once per op, device and setting: the decode scorer calls this after every token.
+    return _resolve(op, device, forced_backend(), strict(), os.environ.get("TRITON_INTERPRET"))
+
+
+@functools.cache
+def _resolve(op: str, device: torch.device, forced: str | None, strict_mode: bool, _interpret) -> tuple[str, Callable]:
     if forced is not None:
         reason = unavailable_reason(forced, device)
         if reason is None and not hasattr(_load(forced), op):
@@ -98,7 +103,7 @@ def resolve(op: str, device: torch.device) -> tuple[str, Callable]:
         if reason is None:
             if name == "reference":
                 message = f"xbai_kernels: {op} falls back to the reference path on {device}: " + "; ".join(reasons)
-                if strict():
+                if strict_mode:
                     raise BackendUnavailable(message + " (XBAI_KERNELS_STRICT=1)")
                 _say_once(message, logging.WARNING)
             else:

@@ -4,8 +4,9 @@ Backends are modules exposing the op names of ``ops.reference`` (the contract). 
 
 * ``XBAI_KERNELS_BACKEND=reference|triton|cuda`` forces one; a forced backend that cannot run
   on the tensor's device, or lacks the op, is an error naming why.
-* Otherwise a CUDA tensor takes ``cuda`` (the compiled module), then ``triton``; a CPU tensor takes
-  ``reference``. A fast backend that is missing on a CUDA tensor falls back to ``reference`` and
+* Otherwise a CUDA tensor takes the fastest backend measured for the op (benchmarks/NOTES.md):
+  ``triton`` first, except the decode scorer's head, where the compiled module's lower launch cost
+  wins in the eager decode loop; a CPU tensor takes ``reference``. A fast backend that is missing on a CUDA tensor falls back to ``reference`` and
   says so once in the log; ``XBAI_KERNELS_STRICT=1`` turns that fallback into an error.
 """
 
@@ -28,7 +29,11 @@ _MODULES = {
     "triton": "xbai_kernels.ops.triton",
     "cuda": "xbai_kernels.ops.cuda",
 }
-_AUTO_ORDER_CUDA = ("cuda", "triton", "reference")
+_AUTO_ORDER_CUDA = ("triton", "cuda", "reference")
+# H200, d = 5120 (benchmarks/NOTES.md): per eager call the CUDA decode head costs 45-86 us against
+# Triton's 136-158 us (launch overhead); in graph replay Triton is faster, and the packed CUDA
+# kernel is 4x slower than Triton's.
+_AUTO_ORDER_BY_OP = {"head_logits_masked": ("cuda", "triton", "reference")}
 
 
 class BackendUnavailable(RuntimeError):
@@ -96,7 +101,7 @@ def _resolve(op: str, device: torch.device, forced: str | None, strict_mode: boo
     if device.type != "cuda":
         return "reference", getattr(_load("reference"), op)
     reasons = []
-    for name in _AUTO_ORDER_CUDA:
+    for name in _AUTO_ORDER_BY_OP.get(op, _AUTO_ORDER_CUDA):
         reason = unavailable_reason(name, device)
         if reason is None and not hasattr(_load(name), op):
             reason = f"the {name} backend has no {op!r} op"

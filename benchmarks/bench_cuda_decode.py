@@ -190,3 +190,20 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def markdown_table(result: dict) -> str:
+    """README table: the CUDA decode kernel per pipeline shape against Triton and the memory floor."""
+    env = result["environment"]
+    lines = [
+        f"CUDA decode head on {env['device']} (torch {env['torch']}, {env['date'][:10]}; CUDA-graph replay, us):",
+        "",
+        "| backend | d | B | step rows | graph us | eager us | floor us | graph / floor |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["rows"]:
+        lines.append(
+            f"| {row['backend']} | {row['d']} | {row['batch']} | {row['step_rows']} | {row['graph_us']:.1f} | "
+            f"{row['eager_us']:.1f} | {row['floor_us']:.1f} | {row.get('graph_over_floor') or float('nan'):.2f} |"
+        )
+    return "\n".join(lines)

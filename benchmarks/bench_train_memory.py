@@ -295,3 +295,17 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     main()
+
+
+def markdown_table(result: dict) -> str:
+    """README table: peak memory of one training step, released score path vs apply_sprm."""
+    lines = [
+        f"Training-step peak memory on {result['device']} ({result['shape']} shape, {result['tokens']} tokens, "
+        f"{result['weights_dtype']}, sprm_head_loss backend `{result['sprm_head_loss_backend']}`; {result['date'][:10]}):",
+        "",
+        "| layout / mode | released (output_hidden_states) MiB | apply_sprm MiB | saved MiB |",
+        "|---|---:|---:|---:|",
+    ]
+    for key, row in result["summary"].items():
+        lines.append(f"| {key} | {row['released_mib']:.1f} | {row['patched_mib']:.1f} | {row['saved_mib']:.1f} |")
+    return "\n".join(lines)

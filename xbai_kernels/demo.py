@@ -227,7 +227,16 @@ def run_demo_vllm(
     """
     # Quiet and in-process unless the user asked otherwise: the demo prints its own results.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    try:
+        return _run_demo_vllm(model_dir, num_samples, max_new_tokens, seed, prompt, echo)
+    finally:
+        if previous is None:
+            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+
+
+def _run_demo_vllm(model_dir, num_samples: int, max_new_tokens: int, seed: int, prompt: str, echo) -> DemoResult:
     from vllm import LLM
 
     from .vllm import best_of_n

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from conftest import requires_vllm
+from vllm_helpers import requires_vllm
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, requires_vllm]
 

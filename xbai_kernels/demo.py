@@ -146,23 +146,15 @@ def run_demo(
 ) -> DemoResult:
     """Sample ``num_samples`` trajectories, score every step, print them and the Best-of-N pick.
 
-    ``engine``: ``"vllm"`` (one engine pass, see ``run_demo_vllm``), ``"hf"`` (generate, then a
+    ``engine``: ``"vllm"`` (one engine pass, see ``_run_demo_vllm``), ``"hf"`` (generate, then a
     second forward to score) or ``"auto"``/None (``XBAI_DEMO_ENGINE``, else vLLM when installed).
     """
     if demo_engine(engine) == "vllm":
-        return run_demo_vllm(model_dir, num_samples, max_new_tokens, seed, prompt, echo)
-    return run_demo_hf(model_dir, num_samples, max_new_tokens, seed, prompt, device, echo)
+        return _run_demo_vllm_in_process(model_dir, num_samples, max_new_tokens, seed, prompt, echo)
+    return _run_demo_hf(model_dir, num_samples, max_new_tokens, seed, prompt, device, echo)
 
 
-def run_demo_hf(
-    model_dir: str | Path | None = None,
-    num_samples: int = 4,
-    max_new_tokens: int = 96,
-    seed: int = 0,
-    prompt: str = DEFAULT_PROMPT,
-    device: str = "cpu",
-    echo: Callable[[str], None] = print,
-) -> DemoResult:
+def _run_demo_hf(model_dir, num_samples, max_new_tokens, seed, prompt, device, echo) -> DemoResult:
     """The HuggingFace path: ``generate``, then one forward per trajectory to score it."""
     from transformers.utils import logging as hf_logging
 
@@ -212,14 +204,7 @@ def _as_trajectory_scores(candidates) -> TrajectoryScores:
     )
 
 
-def run_demo_vllm(
-    model_dir: str | Path | None = None,
-    num_samples: int = 4,
-    max_new_tokens: int = 96,
-    seed: int = 0,
-    prompt: str = DEFAULT_PROMPT,
-    echo: Callable[[str], None] = print,
-) -> DemoResult:
+def _run_demo_vllm_in_process(model_dir, num_samples, max_new_tokens, seed, prompt, echo) -> DemoResult:
     """The vLLM path: N candidates sampled and step-scored in one ``generate`` (``best_of_n``).
 
     On the tiny model the scores are cross-checked against a HuggingFace forward over the same
@@ -236,7 +221,7 @@ def run_demo_vllm(
             os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
 
 
-def _run_demo_vllm(model_dir, num_samples: int, max_new_tokens: int, seed: int, prompt: str, echo) -> DemoResult:
+def _run_demo_vllm(model_dir, num_samples, max_new_tokens, seed, prompt, echo) -> DemoResult:
     from vllm import LLM
 
     from .vllm import best_of_n

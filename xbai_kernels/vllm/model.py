@@ -86,18 +86,19 @@ def _build_runtime(vllm_config, hf_config) -> SPRMRuntime | None:
 
 
 class _SPRMScoring:
-    """Mixin over a vLLM Qwen causal LM: capture ``h`` when scoring is on, pass through otherwise."""
+    """Mixin placed before a vLLM Qwen causal LM: capture ``h`` when scoring is on, pass through otherwise."""
 
     sprm: SPRMRuntime | None
 
-    def _init_sprm(self, vllm_config) -> None:
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
         hf_config = self.config
         self.sprm = _build_runtime(vllm_config, hf_config)
         if self.sprm is not None:
             # SPEC: h enters the LAST decoder layer, i.e. what the aux mechanism reports for index L-1.
             self.model._set_aux_hidden_state_layers((hf_config.num_hidden_layers - 1,))
 
-    def _forward_and_capture(self, input_ids, positions, intermediate_tensors, inputs_embeds):
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
         output = self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
         if self.sprm is None or not isinstance(output, tuple):
             return output
@@ -108,32 +109,15 @@ class _SPRMScoring:
             self.sprm.hidden[:rows].copy_(last_layer_input)
         return hidden_states
 
-    @staticmethod
-    def _without_head(weights: Iterable[tuple[str, torch.Tensor]]):
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]):
         # vLLM loads every *.safetensors of the directory, sprm_head.safetensors included: the head
         # is loaded separately, in the model dtype, so its keys are dropped here.
-        return ((name, tensor) for name, tensor in weights if name not in HEAD_KEYS)
+        return super().load_weights((name, tensor) for name, tensor in weights if name not in HEAD_KEYS)
 
 
 class Qwen2SPRMForCausalLM(_SPRMScoring, Qwen2ForCausalLM):
-    def __init__(self, *, vllm_config, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._init_sprm(vllm_config)
-
-    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
-        return self._forward_and_capture(input_ids, positions, intermediate_tensors, inputs_embeds)
-
-    def load_weights(self, weights):
-        return super().load_weights(self._without_head(weights))
+    """``Qwen2ForCausalLM`` that feeds the SPRM head (see the module docstring)."""
 
 
 class Qwen3SPRMForCausalLM(_SPRMScoring, Qwen3ForCausalLM):
-    def __init__(self, *, vllm_config, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._init_sprm(vllm_config)
-
-    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
-        return self._forward_and_capture(input_ids, positions, intermediate_tensors, inputs_embeds)
-
-    def load_weights(self, weights):
-        return super().load_weights(self._without_head(weights))
+    """``Qwen3ForCausalLM`` that feeds the SPRM head (see the module docstring)."""

@@ -159,3 +159,20 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def markdown_table(result: dict) -> str:
+    """README table: the vLLM plugin's decode overhead and one-engine Best-of-N, labelled as CPU numbers."""
+    tp, bon = result["throughput"], result["best_of_n"]
+    return "\n".join([
+        f"vLLM {result['vllm']} on the CPU ({result['note']}; {result['date'][:10]}):",
+        "",
+        "| measurement | scoring off | scoring on | ratio |",
+        "|---|---:|---:|---:|",
+        f"| decode tokens/s, {tp['prompts']} prompts x {tp['max_tokens']} tokens | "
+        f"{tp['scoring_off']['tokens_per_second']:.0f} | {tp['scoring_on']['tokens_per_second']:.0f} | "
+        f"{tp['overhead_percent']:+.1f}% time |",
+        f"| Best-of-{bon['n']}, {bon['prompts']} prompts: generate + HF re-score vs one engine, s | "
+        f"{bon['generate_then_rescore_median_seconds']:.3f} | {bon['one_engine_median_seconds']:.3f} | "
+        f"{bon['speedup']:.2f}x |",
+    ])

@@ -49,6 +49,23 @@ def environment(device: torch.device) -> dict:
     }
 
 
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 20) -> float:
+    """Bytes/s of a device-to-device copy, counting bytes read plus written (median of ``repeats``):
+    the memory ceiling every floor in this suite is computed from."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * nbytes / sorted(times)[len(times) // 2]
+
+
 def write_result(result: dict, path: str | None, default_name: str) -> Path:
     target = Path(path) if path else RESULTS_DIR / default_name
     target.parent.mkdir(parents=True, exist_ok=True)

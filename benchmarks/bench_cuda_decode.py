@@ -22,29 +22,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, write_result  # noqa: E402
+from _common import copy_bandwidth, environment, write_result  # noqa: E402
 
 BACKENDS = ("cuda", "triton", "reference")
 # CUDA backend variants timed as separate columns: W1 pipeline shape (XBAI_KERNELS_CUDA_PIPELINE)
 # and programmatic dependent launch on/off (XBAI_KERNELS_CUDA_PDL).
 CUDA_VARIANTS = {"cuda-wide": ("wide", "1"), "cuda-deep": ("deep", "1"), "cuda-wide-nopdl": ("wide", "0")}
 CALLS_PER_GRAPH = 10
-
-
-def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 20) -> float:
-    """Bytes per second of a device-to-device copy, read plus write, median of ``repeats``."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * nbytes / statistics.median(times)
 
 
 def load_backend(name: str):

@@ -26,7 +26,7 @@ from torch import nn
 
 from xbai_kernels import DecodeScorer, SPRMHead, StepRule, score_trajectories
 
-from ._common import environment, write_result
+from ._common import copy_bandwidth, environment, write_result
 
 MODEL_SHAPES = {
     # Qwen2 shapes of the released 1.5B and 7B models.
@@ -94,23 +94,6 @@ def generate(model, prompts, new_tokens, on_token=None, temperature=0.7, seed=0)
     sync(prompts.device)
     seconds = time.perf_counter() - start
     return torch.cat([prompts, tokens], dim=1), seconds, scoring
-
-
-def copy_bandwidth(device: torch.device) -> float | None:
-    """Bytes/s of a device-to-device copy (read + write), the ceiling of a memory-bound decode step."""
-    if device.type != "cuda":
-        return None
-    src = torch.empty(2**28, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(10):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(begin.elapsed_time(end) / 1e3)
-    return 2 * src.numel() * src.element_size() / sorted(times)[len(times) // 2]
 
 
 def sync(device: torch.device) -> None:
@@ -274,7 +257,7 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cases = []
-    bandwidth = copy_bandwidth(device)
+    bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
     for shape in args.models.split(","):
         model = build_model(shape, device, dtype)
         torch.manual_seed(1)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._common import environment, write_result
+from ._common import copy_bandwidth, environment, write_result
 
 DTYPE = torch.bfloat16
 GRAPH_CALLS = 10
@@ -44,14 +44,6 @@ def median_us(fn, warmup_ms: int = 25, rep_ms: int = 100) -> float:
     import triton.testing
 
     return 1e3 * triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
-
-
-def copy_bandwidth(device) -> float:
-    """Bytes/s of a 1 GiB device-to-device copy, counting bytes read plus written."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=device).random_()
-    dst = torch.empty_like(src)
-    seconds = median_us(lambda: dst.copy_(src)) * 1e-6
-    return 2 * src.numel() / seconds
 
 
 def matmul_rate(device) -> float:

@@ -15,7 +15,7 @@ $(PY):
 
 $(VENV)/.installed: $(PY) pyproject.toml setup.py
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[test,bench]"
+	$(PIP) install -q -e ".[test,bench,train]"
 	# vLLM for the CPU; its torchvision/torchaudio/torchcodec builds break imports next to a CPU torch.
 	$(PY) -c "import vllm" 2>/dev/null || ($(PIP) install -q "$(VLLM)" && $(PIP) uninstall -y -q torchvision torchaudio torchcodec)
 	touch $@

@@ -19,10 +19,10 @@ from released_actor import (
 from torch import nn
 
 from xbai_kernels import SPRMHead
+from xbai_kernels.training import next_token_step_mask
 from xbai_kernels.verl import (
     RELEASED_METRICS,
     as_sprm_head,
-    next_token_step_mask,
     pad_input,
     released_metrics,
     sprm_score_loss,

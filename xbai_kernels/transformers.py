@@ -11,7 +11,7 @@ decoder layer, HuggingFace's ``output_hidden_states[-2]``) while it runs, withou
 Layouts: a padded batch ``[B, T]`` with ``sprm_rewards`` [B]; or packed sequences in one row
 ``[1, T]`` (verl's "remove padding" layout) with ``sprm_rewards`` [S] and either ``position_ids``
 restarting per sequence or ``sprm_cu_seqlens`` (int32 [S+1]; flash-attention's ``cu_seq_lens_q``
-is read too). The loss is ``xbai_kernels.verl.sequence_spr_loss`` on the flattened tokens.
+is read too). The loss is ``xbai_kernels.training.sequence_spr_loss`` on the flattened tokens.
 
 The patch is driven by ``_PATCH_TABLE``: every entry replaces one attribute of one module, the
 original is kept, ``apply_sprm`` returns the records of what it replaced and ``revert_sprm``
@@ -35,7 +35,7 @@ from ._validate import FLOAT_DTYPES, INDEX_DTYPES, check_cu_seqlens, check_tenso
 from .head import SPRMHead
 from .ops import reference
 from .rule import StepRule
-from .verl import BACKBONE_GRAD_SCALE, next_token_step_mask, sequence_spr_loss
+from .training import BACKBONE_GRAD_SCALE, next_token_step_mask, sequence_spr_loss
 
 # model_type -> where the decoder layers live. The three families share HF's Llama layout.
 DECODER_LAYERS = {

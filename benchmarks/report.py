@@ -22,12 +22,14 @@ RENDERERS = {
     "kernels": "benchmarks.bench_kernels",
     "cuda_decode": "benchmarks.bench_cuda_decode",
     "e2e": "benchmarks.bench_e2e",
+    "decode_step": "benchmarks.bench_decode_step",
     "vllm_cpu": "benchmarks.bench_vllm_cpu",
     "train_memory": "benchmarks.bench_train_memory",
 }
 # The results the README shows, in order: the latest run of each benchmark.
 README_RESULTS = (
     "nvidia-h200-e2e.json",
+    "nvidia-h200-decode-step.json",
     "nvidia-h200-kernels-cuda-v3.json",
     "nvidia-h200-kernels.json",
     "cuda_decode_nvidia-h200_v3_run2.json",

@@ -231,11 +231,13 @@ def _run_demo_vllm(model_dir, num_samples, max_new_tokens, seed, prompt, echo) -
         model_dir = ensure_tiny_model()
         echo(f"model: tiny Qwen3 with random weights (built in {model_dir}), served by vLLM")
         # The vLLM CPU engine wants KV blocks of a multiple of 32 tokens; a small memory share suffices.
-        engine_options = dict(dtype="float32", gpu_memory_utilization=0.3, max_model_len=1024)
+        engine_options = dict(dtype="float32", gpu_memory_utilization=0.3, max_model_len=1024, enforce_eager=True)
     else:
         echo(f"model: {model_dir}, served by vLLM")
-        engine_options = {}
-    llm = LLM(str(model_dir), seed=seed, enforce_eager=True, block_size=32, **engine_options)
+        # On the CPU vLLM reads gpu_memory_utilization as the share of host memory to reserve: its
+        # default (0.92) fails as soon as anything else holds memory.
+        engine_options = {} if torch.cuda.is_available() else dict(gpu_memory_utilization=0.3, enforce_eager=True)
+    llm = LLM(str(model_dir), seed=seed, block_size=32, **engine_options)
     try:
         tokenizer = llm.get_tokenizer()
         chat = tokenizer.apply_chat_template(

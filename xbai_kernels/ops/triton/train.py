@@ -199,8 +199,14 @@ def sprm_head_loss(
     w1c, b1c, w2c, b2c = _launch.head_weights(where, hidden, w1, b1, w2, b2)
     hidden = _launch.rows_last_contiguous(hidden)
     seed = draw_seed(hidden.device, generator) if dropout_p > 0.0 else rows.new_zeros(1, dtype=torch.int64)
+    # Gather outside the Function: its input gradient is then [n, d] and autograd scatters it into
+    # hidden's gradient as it does for the reference. Returning a dense [N, d] gradient from the
+    # Function kept one more [N, d] tensor alive next to the backbone's own (measured on the H200:
+    # +24 MiB at 8192 x 1536 bf16, making the fused step's peak higher than the released one).
+    hidden_rows = hidden.index_select(0, rows.long())
+    local_rows = torch.arange(n, device=hidden.device)
     logits = RowsHeadDropout.apply(
-        hidden, rows.contiguous(), w1c, b1c, w2c.view(1, -1), b2c, seed, float(dropout_p), float(backbone_grad_scale)
+        hidden_rows, local_rows, w1c, b1c, w2c.view(1, -1), b2c, seed, float(dropout_p), float(backbone_grad_scale)
     )
     loss, stats = reference.spr_loss(logits, correct, valid, torch.ones_like(correct), process_group)
     return loss, logits, stats

@@ -71,25 +71,8 @@ class DecodeScorer:
 
     # ----- recording (device only, no host sync) ------------------------------------------------
 
-    def _candidates(self, current: torch.Tensor, following: torch.Tensor) -> torch.Tensor:
-        """SPEC rules 1 and 2 for a prefill chunk: token i+1 in S, token i neither in S nor ``<think>``."""
-        positions = torch.arange(current.shape[0], device=current.device)
-        return reference.decode_candidates(current, following, positions, self._step_ids, self.rule.think_start_id)
-
-    def _marker_kind(self, tokens: torch.Tensor) -> torch.Tensor:
-        kind = torch.where(tokens == self.rule.think_start_id, THINK_START, 0)
-        return torch.where(tokens == self.rule.think_end_id, THINK_END, kind).to(torch.int8)
-
     def _logits_of(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         return dispatch.call("head_logits_masked", hidden.device, hidden, rows, *self.head.weights)
-
-    def _write(self, slots, slot_offsets, has_event, kinds, positions, logits) -> None:
-        """Append events at ``counts[slot] + slot_offset``; events past capacity are counted, not kept."""
-        index = self._counts[slots] + slot_offsets
-        column = torch.where(has_event & (index < self.capacity), index, self.capacity)
-        flat = slots * (self.capacity + 1) + column
-        self._events.view(-1).index_put_((flat,), positions * 4 + kinds.long())
-        self._logits.view(-1).index_put_((flat,), logits.float())
 
     def _check_hidden(self, where: str, hidden: torch.Tensor, rows: int | None) -> None:
         check_tensor(where, "hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES, device=self.device)
@@ -144,16 +127,18 @@ class DecodeScorer:
         ids = input_ids.long()
         token_positions = torch.arange(n + 1, device=self.device) + start_position
 
-        is_step = self._candidates(ids[:-1], ids[1:])
+        is_step = reference.opens_step(ids[:-1], ids[1:], self._step_ids, self.rule.think_start_id)
         logits = self._logits_of(hidden, is_step)
-        marker = self._marker_kind(ids)
+        marker = reference.marker_kind(ids, self.rule.think_start_id, self.rule.think_end_id)
         has_event = torch.cat([is_step, marker != 0])
-        kinds = torch.cat([torch.full_like(is_step, STEP, dtype=torch.int8), marker])
+        kinds = torch.cat([torch.full_like(marker[:-1], STEP), marker])
         event_positions = torch.cat([token_positions[:-1], token_positions])
         event_logits = torch.cat([logits, torch.zeros(n + 1, dtype=torch.float32, device=self.device)])
         offsets = torch.cumsum(has_event.long(), 0) - has_event.long()
         slots = torch.full_like(offsets, int(slot))
-        self._write(slots, offsets, has_event, kinds, event_positions, event_logits)
+        reference.append_events(
+            self._events, self._logits, self._counts, slots, offsets, has_event, kinds, event_positions, event_logits
+        )
         self._counts[int(slot)] += has_event.sum()
         self._last_token[int(slot)] = ids[-1]
 

@@ -61,6 +61,34 @@ EVENT_STEP, EVENT_THINK_START, EVENT_THINK_END = 0, 1, 2
 NO_TOKEN = -1
 
 
+def opens_step(current: torch.Tensor, following: torch.Tensor, step_ids: torch.Tensor, think_start_id: int) -> torch.Tensor:
+    """SPEC rules 1 and 2, elementwise: position i opens a step when token i+1 (``following``) is a step
+    token and token i (``current``) is neither a step token, ``<think>``, nor unknown (NO_TOKEN)."""
+    return (
+        torch.isin(following, step_ids)
+        & ~torch.isin(current, step_ids)
+        & (current != think_start_id)
+        & (current != NO_TOKEN)
+    )
+
+
+def marker_kind(tokens: torch.Tensor, think_start_id: int, think_end_id: int) -> torch.Tensor:
+    """int64, same shape: EVENT_THINK_START / EVENT_THINK_END where the token is a marker, else 0."""
+    kind = torch.where(tokens == think_start_id, EVENT_THINK_START, 0)
+    return torch.where(tokens == think_end_id, EVENT_THINK_END, kind)
+
+
+def append_events(events, event_logits, counts, slots, offsets, has_event, kinds, positions, logits) -> None:
+    """Write events at column ``counts[slot] + offset`` of their slot; events past capacity (and rows
+    with nothing to record) go to the trash column. Does not advance ``counts``."""
+    capacity = events.shape[1] - 1
+    index = counts[slots] + offsets
+    column = torch.where(has_event & (index < capacity), index, capacity)
+    flat = slots * (capacity + 1) + column
+    events.view(-1).index_put_((flat,), positions * 4 + kinds.long())
+    event_logits.view(-1).index_put_((flat,), logits.float())
+
+
 def decode_candidates(
     last_token: torch.Tensor, sampled: torch.Tensor, slots: torch.Tensor, step_ids: torch.Tensor, think_start_id: int
 ) -> torch.Tensor:
@@ -69,13 +97,7 @@ def decode_candidates(
     last_token int64 [num_slots] (the token at each slot's position being decoded, NO_TOKEN if
     unknown), sampled int64 [B] (the token after it), slots int64 [B], step_ids int64 [|S|].
     """
-    current = last_token[slots]
-    return (
-        torch.isin(sampled, step_ids)
-        & ~torch.isin(current, step_ids)
-        & (current != think_start_id)
-        & (current != NO_TOKEN)
-    )
+    return opens_step(last_token[slots], sampled, step_ids, think_start_id)
 
 
 def decode_record(
@@ -98,18 +120,12 @@ def decode_record(
     events int64 / event_logits float32 [num_slots, capacity + 1], counts and last_token int64
     [num_slots]. Events past capacity go to the trash column but are counted.
     """
-    capacity = events.shape[1] - 1
-    marker = torch.where(sampled == think_start_id, EVENT_THINK_START, 0)
-    marker = torch.where(sampled == think_end_id, EVENT_THINK_END, marker)
+    marker = marker_kind(sampled, think_start_id, think_end_id)
     # A step token is never a marker (StepRule forbids it), so a row records at most one event.
     kind = torch.where(is_step, EVENT_STEP, marker)
     event_position = torch.where(is_step, positions, positions + 1)
     has_event = is_step | (marker != 0)
-    index = counts[slots]
-    column = torch.where(has_event & (index < capacity), index, capacity)
-    flat = slots * (capacity + 1) + column
-    events.view(-1).index_put_((flat,), event_position * 4 + kind)
-    event_logits.view(-1).index_put_((flat,), logits.float())
+    append_events(events, event_logits, counts, slots, torch.zeros_like(slots), has_event, kind, event_position, logits)
     counts.index_add_(0, slots, has_event.long())
     last_token.index_put_((slots,), sampled)
 

@@ -87,6 +87,11 @@ def released_forward(model, rm: RmpadBatch, **kwargs):
     )
 
 
+def packed_hidden(model, rm: RmpadBatch) -> torch.Tensor:
+    """``h`` of every token of the packed row, [nnz, d]: what verl's actor hands its score path."""
+    return released_forward(model, rm).hidden_states[-2][0]
+
+
 def released_score_loss(model, batch: dict, reward, score_module, score_id, all_reduce: bool = False):
     """The released score path. Returns (loss, (correct_prob, correct_num, false_prob, false_num),
     score_probs [B, response_length], mean_prob [B])."""

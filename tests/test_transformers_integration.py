@@ -19,6 +19,7 @@ from released_actor import (
     STEP_ID,
     assert_grads_close,
     grads,
+    packed_hidden,
     released_head,
     released_score_loss,
     rmpad,
@@ -305,7 +306,7 @@ def _distributed_worker(rank: int, world: int, port: int) -> None:
         model.zero_grad(set_to_none=True)
         loss_ref, metrics_ref, _, _ = released_score_loss(model, batch, rewards, head, STEP_ID, all_reduce=True)
         rm = rmpad(batch)
-        hidden = model(input_ids=rm.input_ids, position_ids=rm.position_ids, use_cache=False, output_hidden_states=True).hidden_states[-2][0]
+        hidden = packed_hidden(model, rm)
         loss, stats = sprm_score_loss(
             hidden, rm.input_ids, rm.response_mask, rewards, rm.indices, rm.batch_size, rm.seqlen, head, STEP_ID
         )

@@ -10,6 +10,7 @@ from released_actor import (
     STEP_ID,
     assert_grads_close,
     grads,
+    packed_hidden,
     released_head,
     released_score_loss,
     rmpad,
@@ -95,7 +96,7 @@ def test_no_step_anywhere_gives_zero_loss_and_the_released_zero_metrics():
     model = tiny_model()
     head = SPRMHead(model.config.hidden_size).eval()
     rm = rmpad(batch)
-    hidden = model(input_ids=rm.input_ids, position_ids=rm.position_ids, use_cache=False, output_hidden_states=True).hidden_states[-2][0]
+    hidden = packed_hidden(model, rm)
     loss, stats = sprm_score_loss(
         hidden, rm.input_ids, rm.response_mask, STANDARD_REWARDS, rm.indices, rm.batch_size, rm.seqlen, head, STEP_ID
     )
@@ -112,7 +113,7 @@ def test_dropout_follows_the_head_mode():
     head = released_head(model, batch)
     rm = rmpad(batch)
     with torch.no_grad():
-        hidden = model(input_ids=rm.input_ids, position_ids=rm.position_ids, use_cache=False, output_hidden_states=True).hidden_states[-2][0]
+        hidden = packed_hidden(model, rm)
     args = (hidden, rm.input_ids, rm.response_mask, STANDARD_REWARDS, rm.indices, rm.batch_size, rm.seqlen)
     _, eval_stats = sprm_score_loss(*args, head.eval(), STEP_ID)
     _, train_stats = sprm_score_loss(*args, head.train(), STEP_ID, generator=torch.Generator().manual_seed(0))
@@ -164,7 +165,7 @@ def test_head_and_loss_stay_float32_under_bf16_autocast():
     head = released_head(model, batch)
     rm = rmpad(batch)
     with torch.no_grad():
-        hidden = model(input_ids=rm.input_ids, position_ids=rm.position_ids, use_cache=False, output_hidden_states=True).hidden_states[-2][0]
+        hidden = packed_hidden(model, rm)
     args = (hidden, rm.input_ids, rm.response_mask, STANDARD_REWARDS, rm.indices, rm.batch_size, rm.seqlen, head, STEP_ID)
     expected, expected_stats = sprm_score_loss(*args)
     with torch.autocast("cpu", dtype=torch.bfloat16):

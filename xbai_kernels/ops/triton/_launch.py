@@ -82,3 +82,16 @@ def next_pow2(value: int, minimum: int = 16) -> int:
 def sum_block(num_tiles: int) -> int:
     """Tiles summed per step of the fixed-order reduction (power of two, at most 32)."""
     return min(32, next_pow2(num_tiles, minimum=2))
+
+
+def tma_capable(weight: torch.Tensor, fmt: DotFormat) -> bool:
+    """Whether a TMA descriptor can carry ``weight`` (contiguous [rows, d]): 16-bit operands, 16-byte
+    aligned base and row pitch, and a GPU with a tensor memory accelerator (Hopper or newer); the
+    interpreter emulates descriptors, so CPU tests run the same kernel code."""
+    if fmt.torch_dtype not in (torch.float16, torch.bfloat16) or weight.dtype != fmt.torch_dtype:
+        return False
+    if weight.data_ptr() % 16 or (weight.shape[1] * weight.element_size()) % 16:
+        return False
+    if interpreting():
+        return True
+    return weight.device.type == "cuda" and torch.cuda.get_device_capability(weight.device)[0] >= 9

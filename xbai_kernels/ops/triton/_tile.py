@@ -18,7 +18,8 @@ def preactivation_tile(
     stride_row,
     rows,
     row_ok,
-    w1_ptr,
+    w1,
+    unit0,
     units,
     unit_ok,
     d,
@@ -28,27 +29,36 @@ def preactivation_tile(
     EVEN_K: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
+    W1_DESC: tl.constexpr,
 ):
     """fp32 [BLOCK_M, BLOCK_N]: sum_k hidden[rows[m], k] * W1[units[u], k].
 
     rows int [BLOCK_M] index hidden's rows (row stride ``stride_row``, elements contiguous);
-    units int [BLOCK_N] index W1's rows (W1 contiguous [2d, d]). Masked rows/units read nothing.
+    units = unit0 + arange(BLOCK_N) index W1's rows (W1 contiguous [2d, d]). Masked rows/units read
+    nothing. With W1_DESC, ``w1`` is a tensor descriptor of W1 with block [BLOCK_N, BLOCK_K]: on Hopper
+    its tiles arrive by TMA, one instruction per tile instead of per-thread address math and
+    predicates, which is what bounds a stream of W1 when few rows share it (zero-filled past the end).
     """
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = hidden_ptr + rows.to(tl.int64)[:, None] * stride_row + ks[None, :]
-    w_ptrs = w1_ptr + units.to(tl.int64)[:, None] * d + ks[None, :]
+    if not W1_DESC:
+        w_ptrs = w1 + units.to(tl.int64)[:, None] * d + ks[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, d, BLOCK_K):
         if EVEN_K:
             x = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
+        else:
+            x = tl.load(x_ptrs, mask=row_ok[:, None] & ((k0 + ks) < d)[None, :], other=0.0)
+        if W1_DESC:
+            w = w1.load([unit0, k0])
+        elif EVEN_K:
             w = tl.load(w_ptrs, mask=unit_ok[:, None], other=0.0)
         else:
-            k_ok = (k0 + ks) < d
-            x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=unit_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=unit_ok[:, None] & ((k0 + ks) < d)[None, :], other=0.0)
         acc = tl.dot(x.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc, input_precision=PRECISION)
         x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+        if not W1_DESC:
+            w_ptrs += BLOCK_K
     return acc
 
 

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..._validate import check_tensor
 from . import _launch
-from ._tile import preactivation_tile, relu_bias, sum_partials_kernel, write_logits
+from ._tile import preactivation_tile, relu_bias, sum_partials_kernel, sum_tiles
 
 
 @triton.jit
@@ -52,7 +53,7 @@ def _masked_partials_kernel(
     stride_row,
     row_mask_ptr,
     B,
-    w1_ptr,
+    w1,
     b1_ptr,
     w2_ptr,
     partial_ptr,
@@ -64,37 +65,49 @@ def _masked_partials_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ROW_GROUPS: tl.constexpr,
     MASK_CHUNK: tl.constexpr,
     EVEN_K: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
+    W1_DESC: tl.constexpr,
     FUSED_REDUCTION: tl.constexpr,
     TILE_BLOCK: tl.constexpr,
     OUT_BLOCK: tl.constexpr,
 ):
     """partial[tile, row] = sum_{u in tile} W2[u] relu(W1[u] . hidden[row] + b1[u]) for step rows only.
 
-    Grid: one program per tile of BLOCK_N hidden units (of H = 2d). Each program streams its W1 tile
-    once per BLOCK_M step rows (once in total when the batch has at most BLOCK_M steps) and never
-    when the batch has none. partial fp32 [num_tiles, B]; entries of rows that are not steps are left
-    unwritten (the reduction never reads them). With FUSED_REDUCTION the last program to finish also
-    writes out[b] = sum_t partial[t, b] + b2 (0.0 off the mask) and resets *ticket_ptr to 0.
+    Grid: ROW_GROUPS programs per tile of BLOCK_N hidden units (of H = 2d); program (tile, g) takes
+    the step rows of chunks g, g + ROW_GROUPS, ... of BLOCK_M, so the programs of one tile run side by
+    side and all but the first find its W1 tile in L2: more SMs stream W1 when the tiles are few. No
+    step row: no W1 byte is read. partial fp32 [num_tiles, B]; entries of rows that are not steps
+    stay unwritten (nothing reads them). With FUSED_REDUCTION every program writes 0.0 to its share
+    of the rows that are not steps, and the last program to finish writes
+    out[row] = sum_t partial[t, row] + b2 for the step rows only, then resets *ticket_ptr to 0.
     """
-    tile = tl.program_id(0)
-    units = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid = tl.program_id(0)
+    tile = pid // ROW_GROUPS
+    group = pid % ROW_GROUPS
+    unit0 = tile * BLOCK_N
+    units = unit0 + tl.arange(0, BLOCK_N)
     unit_ok = units < H
     lanes = tl.arange(0, MASK_CHUNK)
     num_steps = 0
     for c0 in range(0, B, MASK_CHUNK):
         flags = tl.load(row_mask_ptr + c0 + lanes, mask=(c0 + lanes) < B, other=0).to(tl.int32)
         num_steps += tl.sum(flags, 0)
+    if FUSED_REDUCTION:
+        outs = tl.arange(0, OUT_BLOCK)
+        for r0 in range(pid * OUT_BLOCK, B, tl.num_programs(0) * OUT_BLOCK):
+            off_mask = tl.load(row_mask_ptr + r0 + outs, mask=(r0 + outs) < B, other=1) == 0
+            tl.store(out_ptr + r0 + outs, tl.zeros([OUT_BLOCK], dtype=tl.float32), mask=off_mask)
     w2 = tl.load(w2_ptr + units, mask=unit_ok, other=0.0).to(tl.float32)
-    for first in range(0, num_steps, BLOCK_M):
+    for first in range(group * BLOCK_M, num_steps, ROW_GROUPS * BLOCK_M):
         rows = _nth_step_rows(row_mask_ptr, B, first, BLOCK_M, MASK_CHUNK)
         row_ok = (first + tl.arange(0, BLOCK_M)) < num_steps
         acc = preactivation_tile(
-            hidden_ptr, stride_row, rows, row_ok, w1_ptr, units, unit_ok, d,
-            BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_DTYPE, PRECISION,
+            hidden_ptr, stride_row, rows, row_ok, w1, unit0, units, unit_ok, d,
+            BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_DTYPE, PRECISION, W1_DESC,
         )
         act = relu_bias(acc, b1_ptr, units, unit_ok)
         partial = tl.sum(act * w2[None, :], axis=1)
@@ -105,15 +118,26 @@ def _masked_partials_kernel(
         ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
         tl.debug_barrier()
         if ticket == tl.num_programs(0) - 1:
-            for first_row in range(0, B, OUT_BLOCK):
-                write_logits(partial_ptr, tl.num_programs(0), b2_ptr, row_mask_ptr, out_ptr, B, first_row,
-                             True, TILE_BLOCK, OUT_BLOCK)
+            # Only the step rows are summed: the serial tail of this one program grows with the
+            # steps, not with B (a batch of 1024 rows without a step sums nothing).
+            b2 = tl.load(b2_ptr).to(tl.float32)
+            num_tiles = tl.num_programs(0) // ROW_GROUPS
+            for first in range(0, num_steps, OUT_BLOCK):
+                rows = _nth_step_rows(row_mask_ptr, B, first, OUT_BLOCK, MASK_CHUNK)
+                row_ok = (first + tl.arange(0, OUT_BLOCK)) < num_steps
+                total = sum_tiles(partial_ptr, num_tiles, B, rows, row_ok, TILE_BLOCK, OUT_BLOCK)
+                tl.store(out_ptr + rows, total + b2, mask=row_ok)
             tl.atomic_xchg(ticket_ptr, 0, sem="relaxed")
 
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Launch shape of the decode kernel; fixed for a given (B, d, dtype), hence graph-capturable."""
+    """Launch shape of the decode kernel; fixed for a given (B, d, dtype), hence graph-capturable.
+
+    ``row_groups`` programs share each W1 tile (each takes every row_groups-th chunk of block_m step
+    rows); ``w1_tma`` streams W1 through a TMA tensor descriptor (Hopper and newer, 16-bit weights);
+    ``fused_reduction`` sums the tiles in the last program instead of a second launch.
+    """
 
     block_m: int
     block_n: int
@@ -121,6 +145,8 @@ class DecodeConfig:
     num_warps: int
     num_stages: int
     fused_reduction: bool = True
+    row_groups: int = 1
+    w1_tma: bool = False
 
 
 def default_config(batch: int, d: int, device: torch.device, operand_bytes: int = 2) -> DecodeConfig:
@@ -197,13 +223,15 @@ def head_logits_masked(
     mask_chunk = min(128, _launch.next_pow2(batch))
     out_block = min(128, _launch.next_pow2(batch))
     tile_block = _launch.sum_block(num_tiles)
+    w1_desc = cfg.w1_tma and _launch.tma_capable(w1, fmt)
+    w1_arg = TensorDescriptor.from_tensor(w1, [cfg.block_n, cfg.block_k]) if w1_desc else w1
     with _launch.device_guard(hidden):
         ticket = _ticket(hidden.device) if cfg.fused_reduction else partial
-        _masked_partials_kernel[(num_tiles,)](
-            hidden, hidden.stride(0), row_mask, batch, w1, b1, w2, partial, b2, out, ticket, d, 2 * d,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, MASK_CHUNK=mask_chunk,
-            EVEN_K=d % cfg.block_k == 0, DOT_DTYPE=fmt.dtype, PRECISION=fmt.precision,
-            FUSED_REDUCTION=cfg.fused_reduction, TILE_BLOCK=tile_block, OUT_BLOCK=out_block,
+        _masked_partials_kernel[(num_tiles * cfg.row_groups,)](
+            hidden, hidden.stride(0), row_mask, batch, w1_arg, b1, w2, partial, b2, out, ticket, d, 2 * d,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ROW_GROUPS=cfg.row_groups,
+            MASK_CHUNK=mask_chunk, EVEN_K=d % cfg.block_k == 0, DOT_DTYPE=fmt.dtype, PRECISION=fmt.precision,
+            W1_DESC=w1_desc, FUSED_REDUCTION=cfg.fused_reduction, TILE_BLOCK=tile_block, OUT_BLOCK=out_block,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if not cfg.fused_reduction:

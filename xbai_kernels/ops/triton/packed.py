@@ -68,8 +68,8 @@ def rows_head_kernel(
     units = unit0 + tl.arange(0, BLOCK_N)
     unit_ok = units < H
     acc = preactivation_tile(
-        hidden_ptr, stride_row, rows, index_ok, w1_ptr, units, unit_ok, d,
-        BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_DTYPE, PRECISION,
+        hidden_ptr, stride_row, rows, index_ok, w1_ptr, unit0, units, unit_ok, d,
+        BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_DTYPE, PRECISION, False,
     )
     act = relu_bias(acc, b1_ptr, units, unit_ok)
     if DROPOUT:

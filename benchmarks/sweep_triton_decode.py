@@ -1,0 +1,102 @@
+"""Launch-shape sweep of the Triton decode scorer (``head_logits_masked``) on a GPU.
+
+Every configuration is timed as a CUDA-graph replay on rotated weight copies (the way the kernel runs
+inside a captured decode step) and checked twice: against the reference head, and bitwise against the
+first configuration of its shape (the fixed-order reduction makes the bits independent of the launch
+shape). Used to pick ``decode.default_config``; the chosen defaults are then measured by the kernel
+suite. ``python -m benchmarks.sweep_triton_decode [--out PATH]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from xbai_kernels.ops import reference
+from xbai_kernels.ops.triton import decode
+
+from ._common import copy_bandwidth, environment, write_result
+from .bench_kernels import decode_sets, graph_us, weight_copies
+
+D = decode.DecodeConfig
+
+# (d, B, step rows) -> configurations; the first of each list is the current default.
+PLAN: dict[tuple[int, int, int], list[D]] = {
+    (5120, 1, 1): [
+        D(16, 64, 128, 4, 4), D(16, 64, 128, 4, 4, w1_tma=True), D(16, 64, 256, 4, 3, w1_tma=True),
+        D(16, 128, 128, 4, 4, w1_tma=True), D(16, 32, 256, 4, 4, w1_tma=True), D(16, 64, 128, 4, 6, w1_tma=True),
+        D(16, 64, 64, 4, 8, w1_tma=True),
+    ],
+    (5120, 16, 4): [
+        D(16, 64, 128, 4, 4), D(16, 64, 128, 4, 4, w1_tma=True), D(16, 64, 256, 4, 3, w1_tma=True),
+        D(16, 128, 128, 4, 4, w1_tma=True), D(16, 64, 128, 4, 6, w1_tma=True),
+    ],
+    (5120, 256, 64): [
+        D(64, 128, 128, 8, 3, False), D(64, 128, 128, 8, 3), D(64, 128, 128, 8, 3, w1_tma=True),
+        D(64, 128, 128, 8, 4, w1_tma=True), D(32, 128, 128, 4, 3, row_groups=2, w1_tma=True),
+        D(32, 128, 128, 4, 2, row_groups=2), D(64, 64, 128, 4, 4, w1_tma=True),
+        D(64, 64, 128, 4, 3, row_groups=2, w1_tma=True), D(64, 128, 64, 8, 6, w1_tma=True),
+        D(64, 64, 256, 8, 3, w1_tma=True),
+    ],
+    (5120, 256, 0): [D(64, 128, 128, 8, 3, False), D(64, 128, 128, 8, 3)],
+    (5120, 1024, 0): [D(128, 128, 128, 8, 3, False), D(128, 128, 128, 8, 3)],
+    (5120, 1024, 256): [D(128, 128, 128, 8, 3, False), D(128, 128, 128, 8, 3, w1_tma=True),
+                        D(64, 128, 128, 8, 3, row_groups=2, w1_tma=True)],
+    (1536, 1, 1): [
+        D(16, 32, 128, 4, 4), D(16, 32, 128, 4, 4, w1_tma=True), D(16, 32, 256, 4, 4, w1_tma=True),
+        D(16, 16, 256, 4, 4, w1_tma=True), D(16, 32, 256, 4, 6, w1_tma=True), D(16, 16, 128, 4, 6, w1_tma=True),
+        D(16, 32, 64, 4, 8, w1_tma=True),
+    ],
+    (1536, 16, 4): [D(16, 32, 128, 4, 4), D(16, 32, 128, 4, 4, w1_tma=True), D(16, 32, 256, 4, 4, w1_tma=True),
+                    D(16, 16, 256, 4, 4, w1_tma=True)],
+    (1536, 256, 64): [D(64, 32, 128, 4, 4, False), D(64, 32, 128, 4, 4), D(64, 32, 128, 4, 4, w1_tma=True),
+                      D(32, 64, 128, 4, 3, row_groups=2, w1_tma=True)],
+}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    device = torch.device("cuda")
+    bandwidth = copy_bandwidth(device)
+    result = {"environment": environment(device), "copy_bandwidth_GBps": bandwidth / 1e9, "rows": []}
+    started = time.perf_counter()
+    for d in sorted({d for d, _, _ in PLAN}, reverse=True):
+        heads = weight_copies(d, device)
+        floor_us = (2 * d * d + 4 * d) * 2 / bandwidth * 1e6
+        for (dd, batch, steps), configs in PLAN.items():
+            if dd != d:
+                continue
+            sets = decode_sets(batch, d, steps, heads, device, seed=batch + steps)
+            hidden, mask, w1, b1, w2, b2, _ = sets[0]
+            expected = reference.head_logits_masked(hidden, mask, w1, b1, w2, b2)
+            first_bits = None
+            for cfg in configs:
+                row = {"d": d, "B": batch, "step_rows": steps, "floor_us": floor_us, **cfg.__dict__}
+                try:
+                    got = decode.head_logits_masked(hidden, mask, w1, b1, w2, b2, config=cfg)
+                    row["max_abs_err"] = float((got - expected).abs().max())
+                    row["bitwise_as_first"] = bool(first_bits is None or torch.equal(got, first_bits))
+                    first_bits = got if first_bits is None else first_bits
+                    call = lambda h, m, w1, b1, w2, b2, out, cfg=cfg: decode.head_logits_masked(
+                        h, m, w1, b1, w2, b2, out=out, config=cfg)
+                    row["graph_us"] = graph_us(call, sets)
+                    row["x_floor"] = row["graph_us"] / floor_us if steps else None
+                except Exception as error:  # a launch shape that does not fit is a result, not a crash
+                    row["error"] = f"{type(error).__name__}: {str(error)[:200]}"
+                result["rows"].append(row)
+                print(f"d={d:5d} B={batch:5d} steps={steps:4d} {cfg} -> "
+                      f"{row.get('graph_us', float('nan')):7.2f} us err={row.get('max_abs_err')} "
+                      f"same_bits={row.get('bitwise_as_first')} {row.get('error', '')}", flush=True)
+        del heads
+        torch.cuda.empty_cache()
+    result["seconds"] = time.perf_counter() - started
+    write_result(result, args.out, f"{result['environment']['device_slug']}-triton-decode-sweep.json")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -7,6 +7,9 @@ import json
 import platform
 import re
 import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -72,3 +75,27 @@ def write_result(result: dict, path: str | None, default_name: str) -> Path:
     target.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {target}")
     return target
+
+
+def progress(items: Iterable, desc: str, label: Callable[[object], str] = str) -> Iterator:
+    """Yield ``items``, showing how far a long run is, on stderr (stdout keeps the results).
+
+    A tqdm bar when stderr is a terminal and tqdm is importable; otherwise one line per item
+    (``[desc k/n, t s] label``), so a log of a run on a remote machine still shows where it was.
+    """
+    items = list(items)
+    if sys.stderr.isatty():
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            pass
+        else:
+            bar = tqdm(items, desc=desc, file=sys.stderr, dynamic_ncols=True)
+            for item in bar:
+                bar.set_postfix_str(label(item), refresh=False)
+                yield item
+            return
+    start = time.monotonic()
+    for k, item in enumerate(items, 1):
+        print(f"[{desc} {k}/{len(items)}, {time.monotonic() - start:.0f} s] {label(item)}", file=sys.stderr, flush=True)
+        yield item

@@ -1,6 +1,6 @@
 """The three SPRM kernels against eager PyTorch, torch.compile and the hardware floor, on one CUDA GPU.
 
-* ``decode``: ``head_logits_masked`` on a decode batch of B rows, a quarter of them steps (and none);
+* ``decode``: ``head_logits_masked`` on a decode batch of B rows, none, a quarter or all of them steps;
 * ``packed``: ``head_logits_rows`` on 2% of T = 65536 packed tokens (and the whole ``score_trajectories``);
 * ``train``: ``sprm_head_loss`` forward + backward on n step rows, with its peak memory.
 
@@ -12,6 +12,9 @@ device-to-device copy (bytes read + written) and an 8192^3 bf16 matmul. Times ar
 ``triton.testing.do_bench`` (CUDA events); inputs rotate between several sets, weights between
 enough copies that no call finds them in L2. ``*_graph`` columns replay a CUDA graph of several
 calls (the kernels alone, as an engine runs them); the others include Python launch overhead.
+
+``--quick`` keeps every kind of column but times fewer shapes for less time each, and compiles
+only at one decode shape (torch.compile dominates the run time otherwise).
 
     python -m benchmarks kernels [--quick] [--sweep] [--budget SECONDS] [--out PATH]
 """
@@ -30,19 +33,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._common import copy_bandwidth, environment, write_result
+from ._common import copy_bandwidth, environment, progress, write_result
 
 DTYPE = torch.bfloat16
 GRAPH_CALLS = 10
 L2_MARGIN = 2  # rotate through at least this many times the L2 size of weights
+# do_bench's warm-up and measuring windows in ms; --quick shortens them.
+TIMING = {"warmup_ms": 25, "rep_ms": 100}
+# Fractions of a decode batch's rows that are steps (issue 7: none, a quarter, all).
+DECODE_STEP_FRACTIONS = (0.0, 0.25, 1.0)
 
 
 # ----- measurement helpers ---------------------------------------------------------------------
 
 
-def median_us(fn, warmup_ms: int = 25, rep_ms: int = 100) -> float:
+def median_us(fn, warmup_ms: int | None = None, rep_ms: int | None = None) -> float:
     import triton.testing
 
+    warmup_ms = TIMING["warmup_ms"] if warmup_ms is None else warmup_ms
+    rep_ms = TIMING["rep_ms"] if rep_ms is None else rep_ms
     return 1e3 * triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
 
 
@@ -187,34 +196,65 @@ def decode_sets(batch: int, d: int, steps: int, heads, device, seed: int) -> lis
     return sets
 
 
+def decode_step_counts(batch: int) -> list[int]:
+    """Step rows of a B-row decode batch at each of DECODE_STEP_FRACTIONS (a quarter of one row is one
+    row: every fraction above 0 has at least one step), without repeats (at B = 1: 0 and 1)."""
+    counts = []
+    for fraction in DECODE_STEP_FRACTIONS:
+        steps = 0 if fraction == 0 else max(1, round(fraction * batch))
+        if steps not in counts:
+            counts.append(steps)
+    return counts
+
+
+def decode_shapes(args) -> list[tuple[int, int, int]]:
+    return [(d, b, steps) for d in args.decode_d for b in args.decode_b for steps in decode_step_counts(b)]
+
+
 def decode_cases(args, device, ceilings, budget) -> list[dict]:
     ops = backend_ops("head_logits_masked", device)
     rows_out = []
-    for d in args.decode_d:
-        heads = weight_copies(d, device)
-        released = [released_head(w) for w in heads]
-        compiled = None
-        for batch, steps in [(b, max(1, b // 4)) for b in args.decode_b] + [(max(args.decode_b), 0)]:
-            sets = decode_sets(batch, d, steps, heads, device, seed=batch + d)
-            weight_bytes = (2 * d * d + 4 * d + 1) * 2
-            floor_bytes = (weight_bytes if steps else 0) + batch + steps * d * 2 + batch * 4
-            row = {"d": d, "B": batch, "step_rows": steps, "floor_us": 1e6 * floor_bytes / ceilings["copy_Bps"]}
-            for name, impl in ops.items():
-                call = lambda h, m, w1, b1, w2, b2, out, impl=impl: impl(h, m, w1, b1, w2, b2, out=out)
-                guarded(row, name, lambda: median_us(Rotation(call, sets)))
-                guarded(row, f"{name}_graph", lambda: graph_us(call, sets))
-            eager_sets = [(s[0], s[1], released[k % len(released)]) for k, s in enumerate(sets)]
-            guarded(row, "eager_released", lambda: median_us(Rotation(lambda h, m, head: head(h), eager_sets)))
-            guarded(row, "eager_released_gather", lambda: median_us(Rotation(lambda h, m, head: head(h[m]), eager_sets)))
-            if args.compile and budget.allows(60) and d == max(args.decode_d):
+    heads = released = compiled = None
+    current_d = None
+    compiled_us: dict[tuple[int, int], float | None] = {}
+    for d, batch, steps in progress(decode_shapes(args), "decode", lambda s: f"d={s[0]} B={s[1]} steps={s[2]}"):
+        if d != current_d:
+            del heads, released, compiled
+            torch.cuda.empty_cache()
+            heads = weight_copies(d, device)
+            released = [released_head(w) for w in heads]
+            compiled, current_d = None, d
+        sets = decode_sets(batch, d, steps, heads, device, seed=batch + d + steps)
+        weight_bytes = (2 * d * d + 4 * d + 1) * 2
+        floor_bytes = (weight_bytes if steps else 0) + batch + steps * d * 2 + batch * 4
+        row = {
+            "d": d, "B": batch, "step_rows": steps,
+            "floor_memory_us": 1e6 * floor_bytes / ceilings["copy_Bps"],
+            "floor_compute_us": 1e6 * 4 * steps * d * d / ceilings["matmul_flops"],
+        }
+        row["floor_us"] = max(row["floor_memory_us"], row["floor_compute_us"])
+        for name, impl in ops.items():
+            call = lambda h, m, w1, b1, w2, b2, out, impl=impl: impl(h, m, w1, b1, w2, b2, out=out)
+            guarded(row, name, lambda: median_us(Rotation(call, sets)))
+            guarded(row, f"{name}_graph", lambda: graph_us(call, sets))
+        eager_sets = [(s[0], s[1], released[k % len(released)]) for k, s in enumerate(sets)]
+        guarded(row, "eager_released", lambda: median_us(Rotation(lambda h, m, head: head(h), eager_sets)))
+        guarded(row, "eager_released_gather", lambda: median_us(Rotation(lambda h, m, head: head(h[m]), eager_sets)))
+        # The released form runs the head on every row whatever the step count, so its compiled time
+        # depends on (d, B) only: timed once per shape, at the shapes args.compile_decode allows.
+        if args.compile and (d, batch) in args.compile_decode and budget.allows(60):
+            if (d, batch) not in compiled_us:
                 if compiled is None:
                     compiled = torch.compile(released_functional, dynamic=False)
                 comp_sets = [s[:6] for s in sets]
                 guarded(row, "compile_released", lambda: median_us(Rotation(lambda h, m, *w: compiled(h, *w), comp_sets)))
-            rows_out.append(row)
-            print(_line("decode", row), flush=True)
-        del heads, released, compiled
-        torch.cuda.empty_cache()
+                compiled_us[(d, batch)] = row["compile_released"]
+            else:
+                row["compile_released"] = compiled_us[(d, batch)]
+        rows_out.append(row)
+        print(_line("decode", row), flush=True)
+    del heads, released, compiled
+    torch.cuda.empty_cache()
     return rows_out
 
 
@@ -227,7 +267,7 @@ def packed_cases(args, device, ceilings, budget) -> list[dict]:
     ops = backend_ops("head_logits_rows", device)
     total = args.tokens
     out = []
-    for d in args.packed_d:
+    for d in progress(args.packed_d, "packed", lambda d: f"d={d}"):
         heads = weight_copies(d, device)
         released = [released_head(w) for w in heads]
         g = torch.Generator(device=device).manual_seed(d)
@@ -251,7 +291,7 @@ def packed_cases(args, device, ceilings, budget) -> list[dict]:
         eager_sets = [(s[0], s[1], s[2], released[k % len(released)]) for k, s in enumerate(sets * len(heads))]
         guarded(row, "eager_released_gather", lambda: median_us(Rotation(lambda h, m, r, head: head(h[m]), eager_sets)))
         guarded(row, "eager_released_index", lambda: median_us(Rotation(lambda h, m, r, head: head(h.index_select(0, r)), eager_sets)))
-        if args.compile and budget.allows(60) and (not args.quick or d == max(args.packed_d)):
+        if args.compile and d in args.compile_packed and budget.allows(60):
             compiled = torch.compile(lambda h, r, *w: released_functional(h.index_select(0, r), *w), dynamic=False)
             guarded(row, "compile_released", lambda: median_us(Rotation(compiled, arg_sets)))
         # The whole packed scorer: step mask on the device, head on the step rows, geometric means.
@@ -290,7 +330,7 @@ def eager_train_loss(hidden, rows, w1, b1, w2, b2, correct, valid, p):
 def train_cases(args, device, ceilings, budget) -> list[dict]:
     ops = backend_ops("sprm_head_loss", device)
     out = []
-    for n, d in args.train_shapes:
+    for n, d in progress(args.train_shapes, "train", lambda s: f"n={s[0]} d={s[1]}"):
         total = 4 * n
         g = torch.Generator(device=device).manual_seed(n + d)
         hidden = torch.randn(total, d, device=device, dtype=DTYPE, generator=g).requires_grad_()
@@ -313,7 +353,7 @@ def train_cases(args, device, ceilings, budget) -> list[dict]:
             for name, impl in ops.items()
         }
         columns["eager_released"] = step(lambda: eager_train_loss(hidden, rows, *params, correct, valid, args.dropout))
-        if args.compile and budget.allows(90):
+        if args.compile and (n, d) in args.compile_train and budget.allows(90):
             compiled = torch.compile(eager_train_loss)
             columns["compile_released"] = step(lambda: compiled(hidden, rows, *params, correct, valid, args.dropout))
         def clear_grads():
@@ -322,7 +362,8 @@ def train_cases(args, device, ceilings, budget) -> list[dict]:
                 w.grad = None
 
         for name, run in columns.items():
-            guarded(row, name, lambda run=run: median_us(run, warmup_ms=50, rep_ms=300))
+            # One forward + backward is ms long: a longer window than the decode ops' for as many samples.
+            guarded(row, name, lambda run=run: median_us(run, warmup_ms=2 * TIMING["warmup_ms"], rep_ms=3 * TIMING["rep_ms"]))
             clear_grads()
             guarded(row, f"{name}_peak_MB", lambda run=run: _peak_extra_mb(run))
             clear_grads()
@@ -519,7 +560,8 @@ def plot(result: dict, path) -> None:
 
 def main(argv=None) -> dict | None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks kernels", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer shapes; torch.compile only at the largest d")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer shapes, shorter timing windows, torch.compile at one decode shape only")
     parser.add_argument("--sweep", action="store_true", help="also time Triton launch shapes around the defaults")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--sections", default="decode,packed,train")
@@ -532,10 +574,19 @@ def main(argv=None) -> dict | None:
     if not torch.cuda.is_available():
         print("python -m benchmarks kernels: needs a CUDA GPU; nothing to time here")
         return None
-    args.decode_d = (1536, 5120) if args.quick else (1536, 3584, 5120)
-    args.decode_b = (1, 16, 256) if args.quick else (1, 16, 256, 1024)
-    args.packed_d = (1536, 3584, 5120)
-    args.train_shapes = ((4096, 5120),) if args.quick else ((1024, 1536), (4096, 5120))
+    if args.quick:
+        TIMING.update(warmup_ms=10, rep_ms=30)
+        args.decode_d, args.decode_b = (1536, 5120), (1, 64, 1024)
+        args.packed_d = (5120,)
+        args.train_shapes = ((1024, 5120),)
+        # One compile: each torch.compile costs seconds to tens of seconds, more than all the timing.
+        args.compile_decode, args.compile_packed, args.compile_train = {(5120, 64)}, set(), set()
+    else:
+        args.decode_d, args.decode_b = (1536, 3584, 5120), (1, 16, 64, 256, 1024)
+        args.packed_d = (1536, 3584, 5120)
+        args.train_shapes = ((1024, 1536), (4096, 5120))
+        args.compile_decode = {(d, b) for d in args.decode_d for b in args.decode_b}
+        args.compile_packed, args.compile_train = set(args.packed_d), set(args.train_shapes)
     device = torch.device("cuda")
     budget = Budget(args.budget)
     env = environment(device)
@@ -544,7 +595,11 @@ def main(argv=None) -> dict | None:
     sections = [s for s in args.sections.split(",") if s]
     # A sweep-only file is a tuning record, not a results table: report.py renders only "kernels".
     name = "kernels" if sections else "kernels-sweep"
-    result = {"benchmark": name, "environment": env, "ceilings": ceilings, "quick": args.quick}
+    result = {
+        "benchmark": name, "environment": env, "ceilings": ceilings, "quick": args.quick,
+        "timing": {**TIMING, "statistic": "median of triton.testing.do_bench (CUDA events)"},
+        "decode_step_fractions": list(DECODE_STEP_FRACTIONS),
+    }
     runners = {"decode": decode_cases, "packed": packed_cases, "train": train_cases}
     for section in sections:
         try:

@@ -4,8 +4,10 @@ The floor: the bytes the op must move (W1, b1, W2 and the step rows of hidden re
 logits written once) over the device's copy bandwidth, measured in the same run (a large
 device-to-device copy, counting bytes read plus written). Each backend is timed two ways:
 ``graph``, replays of a CUDA graph holding several calls (the kernels alone, as vLLM runs them),
-and ``eager``, back-to-back calls from Python (kernels plus host overhead). Two weight sets
-alternate so that no call finds W1 in L2 (105 MB at d = 5120, bf16, against 50-60 MB of L2).
+and ``eager``, back-to-back calls from Python (kernels plus host overhead). Weight sets rotate,
+enough of them that together they exceed 2.5x the L2 (at least two), so no call finds W1 in L2
+(105 MB at d = 5120 in bf16 against 50-60 MB of L2; d = 1536 needs ~14 sets). Every timed row also
+records min and max over the repeats.
 
     PYTHONPATH=. python benchmarks/bench_cuda_decode.py --out benchmarks/results/cuda_decode_<gpu>.json
 """
@@ -25,10 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import copy_bandwidth, environment, write_result  # noqa: E402
 
 BACKENDS = ("cuda", "triton", "reference")
-# CUDA backend variants timed as separate columns: W1 pipeline shape (XBAI_KERNELS_CUDA_PIPELINE)
-# and programmatic dependent launch on/off (XBAI_KERNELS_CUDA_PDL).
-CUDA_VARIANTS = {"cuda-wide": ("wide", "1"), "cuda-deep": ("deep", "1"), "cuda-wide-nopdl": ("wide", "0")}
-CALLS_PER_GRAPH = 10
+# CUDA backend variants timed as separate columns: W1 pipeline (XBAI_KERNELS_CUDA_PIPELINE) and
+# programmatic dependent launch on/off (XBAI_KERNELS_CUDA_PDL).
+CUDA_VARIANTS = {
+    "cuda-bulk": ("bulk", "1"),
+    "cuda-bulk-long": ("bulk-long", "1"),
+    "cuda-wide": ("wide", "1"),
+}
+MIN_CALLS_PER_GRAPH = 10
 
 
 def load_backend(name: str):
@@ -42,8 +48,8 @@ def load_backend(name: str):
     return (None, reason) if reason else (module, None)
 
 
-def time_graph(call, repeats: int = 30) -> float:
-    """Median seconds per call over replays of a graph of CALLS_PER_GRAPH calls."""
+def time_graph(call, calls_per_graph: int, repeats: int = 30) -> list[float]:
+    """Seconds per call of each replay of a graph of ``calls_per_graph`` calls."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -53,7 +59,7 @@ def time_graph(call, repeats: int = 30) -> float:
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for i in range(CALLS_PER_GRAPH):
+        for i in range(calls_per_graph):
             call(i)
     graph.replay()
     torch.cuda.synchronize()
@@ -64,8 +70,8 @@ def time_graph(call, repeats: int = 30) -> float:
         graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / CALLS_PER_GRAPH)
-    return statistics.median(times)
+        times.append(start.elapsed_time(end) / 1e3 / calls_per_graph)
+    return times
 
 
 def time_eager(call, calls: int = 50, repeats: int = 7) -> float:
@@ -87,7 +93,10 @@ def time_eager(call, calls: int = 50, repeats: int = 7) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--d", type=int, default=5120)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 256])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 256], help="B with B/4 step rows")
+    parser.add_argument("--zero-step-batches", type=int, nargs="*", default=[1, 256, 1024], help="B with no step row")
+    parser.add_argument("--all-steps", action="store_true", help="also time the largest B with every row a step")
+    parser.add_argument("--variants", nargs="+", default=list(CUDA_VARIANTS), choices=list(CUDA_VARIANTS))
     parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -97,17 +106,21 @@ def main() -> None:
     d = args.d
     bandwidth = copy_bandwidth(device)
     g = torch.Generator(device="cpu").manual_seed(0)
-    heads = [
-        tuple(
-            t.to(device=device, dtype=dtype)
-            for t in (torch.randn(2 * d, d, generator=g) / d**0.5, torch.randn(2 * d, generator=g) * 0.1,
-                      torch.randn(1, 2 * d, generator=g) / (2 * d) ** 0.5, torch.randn(1, generator=g) * 0.1)
-        )
-        for _ in range(2)
-    ]
     element = torch.finfo(dtype).bits // 8
+    l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size
+    weight_sets = max(2, -(-int(2.5 * l2_bytes) // (2 * d * d * element)))
+    calls_per_graph = max(MIN_CALLS_PER_GRAPH, weight_sets)
+    first = tuple(
+        t.to(device=device, dtype=dtype)
+        for t in (torch.randn(2 * d, d, generator=g) / d**0.5, torch.randn(2 * d, generator=g) * 0.1,
+                  torch.randn(1, 2 * d, generator=g) / (2 * d) ** 0.5, torch.randn(1, generator=g) * 0.1)
+    )
+    # Copies of one head (the same logits, other addresses): only the bytes matter for the timing.
+    heads = [first] + [tuple(t.clone() for t in first) for _ in range(weight_sets - 1)]
     cases = [(b, max(1, b // 4)) for b in args.batches]
-    cases += [(max(args.batches), 0), (max(args.batches), max(args.batches))]
+    cases += [(b, 0) for b in args.zero_step_batches]
+    if args.all_steps:
+        cases.append((max(args.batches), max(args.batches)))
 
     backends = {}  # column -> (module, (pipeline, pdl) environment values or None)
     skipped = {}
@@ -116,8 +129,8 @@ def main() -> None:
         if module is None:
             skipped[name] = reason
         elif name == "cuda":
-            for column, variant in CUDA_VARIANTS.items():
-                backends[column] = (module, variant)
+            for column in args.variants:
+                backends[column] = (module, CUDA_VARIANTS[column])
         else:
             backends[name] = (module, None)
 
@@ -138,7 +151,7 @@ def main() -> None:
                 os.environ["XBAI_KERNELS_CUDA_PIPELINE"], os.environ["XBAI_KERNELS_CUDA_PDL"] = variant
 
             def call(i, module=module):
-                return module.head_logits_masked(hidden, mask, *heads[i % 2], out=out)
+                return module.head_logits_masked(hidden, mask, *heads[i % weight_sets], out=out)
 
             call(0)
             same_bits = None
@@ -148,11 +161,13 @@ def main() -> None:
             error = None
             if expected is not None:
                 error = float((out - expected).norm() / expected.norm().clamp_min(1e-30)) if steps else float(out.abs().max())
-            graph_s = time_graph(call)
+            graph_times = time_graph(call, calls_per_graph)
+            graph_s = statistics.median(graph_times)
             eager_s = time_eager(call)
             rows.append({
                 "backend": name, "batch": batch, "step_rows": steps, "d": d, "dtype": args.dtype,
-                "graph_us": graph_s * 1e6, "eager_us": eager_s * 1e6,
+                "graph_us": graph_s * 1e6, "graph_min_us": min(graph_times) * 1e6,
+                "graph_max_us": max(graph_times) * 1e6, "eager_us": eager_s * 1e6,
                 "floor_us": floor_s * 1e6, "graph_over_floor": graph_s / floor_s if steps else None,
                 "relative_error_vs_reference": error, "same_bits_as_first_cuda_variant": same_bits,
             })
@@ -165,7 +180,10 @@ def main() -> None:
         "benchmark": "cuda_decode",
         "environment": environment(device),
         "copy_bandwidth_GBps": bandwidth / 1e9,
-        "calls_per_graph": CALLS_PER_GRAPH,
+        "calls_per_graph": calls_per_graph,
+        "weight_sets": weight_sets,
+        "l2_bytes": l2_bytes,
+        "cuda_module_targets": backends["cuda-bulk"][0].compiled_targets() if "cuda-bulk" in backends else None,
         "skipped_backends": skipped,
         "rows": rows,
     }

@@ -62,14 +62,16 @@ constexpr int kTileSlices = 4;
 constexpr int kTileGroup = 8;
 
 // A tile configuration: ChunkRows selected rows per item, BlockK columns per pipeline stage (a
-// multiple of 16 * kWarpsK), Stages stages, WarpsN warps along the rows (times kWarpsK along K).
-template <int ChunkRowsV, int BlockKV, int StagesV, int WarpsNV>
+// multiple of 16 * kWarpsK), Stages stages, WarpsN warps along the rows (times kWarpsK along K),
+// plus ProducerWarps warps that only issue copies (the bulk-copy kernel: 1; the cp.async one: 0).
+template <int ChunkRowsV, int BlockKV, int StagesV, int WarpsNV, int ProducerWarpsV = 0>
 struct TileConfig {
   static constexpr int kChunkRows = ChunkRowsV;
   static constexpr int kBlockK = BlockKV;
   static constexpr int kStages = StagesV;
   static constexpr int kWarpsN = WarpsNV;
-  static constexpr int kWarps = kWarpsK * WarpsNV;
+  static constexpr int kMathWarps = kWarpsK * WarpsNV;
+  static constexpr int kWarps = kMathWarps + ProducerWarpsV;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kWarpRows = ChunkRowsV / WarpsNV;
   static constexpr int kNTiles = kWarpRows / 8;
@@ -140,6 +142,64 @@ __device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
   asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
 #endif
 }
+
+// sm_90 transaction barriers and the bulk copy engine (the bulk-copy kernel below). A stage's
+// "full" barrier completes when its producer has arrived and every byte it announced has landed;
+// its "empty" barrier when every math warp has released it.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+__device__ __forceinline__ void barrier_init(uint64_t* bar, uint32_t arrivals) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_address(bar)), "r"(arrivals) : "memory");
+}
+// Makes the initialized barriers visible to the copy engine (the async proxy).
+__device__ __forceinline__ void barrier_init_fence() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void barrier_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_address(bar)) : "memory");
+}
+__device__ __forceinline__ void barrier_arrive_expect_bytes(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_address(bar)), "r"(bytes)
+               : "memory");
+}
+// Waits until the barrier's phase with this parity has completed.
+__device__ __forceinline__ void barrier_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n .reg .pred complete;\n mbarrier.try_wait.parity.shared::cta.b64 complete, [%1], %2;\n"
+        " selp.u32 %0, 1, 0, complete;\n}\n"
+        : "=r"(done)
+        : "r"(smem_address(bar)), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+// An L2 policy for data read once (W1): evicted first, so the step rows and the rest stay in L2.
+__device__ __forceinline__ uint64_t evict_first_policy() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+// Copies `bytes` (a multiple of 16, both addresses 16-byte aligned) from global to this CTA's shared
+// memory with the copy engine; the bytes count toward `bar`'s transaction.
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar,
+                                          uint64_t policy) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;\n" ::"r"(
+          smem_address(dst)),
+      "l"(src), "r"(bytes), "r"(smem_address(bar)), "l"(policy)
+      : "memory");
+}
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                   smem_address(dst)),
+               "l"(src), "r"(bytes), "r"(smem_address(bar))
+               : "memory");
+}
+// Orders this thread's ordinary shared-memory writes before later copy-engine writes to the same bytes.
+__device__ __forceinline__ void fence_shared_for_copies() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+#endif
 
 // 16-byte global->shared copy that bypasses L1 (W1 is read once); zero-fills when !valid so tile
 // edges and empty row slots cost no memory traffic.
@@ -228,6 +288,89 @@ __device__ __forceinline__ void share_of(int total, int parts, int part, int* fi
   *count = end - begin;
 }
 
+// Accumulates one pipeline stage into acc: a_stage holds the item's unit rows [unit][k], b_warp
+// this warp's rows [row][k] (both with row stride Cfg::kStride). The warp's 16-column blocks are
+// those with index = warp_k (mod kWarpsK), in increasing order: the fixed K split of every kernel.
+template <typename T, class Cfg>
+__device__ __forceinline__ void multiply_stage(float (&acc)[kMaxSlices][Cfg::kNTiles][4], const T* a_stage,
+                                               const T* b_warp, int slices) {
+  constexpr int kStride = Cfg::kStride;
+  const int lane = threadIdx.x & 31;
+  const int warp_k = (threadIdx.x >> 5) % kWarpsK;
+#pragma unroll
+  for (int j = 0; j < Cfg::kBlocksPerWarp; ++j) {
+    const int col = (j * kWarpsK + warp_k) * 16;
+    uint32_t b[Cfg::kNTiles][2];
+#pragma unroll
+    for (int n = 0; n < Cfg::kNTiles; ++n)
+      // Rows are stored [row][k]: the col-major B operand. Lanes 0-7 address k 0-7, 8-15 k 8-15.
+      load_matrix_x2(b[n], b_warp + (n * 8 + lane % 8) * kStride + col + ((lane / 8) % 2) * 8);
+#pragma unroll
+    for (int m = 0; m < kMaxSlices; ++m) {
+      if (m < slices) {
+        uint32_t a[4];
+        // Lane l addresses row l % 16, column half l / 16 of the 16x16 A tile (ldmatrix x4 order).
+        load_matrix_x4(a, a_stage + (m * 16 + lane % 16) * kStride + col + (lane / 16) * 8);
+#pragma unroll
+        for (int n = 0; n < Cfg::kNTiles; ++n) mma_16816<T>(acc[m][n], a, b[n]);
+      }
+    }
+  }
+}
+
+// Each math warp's pre-activations to shared memory: pre[warp_k][unit][row]. Lane (g, t) holds
+// units g and g + 8 of each slice for rows 2t and 2t + 1 of each 8-row tile.
+template <class Cfg>
+__device__ __forceinline__ void store_preactivations(const float (&acc)[kMaxSlices][Cfg::kNTiles][4], int slices,
+                                                     float* pre) {
+  constexpr int kChunkRows = Cfg::kChunkRows;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int warp_k = warp % kWarpsK;
+  const int warp_n = warp / kWarpsK;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+#pragma unroll
+  for (int m = 0; m < kMaxSlices; ++m) {
+    if (m < slices) {
+#pragma unroll
+      for (int n = 0; n < Cfg::kNTiles; ++n) {
+        const int row = warp_n * Cfg::kWarpRows + n * 8 + 2 * t;
+        float* lo = pre + (warp_k * kMaxUnits + m * 16 + g) * kChunkRows + row;
+        float* hi = lo + 8 * kChunkRows;
+        *reinterpret_cast<float2*>(lo) = make_float2(acc[m][n][0], acc[m][n][1]);
+        *reinterpret_cast<float2*>(hi) = make_float2(acc[m][n][2], acc[m][n][3]);
+      }
+    }
+  }
+}
+
+// Epilogue in fp32 (SPEC: the activation is never rounded), one thread per (slice, row): adds the
+// K-warps' pre-activations in warp order, then b1, ReLU and W2 over the slice's units in unit order,
+// and writes partials[slice, chunk * kChunkRows + row] for the filled rows.
+template <typename T, class Cfg>
+__device__ __forceinline__ void finish_item(const HeadParams& p, int slice0, int slices, int chunk, int filled,
+                                            const float* pre) {
+  constexpr int kChunkRows = Cfg::kChunkRows;
+  const int64_t unit0 = static_cast<int64_t>(slice0) * kSliceUnits;
+  const T* b1 = static_cast<const T*>(p.b1);
+  const T* w2 = static_cast<const T*>(p.w2);
+  for (int job = threadIdx.x; job < slices * kChunkRows; job += Cfg::kThreads) {
+    const int m = job / kChunkRows;
+    const int row = job % kChunkRows;
+    if (row >= filled) continue;
+    float total = 0.f;
+#pragma unroll 4
+    for (int u = m * 16; u < m * 16 + 16; ++u) {
+      float sum = pre[u * kChunkRows + row];
+#pragma unroll
+      for (int k = 1; k < kWarpsK; ++k) sum += pre[(k * kMaxUnits + u) * kChunkRows + row];
+      total += fmaxf(sum + to_float(b1[unit0 + u]), 0.f) * to_float(w2[unit0 + u]);
+    }
+    p.partials[static_cast<int64_t>(slice0 + m) * p.row_capacity + static_cast<int64_t>(chunk) * kChunkRows + row] = total;
+  }
+}
+
 // Fetches the first Stages - 1 stages of an item's W1 rows into L2 (one bulk prefetch per unit).
 template <typename T, class Cfg>
 __device__ void prefetch_item(const HeadParams& p, int slice0, int slices) {
@@ -250,10 +393,7 @@ __device__ void head_item(const HeadParams& p, int slice0, int slices, int chunk
   constexpr int kPiecesPerRow = kBlockK / 8;
   T* a_smem = reinterpret_cast<T*>(smem);
   T* b_smem = a_smem + kStages * kMaxUnits * kStride;
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  const int warp_k = warp % kWarpsK;
-  const int warp_n = warp / kWarpsK;
+  const int warp_n = (threadIdx.x >> 5) / kWarpsK;
   const int64_t d = p.d;
   const int64_t unit0 = static_cast<int64_t>(slice0) * kSliceUnits;
   const int units = slices * kSliceUnits;
@@ -310,69 +450,15 @@ __device__ void head_item(const HeadParams& p, int slice0, int slices, int chunk
     copy_commit();
 
     const int stage = kb % kStages;
-    const T* a_stage = a_smem + stage * kMaxUnits * kStride;
-    const T* b_warp = b_smem + (stage * kChunkRows + warp_n * Cfg::kWarpRows) * kStride;
-#pragma unroll
-    for (int j = 0; j < Cfg::kBlocksPerWarp; ++j) {
-      // This warp's 16-column blocks: global index = warp_k (mod kWarpsK), in increasing order.
-      const int col = (j * kWarpsK + warp_k) * 16;
-      uint32_t b[Cfg::kNTiles][2];
-#pragma unroll
-      for (int n = 0; n < Cfg::kNTiles; ++n)
-        // Rows are stored [row][k]: the col-major B operand. Lanes 0-7 address k 0-7, 8-15 k 8-15.
-        load_matrix_x2(b[n], b_warp + (n * 8 + lane % 8) * kStride + col + ((lane / 8) % 2) * 8);
-#pragma unroll
-      for (int m = 0; m < kMaxSlices; ++m) {
-        if (m < slices) {
-          uint32_t a[4];
-          // Lane l addresses row l % 16, column half l / 16 of the 16x16 A tile (ldmatrix x4 order).
-          load_matrix_x4(a, a_stage + (m * 16 + lane % 16) * kStride + col + (lane / 16) * 8);
-#pragma unroll
-          for (int n = 0; n < Cfg::kNTiles; ++n) mma_16816<T>(acc[m][n], a, b[n]);
-        }
-      }
-    }
+    multiply_stage<T, Cfg>(acc, a_smem + stage * kMaxUnits * kStride,
+                           b_smem + (stage * kChunkRows + warp_n * Cfg::kWarpRows) * kStride, slices);
   }
   copy_wait<0>();
   __syncthreads();
 
-  // Each K-warp's pre-activations to shared memory: pre[warp_k][unit][row]. Lane (g, t) holds units
-  // g and g + 8 of each slice for rows 2t and 2t + 1 of each 8-row tile.
-  float* pre = reinterpret_cast<float*>(smem);
-  const int g = lane >> 2;
-  const int t = lane & 3;
-#pragma unroll
-  for (int m = 0; m < kMaxSlices; ++m) {
-    if (m < slices) {
-#pragma unroll
-      for (int n = 0; n < Cfg::kNTiles; ++n) {
-        const int row = warp_n * Cfg::kWarpRows + n * 8 + 2 * t;
-        float* lo = pre + (warp_k * kMaxUnits + m * 16 + g) * kChunkRows + row;
-        float* hi = lo + 8 * kChunkRows;
-        *reinterpret_cast<float2*>(lo) = make_float2(acc[m][n][0], acc[m][n][1]);
-        *reinterpret_cast<float2*>(hi) = make_float2(acc[m][n][2], acc[m][n][3]);
-      }
-    }
-  }
+  store_preactivations<Cfg>(acc, slices, reinterpret_cast<float*>(smem));
   __syncthreads();
-
-  // Epilogue in fp32 (SPEC: the activation is never rounded), one thread per (slice, row).
-  const T* b1 = static_cast<const T*>(p.b1);
-  const T* w2 = static_cast<const T*>(p.w2);
-  for (int job = threadIdx.x; job < slices * kChunkRows; job += Cfg::kThreads) {
-    const int m = job / kChunkRows;
-    const int row = job % kChunkRows;
-    if (row >= filled) continue;
-    float total = 0.f;
-#pragma unroll 4
-    for (int u = m * 16; u < m * 16 + 16; ++u) {
-      float sum = pre[u * kChunkRows + row];
-#pragma unroll
-      for (int k = 1; k < kWarpsK; ++k) sum += pre[(k * kMaxUnits + u) * kChunkRows + row];
-      total += fmaxf(sum + to_float(b1[unit0 + u]), 0.f) * to_float(w2[unit0 + u]);
-    }
-    p.partials[static_cast<int64_t>(slice0 + m) * p.row_capacity + static_cast<int64_t>(chunk) * kChunkRows + row] = total;
-  }
+  finish_item<T, Cfg>(p, slice0, slices, chunk, filled, reinterpret_cast<const float*>(smem));
   // The next item overwrites chunk_rows and this memory.
   __syncthreads();
 }
@@ -449,6 +535,146 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) head_items_kernel(const Head
     const int slice0 = tile * kTileSlices;
     head_item<T, Cfg>(p, slice0, min(kTileSlices, p.num_slices - slice0), chunk, filled, chunk_rows, dynamic_smem);
   }
+}
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// One item of the bulk-copy kernel: the same work and the same sums as head_item, with W1 and the
+// row chunk streamed by the copy engine. The last warp produces: for each Cfg::kBlockK-column stage
+// its 32 lanes issue one bulk copy per unit row and per filled row slot (256-512 contiguous bytes
+// each; a handful of instructions per copy instead of per 16 bytes). The math warps consume stages
+// as their "full" barriers complete and release them on "empty"; no CTA-wide barrier per stage.
+// `iteration` counts the stages this CTA ran before the item (stage = i % kStages, phase = its
+// wrap count's parity). Requires d % kBlockK == 0: no stage is partial, so nothing is zero-filled.
+// Row slots past `filled` keep whatever an earlier stage left there; an mma output column depends
+// only on its own row, and the epilogue skips those rows, so that never reaches a result.
+template <typename T, class Cfg>
+__device__ void bulk_item(const HeadParams& p, int slice0, int slices, int chunk, int filled,
+                          const int64_t* chunk_rows, unsigned char* smem, uint64_t* full, uint64_t* empty,
+                          uint32_t iteration) {
+  constexpr int kBlockK = Cfg::kBlockK;
+  constexpr int kStages = Cfg::kStages;
+  constexpr int kStride = Cfg::kStride;
+  constexpr int kChunkRows = Cfg::kChunkRows;
+  constexpr uint32_t kCopyBytes = kBlockK * sizeof(T);
+  T* a_smem = reinterpret_cast<T*>(smem);
+  T* b_smem = a_smem + kStages * kMaxUnits * kStride;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int num_k_blocks = static_cast<int>(p.d / kBlockK);
+  float acc[kMaxSlices][Cfg::kNTiles][4];
+#pragma unroll
+  for (int m = 0; m < kMaxSlices; ++m)
+#pragma unroll
+    for (int n = 0; n < Cfg::kNTiles; ++n) acc[m][n][0] = acc[m][n][1] = acc[m][n][2] = acc[m][n][3] = 0.f;
+
+  if (warp == Cfg::kMathWarps) {
+    // Lane l copies unit rows l, l + 32, ... and row slots l, l + 32, ...: fixed sources that only
+    // move by kBlockK columns per stage.
+    constexpr int kUnitCopies = (kMaxUnits + 31) / 32;
+    constexpr int kRowCopies = (kChunkRows + 31) / 32;
+    const int units = slices * kSliceUnits;
+    const T* unit_src[kUnitCopies];
+    const T* row_src[kRowCopies];
+    uint32_t rows_copied = 0;
+#pragma unroll
+    for (int i = 0; i < kUnitCopies; ++i) {
+      const int u = lane + 32 * i;
+      unit_src[i] = u < units ? static_cast<const T*>(p.w1) + (static_cast<int64_t>(slice0) * kSliceUnits + u) * p.d
+                              : nullptr;
+    }
+#pragma unroll
+    for (int i = 0; i < kRowCopies; ++i) {
+      const int r = lane + 32 * i;
+      const int64_t row = r < filled ? chunk_rows[r] : -1;
+      // An indexed row outside hidden (-1) is not read; its partial is never used (NaN output).
+      row_src[i] = row >= 0 ? static_cast<const T*>(p.hidden) + row * p.hidden_stride : nullptr;
+      rows_copied += __popc(__ballot_sync(0xffffffffu, row >= 0));
+    }
+    const uint32_t stage_bytes = (static_cast<uint32_t>(units) + rows_copied) * kCopyBytes;
+    const uint64_t policy = evict_first_policy();
+    for (int kb = 0; kb < num_k_blocks; ++kb) {
+      const uint32_t i = iteration + kb;
+      const int stage = i % kStages;
+      // The first pass over the ring finds every stage free (waiting on the phase before the first).
+      barrier_wait(&empty[stage], ((i / kStages) & 1) ^ 1);
+      if (lane == 0) barrier_arrive_expect_bytes(&full[stage], stage_bytes);
+      __syncwarp();
+      T* a_stage = a_smem + stage * kMaxUnits * kStride;
+      T* b_stage = b_smem + stage * kChunkRows * kStride;
+      const int64_t k0 = static_cast<int64_t>(kb) * kBlockK;
+#pragma unroll
+      for (int c = 0; c < kUnitCopies; ++c)
+        if (unit_src[c] != nullptr) bulk_copy(a_stage + (lane + 32 * c) * kStride, unit_src[c] + k0, kCopyBytes, &full[stage], policy);
+#pragma unroll
+      for (int c = 0; c < kRowCopies; ++c)
+        if (row_src[c] != nullptr) bulk_copy(b_stage + (lane + 32 * c) * kStride, row_src[c] + k0, kCopyBytes, &full[stage]);
+    }
+  } else {
+    const int warp_n = warp / kWarpsK;
+    for (int kb = 0; kb < num_k_blocks; ++kb) {
+      const uint32_t i = iteration + kb;
+      const int stage = i % kStages;
+      barrier_wait(&full[stage], (i / kStages) & 1);
+      multiply_stage<T, Cfg>(acc, a_smem + stage * kMaxUnits * kStride,
+                             b_smem + (stage * kChunkRows + warp_n * Cfg::kWarpRows) * kStride, slices);
+      // Every lane's ldmatrix reads of the stage are done before the warp releases it.
+      __syncwarp();
+      if (lane == 0) barrier_arrive(&empty[stage]);
+    }
+  }
+  // Every stage has landed and been consumed (the producer issues exactly num_k_blocks): the
+  // pipeline memory now holds the K-warps' pre-activations.
+  __syncthreads();
+  if (warp < Cfg::kMathWarps) store_preactivations<Cfg>(acc, slices, reinterpret_cast<float*>(smem));
+  __syncthreads();
+  finish_item<T, Cfg>(p, slice0, slices, chunk, filled, reinterpret_cast<const float*>(smem));
+  // The next item's copies overwrite this memory (and chunk_rows): order these reads and writes first.
+  fence_shared_for_copies();
+  __syncthreads();
+}
+#endif
+
+// The balanced schedule on sm_90 through the bulk copy engine (sprm_head_launch.cu takes it when
+// d % Cfg::kBlockK == 0): one CTA per SM, Cfg::kMathWarps math warps and one producer warp.
+// Compiled only for sm_90+ targets; the launcher checks the loaded code's PTX version first.
+template <typename T, class Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, 1) head_bulk_kernel(const HeadParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  extern __shared__ __align__(16) unsigned char dynamic_smem[];
+  __shared__ int64_t chunk_rows[Cfg::kChunkRows];
+  __shared__ int warp_counts[Cfg::kWarps];
+  __shared__ __align__(8) uint64_t full[Cfg::kStages];
+  __shared__ __align__(8) uint64_t empty[Cfg::kStages];
+  allow_next_grid();
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < Cfg::kStages; ++s) {
+      barrier_init(&full[s], 1);
+      barrier_init(&empty[s], Cfg::kMathWarps);
+    }
+    barrier_init_fence();
+  }
+  // (The barriers of the mask ranking publish the initialization to the other threads.)
+  int first, count;
+  share_of(p.num_slices, gridDim.x, blockIdx.x, &first, &count);
+  const int passes = (count + kMaxSlices - 1) / kMaxSlices;
+  const int num_k_blocks = static_cast<int>(p.d / Cfg::kBlockK);
+  wait_for_prior_grids();
+  uint32_t iteration = 0;
+  for (int chunk = 0; chunk < p.num_chunks; ++chunk) {
+    const int filled = select_chunk_rows<Cfg>(p, chunk, chunk == 0 && blockIdx.x == 0, chunk_rows, warp_counts);
+    // Chunks fill in rank order: after an empty one all later ones are empty; no step row, no W1 read.
+    if (filled == 0) break;
+    for (int pass = 0; pass < passes; ++pass) {
+      int pass_first, pass_count;
+      share_of(count, passes, pass, &pass_first, &pass_count);
+      bulk_item<T, Cfg>(p, first + pass_first, pass_count, chunk, filled, chunk_rows, dynamic_smem, full, empty,
+                        iteration);
+      iteration += num_k_blocks;
+    }
+  }
+#else
+  __trap();  // never launched: the launcher sees this code's PTX version is below 9.0
+#endif
 }
 
 // One warp per output: the partials of all slices in a fixed order (lane-strided, then a fixed

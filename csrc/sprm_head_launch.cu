@@ -60,18 +60,41 @@ using Deep8 = xbai::TileConfig<8, 64, 6, 1>;
 using Deep16 = xbai::TileConfig<16, 64, 6, 1>;
 using Deep32 = xbai::TileConfig<32, 64, 5, 2>;
 using Deep64 = xbai::TileConfig<64, 64, 4, 2>;
+// Bulk-copy configurations (sm_90): one producer warp beside the math warps, stages as deep as
+// ~200-228 KB of shared memory allows. "bulk" copies 256 bytes per W1 row per stage, "bulk-long" 512.
+using Bulk8 = xbai::TileConfig<8, 128, 8, 1, 1>;
+using Bulk16 = xbai::TileConfig<16, 128, 8, 1, 1>;
+using Bulk32 = xbai::TileConfig<32, 128, 7, 2, 1>;
+using Bulk64 = xbai::TileConfig<64, 128, 5, 2, 1>;
+using BulkLong8 = xbai::TileConfig<8, 256, 4, 1, 1>;
+using BulkLong16 = xbai::TileConfig<16, 256, 4, 1, 1>;
+using BulkLong32 = xbai::TileConfig<32, 256, 3, 2, 1>;
+using BulkLong64 = xbai::TileConfig<64, 256, 3, 2, 1>;
 
 struct DeviceInfo {
   int device;
   int sms;
   int max_smem;     // opt-in dynamic shared memory per block
   int dependent;    // programmatic dependent launch (sm_90+)
+  int bulk;         // the bulk-copy kernel's sm_90 code is what this device loads
 };
+
+// Whether the device runs the bulk-copy kernel's real body: the code the driver loaded for it must
+// come from an sm_90+ target (on an sm_80 image, or PTX JIT-compiled from compute_80, it is a trap).
+bool bulk_kernel_loaded() {
+  cudaFuncAttributes attributes;
+  if (cudaFuncGetAttributes(&attributes, xbai::head_bulk_kernel<__nv_bfloat16, Bulk8>) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return attributes.ptxVersion >= 90;
+}
 
 // Read once per device (attribute queries are not stream work, so the cached values also serve
 // launches under graph capture).
 cudaError_t device_info(DeviceInfo* info) {
-  static std::atomic<int> cached_sms[kMaxDevices], cached_smem[kMaxDevices], cached_major[kMaxDevices];
+  static std::atomic<int> cached_sms[kMaxDevices], cached_smem[kMaxDevices], cached_major[kMaxDevices],
+      cached_bulk[kMaxDevices];
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
@@ -80,31 +103,34 @@ cudaError_t device_info(DeviceInfo* info) {
     info->sms = cached_sms[device].load();
     info->max_smem = cached_smem[device].load();
     info->dependent = cached_major[device].load() >= 9;
+    info->bulk = cached_bulk[device].load();
     return cudaSuccess;
   }
   int sms = 0, smem = 0, major = 0;
   if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) return err;
   if ((err = cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device)) != cudaSuccess) return err;
   if ((err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device)) != cudaSuccess) return err;
+  const int bulk = major >= 9 && bulk_kernel_loaded();
   if (device < kMaxDevices) {
     cached_smem[device].store(smem);
     cached_major[device].store(major);
+    cached_bulk[device].store(bulk);
     cached_sms[device].store(sms);
   }
   info->sms = sms;
   info->max_smem = smem;
   info->dependent = major >= 9;
+  info->bulk = bulk;
   return cudaSuccess;
 }
 
-// Raises the kernel's dynamic shared-memory limit, once per device.
-template <typename T, class Cfg>
-cudaError_t prepare_kernel(int device) {
+// Raises the kernel's dynamic shared-memory limit, once per kernel and device.
+template <auto Kernel>
+cudaError_t prepare_kernel(size_t smem, int device) {
   static std::atomic<int> done[kMaxDevices];
   if (device < kMaxDevices && done[device].load()) return cudaSuccess;
-  const cudaError_t err = cudaFuncSetAttribute(xbai::head_items_kernel<T, Cfg>,
-                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               static_cast<int>(Cfg::template smem_bytes<T>()));
+  const cudaError_t err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(smem));
   if (err == cudaSuccess && device < kMaxDevices) done[device].store(1);
   return err;
 }
@@ -128,9 +154,18 @@ cudaError_t launch_kernel(Kernel kernel, unsigned grid, unsigned threads, size_t
   return cudaLaunchKernelEx(&config, kernel, p);
 }
 
+// The reduction: one warp per output row, after the item kernel.
+template <typename T>
+cudaError_t launch_reduce(const xbai::HeadParams& p, bool dependent, cudaStream_t stream) {
+  const int64_t reduce_blocks = (p.num_rows + kReduceWarps - 1) / kReduceWarps;
+  return launch_kernel(xbai::head_reduce_kernel<T>, static_cast<unsigned>(reduce_blocks), 32 * kReduceWarps, 0,
+                       dependent, stream, p);
+}
+
 template <typename T, class Cfg>
 cudaError_t launch(xbai::HeadParams p, const DeviceInfo& info, bool dependent, cudaStream_t stream) {
-  cudaError_t err = prepare_kernel<T, Cfg>(info.device);
+  constexpr auto kernel = xbai::head_items_kernel<T, Cfg>;
+  cudaError_t err = prepare_kernel<kernel>(Cfg::template smem_bytes<T>(), info.device);
   if (err != cudaSuccess) return err;
   // Decode and single-chunk calls: the balanced schedule, one CTA per SM, each its share of the
   // slices. Many row chunks: the grouped schedule over 64-unit tiles.
@@ -138,19 +173,44 @@ cudaError_t launch(xbai::HeadParams p, const DeviceInfo& info, bool dependent, c
   const int tiles = (p.num_slices + xbai::kTileSlices - 1) / xbai::kTileSlices;
   const int64_t work = p.balanced ? p.num_slices : static_cast<int64_t>(tiles) * p.num_chunks;
   const int grid = static_cast<int>(work < info.sms ? work : info.sms);
-  err = launch_kernel(xbai::head_items_kernel<T, Cfg>, grid, Cfg::kThreads, Cfg::template smem_bytes<T>(),
-                      dependent, stream, p);
+  err = launch_kernel(kernel, grid, Cfg::kThreads, Cfg::template smem_bytes<T>(), dependent, stream, p);
   if (err != cudaSuccess) return err;
-  const int64_t reduce_blocks = (p.num_rows + kReduceWarps - 1) / kReduceWarps;
-  return launch_kernel(xbai::head_reduce_kernel<T>, static_cast<unsigned>(reduce_blocks), 32 * kReduceWarps, 0,
-                       dependent, stream, p);
+  return launch_reduce<T>(p, dependent, stream);
 }
 
-template <typename T, class Wide, class Deep>
+// The balanced schedule through the copy engine (sm_90): one CTA per SM.
+template <typename T, class Cfg>
+cudaError_t launch_bulk(xbai::HeadParams p, const DeviceInfo& info, bool dependent, cudaStream_t stream) {
+  constexpr auto kernel = xbai::head_bulk_kernel<T, Cfg>;
+  cudaError_t err = prepare_kernel<kernel>(Cfg::template smem_bytes<T>(), info.device);
+  if (err != cudaSuccess) return err;
+  p.balanced = 1;
+  const int grid = p.num_slices < info.sms ? p.num_slices : info.sms;
+  err = launch_kernel(kernel, grid, Cfg::kThreads, Cfg::template smem_bytes<T>(), dependent, stream, p);
+  if (err != cudaSuccess) return err;
+  return launch_reduce<T>(p, dependent, stream);
+}
+
+// Whether the bulk-copy kernel with this configuration serves the call: an sm_90 image, the
+// balanced schedule, whole stages (d % BlockK == 0) and room for its stages (static memory included).
+template <typename T, class Cfg>
+bool bulk_applies(const xbai::HeadParams& p, const DeviceInfo& info) {
+  constexpr size_t kStaticBytes = 1024;
+  const bool balanced = p.source == XBAI_ROWS_MASKED || p.num_chunks == 1;
+  return info.bulk && balanced && p.d % Cfg::kBlockK == 0 &&
+         Cfg::template smem_bytes<T>() + kStaticBytes <= static_cast<size_t>(info.max_smem);
+}
+
+template <typename T, class Wide, class Deep, class Bulk, class BulkLong>
 cudaError_t launch_family(const xbai::HeadParams& p, int pipeline, const DeviceInfo& info, bool dependent,
                           cudaStream_t stream) {
+  if (pipeline == XBAI_PIPELINE_BULK_LONG && bulk_applies<T, BulkLong>(p, info))
+    return launch_bulk<T, BulkLong>(p, info, dependent, stream);
+  if ((pipeline == XBAI_PIPELINE_BULK || pipeline == XBAI_PIPELINE_BULK_LONG || pipeline == XBAI_PIPELINE_AUTO) &&
+      bulk_applies<T, Bulk>(p, info))
+    return launch_bulk<T, Bulk>(p, info, dependent, stream);
   const bool wide_fits = Wide::template smem_bytes<T>() <= static_cast<size_t>(info.max_smem);
-  const bool deep = pipeline == XBAI_PIPELINE_DEEP || (pipeline == XBAI_PIPELINE_AUTO && !wide_fits);
+  const bool deep = pipeline == XBAI_PIPELINE_DEEP || (pipeline != XBAI_PIPELINE_WIDE && !wide_fits);
   return deep ? launch<T, Deep>(p, info, dependent, stream) : launch<T, Wide>(p, info, dependent, stream);
 }
 
@@ -162,10 +222,10 @@ cudaError_t launch_for_chunk(const xbai::HeadParams& p, int chunk_rows, int pipe
   if (err != cudaSuccess) return err;
   dependent = dependent && info.dependent;
   switch (chunk_rows) {
-    case 8: return launch_family<T, Wide8, Deep8>(p, pipeline, info, dependent, stream);
-    case 16: return launch_family<T, Wide16, Deep16>(p, pipeline, info, dependent, stream);
-    case 32: return launch_family<T, Wide32, Deep32>(p, pipeline, info, dependent, stream);
-    default: return launch_family<T, Wide64, Deep64>(p, pipeline, info, dependent, stream);
+    case 8: return launch_family<T, Wide8, Deep8, Bulk8, BulkLong8>(p, pipeline, info, dependent, stream);
+    case 16: return launch_family<T, Wide16, Deep16, Bulk16, BulkLong16>(p, pipeline, info, dependent, stream);
+    case 32: return launch_family<T, Wide32, Deep32, Bulk32, BulkLong32>(p, pipeline, info, dependent, stream);
+    default: return launch_family<T, Wide64, Deep64, Bulk64, BulkLong64>(p, pipeline, info, dependent, stream);
   }
 }
 
@@ -180,8 +240,7 @@ extern "C" int64_t xbai_head_workspace_bytes(int32_t source, int64_t num_rows, i
 extern "C" int32_t xbai_head_logits(const XbaiHeadLaunch* a) {
   if (a->dtype != XBAI_FLOAT16 && a->dtype != XBAI_BFLOAT16) return XBAI_BAD_DTYPE;
   if (a->d <= 0 || a->d % 8 != 0) return XBAI_BAD_HIDDEN_SIZE;
-  if (a->pipeline != XBAI_PIPELINE_WIDE && a->pipeline != XBAI_PIPELINE_DEEP && a->pipeline != XBAI_PIPELINE_AUTO)
-    return XBAI_BAD_PIPELINE;
+  if (a->pipeline < XBAI_PIPELINE_WIDE || a->pipeline > XBAI_PIPELINE_BULK_LONG) return XBAI_BAD_PIPELINE;
   if (a->source != XBAI_ROWS_ALL && a->source != XBAI_ROWS_INDEXED && a->source != XBAI_ROWS_MASKED)
     return XBAI_BAD_ROW_SOURCE;
   if (a->num_rows <= 0) return XBAI_OK;
@@ -231,7 +290,7 @@ extern "C" const char* xbai_status_string(int32_t status) {
     case XBAI_BAD_ROW_SOURCE: return "row source must be 0 (all), 1 (indexed) or 2 (masked)";
     case XBAI_WORKSPACE_TOO_SMALL: return "workspace is smaller than xbai_head_workspace_bytes()";
     case XBAI_MISSING_POINTER: return "a required pointer is null";
-    case XBAI_BAD_PIPELINE: return "pipeline must be 0 (wide), 1 (deep) or 2 (auto)";
+    case XBAI_BAD_PIPELINE: return "pipeline must be 0 (wide), 1 (deep), 2 (auto), 3 (bulk) or 4 (bulk-long)";
     default: return status > 0 ? cudaGetErrorString(static_cast<cudaError_t>(status)) : "unknown status";
   }
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import time
 
 # What `python -m benchmarks --quick` (the Makefile's `make bench`) runs.
 DEFAULT_SUITES = ("kernels", "e2e")
@@ -28,9 +29,11 @@ def main(argv: list[str]) -> None:
     if argv and not argv[0].startswith("-"):
         _module(argv[0]).main(argv[1:])
         return
+    started = time.monotonic()
     for suite in DEFAULT_SUITES:
         print(f"== python -m benchmarks {suite} {' '.join(argv)}", flush=True)
         _module(suite).main(list(argv))
+        print(f"== {suite} done, {time.monotonic() - started:.0f} s since the start", flush=True)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from torch import nn
 
 import xbai_kernels as xk
 
-from ._common import environment, write_result
+from ._common import environment, progress, write_result
 
 STEP_ID, THINK_START, THINK_END = 13, 3, 4
 
@@ -120,15 +120,15 @@ def main(argv=None) -> dict:
         args.d, args.batch, args.calls = "5120", "1,16", 50
     device = torch.device("cuda")
     rows = []
-    for d in (int(x) for x in args.d.split(",")):
-        for batch in (int(x) for x in args.batch.split(",")):
-            rows.append(measure(batch, d, device, args.calls))
-            r = rows[-1]
-            print(
-                f"d={d:<5} B={batch:<4} ours eager {r['ours_eager_us']:7.1f} us | graph {r['ours_graph_us']:6.1f} us "
-                f"| released hook {r['released_hook_eager_us']:7.1f} us",
-                flush=True,
-            )
+    shapes = [(int(d), int(b)) for d in args.d.split(",") for b in args.batch.split(",")]
+    for d, batch in progress(shapes, "decode_step", lambda s: f"d={s[0]} B={s[1]}"):
+        rows.append(measure(batch, d, device, args.calls))
+        r = rows[-1]
+        print(
+            f"d={d:<5} B={batch:<4} ours eager {r['ours_eager_us']:7.1f} us | graph {r['ours_graph_us']:6.1f} us "
+            f"| released hook {r['released_hook_eager_us']:7.1f} us",
+            flush=True,
+        )
     result = {"benchmark": "decode_step", "environment": environment(device), "calls": args.calls, "rows": rows}
     write_result(result, args.out, f"{result['environment']['device_slug']}-decode-step.json")
     print(markdown_table(result))

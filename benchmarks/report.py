@@ -28,6 +28,8 @@ RENDERERS = {
 }
 # The results the README shows, in order: the latest run of each benchmark.
 README_RESULTS = (
+    "nvidia-h200-e2e-1.5b.json",
+    "nvidia-h200-e2e-7b.json",
     "nvidia-h200-e2e.json",
     "nvidia-h200-decode-step.json",
     "nvidia-h200-kernels-cuda-v3.json",
@@ -39,12 +41,17 @@ README_RESULTS = (
     "cpu-train-memory.json",
 )
 
+# An earlier results file that the README stops showing once any of its successors exists.
+SUPERSEDED_BY = {
+    "nvidia-h200-e2e.json": ("nvidia-h200-e2e-1.5b.json", "nvidia-h200-e2e-7b.json"),
+}
+
 
 def render_all(results_dir: Path = RESULTS_DIR, plots: bool = True) -> str:
     sections = []
     for name in README_RESULTS:
         path = results_dir / name
-        if not path.exists():
+        if not path.exists() or any((results_dir / newer).exists() for newer in SUPERSEDED_BY.get(name, ())):
             continue
         result = json.loads(path.read_text())
         module = importlib.import_module(RENDERERS[result["benchmark"]])

@@ -1,0 +1,94 @@
+"""The benchmark suites' own logic: shape plans, the progress log, the end-to-end quick path on a
+CPU (tiny model: StaticCache loop without graphs and the eager loop, scores checked against the
+re-forward), and the README rendering of old and new result layouts. Timings are never asserted."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import _common, bench_e2e, bench_kernels, report
+
+
+def test_progress_without_a_terminal_logs_one_line_per_item(capsys):
+    items = list(_common.progress([3, 5, 7], "demo", lambda x: f"x={x}"))
+    assert items == [3, 5, 7]
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 3
+    assert lines[0].startswith("[demo 1/3") and lines[2].endswith("x=7")
+
+
+def test_kernel_decode_plan_covers_every_d_batch_and_step_fraction():
+    args = argparse.Namespace(decode_d=(1536, 3584, 5120), decode_b=(1, 16, 64, 256, 1024))
+    shapes = bench_kernels.decode_shapes(args)
+    for d in args.decode_d:
+        for b in args.decode_b:
+            steps = sorted(s for dd, bb, s in shapes if (dd, bb) == (d, b))
+            # none, a quarter (at least one row), all; at B = 1 a quarter and all are the same row
+            assert steps == ([0, 1] if b == 1 else [0, b // 4, b]), (d, b, steps)
+    assert len(shapes) == len(set(shapes))
+
+
+def test_kv_buckets_end_at_the_cache_length_and_cover_every_position():
+    ends = bench_e2e.kv_bucket_ends(prompt_len=128, new_tokens=2048, buckets=4)
+    assert ends == sorted(ends) and len(ends) == 4
+    assert all(e % bench_e2e.KV_ALIGN == 0 for e in ends)
+    assert ends[-1] >= 128 + 2048 and ends[0] > 127  # the first decode step reads position P-1
+    assert bench_e2e.kv_bucket_ends(128, 64, 1) == [192]
+
+
+@pytest.fixture(scope="module")
+def e2e_quick_cpu(tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e") / "nvidia-h200-e2e.json"  # a README name, for the report test
+    result = bench_e2e.main(["--quick", "--device", "cpu", "--out", str(out)])
+    return result, out
+
+
+def test_e2e_quick_on_cpu_scores_match_the_reforward(e2e_quick_cpu):
+    result, out = e2e_quick_cpu
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert out.with_suffix(".png").exists()
+    decodes = [c["decode"] for c in result["cases"]]
+    assert decodes == ["static_cache_no_graph", "eager"]
+    for case in result["cases"]:
+        assert case["match"] is True and case["positions_equal"] is True, case
+        assert case["steps_scored"] > 0
+        assert case["max_abs_step_score_diff"] <= case["tolerance"]
+        for mode in bench_e2e.MODES:
+            assert len(case["times_s"][mode]) == result["config"]["reps"] == 3
+        for key in ("off_tokens_per_s", "ours_overhead_pct", "ours_us_per_step", "eager_hook_overhead_pct",
+                    "released_s", "released_overhead_pct", "released_over_ours"):
+            assert key in case, key
+        assert case["released_overhead_pct"] > 0
+
+
+def test_report_renders_graph_and_eager_rows_of_the_new_layout(e2e_quick_cpu):
+    result, out = e2e_quick_cpu
+    text = report.render_all(out.parent, plots=False)
+    assert f"`{out.name}`" in text
+    rows = [line for line in text.splitlines() if line.startswith("| tiny |")]
+    assert [row.split(" | ")[1] for row in rows] == ["static_cache_no_graph", "eager"]
+    assert all("yes (" in row for row in rows)
+
+
+def test_report_still_renders_the_results_written_before_the_graph_mode():
+    legacy = json.loads((_common.RESULTS_DIR / "nvidia-h200-e2e.json").read_text())
+    if "decode" in legacy["cases"][0]:
+        pytest.skip("the results file already has the new layout")
+    table = bench_e2e.markdown_table(legacy)
+    assert table.count("\n| 1.5b |") == sum(c["model"] == "1.5b" for c in legacy["cases"])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_e2e_cuda_graph_loop_captures_the_scorer_and_matches_the_reforward(tmp_path):
+    result = bench_e2e.main(["--models", "tiny", "--batch", "4", "--new-tokens", "48", "--decode", "graph",
+                             "--kv-buckets", "2", "--out", str(tmp_path / "e2e.json")])
+    (case,) = result["cases"]
+    assert case["decode"] == "cuda_graph" and "graph_error" not in case
+    assert case["match"] is True and case["steps_scored"] > 0
+    assert case["ours_step_graph_us"] > 0

@@ -23,44 +23,45 @@ from .bench_kernels import decode_sets, graph_us, weight_copies
 D = decode.DecodeConfig
 
 # (d, B, step rows) -> configurations; the first of each list is the current default.
+T, P = dict(w1_tma=True), dict(persistent=True)
+PT = dict(persistent=True, w1_tma=True)
 PLAN: dict[tuple[int, int, int], list[D]] = {
     (5120, 1, 1): [
-        D(16, 64, 128, 4, 4), D(16, 64, 128, 4, 4, w1_tma=True), D(16, 64, 256, 4, 3, w1_tma=True),
-        D(16, 128, 128, 4, 4, w1_tma=True), D(16, 32, 256, 4, 4, w1_tma=True), D(16, 64, 128, 4, 6, w1_tma=True),
-        D(16, 64, 64, 4, 8, w1_tma=True),
+        D(16, 64, 128, 4, 4), D(16, 128, 128, 4, 4, **T), D(16, 16, 256, 4, 4, **PT), D(16, 16, 256, 4, 6, **PT),
+        D(16, 16, 256, 4, 8, **PT), D(16, 16, 128, 4, 8, **PT), D(16, 32, 256, 4, 4, **PT), D(16, 16, 128, 4, 6, **P),
+        D(16, 16, 256, 8, 6, **PT),
     ],
     (5120, 16, 4): [
-        D(16, 64, 128, 4, 4), D(16, 64, 128, 4, 4, w1_tma=True), D(16, 64, 256, 4, 3, w1_tma=True),
-        D(16, 128, 128, 4, 4, w1_tma=True), D(16, 64, 128, 4, 6, w1_tma=True),
+        D(16, 64, 128, 4, 4), D(16, 128, 128, 4, 4, **T), D(16, 16, 256, 4, 4, **PT), D(16, 16, 256, 4, 6, **PT),
+        D(16, 16, 256, 4, 8, **PT), D(16, 16, 128, 4, 8, **PT),
     ],
+    (5120, 64, 16): [D(16, 128, 128, 4, 3), D(16, 16, 256, 4, 6, **PT), D(16, 32, 256, 4, 4, **PT)],
     (5120, 256, 64): [
-        D(64, 128, 128, 8, 3, False), D(64, 128, 128, 8, 3), D(64, 128, 128, 8, 3, w1_tma=True),
-        D(64, 128, 128, 8, 4, w1_tma=True), D(32, 128, 128, 4, 3, row_groups=2, w1_tma=True),
-        D(32, 128, 128, 4, 2, row_groups=2), D(64, 64, 128, 4, 4, w1_tma=True),
-        D(64, 64, 128, 4, 3, row_groups=2, w1_tma=True), D(64, 128, 64, 8, 6, w1_tma=True),
-        D(64, 64, 256, 8, 3, w1_tma=True),
+        D(64, 128, 128, 8, 3, False), D(64, 128, 128, 8, 4, False, **T), D(64, 32, 128, 4, 4, False, **PT),
+        D(64, 64, 128, 4, 4, False, **PT), D(64, 32, 256, 4, 3, False, **PT), D(64, 16, 256, 4, 4, False, **PT),
     ],
     (5120, 256, 0): [D(64, 128, 128, 8, 3, False), D(64, 128, 128, 8, 3)],
     (5120, 1024, 0): [D(128, 128, 128, 8, 3, False), D(128, 128, 128, 8, 3)],
-    (5120, 1024, 256): [D(128, 128, 128, 8, 3, False), D(128, 128, 128, 8, 3, w1_tma=True),
-                        D(64, 128, 128, 8, 3, row_groups=2, w1_tma=True)],
     (1536, 1, 1): [
-        D(16, 32, 128, 4, 4), D(16, 32, 128, 4, 4, w1_tma=True), D(16, 32, 256, 4, 4, w1_tma=True),
-        D(16, 16, 256, 4, 4, w1_tma=True), D(16, 32, 256, 4, 6, w1_tma=True), D(16, 16, 128, 4, 6, w1_tma=True),
-        D(16, 32, 64, 4, 8, w1_tma=True),
+        D(16, 32, 128, 4, 4), D(16, 32, 256, 4, 4, **T), D(16, 16, 256, 4, 6, **PT), D(16, 16, 128, 4, 8, **PT),
+        D(16, 16, 256, 4, 3, **PT), D(16, 16, 64, 4, 8, **PT), D(16, 16, 128, 4, 6, **P),
     ],
-    (1536, 16, 4): [D(16, 32, 128, 4, 4), D(16, 32, 128, 4, 4, w1_tma=True), D(16, 32, 256, 4, 4, w1_tma=True),
-                    D(16, 16, 256, 4, 4, w1_tma=True)],
-    (1536, 256, 64): [D(64, 32, 128, 4, 4, False), D(64, 32, 128, 4, 4), D(64, 32, 128, 4, 4, w1_tma=True),
-                      D(32, 64, 128, 4, 3, row_groups=2, w1_tma=True)],
+    (1536, 16, 4): [D(16, 32, 128, 4, 4), D(16, 32, 256, 4, 4, **T), D(16, 16, 256, 4, 6, **PT),
+                    D(16, 16, 128, 4, 8, **PT)],
+    (1536, 256, 64): [D(64, 32, 128, 4, 4, False), D(64, 32, 128, 4, 4, False, **T),
+                      D(64, 16, 256, 4, 4, False, **PT), D(64, 16, 128, 4, 6, False, **PT)],
 }
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
+    parser.add_argument("--profile", default=None, metavar="D,B,STEPS,INDEX",
+                        help="only run PLAN[(D, B, STEPS)][INDEX] a few times (for ncu), no timing")
     args = parser.parse_args(argv)
     device = torch.device("cuda")
+    if args.profile:
+        return profile_once(*map(int, args.profile.split(",")), device=device)
     bandwidth = copy_bandwidth(device)
     result = {"environment": environment(device), "copy_bandwidth_GBps": bandwidth / 1e9, "rows": []}
     started = time.perf_counter()
@@ -96,6 +97,17 @@ def main(argv=None) -> dict:
     result["seconds"] = time.perf_counter() - started
     write_result(result, args.out, f"{result['environment']['device_slug']}-triton-decode-sweep.json")
     return result
+
+
+def profile_once(d: int, batch: int, steps: int, index: int, device) -> dict:
+    """Five eager calls of one planned configuration on fresh weights (for a profiler to pick)."""
+    cfg = PLAN[(d, batch, steps)][index]
+    sets = decode_sets(batch, d, steps, weight_copies(d, device), device, seed=batch + steps)
+    for k in range(5):
+        hidden, mask, w1, b1, w2, b2, out = sets[k % len(sets)]
+        decode.head_logits_masked(hidden, mask, w1, b1, w2, b2, out=out, config=cfg)
+    torch.cuda.synchronize()
+    return {"profiled": cfg.__dict__}
 
 
 if __name__ == "__main__":

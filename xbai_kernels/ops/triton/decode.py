@@ -62,66 +62,71 @@ def _masked_partials_kernel(
     ticket_ptr,
     d,
     H,
+    num_tiles,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    ROW_GROUPS: tl.constexpr,
+    COUNT_CHUNK: tl.constexpr,
     MASK_CHUNK: tl.constexpr,
     EVEN_K: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
     W1_DESC: tl.constexpr,
+    FLATTEN: tl.constexpr,
     FUSED_REDUCTION: tl.constexpr,
     TILE_BLOCK: tl.constexpr,
     OUT_BLOCK: tl.constexpr,
 ):
     """partial[tile, row] = sum_{u in tile} W2[u] relu(W1[u] . hidden[row] + b1[u]) for step rows only.
 
-    Grid: ROW_GROUPS programs per tile of BLOCK_N hidden units (of H = 2d); program (tile, g) takes
-    the step rows of chunks g, g + ROW_GROUPS, ... of BLOCK_M, so the programs of one tile run side by
-    side and all but the first find its W1 tile in L2: more SMs stream W1 when the tiles are few. No
-    step row: no W1 byte is read. partial fp32 [num_tiles, B]; entries of rows that are not steps
-    stay unwritten (nothing reads them). With FUSED_REDUCTION every program writes 0.0 to its share
-    of the rows that are not steps, and the last program to finish writes
+    W1's H = 2d hidden units come in ``num_tiles`` tiles of BLOCK_N; program p of G takes tiles
+    [p num_tiles / G, (p + 1) num_tiles / G): one tile each when G = num_tiles, or, on a persistent
+    grid of one program per SM, a balanced run of small tiles, so that every SM streams the same
+    share of W1 (with FLATTEN the run is one software pipeline, not one ramp per tile). No step row:
+    no W1 byte is read. partial fp32 [num_tiles, B]; entries of rows that are not steps stay
+    unwritten (nothing reads them). With FUSED_REDUCTION every program writes 0.0 to its share of the
+    rows that are not steps, and the last program to finish writes
     out[row] = sum_t partial[t, row] + b2 for the step rows only, then resets *ticket_ptr to 0.
     """
     pid = tl.program_id(0)
-    tile = pid // ROW_GROUPS
-    group = pid % ROW_GROUPS
-    unit0 = tile * BLOCK_N
-    units = unit0 + tl.arange(0, BLOCK_N)
-    unit_ok = units < H
-    lanes = tl.arange(0, MASK_CHUNK)
+    programs = tl.num_programs(0)
+    # One load of the mask (up to 1024 rows) for the count: every program waits on it before W1.
+    lanes = tl.arange(0, COUNT_CHUNK)
     num_steps = 0
-    for c0 in range(0, B, MASK_CHUNK):
+    for c0 in range(0, B, COUNT_CHUNK):
         flags = tl.load(row_mask_ptr + c0 + lanes, mask=(c0 + lanes) < B, other=0).to(tl.int32)
         num_steps += tl.sum(flags, 0)
     if FUSED_REDUCTION:
         outs = tl.arange(0, OUT_BLOCK)
-        for r0 in range(pid * OUT_BLOCK, B, tl.num_programs(0) * OUT_BLOCK):
+        for r0 in range(pid * OUT_BLOCK, B, programs * OUT_BLOCK):
             off_mask = tl.load(row_mask_ptr + r0 + outs, mask=(r0 + outs) < B, other=1) == 0
             tl.store(out_ptr + r0 + outs, tl.zeros([OUT_BLOCK], dtype=tl.float32), mask=off_mask)
-    w2 = tl.load(w2_ptr + units, mask=unit_ok, other=0.0).to(tl.float32)
-    for first in range(group * BLOCK_M, num_steps, ROW_GROUPS * BLOCK_M):
+    first_tile = pid * num_tiles // programs
+    end_tile = (pid + 1) * num_tiles // programs
+    for first in range(0, num_steps, BLOCK_M):
         rows = _nth_step_rows(row_mask_ptr, B, first, BLOCK_M, MASK_CHUNK)
         row_ok = (first + tl.arange(0, BLOCK_M)) < num_steps
-        acc = preactivation_tile(
-            hidden_ptr, stride_row, rows, row_ok, w1, unit0, units, unit_ok, d,
-            BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_DTYPE, PRECISION, W1_DESC,
-        )
-        act = relu_bias(acc, b1_ptr, units, unit_ok)
-        partial = tl.sum(act * w2[None, :], axis=1)
-        tl.store(partial_ptr + tile * B + rows, partial, mask=row_ok)
+        for tile in tl.range(first_tile, end_tile, flatten=FLATTEN):
+            unit0 = tile * BLOCK_N
+            units = unit0 + tl.arange(0, BLOCK_N)
+            unit_ok = units < H
+            acc = preactivation_tile(
+                hidden_ptr, stride_row, rows, row_ok, w1, unit0, units, unit_ok, d,
+                BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_DTYPE, PRECISION, W1_DESC,
+            )
+            act = relu_bias(acc, b1_ptr, units, unit_ok)
+            w2 = tl.load(w2_ptr + units, mask=unit_ok, other=0.0).to(tl.float32)
+            partial = tl.sum(act * w2[None, :], axis=1)
+            tl.store(partial_ptr + tile * B + rows, partial, mask=row_ok)
     if FUSED_REDUCTION:
         # Every thread's partial stores come before this program's release of its ticket.
         tl.debug_barrier()
         ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
         tl.debug_barrier()
-        if ticket == tl.num_programs(0) - 1:
+        if ticket == programs - 1:
             # Only the step rows are summed: the serial tail of this one program grows with the
             # steps, not with B (a batch of 1024 rows without a step sums nothing).
             b2 = tl.load(b2_ptr).to(tl.float32)
-            num_tiles = tl.num_programs(0) // ROW_GROUPS
             for first in range(0, num_steps, OUT_BLOCK):
                 rows = _nth_step_rows(row_mask_ptr, B, first, OUT_BLOCK, MASK_CHUNK)
                 row_ok = (first + tl.arange(0, OUT_BLOCK)) < num_steps
@@ -134,9 +139,9 @@ def _masked_partials_kernel(
 class DecodeConfig:
     """Launch shape of the decode kernel; fixed for a given (B, d, dtype), hence graph-capturable.
 
-    ``row_groups`` programs share each W1 tile (each takes every row_groups-th chunk of block_m step
-    rows); ``w1_tma`` streams W1 through a TMA tensor descriptor (Hopper and newer, 16-bit weights);
-    ``fused_reduction`` sums the tiles in the last program instead of a second launch.
+    ``persistent``: one program per SM, each streaming a balanced run of tiles (else one program per
+    tile); ``w1_tma``: W1 arrives through a TMA tensor descriptor (Hopper and newer, 16-bit weights);
+    ``fused_reduction``: the last program sums the tiles instead of a second launch.
     """
 
     block_m: int
@@ -145,7 +150,7 @@ class DecodeConfig:
     num_warps: int
     num_stages: int
     fused_reduction: bool = True
-    row_groups: int = 1
+    persistent: bool = False
     w1_tma: bool = False
 
 
@@ -225,14 +230,16 @@ def head_logits_masked(
     tile_block = _launch.sum_block(num_tiles)
     w1_desc = cfg.w1_tma and _launch.tma_capable(w1, fmt)
     w1_arg = TensorDescriptor.from_tensor(w1, [cfg.block_n, cfg.block_k]) if w1_desc else w1
+    programs = min(num_tiles, _launch.program_slots(hidden.device)) if cfg.persistent else num_tiles
     with _launch.device_guard(hidden):
         ticket = _ticket(hidden.device) if cfg.fused_reduction else partial
-        _masked_partials_kernel[(num_tiles * cfg.row_groups,)](
+        _masked_partials_kernel[(programs,)](
             hidden, hidden.stride(0), row_mask, batch, w1_arg, b1, w2, partial, b2, out, ticket, d, 2 * d,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, ROW_GROUPS=cfg.row_groups,
-            MASK_CHUNK=mask_chunk, EVEN_K=d % cfg.block_k == 0, DOT_DTYPE=fmt.dtype, PRECISION=fmt.precision,
-            W1_DESC=w1_desc, FUSED_REDUCTION=cfg.fused_reduction, TILE_BLOCK=tile_block, OUT_BLOCK=out_block,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_tiles, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            COUNT_CHUNK=min(1024, _launch.next_pow2(batch)), MASK_CHUNK=mask_chunk,
+            EVEN_K=d % cfg.block_k == 0, DOT_DTYPE=fmt.dtype, PRECISION=fmt.precision, W1_DESC=w1_desc,
+            FLATTEN=cfg.persistent, FUSED_REDUCTION=cfg.fused_reduction, TILE_BLOCK=tile_block,
+            OUT_BLOCK=out_block, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if not cfg.fused_reduction:
             sum_partials_kernel[(triton.cdiv(batch, out_block),)](

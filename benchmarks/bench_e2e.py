@@ -25,9 +25,12 @@ generation in eager mode), repeated and interleaved off / ours / eager_hook so d
 overhead of a mode is (median t_mode - median t_off) / median t_off. After an ``ours`` run the scores
 the scorer recorded are compared with the released path's (re-forward + ``score_trajectories``).
 
-Random weights sample near-uniform tokens, so real step tokens would almost never appear; the step set
-here is every ``1/step_fraction``-th vocabulary id, which gives about the step rate of real reasoning
-text (``.\\n\\n`` every ~40 tokens).
+Random weights sample near-uniform tokens, so a real step token would almost never appear. By default
+the step set has one id, like the English rule (``.\\n\\n``), and the sampler adds a fixed logit bias to
+it so that ``step_fraction`` of the sampled tokens are steps, about the rate of real reasoning text (one
+step every ~40 tokens); the bias is the same in every mode. ``--step-ids 0`` instead makes every
+``1/step_fraction``-th vocabulary id a step token with no bias (a set of thousands of ids: the cost of
+the scorer's step-id test grows with the set).
 
     python -m benchmarks e2e [--quick] [--models 1.5b,7b] [--batch 1,16,64] [--new-tokens 2048] ...
 """
@@ -98,12 +101,22 @@ def released_head(head: SPRMHead, dtype) -> nn.Sequential:
     return module.to(device=head[0].weight.device, dtype=dtype).eval()
 
 
-def step_rule_for(vocab_size: int, step_fraction: float) -> StepRule:
-    """Every ``1/step_fraction``-th id is a step token; the two ids after the last are the markers."""
-    stride = max(1, round(1 / step_fraction))
-    step_ids = tuple(range(0, vocab_size - 2, stride))
-    markers = [i for i in range(vocab_size - 1, 0, -1) if i % stride][:2]
-    return StepRule(step_ids, markers[1], markers[0])
+def step_rule_for(vocab_size: int, step_fraction: float, step_ids: int = 1, device=None) -> tuple[StepRule, torch.Tensor]:
+    """The step rule of the benchmark and the sampler's logit bias, float32 [vocab_size].
+
+    ``step_ids`` > 0: that many ids spread over the vocabulary, biased so that near-uniform sampling
+    draws a step token with probability ``step_fraction``; 0: every ``1/step_fraction``-th id, no
+    bias. The two highest ids outside the set are ``<think>`` and ``</think>``."""
+    bias = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+    if step_ids > 0:
+        ids = tuple(range(0, vocab_size - 2, (vocab_size - 2) // step_ids))[:step_ids]
+        odds = step_fraction / (1 - step_fraction) * (vocab_size - len(ids)) / len(ids)
+        bias[list(ids)] = float(torch.tensor(odds).log())
+    else:
+        ids = tuple(range(0, vocab_size - 2, max(1, round(1 / step_fraction))))
+    in_set = set(ids)
+    markers = [i for i in range(vocab_size - 1, 0, -1) if i not in in_set][:2]
+    return StepRule(ids, markers[1], markers[0]), bias
 
 
 def sync(device: torch.device) -> None:
@@ -166,12 +179,13 @@ class StaticDecoder:
     [B, 1, 1, L] (additive, 0 on the positions written so far).
     """
 
-    def __init__(self, model, batch: int, prompt_len: int, new_tokens: int, buckets: int) -> None:
+    def __init__(self, model, batch: int, prompt_len: int, new_tokens: int, buckets: int, logit_bias: torch.Tensor) -> None:
         from transformers import AttentionInterface, StaticCache
 
         if prompt_len < 2:
             raise ValueError("StaticDecoder: the prompt needs at least 2 tokens (1 prefilled, 1 decoded)")
         self.model, self.batch, self.prompt_len, self.new_tokens = model, batch, prompt_len, new_tokens
+        self.logit_bias = logit_bias
         device, dtype = model.device, model.dtype
         self.device = device
         self.bucket_ends = kv_bucket_ends(prompt_len, new_tokens, buckets)
@@ -237,7 +251,7 @@ class StaticDecoder:
         ).logits[:, -1].float()
         # Gumbel-max sampling at TEMPERATURE: no host sync, graph-safe (the default generator).
         noise = torch.empty_like(logits).exponential_()
-        sampled = (logits / TEMPERATURE - noise.log()).argmax(-1)
+        sampled = (logits / TEMPERATURE + self.logit_bias - noise.log()).argmax(-1)
         if score is not None:
             score(self.hidden.value[:, -1], sampled, self.position_ids[:, 0])
         self.ids.index_copy_(1, position + 1, sampled[:, None])
@@ -298,7 +312,7 @@ class StaticDecoder:
 
 
 @torch.inference_mode()
-def generate(model, prompts, new_tokens, on_token=None, seed=0):
+def generate(model, prompts, new_tokens, logit_bias, on_token=None, seed=0):
     """Sample ``new_tokens`` tokens for every row of ``prompts`` [B, P] with HuggingFace's forward and
     a dynamic cache; ``on_token(sampled, position)`` runs after each sample. Returns ids [B, P + N] and
     the wall seconds of the whole loop (one sync at each end, none per step)."""
@@ -313,7 +327,7 @@ def generate(model, prompts, new_tokens, on_token=None, seed=0):
     step_input = prompts
     for t in range(new_tokens):
         out = model(input_ids=step_input, past_key_values=cache, use_cache=True)
-        probs = torch.softmax(out.logits[:, -1].float() / TEMPERATURE, dim=-1)
+        probs = torch.softmax(out.logits[:, -1].float() / TEMPERATURE + logit_bias, dim=-1)
         sampled = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         if on_token is not None:
             on_token(sampled, prompt_len + t - 1)
@@ -410,12 +424,12 @@ def scoring_functions(head, rule, batch, capacity, device, dtype, gather: bool):
     return scorer, {"off": None, "ours": ours, "eager_hook": eager_hook}
 
 
-def graph_case(model, head, rule, prompts, new_tokens, reps, buckets, seed) -> dict:
+def graph_case(model, head, rule, logit_bias, prompts, new_tokens, reps, buckets, seed) -> dict:
     batch, prompt_len = prompts.shape
     device, dtype = prompts.device, model.dtype
     case = {"batch": batch, "decode": "cuda_graph" if device.type == "cuda" else "static_cache_no_graph",
             "eager_hook_variant": "all rows, step mask applied after (the boolean gather syncs: not capturable)"}
-    decoder = StaticDecoder(model, batch, prompt_len, new_tokens, buckets)
+    decoder = StaticDecoder(model, batch, prompt_len, new_tokens, buckets, logit_bias)
     scorer, scores = scoring_functions(head, rule, batch, 2 * (prompt_len + new_tokens), device, dtype, gather=False)
     slots = list(range(batch))
 
@@ -472,7 +486,7 @@ def isolated_step_us(scorer: DecodeScorer, decoder: StaticDecoder, calls: int) -
     return 1e3 * begin.elapsed_time(end) / calls
 
 
-def eager_case(model, head, rule, prompts, new_tokens, reps, seed) -> dict:
+def eager_case(model, head, rule, logit_bias, prompts, new_tokens, reps, seed) -> dict:
     batch, prompt_len = prompts.shape
     device, dtype = prompts.device, model.dtype
     case = {"batch": batch, "decode": "eager", "eager_hook_variant": "boolean-mask gather of the step rows (syncs with the host)"}
@@ -493,15 +507,15 @@ def eager_case(model, head, rule, prompts, new_tokens, reps, seed) -> dict:
     try:
         # A full-length warm-up (the caching allocator sees every KV-cache size once; without it the
         # first run was 2-3x slower on the H200), then short ones that compile the scorer (Triton JIT).
-        generate(model, prompts, new_tokens, seed=seed)
+        generate(model, prompts, new_tokens, logit_bias, seed=seed)
         for mode in ("ours", "eager_hook"):
-            generate(model, prompts, min(new_tokens, 8), on_token=on_token(mode), seed=seed)
+            generate(model, prompts, min(new_tokens, 8), logit_bias, on_token=on_token(mode), seed=seed)
         times: dict[str, list[float]] = {mode: [] for mode in MODES}
         released_s = None
         for rep in range(reps):
             for mode in MODES:
                 scorer.reset(slots)
-                ids, seconds = generate(model, prompts, new_tokens, on_token=on_token(mode), seed=seed)
+                ids, seconds = generate(model, prompts, new_tokens, logit_bias, on_token=on_token(mode), seed=seed)
                 times[mode].append(seconds)
                 if mode == "ours" and rep == 0:
                     released, released_s = released_pipeline(model, head, rule, ids)
@@ -512,7 +526,7 @@ def eager_case(model, head, rule, prompts, new_tokens, reps, seed) -> dict:
     return case
 
 
-def run_case(model, head, rule, batch, decode, args, device, bandwidth=None) -> dict:
+def run_case(model, head, rule, logit_bias, batch, decode, args, device, bandwidth=None) -> dict:
     """One row of the results: ``decode`` "graph" (falling back to eager if capture fails) or "eager"."""
     vocab = model.config.vocab_size
     prompts = torch.randint(0, vocab, (batch, args.prompt_tokens), device=device,
@@ -521,14 +535,14 @@ def run_case(model, head, rule, batch, decode, args, device, bandwidth=None) -> 
     case, error = None, None
     if decode == "graph":
         try:
-            case = graph_case(model, head, rule, prompts, new_tokens, args.reps, args.kv_buckets, seed=batch)
+            case = graph_case(model, head, rule, logit_bias, prompts, new_tokens, args.reps, args.kv_buckets, seed=batch)
         except Exception as exc:  # recorded, and this row falls back to the eager loop
             error = f"{type(exc).__name__}: {exc}"
             traceback.print_exc()
             new_tokens = args.eager_new_tokens
             sync(device)
     if case is None:
-        case = eager_case(model, head, rule, prompts, new_tokens, args.reps, seed=batch)
+        case = eager_case(model, head, rule, logit_bias, prompts, new_tokens, args.reps, seed=batch)
         if error:
             case["graph_error"] = error
     case.update(batch=batch, prompt_tokens=args.prompt_tokens, new_tokens=new_tokens, reps=args.reps)
@@ -557,6 +571,7 @@ def markdown_table(result: dict) -> str:
     env = result["environment"]
     lines = [
         f"End to end on {env['device']} (torch {env['torch']}, {result['config']['dtype']}; {env['date'][:10]}). "
+        f"{result['config'].get('step_ids', '?')} step id(s), {100 * result['config']['step_fraction']:.1f}% of sampled tokens are steps. "
         f"Overhead = (median decode time with scoring - without) / without, {result['config']['reps']} "
         "interleaved repetitions; `cuda_graph`: StaticCache, whole decode step in a CUDA graph (the hooked "
         "head on all rows, mask after); `eager`: HuggingFace forward from Python, dynamic cache (host-bound).",
@@ -653,7 +668,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions of each mode")
     parser.add_argument("--kv-buckets", type=int, default=4, help="CUDA graphs per mode, by cache length")
     parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--step-fraction", type=float, default=0.025, help="fraction of the vocabulary that are step tokens")
+    parser.add_argument("--step-fraction", type=float, default=0.025, help="fraction of sampled tokens that are steps")
+    parser.add_argument("--step-ids", type=int, default=1,
+                        help="size of the step-token set (1: like the English rule; 0: every 1/step_fraction-th id)")
     parser.add_argument("--quick", action="store_true", help="1.5b (tiny on a CPU), B 16, 64 tokens (16 eager), one bucket")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>-e2e.json)")
@@ -686,10 +703,10 @@ def main(argv=None) -> dict:
             model = build_model(shape, device, dtype)
             torch.manual_seed(1)
             head = SPRMHead(model.config.hidden_size, device=device, dtype=dtype)
-            rule = step_rule_for(model.config.vocab_size, args.step_fraction)
-            loaded = (shape, model, head, rule)
-        _, model, head, rule = loaded
-        case = run_case(model, head, rule, batch, decode, args, device, bandwidth)
+            rule, logit_bias = step_rule_for(model.config.vocab_size, args.step_fraction, args.step_ids, device)
+            loaded = (shape, model, head, rule, logit_bias)
+        _, model, head, rule, logit_bias = loaded
+        case = run_case(model, head, rule, logit_bias, batch, decode, args, device, bandwidth)
         case["model"] = shape
         cases.append(case)
         print(_line(case), flush=True)
@@ -699,6 +716,8 @@ def main(argv=None) -> dict:
         "config": {
             "dtype": str(dtype).removeprefix("torch."),
             "step_fraction": args.step_fraction,
+            "step_ids": len(rule.step_token_ids) if cases else args.step_ids,
+            "step_sampling": "logit bias on the step ids" if args.step_ids > 0 else "every 1/step_fraction-th id, no bias",
             "reps": args.reps,
             "quick": args.quick,
             "kv_buckets": args.kv_buckets,

@@ -30,6 +30,7 @@ RENDERERS = {
 README_RESULTS = (
     "nvidia-h200-e2e-1.5b.json",
     "nvidia-h200-e2e-7b.json",
+    "nvidia-h200-e2e-7b-b64.json",
     "nvidia-h200-e2e.json",
     "nvidia-h200-decode-step.json",
     "nvidia-h200-kernels-cuda-v3.json",
@@ -43,7 +44,7 @@ README_RESULTS = (
 
 # An earlier results file that the README stops showing once any of its successors exists.
 SUPERSEDED_BY = {
-    "nvidia-h200-e2e.json": ("nvidia-h200-e2e-1.5b.json", "nvidia-h200-e2e-7b.json"),
+    "nvidia-h200-e2e.json": ("nvidia-h200-e2e-1.5b.json", "nvidia-h200-e2e-7b.json", "nvidia-h200-e2e-7b-b64.json"),
 }
 
 

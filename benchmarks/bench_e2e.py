@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xbai_kernels import DecodeScorer, SPRMHead, StepRule, score_trajectories
+from xbai_kernels.ops import reference
 
 from ._common import copy_bandwidth, environment, progress, write_result
 
@@ -406,9 +407,7 @@ def scoring_functions(head, rule, batch, capacity, device, dtype, gather: bool):
     scorer = DecodeScorer(head, rule, num_slots=batch, capacity=capacity)
     slots = torch.arange(batch, device=device)
     released = released_head(head, dtype)
-    step_ids = rule.step_ids_tensor(device)
-    is_step_id = torch.zeros(max(rule.step_token_ids) + 1, dtype=torch.bool, device=device)
-    is_step_id[step_ids] = True
+    step_ids, step_table = rule.step_ids_tensor(device), rule.step_table(device)
     hook_out = torch.zeros(batch, dtype=torch.float32, device=device)
 
     def ours(hidden, sampled, positions):
@@ -418,7 +417,7 @@ def scoring_functions(head, rule, batch, capacity, device, dtype, gather: bool):
         if gather:
             torch.sigmoid(released(hidden[torch.isin(sampled, step_ids)]).float())
         else:
-            in_set = is_step_id[sampled.clamp(max=is_step_id.numel() - 1)] & (sampled < is_step_id.numel())
+            in_set = reference.is_step_token(sampled, step_table)
             torch.mul(torch.sigmoid(released(hidden).float()).squeeze(-1), in_set, out=hook_out)
 
     return scorer, {"off": None, "ours": ours, "eager_hook": eager_hook}

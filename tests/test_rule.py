@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from xbai_kernels import StepRule
+from xbai_kernels.ops import reference
 
 
 class VocabTokenizer:
@@ -41,6 +42,14 @@ def test_ids_are_deduplicated_and_sorted():
     assert rule.step_token_id == 7  # SPEC training rule: the first id of the step encoding
     assert torch.equal(rule.step_ids_tensor(), torch.tensor([7, 8, 9]))
     assert rule.step_ids_tensor().dtype == torch.int64
+
+
+def test_step_table_marks_exactly_the_step_ids():
+    rule = StepRule((9, 7, 8), think_start_id=1, think_end_id=2)
+    assert rule.step_table().tolist() == [False] * 7 + [True] * 3
+    assert rule.step_table(size=12).tolist() == [False] * 7 + [True] * 3 + [False] * 2
+    tokens = torch.tensor([-1, 0, 7, 9, 10, 10**9])
+    assert reference.is_step_token(tokens, rule.step_table()).tolist() == [False, False, True, True, False, False]
 
 
 def test_rule_is_hashable_and_equal_by_value():

@@ -31,7 +31,10 @@ def test_record_matches_reference(env, step_ids, batch):  # noqa: F811
     backend, device = env
     generator = torch.Generator().manual_seed(batch * 100 + len(step_ids))
     step_ids = torch.tensor(step_ids, dtype=torch.int64, device=device)
+    # Sampled ids run past the end of the step table: those are not step tokens.
     vocab = int(step_ids.max()) + 3
+    step_table = torch.zeros(int(step_ids.max()) + 1, dtype=torch.bool, device=device)
+    step_table[step_ids] = True
     state = {
         "events": torch.zeros(NUM_SLOTS, CAPACITY + 1, dtype=torch.int64),
         "event_logits": torch.zeros(NUM_SLOTS, CAPACITY + 1),
@@ -44,8 +47,8 @@ def test_record_matches_reference(env, step_ids, batch):  # noqa: F811
         slots, sampled, positions, logits = _random_step(generator, batch, vocab, device)
         # Markers and step tokens often, so every branch runs.
         sampled = torch.where(positions % 5 == 0, THINK_START, torch.where(positions % 7 == 0, THINK_END, sampled))
-        expected = reference.decode_candidates(oracle["last_token"], sampled, slots, step_ids, THINK_START)
-        got = backend.decode_candidates(ours["last_token"], sampled, slots, step_ids, THINK_START)
+        expected = reference.decode_candidates(oracle["last_token"], sampled, slots, step_table, THINK_START)
+        got = backend.decode_candidates(ours["last_token"], sampled, slots, step_table, THINK_START)
         assert torch.equal(got, expected)
         masked = torch.where(expected, logits, 0.0)
         reference.decode_record(*oracle.values(), slots, positions, sampled, expected, masked, THINK_START, THINK_END)
@@ -62,11 +65,14 @@ def test_record_matches_reference(env, step_ids, batch):  # noqa: F811
 def test_record_rejects_bad_inputs(env):  # noqa: F811
     backend, device = env
     last_token = torch.zeros(4, dtype=torch.int64, device=device)
-    step_ids = torch.tensor([7], device=device)
+    table = torch.zeros(8, dtype=torch.bool, device=device)
+    rows = torch.zeros(2, dtype=torch.int64, device=device)
     with pytest.raises(TypeError, match="sampled"):
-        backend.decode_candidates(last_token, torch.zeros(2, device=device), torch.zeros(2, dtype=torch.int64, device=device), step_ids, 3)
+        backend.decode_candidates(last_token, torch.zeros(2, device=device), rows, table, 3)
     with pytest.raises(ValueError, match="slots"):
-        backend.decode_candidates(last_token, torch.zeros(2, dtype=torch.int64, device=device), torch.zeros(3, dtype=torch.int64, device=device), step_ids, 3)
+        backend.decode_candidates(last_token, rows, torch.zeros(3, dtype=torch.int64, device=device), table, 3)
+    with pytest.raises(TypeError, match="step_table"):
+        backend.decode_candidates(last_token, rows, rows, torch.tensor([7], device=device), 3)
 
 
 @pytest.mark.cuda

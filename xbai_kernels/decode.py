@@ -60,7 +60,7 @@ class DecodeScorer:
         self.capacity = capacity
         device = head[0].weight.device
         self.device = device
-        self._step_ids = rule.step_ids_tensor(device)
+        self._step_table = rule.step_table(device)
         # One event = (position << 2 | kind) plus its logit. Column ``capacity`` is a trash column:
         # rows with nothing to record write there, so recording needs no gather-and-select.
         self._events = torch.zeros(num_slots, capacity + 1, dtype=torch.int64, device=device)
@@ -102,7 +102,7 @@ class DecodeScorer:
         # this runs after every sampled token.
         device = self.device
         is_step = dispatch.call(
-            "decode_candidates", device, self._last_token, sampled, slots, self._step_ids, self.rule.think_start_id
+            "decode_candidates", device, self._last_token, sampled, slots, self._step_table, self.rule.think_start_id
         )
         logits = self._logits_of(hidden, is_step)
         dispatch.call(
@@ -127,7 +127,7 @@ class DecodeScorer:
         ids = input_ids.long()
         token_positions = torch.arange(n + 1, device=self.device) + start_position
 
-        is_step = reference.opens_step(ids[:-1], ids[1:], self._step_ids, self.rule.think_start_id)
+        is_step = reference.opens_step(ids[:-1], ids[1:], self._step_table, self.rule.think_start_id)
         logits = self._logits_of(hidden, is_step)
         marker = reference.marker_kind(ids, self.rule.think_start_id, self.rule.think_end_id)
         has_event = torch.cat([is_step, marker != 0])

@@ -51,6 +51,16 @@ class StepRule:
         """S as an int64 tensor on ``device``, for ``torch.isin``-style membership tests."""
         return torch.tensor(self.step_token_ids, dtype=torch.int64, device=device)
 
+    def step_table(self, device: torch.device | str | None = None, size: int = 0) -> torch.Tensor:
+        """bool [max(size, max(S) + 1)]: entry t is whether token t is in S (ids past the end are not).
+
+        Membership in one load whatever |S| is: the Chinese rule's S holds thousands of Qwen ids, which
+        a scan over S would compare against every row at every decode step.
+        """
+        table = torch.zeros(max(int(size), self.step_token_ids[-1] + 1), dtype=torch.bool, device=device)
+        table[self.step_ids_tensor(device)] = True
+        return table
+
     @classmethod
     def from_tokenizer(cls, tokenizer, lang: str = "en") -> "StepRule":
         """Build SPEC's rule from a HuggingFace tokenizer.

@@ -15,11 +15,11 @@ of 8. Other inputs (fp32, mixed dtypes, odd d) and calls that need autograd go t
 path, which computes the same function; the log says so once. A row index outside ``hidden``
 gives NaN instead of an error, because checking would need a host synchronization.
 
-``XBAI_KERNELS_CUDA_PIPELINE=wide|deep|bulk|bulk-long|auto`` picks how W1 streams
-(csrc/sprm_head_launch.cu); all give the same bits. ``wide``/``deep``: per-thread 16-byte cp.async
-copies, 256 or 128 contiguous bytes of each W1 row per stage, any GPU from sm_80. ``bulk``/``bulk-long``:
-the sm_90 copy engine feeding an mbarrier pipeline (256 or 512 bytes per row per stage), for the
-decode scorer and single-chunk calls when d is a multiple of 128 (256); elsewhere they fall back to
+``XBAI_KERNELS_CUDA_PIPELINE=wide|deep|bulk|auto`` picks how W1 streams (csrc/sprm_head_launch.cu);
+all give the same bits. ``wide``/``deep``: per-thread 16-byte cp.async copies, 256 or 128 contiguous
+bytes of each W1 row per stage, any GPU from sm_80. ``bulk``: the sm_90 copy engine with kilobyte
+copies into an mbarrier ring, the scored rows resident in shared memory, for calls of one chunk of
+at most 16 rows (the decode scorer at B <= 16) with d a multiple of 512; elsewhere it falls back to
 ``auto``'s cp.async choice. ``auto`` (the default) takes ``bulk`` where it applies, else ``wide``
 where the GPU's shared memory holds it (Hopper, A100), else ``deep``. ``XBAI_KERNELS_CUDA_PDL=0`` turns off
 programmatic dependent launch (on by default; sm_90+ only), which lets each kernel's launch overlap
@@ -55,7 +55,7 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 # Source codes of csrc/sprm_head_launch.h (XbaiRowSource): which rows the kernel scores.
 ROWS_ALL, ROWS_INDEXED, ROWS_MASKED = 0, 1, 2
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
-_PIPELINES = {"wide": 0, "deep": 1, "auto": 2, "bulk": 3, "bulk-long": 4}
+_PIPELINES = {"wide": 0, "deep": 1, "auto": 2, "bulk": 3}
 DEFAULT_PIPELINE = "auto"
 
 

@@ -61,12 +61,19 @@ EVENT_STEP, EVENT_THINK_START, EVENT_THINK_END = 0, 1, 2
 NO_TOKEN = -1
 
 
-def opens_step(current: torch.Tensor, following: torch.Tensor, step_ids: torch.Tensor, think_start_id: int) -> torch.Tensor:
+def is_step_token(tokens: torch.Tensor, step_table: torch.Tensor) -> torch.Tensor:
+    """bool, the shape of ``tokens``: whether each id is in S, by ``step_table`` (``StepRule.step_table``);
+    ids outside the table, NO_TOKEN included, are not step tokens."""
+    inside = (tokens >= 0) & (tokens < step_table.numel())
+    return inside & step_table[tokens.clamp(0, step_table.numel() - 1)]
+
+
+def opens_step(current: torch.Tensor, following: torch.Tensor, step_table: torch.Tensor, think_start_id: int) -> torch.Tensor:
     """SPEC rules 1 and 2, elementwise: position i opens a step when token i+1 (``following``) is a step
     token and token i (``current``) is neither a step token, ``<think>``, nor unknown (NO_TOKEN)."""
     return (
-        torch.isin(following, step_ids)
-        & ~torch.isin(current, step_ids)
+        is_step_token(following, step_table)
+        & ~is_step_token(current, step_table)
         & (current != think_start_id)
         & (current != NO_TOKEN)
     )
@@ -90,14 +97,15 @@ def append_events(events, event_logits, counts, slots, offsets, has_event, kinds
 
 
 def decode_candidates(
-    last_token: torch.Tensor, sampled: torch.Tensor, slots: torch.Tensor, step_ids: torch.Tensor, think_start_id: int
+    last_token: torch.Tensor, sampled: torch.Tensor, slots: torch.Tensor, step_table: torch.Tensor, think_start_id: int
 ) -> torch.Tensor:
     """SPEC rules 1 and 2 for one decode step: bool [B], True where the row's position opens a step.
 
     last_token int64 [num_slots] (the token at each slot's position being decoded, NO_TOKEN if
-    unknown), sampled int64 [B] (the token after it), slots int64 [B], step_ids int64 [|S|].
+    unknown), sampled int64 [B] (the token after it), slots int64 [B], step_table bool [V]
+    (``StepRule.step_table``).
     """
-    return opens_step(last_token[slots], sampled, step_ids, think_start_id)
+    return opens_step(last_token[slots], sampled, step_table, think_start_id)
 
 
 def decode_record(

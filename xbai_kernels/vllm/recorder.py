@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..head import SPRMHead
-from ..ops import dispatch
+from ..ops import dispatch, reference
 from ..rule import StepRule
 
 
@@ -34,9 +34,8 @@ class StepLogitRecorder:
         self.head = head
         self.rule = rule
         self.device = device
-        table_size = max(vocab_size, max(rule.step_token_ids) + 1, rule.think_start_id + 1, rule.think_end_id + 1)
-        self.is_step_token = torch.zeros(table_size, dtype=torch.bool, device=device)
-        self.is_step_token[rule.step_ids_tensor(device)] = True
+        table_size = max(vocab_size, rule.think_start_id + 1, rule.think_end_id + 1)
+        self.is_step_token = rule.step_table(device, size=table_size)
         self.next_ids = torch.zeros(max_tokens, dtype=torch.int64, device=device)
         self.is_step = torch.zeros(max_tokens, dtype=torch.bool, device=device)
         self.logits = torch.zeros(max_tokens, dtype=torch.float32, device=device)
@@ -44,9 +43,7 @@ class StepLogitRecorder:
         self.max_requests = max_requests
 
     def _lookup(self, token_ids: torch.Tensor) -> torch.Tensor:
-        # Ids outside the table (never produced by a real tokenizer) are simply not step tokens.
-        inside = (token_ids >= 0) & (token_ids < self.is_step_token.numel())
-        return self.is_step_token[token_ids.clamp(0, self.is_step_token.numel() - 1)] & inside
+        return reference.is_step_token(token_ids, self.is_step_token)
 
     @torch.no_grad()
     def update(

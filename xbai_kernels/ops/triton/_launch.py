@@ -96,10 +96,3 @@ def tma_capable(weight: torch.Tensor, fmt: DotFormat) -> bool:
         return True
     return weight.device.type == "cuda" and torch.cuda.get_device_capability(weight.device)[0] >= 9
 
-
-def program_slots(device: torch.device) -> int:
-    """Programs of a persistent grid: one per SM on a GPU; 3 under the interpreter, so CPU tests see
-    programs with runs of different lengths."""
-    if device.type != "cuda":
-        return 3
-    return torch.cuda.get_device_properties(device).multi_processor_count

@@ -63,6 +63,7 @@ def _masked_partials_kernel(
     d,
     H,
     num_tiles,
+    tile_units,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -72,18 +73,16 @@ def _masked_partials_kernel(
     DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
     W1_DESC: tl.constexpr,
-    FLATTEN: tl.constexpr,
     FUSED_REDUCTION: tl.constexpr,
     TILE_BLOCK: tl.constexpr,
     OUT_BLOCK: tl.constexpr,
 ):
     """partial[tile, row] = sum_{u in tile} W2[u] relu(W1[u] . hidden[row] + b1[u]) for step rows only.
 
-    W1's H = 2d hidden units come in ``num_tiles`` tiles of BLOCK_N; program p of G takes tiles
-    [p num_tiles / G, (p + 1) num_tiles / G): one tile each when G = num_tiles, or, on a persistent
-    grid of one program per SM, a balanced run of small tiles, so that every SM streams the same
-    share of W1 (with FLATTEN the run is one software pipeline, not one ramp per tile). No step row:
-    no W1 byte is read. partial fp32 [num_tiles, B]; entries of rows that are not steps stay
+    Program t owns the ``tile_units`` (<= BLOCK_N) hidden units starting at t * tile_units, of
+    H = 2d. The tile need not be a power of two: 80-unit tiles at d = 5120 make 128 programs of equal
+    work for 132 SMs, where 64-unit tiles made 160 (28 SMs streaming twice as much as the others) and
+    128-unit tiles left 52 SMs idle. No step row: no W1 byte is read. partial fp32 [num_tiles, B]; entries of rows that are not steps stay
     unwritten (nothing reads them). With FUSED_REDUCTION every program writes 0.0 to its share of the
     rows that are not steps, and the last program to finish writes
     out[row] = sum_t partial[t, row] + b2 for the step rows only, then resets *ticket_ptr to 0.
@@ -101,23 +100,20 @@ def _masked_partials_kernel(
         for r0 in range(pid * OUT_BLOCK, B, programs * OUT_BLOCK):
             off_mask = tl.load(row_mask_ptr + r0 + outs, mask=(r0 + outs) < B, other=1) == 0
             tl.store(out_ptr + r0 + outs, tl.zeros([OUT_BLOCK], dtype=tl.float32), mask=off_mask)
-    first_tile = pid * num_tiles // programs
-    end_tile = (pid + 1) * num_tiles // programs
+    unit0 = pid * tile_units
+    units = unit0 + tl.arange(0, BLOCK_N)
+    unit_ok = (units < unit0 + tile_units) & (units < H)
+    w2 = tl.load(w2_ptr + units, mask=unit_ok, other=0.0).to(tl.float32)
     for first in range(0, num_steps, BLOCK_M):
         rows = _nth_step_rows(row_mask_ptr, B, first, BLOCK_M, MASK_CHUNK)
         row_ok = (first + tl.arange(0, BLOCK_M)) < num_steps
-        for tile in tl.range(first_tile, end_tile, flatten=FLATTEN):
-            unit0 = tile * BLOCK_N
-            units = unit0 + tl.arange(0, BLOCK_N)
-            unit_ok = units < H
-            acc = preactivation_tile(
-                hidden_ptr, stride_row, rows, row_ok, w1, unit0, units, unit_ok, d,
-                BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_DTYPE, PRECISION, W1_DESC,
-            )
-            act = relu_bias(acc, b1_ptr, units, unit_ok)
-            w2 = tl.load(w2_ptr + units, mask=unit_ok, other=0.0).to(tl.float32)
-            partial = tl.sum(act * w2[None, :], axis=1)
-            tl.store(partial_ptr + tile * B + rows, partial, mask=row_ok)
+        acc = preactivation_tile(
+            hidden_ptr, stride_row, rows, row_ok, w1, unit0, units, unit_ok, d,
+            BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_DTYPE, PRECISION, W1_DESC,
+        )
+        act = relu_bias(acc, b1_ptr, units, unit_ok)
+        partial = tl.sum(act * w2[None, :], axis=1)
+        tl.store(partial_ptr + pid * B + rows, partial, mask=row_ok)
     if FUSED_REDUCTION:
         # Every thread's partial stores come before this program's release of its ticket.
         tl.debug_barrier()
@@ -139,9 +135,9 @@ def _masked_partials_kernel(
 class DecodeConfig:
     """Launch shape of the decode kernel; fixed for a given (B, d, dtype), hence graph-capturable.
 
-    ``persistent``: one program per SM, each streaming a balanced run of tiles (else one program per
-    tile); ``w1_tma``: W1 arrives through a TMA tensor descriptor (Hopper and newer, 16-bit weights);
-    ``fused_reduction``: the last program sums the tiles instead of a second launch.
+    ``tile_units``: hidden units per program (at most ``block_n``; None: ``block_n``); ``w1_tma``: W1
+    arrives through a TMA tensor descriptor (Hopper and newer, 16-bit weights, whole ``block_n``
+    tiles only); ``fused_reduction``: the last program sums the tiles instead of a second launch.
     """
 
     block_m: int
@@ -150,7 +146,7 @@ class DecodeConfig:
     num_warps: int
     num_stages: int
     fused_reduction: bool = True
-    persistent: bool = False
+    tile_units: int | None = None
     w1_tma: bool = False
 
 
@@ -223,22 +219,25 @@ def head_logits_masked(
     row_mask = row_mask.contiguous().view(torch.uint8)
     fmt = _launch.dot_format(hidden, w1)
     cfg = config or default_config(batch, d, hidden.device, fmt.dtype.primitive_bitwidth // 8)
-    num_tiles = triton.cdiv(2 * d, cfg.block_n)
+    tile_units = cfg.tile_units or cfg.block_n
+    if not 0 < tile_units <= cfg.block_n:
+        raise ValueError(f"{where}: tile_units must be in [1, block_n = {cfg.block_n}], got {tile_units}")
+    num_tiles = triton.cdiv(2 * d, tile_units)
     partial = torch.empty(num_tiles, batch, dtype=torch.float32, device=hidden.device)
     mask_chunk = min(128, _launch.next_pow2(batch))
     out_block = min(128, _launch.next_pow2(batch))
     tile_block = _launch.sum_block(num_tiles)
-    w1_desc = cfg.w1_tma and _launch.tma_capable(w1, fmt)
+    # A TMA box is a whole block_n tile: a tile of fewer units would fetch its neighbour's rows too.
+    w1_desc = cfg.w1_tma and tile_units == cfg.block_n and _launch.tma_capable(w1, fmt)
     w1_arg = TensorDescriptor.from_tensor(w1, [cfg.block_n, cfg.block_k]) if w1_desc else w1
-    programs = min(num_tiles, _launch.program_slots(hidden.device)) if cfg.persistent else num_tiles
     with _launch.device_guard(hidden):
         ticket = _ticket(hidden.device) if cfg.fused_reduction else partial
-        _masked_partials_kernel[(programs,)](
+        _masked_partials_kernel[(num_tiles,)](
             hidden, hidden.stride(0), row_mask, batch, w1_arg, b1, w2, partial, b2, out, ticket, d, 2 * d,
-            num_tiles, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            num_tiles, tile_units, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             COUNT_CHUNK=min(1024, _launch.next_pow2(batch)), MASK_CHUNK=mask_chunk,
             EVEN_K=d % cfg.block_k == 0, DOT_DTYPE=fmt.dtype, PRECISION=fmt.precision, W1_DESC=w1_desc,
-            FLATTEN=cfg.persistent, FUSED_REDUCTION=cfg.fused_reduction, TILE_BLOCK=tile_block,
+            FUSED_REDUCTION=cfg.fused_reduction, TILE_BLOCK=tile_block,
             OUT_BLOCK=out_block, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if not cfg.fused_reduction:

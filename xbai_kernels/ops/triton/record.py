@@ -17,25 +17,19 @@ from ..reference import EVENT_STEP, EVENT_THINK_END, EVENT_THINK_START, NO_TOKEN
 
 # Rows per program: decode batches are at most a few thousand rows, one or a few programs suffice.
 _BLOCK = 128
-# Step ids compared per iteration (the Chinese step set has a few hundred ids).
-_IDS_CHUNK = 32
 
 
 @triton.jit
-def _is_member(tokens, ids_ptr, num_ids, IDS_CHUNK: tl.constexpr):
-    """int1 [BLOCK]: tokens[i] is one of ids[0:num_ids]."""
-    found = tokens != tokens  # all False
-    lanes = tl.arange(0, IDS_CHUNK)
-    for c0 in range(0, num_ids, IDS_CHUNK):
-        ids = tl.load(ids_ptr + c0 + lanes, mask=(c0 + lanes) < num_ids, other=-2)
-        found = found | (tl.sum((tokens[:, None] == ids[None, :]).to(tl.int32), axis=1) > 0)
-    return found
+def _is_step_token(tokens, table_ptr, table_size):
+    """int1 [BLOCK]: tokens[i] is in S, by one load of the step table (ids outside it are not)."""
+    inside = (tokens >= 0) & (tokens < table_size)
+    return inside & (tl.load(table_ptr + tokens, mask=inside, other=0) != 0)
 
 
 @triton.jit
 def _candidates_kernel(
-    last_token_ptr, sampled_ptr, slots_ptr, step_ids_ptr, num_ids, out_ptr, B, think_start, no_token,
-    BLOCK: tl.constexpr, IDS_CHUNK: tl.constexpr,
+    last_token_ptr, sampled_ptr, slots_ptr, table_ptr, table_size, out_ptr, B, think_start, no_token,
+    BLOCK: tl.constexpr,
 ):
     """out[i] = sampled[i] in S and current not in S, not <think>, known (SPEC rules 1 and 2)."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -44,8 +38,8 @@ def _candidates_kernel(
     current = tl.load(last_token_ptr + slot, mask=ok, other=no_token)
     sampled = tl.load(sampled_ptr + rows, mask=ok, other=no_token)
     opens = (
-        _is_member(sampled, step_ids_ptr, num_ids, IDS_CHUNK)
-        & ~_is_member(current, step_ids_ptr, num_ids, IDS_CHUNK)
+        _is_step_token(sampled, table_ptr, table_size)
+        & ~_is_step_token(current, table_ptr, table_size)
         & (current != think_start)
         & (current != no_token)
     )
@@ -87,21 +81,21 @@ def _check_rows(where: str, device: torch.device, batch: int, **tensors) -> None
 
 
 def decode_candidates(
-    last_token: torch.Tensor, sampled: torch.Tensor, slots: torch.Tensor, step_ids: torch.Tensor, think_start_id: int
+    last_token: torch.Tensor, sampled: torch.Tensor, slots: torch.Tensor, step_table: torch.Tensor, think_start_id: int
 ) -> torch.Tensor:
     """Triton ``ops.reference.decode_candidates``: bool [B], no host sync."""
     where = "decode_candidates"
     batch = sampled.shape[0]
     _check_rows(where, sampled.device, batch, sampled=sampled, slots=slots)
-    for name, tensor in (("last_token", last_token), ("step_ids", step_ids)):
-        check_tensor(where, name, tensor, ndim=1, dtypes=(torch.int64,), device=sampled.device)
+    check_tensor(where, "last_token", last_token, ndim=1, dtypes=(torch.int64,), device=sampled.device)
+    check_tensor(where, "step_table", step_table, ndim=1, dtypes=(torch.bool,), device=sampled.device)
     out = torch.empty(batch, dtype=torch.bool, device=sampled.device)
     if batch == 0:
         return out
     with _launch.device_guard(sampled):
         _candidates_kernel[(triton.cdiv(batch, _BLOCK),)](
-            last_token, sampled, slots, step_ids.contiguous(), step_ids.numel(), out.view(torch.int8), batch,
-            think_start_id, NO_TOKEN, BLOCK=_BLOCK, IDS_CHUNK=_IDS_CHUNK,
+            last_token, sampled, slots, step_table.contiguous().view(torch.int8), step_table.numel(),
+            out.view(torch.int8), batch, think_start_id, NO_TOKEN, BLOCK=_BLOCK,
         )
     return out
 

@@ -17,10 +17,10 @@ timeout 110 python3 -m pytest -q -ra -x -p no:cacheprovider -m cuda tests/test_c
 timeout 75 python3 benchmarks/bench_cuda_decode.py --d 5120 --out "$OUT/cuda_decode_5120.json" 2>&1 | tee "$OUT/bench_5120.log"
 timeout 35 python3 benchmarks/bench_cuda_decode.py --d 1536 --zero-step-batches --out "$OUT/cuda_decode_1536.json" \
   2>&1 | tee "$OUT/bench_1536.log"
-# Hardware counters for one bulk decode launch at B = 1 and B = 256 (DRAM throughput, stalls).
+# Hardware counters for one bulk decode launch at B = 1 (DRAM throughput, stalls).
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 if [ -n "$NCU" ] && [ "${XBAI_SESSION_NCU:-1}" = 1 ]; then
-  for batch in 1 256; do
+  for batch in 1; do
     echo "== ncu bulk B=$batch" >> "$OUT/ncu.txt"
     XBAI_KERNELS_CUDA_PIPELINE=bulk timeout 30 "$NCU" --clock-control none -k regex:head_bulk --launch-skip 2 \
       --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \

@@ -25,6 +25,9 @@
 //     not by the balance (benchmarks/NOTES.md, v3);
 //   grouped (packed, many row chunks): 4-slice tiles, kTileGroup tiles times every chunk in a row,
 //     so W1 and the rows both stay in L2 while many chunks reuse them.
+// On sm_90, calls of one chunk of <= 16 rows (decode at B <= 16) take head_bulk_kernel instead: the
+// balanced schedule with W1 streamed by the copy engine in kilobyte copies and the rows resident
+// in shared memory (per-thread cp.async spent more issue slots than the copies took, NOTES v3/v4).
 //
 // Determinism. Every (unit, row) pre-activation is summed in one fixed order: warp k of the CTA's
 // kWarpsK warps takes the 16-column blocks with index = k mod kWarpsK in increasing order, and the
@@ -538,29 +541,39 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) head_items_kernel(const Head
 }
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-// One item of the bulk-copy kernel: the same work and the same sums as head_item, with W1 and the
-// row chunk streamed by the copy engine. The last warp produces: for each Cfg::kBlockK-column stage
-// its 32 lanes issue one bulk copy per unit row and per filled row slot (256-512 contiguous bytes
-// each; a handful of instructions per copy instead of per 16 bytes). The math warps consume stages
-// as their "full" barriers complete and release them on "empty"; no CTA-wide barrier per stage.
-// `iteration` counts the stages this CTA ran before the item (stage = i % kStages, phase = its
-// wrap count's parity). Requires d % kBlockK == 0: no stage is partial, so nothing is zero-filled.
-// Row slots past `filled` keep whatever an earlier stage left there; an mma output column depends
-// only on its own row, and the epilogue skips those rows, so that never reaches a result.
+__device__ __forceinline__ uint32_t dynamic_smem_bytes() {
+  uint32_t bytes;
+  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(bytes));
+  return bytes;
+}
+
+// One item of the bulk-copy kernel: the same work and the same sums as head_item, fed by the copy
+// engine. On the H200 one cp.async.bulk costs an SM ~37 ns whatever its size (v4 first call:
+// 256- and 512-byte row pieces ran at 0.9 and 1.8 TB/s), so every copy here is kilobytes long:
+//  - the item's filled rows stay resident: one whole-row copy each (row stride d + 8 elements);
+//  - W1 streams in stages of one slice (16 unit rows) x Cfg::kBlockK columns, one copy per unit
+//    row (2 KB at kBlockK = 1024), through a ring of as many stages as the memory left holds.
+// Stage t of the item is column chunk t / slices of slice t % slices, so each slice's accumulator
+// still sees its 16-column blocks in increasing order: the bits equal the cp.async kernel's. The
+// last warp produces; the math warps consume on each stage's "full" barrier and release it on
+// "empty". `iteration` counts the ring stages this CTA ran before; `item` its items before.
+// Requires d % kBlockK == 0 (no partial stage, no zero fill) and one row chunk per launch.
 template <typename T, class Cfg>
 __device__ void bulk_item(const HeadParams& p, int slice0, int slices, int chunk, int filled,
                           const int64_t* chunk_rows, unsigned char* smem, uint64_t* full, uint64_t* empty,
-                          uint32_t iteration) {
-  constexpr int kBlockK = Cfg::kBlockK;
-  constexpr int kStages = Cfg::kStages;
+                          uint64_t* rows_ready, uint32_t iteration, uint32_t item) {
+  constexpr int kStageK = Cfg::kBlockK;
   constexpr int kStride = Cfg::kStride;
-  constexpr int kChunkRows = Cfg::kChunkRows;
-  constexpr uint32_t kCopyBytes = kBlockK * sizeof(T);
-  T* a_smem = reinterpret_cast<T*>(smem);
-  T* b_smem = a_smem + kStages * kMaxUnits * kStride;
+  constexpr uint32_t kStageBytes = kSliceUnits * kStride * sizeof(T);
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-  const int num_k_blocks = static_cast<int>(p.d / kBlockK);
+  const int64_t d = p.d;
+  const int64_t row_stride = d + 8;  // 16 bytes of padding: ldmatrix's 8 rows hit distinct banks
+  T* rows_smem = reinterpret_cast<T*>(smem);
+  unsigned char* ring = smem + filled * row_stride * sizeof(T);
+  const uint32_t room = (dynamic_smem_bytes() - static_cast<uint32_t>(filled * row_stride * sizeof(T))) / kStageBytes;
+  const uint32_t stages = room < Cfg::kStages ? room : Cfg::kStages;
+  const int k_chunks = static_cast<int>(d / kStageK);
   float acc[kMaxSlices][Cfg::kNTiles][4];
 #pragma unroll
   for (int m = 0; m < kMaxSlices; ++m)
@@ -568,74 +581,84 @@ __device__ void bulk_item(const HeadParams& p, int slice0, int slices, int chunk
     for (int n = 0; n < Cfg::kNTiles; ++n) acc[m][n][0] = acc[m][n][1] = acc[m][n][2] = acc[m][n][3] = 0.f;
 
   if (warp == Cfg::kMathWarps) {
-    // Lane l copies unit rows l, l + 32, ... and row slots l, l + 32, ...: fixed sources that only
-    // move by kBlockK columns per stage.
-    constexpr int kUnitCopies = (kMaxUnits + 31) / 32;
-    constexpr int kRowCopies = (kChunkRows + 31) / 32;
-    const int units = slices * kSliceUnits;
-    const T* unit_src[kUnitCopies];
-    const T* row_src[kRowCopies];
-    uint32_t rows_copied = 0;
-#pragma unroll
-    for (int i = 0; i < kUnitCopies; ++i) {
-      const int u = lane + 32 * i;
-      unit_src[i] = u < units ? static_cast<const T*>(p.w1) + (static_cast<int64_t>(slice0) * kSliceUnits + u) * p.d
-                              : nullptr;
-    }
-#pragma unroll
-    for (int i = 0; i < kRowCopies; ++i) {
-      const int r = lane + 32 * i;
-      const int64_t row = r < filled ? chunk_rows[r] : -1;
-      // An indexed row outside hidden (-1) is not read; its partial is never used (NaN output).
-      row_src[i] = row >= 0 ? static_cast<const T*>(p.hidden) + row * p.hidden_stride : nullptr;
-      rows_copied += __popc(__ballot_sync(0xffffffffu, row >= 0));
-    }
-    const uint32_t stage_bytes = (static_cast<uint32_t>(units) + rows_copied) * kCopyBytes;
+    static_assert(Cfg::kChunkRows <= 32, "one lane per resident row");
+    const int64_t row = lane < filled ? chunk_rows[lane] : -1;
+    // An indexed row outside hidden (-1) is not read; its output is NaN and its slot never used.
+    const uint32_t rows_copied = __popc(__ballot_sync(0xffffffffu, row >= 0));
+    if (lane == 0) barrier_arrive_expect_bytes(rows_ready, rows_copied * static_cast<uint32_t>(d * sizeof(T)));
+    __syncwarp();
+    if (row >= 0)
+      bulk_copy(rows_smem + lane * row_stride, static_cast<const T*>(p.hidden) + row * p.hidden_stride,
+                static_cast<uint32_t>(d * sizeof(T)), rows_ready);
     const uint64_t policy = evict_first_policy();
-    for (int kb = 0; kb < num_k_blocks; ++kb) {
-      const uint32_t i = iteration + kb;
-      const int stage = i % kStages;
+    const T* w1 = static_cast<const T*>(p.w1) + (static_cast<int64_t>(slice0) * kSliceUnits + lane) * d;
+    const int total = k_chunks * slices;
+    for (int t = 0; t < total; ++t) {
+      const uint32_t i = iteration + t;
+      const uint32_t stage = i % stages;
       // The first pass over the ring finds every stage free (waiting on the phase before the first).
-      barrier_wait(&empty[stage], ((i / kStages) & 1) ^ 1);
-      if (lane == 0) barrier_arrive_expect_bytes(&full[stage], stage_bytes);
+      barrier_wait(&empty[stage], ((i / stages) & 1) ^ 1);
+      if (lane == 0) barrier_arrive_expect_bytes(&full[stage], kSliceUnits * kStageK * sizeof(T));
       __syncwarp();
-      T* a_stage = a_smem + stage * kMaxUnits * kStride;
-      T* b_stage = b_smem + stage * kChunkRows * kStride;
-      const int64_t k0 = static_cast<int64_t>(kb) * kBlockK;
-#pragma unroll
-      for (int c = 0; c < kUnitCopies; ++c)
-        if (unit_src[c] != nullptr) bulk_copy(a_stage + (lane + 32 * c) * kStride, unit_src[c] + k0, kCopyBytes, &full[stage], policy);
-#pragma unroll
-      for (int c = 0; c < kRowCopies; ++c)
-        if (row_src[c] != nullptr) bulk_copy(b_stage + (lane + 32 * c) * kStride, row_src[c] + k0, kCopyBytes, &full[stage]);
+      if (lane < kSliceUnits) {
+        const int m = t % slices;
+        const int64_t k0 = static_cast<int64_t>(t / slices) * kStageK;
+        bulk_copy(ring + stage * kStageBytes + lane * kStride * sizeof(T), w1 + m * kSliceUnits * d + k0,
+                  kStageK * sizeof(T), &full[stage], policy);
+      }
     }
   } else {
-    const int warp_n = warp / kWarpsK;
-    for (int kb = 0; kb < num_k_blocks; ++kb) {
-      const uint32_t i = iteration + kb;
-      const int stage = i % kStages;
-      barrier_wait(&full[stage], (i / kStages) & 1);
-      multiply_stage<T, Cfg>(acc, a_smem + stage * kMaxUnits * kStride,
-                             b_smem + (stage * kChunkRows + warp_n * Cfg::kWarpRows) * kStride, slices);
-      // Every lane's ldmatrix reads of the stage are done before the warp releases it.
-      __syncwarp();
-      if (lane == 0) barrier_arrive(&empty[stage]);
+    const int warp_k = warp % kWarpsK;
+    // Row slots past `filled` read the last filled row: their output columns are never used.
+    const T* b_rows[Cfg::kNTiles];
+#pragma unroll
+    for (int n = 0; n < Cfg::kNTiles; ++n) {
+      const int r = min(n * 8 + lane % 8, filled - 1);
+      b_rows[n] = rows_smem + r * row_stride + ((lane / 8) % 2) * 8;
+    }
+    barrier_wait(rows_ready, item & 1);
+    for (int c = 0; c < k_chunks; ++c) {
+#pragma unroll
+      for (int m = 0; m < kMaxSlices; ++m) {
+        if (m < slices) {
+          const uint32_t i = iteration + c * slices + m;
+          const uint32_t stage = i % stages;
+          barrier_wait(&full[stage], (i / stages) & 1);
+          const T* a_stage = reinterpret_cast<const T*>(ring + stage * kStageBytes);
+#pragma unroll 4
+          for (int j = 0; j < Cfg::kBlocksPerWarp; ++j) {
+            const int col = (j * kWarpsK + warp_k) * 16;
+            uint32_t b[Cfg::kNTiles][2];
+#pragma unroll
+            for (int n = 0; n < Cfg::kNTiles; ++n) load_matrix_x2(b[n], b_rows[n] + c * kStageK + col);
+            uint32_t a[4];
+            load_matrix_x4(a, a_stage + (lane % 16) * kStride + col + (lane / 16) * 8);
+#pragma unroll
+            for (int n = 0; n < Cfg::kNTiles; ++n) mma_16816<T>(acc[m][n], a, b[n]);
+          }
+          // Every lane's ldmatrix reads of the stage are done before the warp releases it.
+          __syncwarp();
+          if (lane == 0) barrier_arrive(&empty[stage]);
+        }
+      }
     }
   }
-  // Every stage has landed and been consumed (the producer issues exactly num_k_blocks): the
-  // pipeline memory now holds the K-warps' pre-activations.
+  // Every stage has landed and been consumed (the producer issues exactly the stages the math
+  // warps wait for): the ring's memory now holds the K-warps' pre-activations.
   __syncthreads();
-  if (warp < Cfg::kMathWarps) store_preactivations<Cfg>(acc, slices, reinterpret_cast<float*>(smem));
+  float* pre = reinterpret_cast<float*>(ring);
+  if (warp < Cfg::kMathWarps) store_preactivations<Cfg>(acc, slices, pre);
   __syncthreads();
-  finish_item<T, Cfg>(p, slice0, slices, chunk, filled, reinterpret_cast<const float*>(smem));
+  finish_item<T, Cfg>(p, slice0, slices, chunk, filled, pre);
   // The next item's copies overwrite this memory (and chunk_rows): order these reads and writes first.
   fence_shared_for_copies();
   __syncthreads();
 }
 #endif
 
-// The balanced schedule on sm_90 through the bulk copy engine (sprm_head_launch.cu takes it when
-// d % Cfg::kBlockK == 0): one CTA per SM, Cfg::kMathWarps math warps and one producer warp.
+// The balanced schedule on sm_90 through the bulk copy engine, for one chunk of at most
+// Cfg::kChunkRows (<= 32) rows (sprm_head_launch.cu checks d % Cfg::kBlockK == 0 and that the
+// resident rows leave room for two stages): one CTA per SM, 4 math warps and one producer warp.
 // Compiled only for sm_90+ targets; the launcher checks the loaded code's PTX version first.
 template <typename T, class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, 1) head_bulk_kernel(const HeadParams p) {
@@ -645,32 +668,31 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) head_bulk_kernel(const HeadP
   __shared__ int warp_counts[Cfg::kWarps];
   __shared__ __align__(8) uint64_t full[Cfg::kStages];
   __shared__ __align__(8) uint64_t empty[Cfg::kStages];
+  __shared__ __align__(8) uint64_t rows_ready;
   allow_next_grid();
   if (threadIdx.x == 0) {
     for (int s = 0; s < Cfg::kStages; ++s) {
       barrier_init(&full[s], 1);
       barrier_init(&empty[s], Cfg::kMathWarps);
     }
+    barrier_init(&rows_ready, 1);
     barrier_init_fence();
   }
-  // (The barriers of the mask ranking publish the initialization to the other threads.)
+  // (The barriers of the row selection publish the initialization to the other threads.)
   int first, count;
   share_of(p.num_slices, gridDim.x, blockIdx.x, &first, &count);
   const int passes = (count + kMaxSlices - 1) / kMaxSlices;
-  const int num_k_blocks = static_cast<int>(p.d / Cfg::kBlockK);
   wait_for_prior_grids();
+  const int filled = select_chunk_rows<Cfg>(p, 0, blockIdx.x == 0, chunk_rows, warp_counts);
+  // No step row: W1 is never read.
+  if (filled == 0) return;
   uint32_t iteration = 0;
-  for (int chunk = 0; chunk < p.num_chunks; ++chunk) {
-    const int filled = select_chunk_rows<Cfg>(p, chunk, chunk == 0 && blockIdx.x == 0, chunk_rows, warp_counts);
-    // Chunks fill in rank order: after an empty one all later ones are empty; no step row, no W1 read.
-    if (filled == 0) break;
-    for (int pass = 0; pass < passes; ++pass) {
-      int pass_first, pass_count;
-      share_of(count, passes, pass, &pass_first, &pass_count);
-      bulk_item<T, Cfg>(p, first + pass_first, pass_count, chunk, filled, chunk_rows, dynamic_smem, full, empty,
-                        iteration);
-      iteration += num_k_blocks;
-    }
+  for (int pass = 0; pass < passes; ++pass) {
+    int pass_first, pass_count;
+    share_of(count, passes, pass, &pass_first, &pass_count);
+    bulk_item<T, Cfg>(p, first + pass_first, pass_count, 0, filled, chunk_rows, dynamic_smem, full, empty,
+                      &rows_ready, iteration, pass);
+    iteration += static_cast<uint32_t>(p.d / Cfg::kBlockK) * pass_count;
   }
 #else
   __trap();  // never launched: the launcher sees this code's PTX version is below 9.0

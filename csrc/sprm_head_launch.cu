@@ -60,16 +60,16 @@ using Deep8 = xbai::TileConfig<8, 64, 6, 1>;
 using Deep16 = xbai::TileConfig<16, 64, 6, 1>;
 using Deep32 = xbai::TileConfig<32, 64, 5, 2>;
 using Deep64 = xbai::TileConfig<64, 64, 4, 2>;
-// Bulk-copy configurations (sm_90): one producer warp beside the math warps, stages as deep as
-// ~200-228 KB of shared memory allows. "bulk" copies 256 bytes per W1 row per stage, "bulk-long" 512.
-using Bulk8 = xbai::TileConfig<8, 128, 8, 1, 1>;
-using Bulk16 = xbai::TileConfig<16, 128, 8, 1, 1>;
-using Bulk32 = xbai::TileConfig<32, 128, 7, 2, 1>;
-using Bulk64 = xbai::TileConfig<64, 128, 5, 2, 1>;
-using BulkLong8 = xbai::TileConfig<8, 256, 4, 1, 1>;
-using BulkLong16 = xbai::TileConfig<16, 256, 4, 1, 1>;
-using BulkLong32 = xbai::TileConfig<32, 256, 3, 2, 1>;
-using BulkLong64 = xbai::TileConfig<64, 256, 3, 2, 1>;
+// Bulk-copy configurations (sm_90, chunks of <= 16 rows): one producer warp beside 4 math warps,
+// the rows resident, W1 stages of one slice x BlockK columns (2 KB copies at 1024, 1 KB at 512),
+// a ring of up to 8 stages.
+using Bulk8 = xbai::TileConfig<8, 1024, 8, 1, 1>;
+using Bulk16 = xbai::TileConfig<16, 1024, 8, 1, 1>;
+using BulkShort8 = xbai::TileConfig<8, 512, 8, 1, 1>;
+using BulkShort16 = xbai::TileConfig<16, 512, 8, 1, 1>;
+// Static shared memory of the bulk kernel (row list, warp counts, barriers), kept out of the
+// dynamic request.
+constexpr int kBulkStaticBytes = 1024;
 
 struct DeviceInfo {
   int device;
@@ -178,37 +178,52 @@ cudaError_t launch(xbai::HeadParams p, const DeviceInfo& info, bool dependent, c
   return launch_reduce<T>(p, dependent, stream);
 }
 
-// The balanced schedule through the copy engine (sm_90): one CTA per SM.
+// The balanced schedule through the copy engine (sm_90): one CTA per SM, all the shared memory
+// the device allows (the resident rows first, then as many W1 stages as fit).
 template <typename T, class Cfg>
 cudaError_t launch_bulk(xbai::HeadParams p, const DeviceInfo& info, bool dependent, cudaStream_t stream) {
   constexpr auto kernel = xbai::head_bulk_kernel<T, Cfg>;
-  cudaError_t err = prepare_kernel<kernel>(Cfg::template smem_bytes<T>(), info.device);
+  const size_t smem = static_cast<size_t>(info.max_smem - kBulkStaticBytes);
+  cudaError_t err = prepare_kernel<kernel>(smem, info.device);
   if (err != cudaSuccess) return err;
   p.balanced = 1;
   const int grid = p.num_slices < info.sms ? p.num_slices : info.sms;
-  err = launch_kernel(kernel, grid, Cfg::kThreads, Cfg::template smem_bytes<T>(), dependent, stream, p);
+  err = launch_kernel(kernel, grid, Cfg::kThreads, smem, dependent, stream, p);
   if (err != cudaSuccess) return err;
   return launch_reduce<T>(p, dependent, stream);
 }
 
-// Whether the bulk-copy kernel with this configuration serves the call: an sm_90 image, the
-// balanced schedule, whole stages (d % BlockK == 0) and room for its stages (static memory included).
+// Whether the bulk-copy kernel with this configuration serves the call: an sm_90 image, one row
+// chunk on the balanced schedule, whole stages (d % BlockK == 0), and room beside the most rows the
+// call can have resident for two W1 stages and the epilogue's pre-activations.
 template <typename T, class Cfg>
 bool bulk_applies(const xbai::HeadParams& p, const DeviceInfo& info) {
-  constexpr size_t kStaticBytes = 1024;
-  const bool balanced = p.source == XBAI_ROWS_MASKED || p.num_chunks == 1;
-  return info.bulk && balanced && p.d % Cfg::kBlockK == 0 &&
-         Cfg::template smem_bytes<T>() + kStaticBytes <= static_cast<size_t>(info.max_smem);
+  const int64_t rows = p.num_rows < Cfg::kChunkRows ? p.num_rows : Cfg::kChunkRows;
+  const int64_t resident = rows * (p.d + 8) * static_cast<int64_t>(sizeof(T));
+  const int64_t stage = static_cast<int64_t>(xbai::kSliceUnits) * Cfg::kStride * sizeof(T);
+  const int64_t ring = 2 * stage > static_cast<int64_t>(Cfg::reduce_bytes()) ? 2 * stage : Cfg::reduce_bytes();
+  return info.bulk && p.num_chunks == 1 && p.d % Cfg::kBlockK == 0 &&
+         resident + ring + kBulkStaticBytes <= info.max_smem;
 }
 
-template <typename T, class Wide, class Deep, class Bulk, class BulkLong>
+// Prefers the bulk kernel with 1024-column stages, then 512-column ones, then cp.async.
+template <typename T, class Wide, class Deep, class Bulk, class BulkShort>
 cudaError_t launch_family(const xbai::HeadParams& p, int pipeline, const DeviceInfo& info, bool dependent,
                           cudaStream_t stream) {
-  if (pipeline == XBAI_PIPELINE_BULK_LONG && bulk_applies<T, BulkLong>(p, info))
-    return launch_bulk<T, BulkLong>(p, info, dependent, stream);
-  if ((pipeline == XBAI_PIPELINE_BULK || pipeline == XBAI_PIPELINE_BULK_LONG || pipeline == XBAI_PIPELINE_AUTO) &&
-      bulk_applies<T, Bulk>(p, info))
-    return launch_bulk<T, Bulk>(p, info, dependent, stream);
+  if (pipeline == XBAI_PIPELINE_BULK || pipeline == XBAI_PIPELINE_AUTO) {
+    if (bulk_applies<T, Bulk>(p, info)) return launch_bulk<T, Bulk>(p, info, dependent, stream);
+    if (bulk_applies<T, BulkShort>(p, info)) return launch_bulk<T, BulkShort>(p, info, dependent, stream);
+  }
+  const bool wide_fits = Wide::template smem_bytes<T>() <= static_cast<size_t>(info.max_smem);
+  const bool deep = pipeline == XBAI_PIPELINE_DEEP || (pipeline != XBAI_PIPELINE_WIDE && !wide_fits);
+  return deep ? launch<T, Deep>(p, info, dependent, stream) : launch<T, Wide>(p, info, dependent, stream);
+}
+
+// Chunks of 32 and 64 rows have no bulk configuration: there the rows do not fit resident, and row
+// pieces small enough to stream beside W1 cost the copy engine too much per byte (NOTES, v4).
+template <typename T, class Wide, class Deep>
+cudaError_t launch_family(const xbai::HeadParams& p, int pipeline, const DeviceInfo& info, bool dependent,
+                          cudaStream_t stream) {
   const bool wide_fits = Wide::template smem_bytes<T>() <= static_cast<size_t>(info.max_smem);
   const bool deep = pipeline == XBAI_PIPELINE_DEEP || (pipeline != XBAI_PIPELINE_WIDE && !wide_fits);
   return deep ? launch<T, Deep>(p, info, dependent, stream) : launch<T, Wide>(p, info, dependent, stream);
@@ -222,10 +237,10 @@ cudaError_t launch_for_chunk(const xbai::HeadParams& p, int chunk_rows, int pipe
   if (err != cudaSuccess) return err;
   dependent = dependent && info.dependent;
   switch (chunk_rows) {
-    case 8: return launch_family<T, Wide8, Deep8, Bulk8, BulkLong8>(p, pipeline, info, dependent, stream);
-    case 16: return launch_family<T, Wide16, Deep16, Bulk16, BulkLong16>(p, pipeline, info, dependent, stream);
-    case 32: return launch_family<T, Wide32, Deep32, Bulk32, BulkLong32>(p, pipeline, info, dependent, stream);
-    default: return launch_family<T, Wide64, Deep64, Bulk64, BulkLong64>(p, pipeline, info, dependent, stream);
+    case 8: return launch_family<T, Wide8, Deep8, Bulk8, BulkShort8>(p, pipeline, info, dependent, stream);
+    case 16: return launch_family<T, Wide16, Deep16, Bulk16, BulkShort16>(p, pipeline, info, dependent, stream);
+    case 32: return launch_family<T, Wide32, Deep32>(p, pipeline, info, dependent, stream);
+    default: return launch_family<T, Wide64, Deep64>(p, pipeline, info, dependent, stream);
   }
 }
 
@@ -240,7 +255,7 @@ extern "C" int64_t xbai_head_workspace_bytes(int32_t source, int64_t num_rows, i
 extern "C" int32_t xbai_head_logits(const XbaiHeadLaunch* a) {
   if (a->dtype != XBAI_FLOAT16 && a->dtype != XBAI_BFLOAT16) return XBAI_BAD_DTYPE;
   if (a->d <= 0 || a->d % 8 != 0) return XBAI_BAD_HIDDEN_SIZE;
-  if (a->pipeline < XBAI_PIPELINE_WIDE || a->pipeline > XBAI_PIPELINE_BULK_LONG) return XBAI_BAD_PIPELINE;
+  if (a->pipeline < XBAI_PIPELINE_WIDE || a->pipeline > XBAI_PIPELINE_BULK) return XBAI_BAD_PIPELINE;
   if (a->source != XBAI_ROWS_ALL && a->source != XBAI_ROWS_INDEXED && a->source != XBAI_ROWS_MASKED)
     return XBAI_BAD_ROW_SOURCE;
   if (a->num_rows <= 0) return XBAI_OK;
@@ -290,7 +305,7 @@ extern "C" const char* xbai_status_string(int32_t status) {
     case XBAI_BAD_ROW_SOURCE: return "row source must be 0 (all), 1 (indexed) or 2 (masked)";
     case XBAI_WORKSPACE_TOO_SMALL: return "workspace is smaller than xbai_head_workspace_bytes()";
     case XBAI_MISSING_POINTER: return "a required pointer is null";
-    case XBAI_BAD_PIPELINE: return "pipeline must be 0 (wide), 1 (deep), 2 (auto), 3 (bulk) or 4 (bulk-long)";
+    case XBAI_BAD_PIPELINE: return "pipeline must be 0 (wide), 1 (deep), 2 (auto) or 3 (bulk)";
     default: return status > 0 ? cudaGetErrorString(static_cast<cudaError_t>(status)) : "unknown status";
   }
 }

@@ -30,17 +30,11 @@ enum XbaiStatus {
 
 /* Shape of the W1 pipeline (sprm_head_launch.cu): same results, different speed and shared memory.
  * WIDE and DEEP: per-thread 16-byte cp.async copies (256 or 128 bytes of each W1 row per stage), any
- * GPU from sm_80. BULK and BULK_LONG: the sm_90 copy engine (256 or 512 bytes per W1 row per stage)
- * for the one-CTA-per-SM schedule (decode, single-chunk calls) when d is a multiple of 128 (256);
- * elsewhere they fall back to AUTO's cp.async choice. AUTO takes BULK where it applies, else WIDE
- * where the GPU's shared memory holds it, else DEEP. */
-enum XbaiPipeline {
-  XBAI_PIPELINE_WIDE = 0,
-  XBAI_PIPELINE_DEEP = 1,
-  XBAI_PIPELINE_AUTO = 2,
-  XBAI_PIPELINE_BULK = 3,
-  XBAI_PIPELINE_BULK_LONG = 4,
-};
+ * GPU from sm_80. BULK: the sm_90 copy engine, kilobyte copies, the rows resident in shared memory,
+ * for calls of one chunk of <= 16 rows (decode at B <= 16) with d a multiple of 512; elsewhere it
+ * falls back to AUTO's cp.async choice. AUTO takes BULK where it applies, else WIDE where the GPU's
+ * shared memory holds it, else DEEP. */
+enum XbaiPipeline { XBAI_PIPELINE_WIDE = 0, XBAI_PIPELINE_DEEP = 1, XBAI_PIPELINE_AUTO = 2, XBAI_PIPELINE_BULK = 3 };
 
 typedef struct XbaiHeadLaunch {
   const void* hidden;       /* [hidden_rows, d], row stride hidden_stride elements */

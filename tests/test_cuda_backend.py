@@ -231,10 +231,10 @@ def test_pipeline_shapes_give_the_same_bits(monkeypatch, batch):
     hidden = _random_inputs(batch, d, torch.bfloat16, seed=13)
     mask = _step_mask(batch, batch // 2 + 1)
     results = {}
-    for name in ("wide", "deep", "auto", "bulk", "bulk-long"):
+    for name in ("wide", "deep", "auto", "bulk"):
         monkeypatch.setenv("XBAI_KERNELS_CUDA_PIPELINE", name)
         results[name] = cuda_ops.head_logits_masked(hidden, mask, w1, b1, w2, b2)
-    assert all(torch.equal(results["wide"], results[name]) for name in ("deep", "auto", "bulk", "bulk-long"))
+    assert all(torch.equal(results["wide"], results[name]) for name in ("deep", "auto", "bulk"))
     expected = reference.head_logits_masked(hidden, mask, w1, b1, w2, b2)
     assert _relative_error(results["wide"], expected) <= SAME_INPUT_RTOL
     monkeypatch.setenv("XBAI_KERNELS_CUDA_PIPELINE", "sideways")
@@ -245,9 +245,11 @@ def test_pipeline_shapes_give_the_same_bits(monkeypatch, batch):
 @pytest.mark.parametrize(
     ("d", "batch", "steps"),
     [
-        (1536, 1, 1),
-        (5120, 16, 4),
-        (5120, 256, 64),
+        (1536, 1, 1),  # 512-column stages
+        (3584, 16, 4),
+        (5120, 1, 1),  # 1024-column stages
+        (5120, 16, 16),
+        (5120, 256, 64),  # 64-row chunk: auto and bulk take the cp.async kernel
         (8192, 4, 3),  # two passes over each CTA's slices: the barrier phases carry over
         (1536, 1024, 256),  # four row chunks
         (1536, 256, 0),  # no step row: zeros, W1 not read
@@ -257,15 +259,15 @@ def test_pipeline_shapes_give_the_same_bits(monkeypatch, batch):
 @pytest.mark.cuda
 @needs_kernels
 def test_bulk_copy_pipelines_give_the_cp_async_bits(monkeypatch, d, batch, steps, dtype):
-    """The sm_90 copy-engine kernel (bulk, bulk-long, auto) adds in the same order as the cp.async one."""
+    """The sm_90 copy-engine kernel (bulk, auto) adds in the same order as the cp.async one."""
     w1, b1, w2, b2 = _random_head(d, dtype, seed=d + 1)
     hidden = _random_inputs(batch, d, dtype, seed=batch + 2)
     mask = _step_mask(batch, steps, seed=steps + 3)
     results = {}
-    for name in ("wide", "bulk", "bulk-long", "auto"):
+    for name in ("wide", "bulk", "auto"):
         monkeypatch.setenv("XBAI_KERNELS_CUDA_PIPELINE", name)
         results[name] = cuda_ops.head_logits_masked(hidden, mask, w1, b1, w2, b2)
-    assert all(torch.equal(results["wide"], results[name]) for name in ("bulk", "bulk-long", "auto")), {
+    assert all(torch.equal(results["wide"], results[name]) for name in ("bulk", "auto")), {
         name: float((value - results["wide"]).abs().max()) for name, value in results.items()
     }
     expected = reference.head_logits_masked(hidden, mask, w1, b1, w2, b2)
@@ -278,22 +280,21 @@ def test_bulk_copy_pipelines_give_the_cp_async_bits(monkeypatch, d, batch, steps
 @pytest.mark.cuda
 @needs_kernels
 def test_bulk_copy_single_chunk_rows_and_bad_index(monkeypatch):
-    """head_logits / head_logits_rows on one row chunk take the bulk kernel too; a bad index is not copied."""
+    """head_logits / head_logits_rows on one chunk of <= 16 rows take the bulk kernel too; a bad index is not copied."""
     d = 1536
     w1, b1, w2, b2 = _random_head(d, torch.bfloat16, seed=21)
-    hidden = _random_inputs(40, d, torch.bfloat16, seed=22)
-    rows = torch.tensor([0, 40, -1, 5, 39], device="cuda")
+    hidden = _random_inputs(12, d, torch.bfloat16, seed=22)
+    rows = torch.tensor([0, 12, -1, 5, 11], device="cuda")
     results = {}
-    for name in ("wide", "bulk", "bulk-long"):
+    for name in ("wide", "bulk"):
         monkeypatch.setenv("XBAI_KERNELS_CUDA_PIPELINE", name)
         results[name] = (cuda_ops.head_logits(hidden, w1, b1, w2, b2), cuda_ops.head_logits_rows(hidden, rows, w1, b1, w2, b2))
     every, picked = results["bulk"]
     assert _relative_error(every, reference.head_logits(hidden, w1, b1, w2, b2)) <= SAME_INPUT_RTOL
-    assert torch.isnan(picked[[1, 2]]).all() and torch.equal(picked[[0, 3, 4]], every[[0, 5, 39]])
-    for name in ("wide", "bulk-long"):
-        assert torch.equal(results[name][0], every)
-        theirs = results[name][1]
-        assert torch.equal(theirs.isnan(), picked.isnan()) and torch.equal(theirs[[0, 3, 4]], picked[[0, 3, 4]])
+    assert torch.isnan(picked[[1, 2]]).all() and torch.equal(picked[[0, 3, 4]], every[[0, 5, 11]])
+    wide_every, wide_picked = results["wide"]
+    assert torch.equal(wide_every, every)
+    assert torch.equal(wide_picked.isnan(), picked.isnan()) and torch.equal(wide_picked[[0, 3, 4]], picked[[0, 3, 4]])
 
 
 @pytest.mark.cuda

@@ -151,27 +151,32 @@ class DecodeConfig:
 
 
 def default_config(batch: int, d: int, device: torch.device, operand_bytes: int = 2) -> DecodeConfig:
-    """Block sizes: small under the interpreter (several tiles on tiny test shapes), GPU-tuned otherwise."""
+    """Block sizes: small under the interpreter (several tiles on tiny test shapes), GPU-tuned otherwise
+    (H200 sweeps in benchmarks/NOTES.md, ``results/nvidia-h200-triton-decode-sweep*.json``)."""
     if device.type != "cuda":
         return DecodeConfig(block_m=16, block_n=16, block_k=32, num_warps=4, num_stages=1)
     # A quarter of a decode batch samples a step token in the issue's workload; one pass over W1
     # covers that many step rows, more steps take another pass (re-reading the tile from L2/HBM).
     block_m = min(128, max(16, triton.next_power_of_2(batch) // 4))
-    # Measured on an H200 at d = 5120 (benchmarks/NOTES.md): with up to 16 step rows 64-unit tiles
-    # (160 programs) stream W1 fastest; with 64 rows each program also re-reads the step rows from
-    # L2 for every tile, so 128-unit tiles (half the re-reads) win. d = 1536 has only 3072 units:
-    # 32-unit tiles keep 96 programs in flight, and a deeper pipeline hides more latency.
-    if d < 2048:
-        block_n, num_stages = 32, 4
-    else:
-        block_n, num_stages = (64, 4) if block_m <= 16 else (128, 3)
-    # The single-launch reduction runs in one program after all others: free for a few rows (it saves
-    # a launch), but its serial loop over B costs more than a second, parallel launch for large B.
     # fp32 operands (an fp32 head) halve the K depth so a stage still fits Hopper's 227 KB per block.
-    return DecodeConfig(
-        block_m=block_m, block_n=block_n, block_k=256 // operand_bytes, num_warps=4 if block_m <= 64 else 8,
-        num_stages=num_stages, fused_reduction=batch <= 64,
-    )
+    block_k = 256 // operand_bytes
+    tma = operand_bytes == 2 and torch.cuda.get_device_capability(device)[0] >= 9
+    if block_m <= 16:
+        # Up to 64 rows: one launch (the last program's sum over a few step rows is cheaper than a
+        # second launch). TMA-fed 128-unit tiles (d = 5120: 33-34 us against 34.7-36.6 for 64-unit
+        # pointer tiles); d = 1536 is latency-bound, so fewer, deeper K steps (256 columns) help.
+        if d < 2048:
+            return DecodeConfig(16, 32, 2 * block_k if tma else block_k, 4, 4, w1_tma=tma)
+        return DecodeConfig(16, 128 if tma else 64, block_k, 4, 4, w1_tma=tma)
+    # More rows: a second launch sums the tiles (the one-launch tail cost 6-16 us more with 64 step
+    # rows). With 64 step rows each program re-reads them from L2 for every K step, so tiles stay
+    # wide, but one tile per SM in equal parts (d = 5120: 78 units in 128 lanes, 132 programs):
+    # 42.7 us against 47.7 for 80 programs of 128 units.
+    if block_m <= 64 and d >= 2048:
+        units = triton.cdiv(2 * d, torch.cuda.get_device_properties(device).multi_processor_count)
+        return DecodeConfig(block_m, triton.next_power_of_2(units), block_k, 8, 4, False, tile_units=units)
+    return DecodeConfig(block_m, 32 if d < 2048 else 128, block_k, 4 if block_m <= 64 else 8,
+                        4 if d < 2048 else 3, fused_reduction=False)
 
 
 _TICKETS: dict[tuple[str, int | None], torch.Tensor] = {}

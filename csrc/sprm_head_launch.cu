@@ -50,7 +50,7 @@ Layout layout_for(int32_t source, int64_t num_rows, int64_t d) {
 // memory: Hopper, A100); "deep" reads 128 bytes per row in at most 83 KB, so it also fits GPUs with
 // 99 KB per block (sm_86/sm_89). H200, d = 5120 (benchmarks/NOTES.md): wide 41/46/64 us at
 // B = 1/16/256, deep 55/56/64, and a 512-byte "long" family (3-4 stages) 42/46/66, so auto takes
-// wide where it fits. All give the same bits (sprm_head.cuh: the K split among warps and every sum
+// wide where it fits, after the sm_90 bulk kernel (below) where that applies (32/34 us at B = 1/16). All give the same bits (sprm_head.cuh: the K split among warps and every sum
 // order are fixed).
 using Wide8 = xbai::TileConfig<8, 128, 6, 1>;
 using Wide16 = xbai::TileConfig<16, 128, 6, 1>;
@@ -206,19 +206,7 @@ bool bulk_applies(const xbai::HeadParams& p, const DeviceInfo& info) {
          resident + ring + kBulkStaticBytes <= info.max_smem;
 }
 
-// Prefers the bulk kernel with 1024-column stages, then 512-column ones, then cp.async.
-template <typename T, class Wide, class Deep, class Bulk, class BulkShort>
-cudaError_t launch_family(const xbai::HeadParams& p, int pipeline, const DeviceInfo& info, bool dependent,
-                          cudaStream_t stream) {
-  if (pipeline == XBAI_PIPELINE_BULK || pipeline == XBAI_PIPELINE_AUTO) {
-    if (bulk_applies<T, Bulk>(p, info)) return launch_bulk<T, Bulk>(p, info, dependent, stream);
-    if (bulk_applies<T, BulkShort>(p, info)) return launch_bulk<T, BulkShort>(p, info, dependent, stream);
-  }
-  const bool wide_fits = Wide::template smem_bytes<T>() <= static_cast<size_t>(info.max_smem);
-  const bool deep = pipeline == XBAI_PIPELINE_DEEP || (pipeline != XBAI_PIPELINE_WIDE && !wide_fits);
-  return deep ? launch<T, Deep>(p, info, dependent, stream) : launch<T, Wide>(p, info, dependent, stream);
-}
-
+// The cp.async kernel: wide where the GPU's shared memory holds it (or asked for), else deep.
 // Chunks of 32 and 64 rows have no bulk configuration: there the rows do not fit resident, and row
 // pieces small enough to stream beside W1 cost the copy engine too much per byte (NOTES, v4).
 template <typename T, class Wide, class Deep>
@@ -227,6 +215,17 @@ cudaError_t launch_family(const xbai::HeadParams& p, int pipeline, const DeviceI
   const bool wide_fits = Wide::template smem_bytes<T>() <= static_cast<size_t>(info.max_smem);
   const bool deep = pipeline == XBAI_PIPELINE_DEEP || (pipeline != XBAI_PIPELINE_WIDE && !wide_fits);
   return deep ? launch<T, Deep>(p, info, dependent, stream) : launch<T, Wide>(p, info, dependent, stream);
+}
+
+// Prefers the bulk kernel with 1024-column stages, then 512-column ones, then cp.async.
+template <typename T, class Wide, class Deep, class Bulk, class BulkShort>
+cudaError_t launch_family(const xbai::HeadParams& p, int pipeline, const DeviceInfo& info, bool dependent,
+                          cudaStream_t stream) {
+  if (pipeline == XBAI_PIPELINE_BULK || pipeline == XBAI_PIPELINE_AUTO) {
+    if (bulk_applies<T, Bulk>(p, info)) return launch_bulk<T, Bulk>(p, info, dependent, stream);
+    if (bulk_applies<T, BulkShort>(p, info)) return launch_bulk<T, BulkShort>(p, info, dependent, stream);
+  }
+  return launch_family<T, Wide, Deep>(p, pipeline, info, dependent, stream);
 }
 
 template <typename T>

@@ -384,6 +384,8 @@ def summarize(case: dict, times: dict[str, list[float]], new_tokens: int, releas
     median = {mode: statistics.median(ts) for mode, ts in times.items()}
     off = median["off"]
     case["off_s"] = off
+    # Run-to-run spread of generation alone: differences smaller than this are noise.
+    case["off_spread_pct"] = 100.0 * (max(times["off"]) - min(times["off"])) / off
     case["off_tokens_per_s"] = case["batch"] * new_tokens / off
     for mode in ("ours", "eager_hook"):
         case[f"{mode}_s"] = median[mode]
@@ -493,14 +495,21 @@ def eager_case(model, head, rule, logit_bias, prompts, new_tokens, reps, seed) -
     scorer, scores = scoring_functions(head, rule, batch, 2 * (prompt_len + new_tokens), device, dtype, gather=True)
     slots = torch.arange(batch, device=device)
 
+    # Host seconds inside each mode's scoring calls. The loop is host-bound (the GPU waits for the
+    # next launch), so a call's host time is what it adds to the step; whole-run differences of a
+    # ~20 ms step carry a run-to-run spread of several percent, far above the scorer's share.
+    host_s = {mode: 0.0 for mode in MODES}
+
     def on_token(mode):
         def hook(sampled, position):
+            begin = time.perf_counter()
             if mode == "ours" and position == prompt_len - 1:
                 # The prompt's own steps: scored from the prefill pass, one chunk per trajectory.
                 for slot in range(batch):
                     scorer.prefill(slot, capture.value[slot, :-1], prompts[slot], 0)
             positions = torch.full((batch,), position, dtype=torch.int64, device=device)
             scores[mode](capture.value[:, -1], sampled, positions)
+            host_s[mode] += time.perf_counter() - begin
         return None if mode == "off" else hook
 
     try:
@@ -511,6 +520,7 @@ def eager_case(model, head, rule, logit_bias, prompts, new_tokens, reps, seed) -
             generate(model, prompts, min(new_tokens, 8), logit_bias, on_token=on_token(mode), seed=seed)
         times: dict[str, list[float]] = {mode: [] for mode in MODES}
         released_s = None
+        host_s.update({mode: 0.0 for mode in MODES})
         for rep in range(reps):
             for mode in MODES:
                 scorer.reset(slots)
@@ -520,6 +530,9 @@ def eager_case(model, head, rule, logit_bias, prompts, new_tokens, reps, seed) -
                     released, released_s = released_pipeline(model, head, rule, ids)
                     case.update(compare_with_released(scorer, released, ids.shape[1], dtype))
         summarize(case, times, new_tokens, released_s)
+        for mode in ("ours", "eager_hook"):
+            case[f"{mode}_host_us_per_step"] = 1e6 * host_s[mode] / (reps * new_tokens)
+            case[f"{mode}_host_overhead_pct"] = 100.0 * host_s[mode] / reps / case["off_s"]
     finally:
         capture.remove()
     return case
@@ -563,6 +576,15 @@ def _num(value, fmt: str = ".0f", suffix: str = "") -> str:
     return "-" if value is None else f"{value:{fmt}}{suffix}"
 
 
+def _host(case: dict, mode: str, kind: str) -> str:
+    """' (host x)': the eager loop's host time inside the scoring calls, as % of generation or us/step."""
+    if kind == "pct":
+        value = case.get(f"{mode}_host_overhead_pct")
+        return "" if value is None else f" ({value:.2f}%)"
+    value = case.get(f"{mode}_host_us_per_step")
+    return "" if value is None else f" ({value:.0f})"
+
+
 def markdown_table(result: dict) -> str:
     """README table: tokens/s without scoring, each mode's overhead and the released/ours ratio."""
     if result["cases"] and "decode" not in result["cases"][0]:
@@ -572,20 +594,23 @@ def markdown_table(result: dict) -> str:
         f"End to end on {env['device']} (torch {env['torch']}, {result['config']['dtype']}; {env['date'][:10]}). "
         f"{result['config'].get('step_ids', '?')} step id(s), {100 * result['config']['step_fraction']:.1f}% of sampled tokens are steps. "
         f"Overhead = (median decode time with scoring - without) / without, {result['config']['reps']} "
-        "interleaved repetitions; `cuda_graph`: StaticCache, whole decode step in a CUDA graph (the hooked "
-        "head on all rows, mask after); `eager`: HuggingFace forward from Python, dynamic cache (host-bound).",
+        "interleaved repetitions (spread: max - min of the runs without scoring); `cuda_graph`: StaticCache, "
+        "whole decode step in a CUDA graph (the hooked head on all rows, mask after); `eager`: HuggingFace "
+        "forward from Python, dynamic cache (host-bound: there the whole-run difference is within the spread, "
+        "and the host time inside the scoring calls, in parentheses, is the overhead).",
         "",
-        "| model | decode | B | new tokens | tok/s, no scoring | ours | ours, us/step | ours alone in a graph, us/step "
+        "| model | decode | B | new tokens | tok/s, no scoring | spread | ours | ours, us/step | ours alone in a graph, us/step "
         "| eager head hooked in | released (re-forward) | released / ours | scores match re-forward |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for c in result["cases"]:
         match = "-" if "match" not in c else ("yes" if c["match"] else "NO") + f" ({c['max_abs_step_score_diff']:.3f})"
         decode = c["decode"] + (" (graph failed)" if c.get("graph_error") else "")
         lines.append(
             f"| {c['model']} | {decode} | {c['batch']} | {c['new_tokens']} | {c['off_tokens_per_s']:.0f} | "
-            f"{_pct(c['ours_overhead_pct'])} | {_num(c['ours_us_per_step'])} | {_num(c.get('ours_step_graph_us'), '.1f')} | "
-            f"{_pct(c['eager_hook_overhead_pct'])} | {_pct(c.get('released_overhead_pct'))} | "
+            f"{_pct(c.get('off_spread_pct'))} | {_pct(c['ours_overhead_pct'])}{_host(c, 'ours', 'pct')} | "
+            f"{_num(c['ours_us_per_step'])}{_host(c, 'ours', 'us')} | {_num(c.get('ours_step_graph_us'), '.1f')} | "
+            f"{_pct(c['eager_hook_overhead_pct'])}{_host(c, 'eager_hook', 'pct')} | {_pct(c.get('released_overhead_pct'))} | "
             f"{_num(c.get('released_over_ours'), '.0f', 'x')} | {match} |"
         )
     return "\n".join(lines)

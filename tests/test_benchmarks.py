@@ -58,6 +58,9 @@ def test_e2e_quick_on_cpu_scores_match_the_reforward(e2e_quick_cpu):
         assert case["match"] is True and case["positions_equal"] is True, case
         assert case["steps_scored"] > 0
         assert case["max_abs_step_score_diff"] <= case["tolerance"]
+        assert case["off_spread_pct"] >= 0
+    eager = result["cases"][1]
+    assert eager["ours_host_us_per_step"] > 0 and eager["eager_hook_host_us_per_step"] > 0
         for mode in bench_e2e.MODES:
             assert len(case["times_s"][mode]) == result["config"]["reps"] == 3
         for key in ("off_tokens_per_s", "ours_overhead_pct", "ours_us_per_step", "eager_hook_overhead_pct",

@@ -2,9 +2,10 @@
 # The issue-7 suites at full size, one PART per device call (each fits ~400 s of a 600 s call);
 # JSON, PNG and logs land in $OUT under the names the README's report expects.
 #
-#   bash benchmarks/gpu_e2e_session.sh e2e-1.5b      1.5B: CUDA-graph loop B 1,16,64 x 2048 tokens + eager loop B 16 (~370 s)
-#   bash benchmarks/gpu_e2e_session.sh e2e-7b        7B: CUDA-graph loop B 1,16 x 2048 tokens + eager loop B 16 (~350 s)
+#   bash benchmarks/gpu_e2e_session.sh e2e-1.5b      1.5B: CUDA-graph loop B 1,16,64 x 2048 tokens (~310 s)
+#   bash benchmarks/gpu_e2e_session.sh e2e-7b        7B: CUDA-graph loop B 1,16 x 2048 tokens (~290 s)
 #   bash benchmarks/gpu_e2e_session.sh e2e-7b-b64    7B: CUDA-graph loop B 64 x 2048 tokens (~160 s)
+#   bash benchmarks/gpu_e2e_session.sh e2e-eager     1.5B and 7B: eager (host-bound) loop B 16 x 256 tokens (~150 s)
 #   bash benchmarks/gpu_e2e_session.sh kernels       kernel suite, every shape and column (~350 s, capped by --budget)
 #   bash benchmarks/gpu_e2e_session.sh train-memory  training-step peak memory, 1.5B shape, 8k tokens (issue 6)
 #
@@ -43,9 +44,14 @@ e2e() {  # $1 = model, $2 = batch sizes, $3 = decode loops, $4 = file tag
 }
 
 case "$PART" in
-  e2e-1.5b) e2e 1.5b "${BATCH:-1,16,64}" graph,eager 1.5b ;;
-  e2e-7b) e2e 7b "${BATCH:-1,16}" graph,eager 7b ;;
+  e2e-1.5b) e2e 1.5b "${BATCH:-1,16,64}" graph 1.5b ;;
+  e2e-7b) e2e 7b "${BATCH:-1,16}" graph 7b ;;
   e2e-7b-b64) e2e 7b "${BATCH:-64}" graph 7b-b64 ;;
+  e2e-eager)
+    echo "estimate: ~150 s (2 models x 3 modes x 3 runs of 256 host-bound steps at ~20-25 ms, plus warm-ups)"
+    python3 -m benchmarks e2e --models 1.5b,7b --batch 16 --reps "$REPS" --decode eager --eager-batch 16 \
+      --eager-new-tokens 256 --out "$OUT/$SLUG-e2e-eager.json" 2>&1 | tee "$OUT/e2e-eager.log"
+    ;;
   kernels)
     echo "estimate: kernels ~350 s (42 decode shapes x backends eager+graph, packed, train, torch.compile columns; optional work stops at --budget 420)"
     python3 -m benchmarks kernels --budget 420 --out "$OUT/$SLUG-kernels.json" 2>&1 | tee "$OUT/kernels.log"

@@ -31,6 +31,7 @@ README_RESULTS = (
     "nvidia-h200-e2e-1.5b.json",
     "nvidia-h200-e2e-7b.json",
     "nvidia-h200-e2e-7b-b64.json",
+    "nvidia-h200-e2e-eager.json",
     "nvidia-h200-e2e.json",
     "nvidia-h200-decode-step.json",
     "nvidia-h200-kernels-cuda-v3.json",

@@ -65,7 +65,9 @@ MODES = ("off", "ours", "eager_hook")
 TEMPERATURE = 0.7
 # Largest |step score| difference between in-decode scoring and the re-forward that still counts as a
 # match: decode and the whole-sequence forward compute h with different kernels, which round bf16
-# differently (the H200 run saw up to 0.02 on trajectory scores at the 7B shape).
+# differently; the error grows with depth and width (H200, 2048 tokens: up to 0.019 at the 1.5B shape,
+# 0.078 at 7B, with the step positions always equal). Tables show the positions check and the
+# difference itself, not this threshold.
 MATCH_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.05, torch.float16: 0.05}
 KV_ALIGN = 64  # static cache and bucket lengths are multiples of this (SDPA's mask alignment wants 16)
 
@@ -600,18 +602,20 @@ def markdown_table(result: dict) -> str:
         "and the host time inside the scoring calls, in parentheses, is the overhead).",
         "",
         "| model | decode | B | new tokens | tok/s, no scoring | spread | ours | ours, us/step | ours alone in a graph, us/step "
-        "| eager head hooked in | released (re-forward) | released / ours | scores match re-forward |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| eager head hooked in | released (re-forward) | released / ours | same step positions as the re-forward "
+        "| max abs step-score difference |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for c in result["cases"]:
-        match = "-" if "match" not in c else ("yes" if c["match"] else "NO") + f" ({c['max_abs_step_score_diff']:.3f})"
+        same = "-" if "positions_equal" not in c else ("yes" if c["positions_equal"] else "NO")
+        diff = _num(c.get("max_abs_step_score_diff"), ".3f")
         decode = c["decode"] + (" (graph failed)" if c.get("graph_error") else "")
         lines.append(
             f"| {c['model']} | {decode} | {c['batch']} | {c['new_tokens']} | {c['off_tokens_per_s']:.0f} | "
             f"{_pct(c.get('off_spread_pct'))} | {_pct(c['ours_overhead_pct'])}{_host(c, 'ours', 'pct')} | "
             f"{_num(c['ours_us_per_step'])}{_host(c, 'ours', 'us')} | {_num(c.get('ours_step_graph_us'), '.1f')} | "
             f"{_pct(c['eager_hook_overhead_pct'])}{_host(c, 'eager_hook', 'pct')} | {_pct(c.get('released_overhead_pct'))} | "
-            f"{_num(c.get('released_over_ours'), '.0f', 'x')} | {match} |"
+            f"{_num(c.get('released_over_ours'), '.0f', 'x')} | {same} | {diff} |"
         )
     return "\n".join(lines)
 

@@ -55,6 +55,59 @@ PyObject* head_logits(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+PyObject* finish(int32_t status) {
+  if (status != XBAI_OK) return raise_status(status);
+  Py_RETURN_NONE;
+}
+
+PyObject* decode_candidates(PyObject*, PyObject* args) {
+  unsigned long long last_token, sampled, slots, step_table, out, stream;
+  long long table_size, batch, think_start, no_token;
+  if (!PyArg_ParseTuple(args, "KKKKLLLLKK:decode_candidates", &last_token, &sampled, &slots, &step_table,
+                        &table_size, &batch, &think_start, &no_token, &out, &stream))
+    return nullptr;
+  XbaiDecodeCandidates launch;
+  launch.last_token = reinterpret_cast<const int64_t*>(last_token);
+  launch.sampled = reinterpret_cast<const int64_t*>(sampled);
+  launch.slots = reinterpret_cast<const int64_t*>(slots);
+  launch.step_table = reinterpret_cast<const bool*>(step_table);
+  launch.table_size = table_size;
+  launch.batch = batch;
+  launch.think_start = think_start;
+  launch.no_token = no_token;
+  launch.out = reinterpret_cast<bool*>(out);
+  launch.stream = reinterpret_cast<void*>(stream);
+  return finish(xbai_decode_candidates(&launch));
+}
+
+PyObject* decode_record(PyObject*, PyObject* args) {
+  unsigned long long events, event_logits, counts, last_token, slots, positions, sampled, is_step, logits, stream;
+  long long batch, capacity, think_start, think_end, kind_step, kind_start, kind_end;
+  if (!PyArg_ParseTuple(args, "KKKKKKKKKLLLLLLLK:decode_record", &events, &event_logits, &counts, &last_token, &slots,
+                        &positions, &sampled, &is_step, &logits, &batch, &capacity, &think_start, &think_end,
+                        &kind_step, &kind_start, &kind_end, &stream))
+    return nullptr;
+  XbaiDecodeRecord launch;
+  launch.events = reinterpret_cast<int64_t*>(events);
+  launch.event_logits = reinterpret_cast<float*>(event_logits);
+  launch.counts = reinterpret_cast<int64_t*>(counts);
+  launch.last_token = reinterpret_cast<int64_t*>(last_token);
+  launch.slots = reinterpret_cast<const int64_t*>(slots);
+  launch.positions = reinterpret_cast<const int64_t*>(positions);
+  launch.sampled = reinterpret_cast<const int64_t*>(sampled);
+  launch.is_step = reinterpret_cast<const bool*>(is_step);
+  launch.logits = reinterpret_cast<const float*>(logits);
+  launch.batch = batch;
+  launch.capacity = capacity;
+  launch.think_start = think_start;
+  launch.think_end = think_end;
+  launch.kind_step = kind_step;
+  launch.kind_think_start = kind_start;
+  launch.kind_think_end = kind_end;
+  launch.stream = reinterpret_cast<void*>(stream);
+  return finish(xbai_decode_record(&launch));
+}
+
 PyObject* workspace_bytes(PyObject*, PyObject* args) {
   int source;
   long long num_rows, d;
@@ -70,6 +123,15 @@ PyMethodDef methods[] = {
      "            w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr, workspace_ptr, workspace_bytes, dtype, pipeline,\n"
      "            dependent_launch, stream)\n"
      "Enqueue the SPRM head on `stream`; out (float32 [num_rows]) is written asynchronously."},
+    {"decode_candidates", decode_candidates, METH_VARARGS,
+     "decode_candidates(last_token_ptr, sampled_ptr, slots_ptr, step_table_ptr, table_size, batch, think_start,\n"
+     "                  no_token, out_ptr, stream)\n"
+     "Enqueue DecodeScorer's step-candidate test; out (bool [batch]) is written asynchronously."},
+    {"decode_record", decode_record, METH_VARARGS,
+     "decode_record(events_ptr, event_logits_ptr, counts_ptr, last_token_ptr, slots_ptr, positions_ptr,\n"
+     "              sampled_ptr, is_step_ptr, logits_ptr, batch, capacity, think_start, think_end,\n"
+     "              kind_step, kind_think_start, kind_think_end, stream)\n"
+     "Enqueue DecodeScorer's event append (in place on events, event_logits, counts, last_token)."},
     {"workspace_bytes", workspace_bytes, METH_VARARGS,
      "workspace_bytes(source, num_rows, d) -> int: scratch bytes head_logits needs."},
     {"compiled_targets", compiled_targets, METH_NOARGS, "The GPU targets (sm_XX / compute_XX) compiled in."},

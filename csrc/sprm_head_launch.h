@@ -65,6 +65,42 @@ int64_t xbai_head_workspace_bytes(int32_t source, int64_t num_rows, int64_t d);
  * synchronization, no allocation: safe inside CUDA-graph capture once a first call has run. */
 int32_t xbai_head_logits(const XbaiHeadLaunch* launch);
 
+/* DecodeScorer's bookkeeping (decode_record.cu; semantics: ops/reference.py). Index tensors are
+ * int64 and contiguous, [batch] unless stated; kinds are the reference's EVENT_* codes. */
+typedef struct XbaiDecodeCandidates {
+  const int64_t* last_token; /* [num_slots]: each slot's token at the position being decoded */
+  const int64_t* sampled;    /* the token sampled after it */
+  const int64_t* slots;
+  const bool* step_table;    /* [table_size]: whether a token id is a step token */
+  int64_t table_size;
+  int64_t batch;
+  int64_t think_start;       /* <think>'s id */
+  int64_t no_token;          /* the id of an unknown token */
+  bool* out;                 /* written: whether the row's position opens a step */
+  void* stream;
+} XbaiDecodeCandidates;
+
+typedef struct XbaiDecodeRecord {
+  int64_t* events;           /* [num_slots, capacity + 1], (position << 2) | kind, updated */
+  float* event_logits;       /* [num_slots, capacity + 1], updated */
+  int64_t* counts;           /* [num_slots], updated */
+  int64_t* last_token;       /* [num_slots], updated */
+  const int64_t* slots;      /* distinct */
+  const int64_t* positions;
+  const int64_t* sampled;
+  const bool* is_step;
+  const float* logits;
+  int64_t batch;
+  int64_t capacity;
+  int64_t think_start, think_end;
+  int64_t kind_step, kind_think_start, kind_think_end;
+  void* stream;
+} XbaiDecodeRecord;
+
+/* Enqueue one decode step's candidate test / event append on the stream; no host synchronization. */
+int32_t xbai_decode_candidates(const XbaiDecodeCandidates* launch);
+int32_t xbai_decode_record(const XbaiDecodeRecord* launch);
+
 /* A readable message for a status code. */
 const char* xbai_status_string(int32_t status);
 

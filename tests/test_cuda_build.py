@@ -72,7 +72,8 @@ def test_module_holds_sm90a_and_sm80_code_and_ptx(built_module):
     assert archs == {"sm_80", "sm_90a"}, elves.stdout
     ptx = subprocess.run([cuobjdump, "--list-ptx", str(built_module)], capture_output=True, text=True, check=True)
     # PTX of the oldest target lets the driver JIT the kernels for GPUs newer than Hopper.
-    assert re.findall(r"\.(sm_\w+)\.ptx", ptx.stdout) == ["sm_80"], ptx.stdout
+    # One PTX entry per CUDA source file, all for compute_80 (the JIT fallback on newer GPUs).
+    assert set(re.findall(r"\.(sm_\w+)\.ptx", ptx.stdout)) == {"sm_80"}, ptx.stdout
 
 
 def test_module_needs_no_torch_python_or_cuda_runtime_library(built_module):

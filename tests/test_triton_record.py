@@ -1,8 +1,10 @@
-"""DecodeScorer's per-step bookkeeping kernels (ops/triton/record.py) against the reference ops.
+"""DecodeScorer's per-step bookkeeping kernels (ops/triton/record.py, csrc/decode_record.cu) against
+the reference ops.
 
 Random decode steps over a pool of slots, with step ids, both markers, unknown current tokens and
 slots at capacity; the whole scorer state after each step must equal the reference's bit for bit.
-Runs under Triton's interpreter without a GPU (see ``test_triton_ops``).
+The Triton kernels also run under Triton's interpreter without a GPU (see ``test_triton_ops``); the
+CUDA ones need a GPU and the built module.
 """
 
 from __future__ import annotations
@@ -17,6 +19,19 @@ THINK_START, THINK_END = 3, 4
 NUM_SLOTS, CAPACITY = 9, 5
 
 
+@pytest.fixture(params=["triton", pytest.param("cuda", marks=pytest.mark.cuda)])
+def record_env(request):
+    """(backend module, device) of each backend that implements the bookkeeping ops here."""
+    if request.param == "triton":
+        return request.getfixturevalue("env")
+    from xbai_kernels.ops import cuda as cuda_ops
+
+    reason = cuda_ops.unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    return cuda_ops, torch.device("cuda")
+
+
 def _random_step(generator, batch, vocab, device):
     slots = torch.randperm(NUM_SLOTS, generator=generator)[:batch]
     sampled = torch.randint(0, vocab, (batch,), generator=generator)
@@ -27,8 +42,8 @@ def _random_step(generator, batch, vocab, device):
 
 @pytest.mark.parametrize("step_ids", [(7,), (7, 8, 9), tuple(range(10, 80))])  # one, few, more than a chunk
 @pytest.mark.parametrize("batch", [1, 5, 9])
-def test_record_matches_reference(env, step_ids, batch):  # noqa: F811
-    backend, device = env
+def test_record_matches_reference(record_env, step_ids, batch):
+    backend, device = record_env
     generator = torch.Generator().manual_seed(batch * 100 + len(step_ids))
     step_ids = torch.tensor(step_ids, dtype=torch.int64, device=device)
     # Sampled ids run past the end of the step table: those are not step tokens.
@@ -62,8 +77,8 @@ def test_record_matches_reference(env, step_ids, batch):  # noqa: F811
     assert int(oracle["counts"].max()) > CAPACITY, "the test should overflow a slot"
 
 
-def test_record_rejects_bad_inputs(env):  # noqa: F811
-    backend, device = env
+def test_record_rejects_bad_inputs(record_env):
+    backend, device = record_env
     last_token = torch.zeros(4, dtype=torch.int64, device=device)
     table = torch.zeros(8, dtype=torch.bool, device=device)
     rows = torch.zeros(2, dtype=torch.int64, device=device)
@@ -77,12 +92,16 @@ def test_record_rejects_bad_inputs(env):  # noqa: F811
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_scorer_step_in_cuda_graph_matches_cpu_reference(monkeypatch):
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_scorer_step_in_cuda_graph_matches_cpu_reference(monkeypatch, backend):
     """A whole DecodeScorer.step (candidates, head, record) captured once and replayed on new tokens
     records what the CPU reference scorer records for the same steps."""
     import xbai_kernels as xk
+    from xbai_kernels.ops import cuda as cuda_ops
 
-    monkeypatch.setenv("XBAI_KERNELS_BACKEND", "triton")
+    if backend == "cuda" and cuda_ops.unavailable_reason() is not None:
+        pytest.skip(cuda_ops.unavailable_reason())
+    monkeypatch.setenv("XBAI_KERNELS_BACKEND", backend)
     batch, d, steps = 16, 1536, 24
     rule = xk.StepRule((13, 14), THINK_START, THINK_END)
     head_cpu = xk.SPRMHead(d).eval()

@@ -9,6 +9,9 @@ Ops of the backend contract (``ops/reference.py``):
     head_logits(hidden [N, d], w1, b1, w2, b2) -> float32 [N]
     head_logits_rows(hidden [T, d], rows int [n], w1, b1, w2, b2) -> float32 [n]
     head_logits_masked(hidden [B, d], row_mask bool [B], w1, b1, w2, b2, out=None) -> float32 [B]
+    decode_candidates(last_token, sampled, slots, step_table, think_start_id) -> bool [B]
+    decode_record(events, event_logits, counts, last_token, slots, positions, sampled, is_step, logits,
+                  think_start_id, think_end_id) -> None (in place)
 
 The tensor-core kernels take fp16/bf16 ``hidden`` with every weight in the same dtype, d a multiple
 of 8. Other inputs (fp32, mixed dtypes, odd d) and calls that need autograd go to the reference
@@ -28,6 +31,7 @@ the end of the kernel before it on the stream.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -79,6 +83,8 @@ def unavailable_reason() -> str | None:
     """None when the compiled kernels can run on the current CUDA device, else why not."""
     if _C is None:
         return f"xbai_kernels._C is missing ({BUILD_HINT}; import said: {_IMPORT_ERROR})"
+    if not hasattr(_C, "decode_record"):
+        return f"xbai_kernels._C at {_C.__file__} predates this package's sources: rebuild it ({BUILD_HINT})"
     if not torch.cuda.is_available():
         return "torch sees no CUDA device"
     capability = torch.cuda.get_device_capability()
@@ -280,3 +286,117 @@ def head_logits_masked(
         return _op(_head_logits_masked_op, hidden)(hidden, row_mask, w1, b1, w2, b2)
     _op(_head_logits_masked_out_op, hidden)(hidden, row_mask, w1, b1, w2, b2, out)
     return out
+
+
+# ----- DecodeScorer's per-step bookkeeping ------------------------------------------------------------
+# Tiny kernels; what they save is host time: a launch through _C costs a few microseconds from Python,
+# a Triton launch tens, and the decode scorer makes three launches after every sampled token.
+
+
+def _check_index_rows(where: str, device: torch.device, batch: int, **tensors) -> None:
+    for name, tensor in tensors.items():
+        _validate.check_tensor(where, name, tensor, ndim=1, dtypes=(torch.int64,), device=device)
+        if tensor.shape[0] != batch or not tensor.is_contiguous():
+            raise ValueError(f"{where}: {name} must be a contiguous int64 [{batch}], got shape {tuple(tensor.shape)}")
+
+
+def _check_slot_state(where: str, device: torch.device, **tensors) -> None:
+    for name, (tensor, dtype, ndim) in tensors.items():
+        _validate.check_tensor(where, name, tensor, ndim=ndim, dtypes=(dtype,), device=device)
+        if not tensor.is_contiguous():
+            raise ValueError(f"{where}: {name} must be contiguous (it is updated in place)")
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _device_scope(device: torch.device):
+    """_C launches on the thread's current device: make it ``device`` (only switching when needed)."""
+    return contextlib.nullcontext() if device.index == torch.cuda.current_device() else torch.cuda.device(device)
+
+
+def _candidates(
+    last_token: torch.Tensor, sampled: torch.Tensor, slots: torch.Tensor, step_table: torch.Tensor, think_start_id: int
+) -> torch.Tensor:
+    out = torch.empty(sampled.shape[0], dtype=torch.bool, device=sampled.device)
+    if out.numel():
+        with _device_scope(sampled.device):
+            _C.decode_candidates(
+                last_token.data_ptr(), sampled.data_ptr(), slots.data_ptr(), step_table.data_ptr(), step_table.numel(),
+                out.numel(), think_start_id, reference.NO_TOKEN, out.data_ptr(), _stream(sampled.device),
+            )
+    return out
+
+
+def _record(
+    events: torch.Tensor, event_logits: torch.Tensor, counts: torch.Tensor, last_token: torch.Tensor,
+    slots: torch.Tensor, positions: torch.Tensor, sampled: torch.Tensor, is_step: torch.Tensor, logits: torch.Tensor,
+    think_start_id: int, think_end_id: int,
+) -> None:
+    if sampled.numel():
+        with _device_scope(sampled.device):
+            _C.decode_record(
+                events.data_ptr(), event_logits.data_ptr(), counts.data_ptr(), last_token.data_ptr(),
+                slots.data_ptr(), positions.data_ptr(), sampled.data_ptr(), is_step.data_ptr(), logits.data_ptr(),
+                sampled.numel(), events.shape[1] - 1, think_start_id, think_end_id,
+                reference.EVENT_STEP, reference.EVENT_THINK_START, reference.EVENT_THINK_END, _stream(sampled.device),
+            )
+
+
+_decode_candidates_op = torch.library.custom_op("xbai_kernels::cuda_decode_candidates", mutates_args=())(_candidates)
+_decode_record_op = torch.library.custom_op(
+    "xbai_kernels::cuda_decode_record", mutates_args=("events", "event_logits", "counts", "last_token")
+)(_record)
+_EAGER[_decode_candidates_op] = _candidates
+_EAGER[_decode_record_op] = _record
+
+
+@_decode_candidates_op.register_fake
+def _(last_token, sampled, slots, step_table, think_start_id):
+    return sampled.new_empty(sampled.shape[0], dtype=torch.bool)
+
+
+@_decode_record_op.register_fake
+def _(events, event_logits, counts, last_token, slots, positions, sampled, is_step, logits, think_start_id, think_end_id):
+    return None
+
+
+def decode_candidates(
+    last_token: torch.Tensor, sampled: torch.Tensor, slots: torch.Tensor, step_table: torch.Tensor, think_start_id: int
+) -> torch.Tensor:
+    """CUDA ``ops.reference.decode_candidates``: bool [B], no host sync. Index tensors int64, contiguous."""
+    where = "decode_candidates"
+    device = sampled.device if isinstance(sampled, torch.Tensor) else None
+    _check_index_rows(where, device, sampled.shape[0] if device is not None else 0, sampled=sampled, slots=slots)
+    _check_slot_state(where, device, last_token=(last_token, torch.int64, 1), step_table=(step_table, torch.bool, 1))
+    if device.type != "cuda":
+        raise ValueError(f"{where}: the cuda backend needs CUDA tensors, sampled is on {device}")
+    return _op(_decode_candidates_op, sampled)(last_token, sampled, slots, step_table, int(think_start_id))
+
+
+def decode_record(
+    events: torch.Tensor, event_logits: torch.Tensor, counts: torch.Tensor, last_token: torch.Tensor,
+    slots: torch.Tensor, positions: torch.Tensor, sampled: torch.Tensor, is_step: torch.Tensor, logits: torch.Tensor,
+    think_start_id: int, think_end_id: int,
+) -> None:
+    """CUDA ``ops.reference.decode_record``: one launch, in place, no host sync; slots must be distinct."""
+    where = "decode_record"
+    device = sampled.device if isinstance(sampled, torch.Tensor) else None
+    batch = sampled.shape[0] if device is not None else 0
+    _check_index_rows(where, device, batch, slots=slots, positions=positions, sampled=sampled)
+    _check_slot_state(
+        where, device, events=(events, torch.int64, 2), event_logits=(event_logits, torch.float32, 2),
+        counts=(counts, torch.int64, 1), last_token=(last_token, torch.int64, 1),
+        is_step=(is_step, torch.bool, 1), logits=(logits, torch.float32, 1),
+    )
+    if is_step.shape[0] != batch or logits.shape[0] != batch:
+        raise ValueError(f"{where}: is_step and logits must have {batch} entries, got {is_step.shape[0]}, {logits.shape[0]}")
+    if event_logits.shape != events.shape:
+        raise ValueError(f"{where}: event_logits {tuple(event_logits.shape)} must match events {tuple(events.shape)}")
+    if device.type != "cuda":
+        raise ValueError(f"{where}: the cuda backend needs CUDA tensors, sampled is on {device}")
+    _op(_decode_record_op, sampled)(
+        events, event_logits, counts, last_token, slots, positions, sampled, is_step, logits,
+        int(think_start_id), int(think_end_id),
+    )

@@ -5,9 +5,10 @@ Backends are modules exposing the op names of ``ops.reference`` (the contract). 
 * ``XBAI_KERNELS_BACKEND=reference|triton|cuda`` forces one; a forced backend that cannot run
   on the tensor's device, or lacks the op, is an error naming why.
 * Otherwise a CUDA tensor takes the fastest backend measured for the op (benchmarks/NOTES.md):
-  ``triton`` first, except the decode scorer's head, where the compiled module's lower launch cost
-  wins in the eager decode loop; a CPU tensor takes ``reference``. A fast backend that is missing on a CUDA tensor falls back to ``reference`` and
-  says so once in the log; ``XBAI_KERNELS_STRICT=1`` turns that fallback into an error.
+  ``triton`` first, except the decode scorer's per-token ops, where the compiled module's lower
+  launch cost wins; a CPU tensor takes ``reference``. A fast backend that is missing on a CUDA
+  tensor falls back to the next one, the last being ``reference``, and says so once in the log;
+  ``XBAI_KERNELS_STRICT=1`` turns a fallback to ``reference`` into an error.
 """
 
 from __future__ import annotations
@@ -30,10 +31,12 @@ _MODULES = {
     "cuda": "xbai_kernels.ops.cuda",
 }
 _AUTO_ORDER_CUDA = ("triton", "cuda", "reference")
-# H200, d = 5120 (benchmarks/NOTES.md): per eager call the CUDA decode head costs 45-86 us against
-# Triton's 136-158 us (launch overhead); in graph replay Triton is faster, and the packed CUDA
-# kernel is 4x slower than Triton's.
-_AUTO_ORDER_BY_OP = {"head_logits_masked": ("cuda", "triton", "reference")}
+# The decode scorer's three per-token ops prefer the compiled module: called from Python, its launch
+# costs a few microseconds against Triton's tens (H200: the decode head's eager call 6 us without step
+# rows against Triton's 63-147 us), and in graph replay its decode head is as fast as Triton's up to
+# 16 rows (benchmarks/NOTES.md). Elsewhere Triton is faster (the packed CUDA kernel is 4x slower).
+_DECODE_ORDER = ("cuda", "triton", "reference")
+_AUTO_ORDER_BY_OP = {op: _DECODE_ORDER for op in ("head_logits_masked", "decode_candidates", "decode_record")}
 
 
 class BackendUnavailable(RuntimeError):

@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import math
 import os
+import statistics
 import time
 import traceback
 from pathlib import Path
@@ -47,12 +48,26 @@ DECODE_STEP_FRACTIONS = (0.0, 0.25, 1.0)
 # ----- measurement helpers ---------------------------------------------------------------------
 
 
-def median_us(fn, warmup_ms: int | None = None, rep_ms: int | None = None) -> float:
+class Timing(float):
+    """The median of the repetitions in us, carrying the fastest and slowest (``min_us``, ``max_us``)."""
+
+    def __new__(cls, samples_us):
+        ordered = sorted(samples_us)
+        value = super().__new__(cls, statistics.median(ordered))
+        value.min_us, value.max_us = ordered[0], ordered[-1]
+        return value
+
+    def per_call(self, calls: int) -> "Timing":
+        """The same repetitions divided over ``calls`` calls each (a graph replays several)."""
+        return Timing([self.min_us / calls, float(self) / calls, self.max_us / calls])
+
+
+def median_us(fn, warmup_ms: int | None = None, rep_ms: int | None = None) -> Timing:
     import triton.testing
 
     warmup_ms = TIMING["warmup_ms"] if warmup_ms is None else warmup_ms
     rep_ms = TIMING["rep_ms"] if rep_ms is None else rep_ms
-    return 1e3 * triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    return Timing([1e3 * t for t in triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="all")])
 
 
 def matmul_rate(device) -> float:
@@ -124,7 +139,7 @@ def graph_us(fn, arg_sets, calls: int = GRAPH_CALLS) -> float:
     with torch.cuda.graph(graph):
         for k in range(calls):
             fn(*arg_sets[k % len(arg_sets)])
-    return median_us(graph.replay) / calls
+    return median_us(graph.replay).per_call(calls)
 
 
 @contextlib.contextmanager
@@ -171,9 +186,13 @@ class Budget:
 
 
 def guarded(row: dict, column: str, fn):
-    """row[column] = fn(), or the error text: one failing column must not lose the others."""
+    """row[column] = fn() (a median; its min and max go to row["min_max"][column]), or the error text:
+    one failing column must not lose the others."""
     try:
-        row[column] = fn()
+        value = fn()
+        row[column] = value
+        if isinstance(value, Timing):
+            row.setdefault("min_max", {})[column] = [value.min_us, value.max_us]
     except Exception as exc:  # a benchmark records failures instead of stopping the run
         row[column] = None
         row.setdefault("errors", {})[column] = f"{type(exc).__name__}: {exc}"
@@ -494,10 +513,11 @@ def _fmt(value) -> str:
 
 
 def _line(kind: str, row: dict) -> str:
-    keys = [k for k in row if k != "errors"]
+    keys = [k for k in row if k not in _NOT_COLUMNS]
     return f"{kind:>6} " + " ".join(f"{k}={_fmt(row[k])}" for k in keys)
 
 
+_NOT_COLUMNS = ("errors", "min_max")
 _SHAPE_KEYS = {"decode": ("d", "B", "step_rows"), "packed": ("d", "T", "n"), "train": ("n", "d", "dropout_p")}
 
 
@@ -506,7 +526,7 @@ def markdown_table(result: dict) -> str:
     env = result["environment"]
     parts = [f"{env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}; "
              f"copy {result['ceilings']['copy_Bps'] / 1e12:.2f} TB/s, bf16 matmul {result['ceilings']['matmul_flops'] / 1e12:.0f} TFLOP/s. "
-             "Times are medians in us."]
+             "Times are medians in us (each column's min and max are in the JSON, under min_max)."]
     for section, keys in _SHAPE_KEYS.items():
         rows = result.get(section) or []
         if not rows:
@@ -514,7 +534,7 @@ def markdown_table(result: dict) -> str:
         columns = []
         for row in rows:
             for k in row:
-                if k not in keys and k != "errors" and k not in columns:
+                if k not in keys and k not in _NOT_COLUMNS and k not in columns:
                     columns.append(k)
         header = [*keys, *columns]
         lines = [f"**{section}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -95,3 +95,19 @@ def test_e2e_cuda_graph_loop_captures_the_scorer_and_matches_the_reforward(tmp_p
     assert case["decode"] == "cuda_graph" and "graph_error" not in case
     assert case["match"] is True and case["steps_scored"] > 0
     assert case["ours_step_graph_us"] > 0
+
+
+def test_kernel_timings_carry_min_and_max_into_the_json_not_the_table():
+    timing = bench_kernels.Timing([3.0, 1.0, 2.0])
+    assert timing == 2.0 and (timing.min_us, timing.max_us) == (1.0, 3.0)
+    per_call = timing.per_call(2)
+    assert per_call == 1.0 and (per_call.min_us, per_call.max_us) == (0.5, 1.5)
+    row = {"d": 8, "B": 1, "step_rows": 1}
+    bench_kernels.guarded(row, "triton_graph", lambda: timing)
+    bench_kernels.guarded(row, "cuda_graph", lambda: 1 / 0)
+    assert row["triton_graph"] == 2.0 and row["min_max"] == {"triton_graph": [1.0, 3.0]}
+    assert row["cuda_graph"] is None and "ZeroDivisionError" in row["errors"]["cuda_graph"]
+    result = {"environment": {"device": "X", "torch": "t", "triton": "3", "date": "2026"},
+              "ceilings": {"copy_Bps": 1e12, "matmul_flops": 1e15}, "decode": [row]}
+    table = bench_kernels.markdown_table(result)
+    assert "| d | B | step_rows | triton_graph | cuda_graph |" in table and "| min_max" not in table

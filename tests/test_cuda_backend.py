@@ -311,6 +311,30 @@ def test_opcheck_registered_ops():
     torch.library.opcheck(ops.cuda_head_logits_masked, (hidden, mask, w1, b1, w2, b2))
     out = torch.empty(20, device="cuda")
     torch.library.opcheck(ops.cuda_head_logits_masked_out, (hidden, mask, w1, b1, w2, b2, out))
+    # The decode scorer's bookkeeping: 4 slots of capacity 3, rows 0 and 2 sample step token 5.
+    last_token = torch.tensor([1, 5, 2, -1], device="cuda")
+    slots = torch.tensor([0, 2], device="cuda")
+    sampled = torch.tensor([5, 5], device="cuda")
+    table = torch.zeros(8, dtype=torch.bool, device="cuda")
+    table[5] = True
+    torch.library.opcheck(ops.cuda_decode_candidates, (last_token, sampled, slots, table, 3))
+    state = (torch.zeros(4, 4, dtype=torch.int64, device="cuda"), torch.zeros(4, 4, device="cuda"),
+             torch.zeros(4, dtype=torch.int64, device="cuda"), last_token.clone())
+    is_step = torch.tensor([True, False], device="cuda")
+    logits = torch.tensor([0.5, 0.0], device="cuda")
+    positions = torch.tensor([7, 9], device="cuda")
+    torch.library.opcheck(ops.cuda_decode_record, (*state, slots, positions, sampled, is_step, logits, 3, 4))
+
+
+def test_registered_ops_refuse_cpu_tensors():
+    """Called directly on CPU tensors, a registered op fails in the dispatcher: no host pointer ever
+    reaches a kernel (the public functions check first and name the problem)."""
+    index = torch.zeros(2, dtype=torch.int64)
+    with pytest.raises(NotImplementedError, match="CPU"):
+        torch.ops.xbai_kernels.cuda_decode_candidates(index, index, index, torch.zeros(3, dtype=torch.bool), 1)
+    with pytest.raises(NotImplementedError, match="CPU"):
+        weights = _random_head(8, torch.bfloat16, device="cpu")
+        torch.ops.xbai_kernels.cuda_head_logits(torch.zeros(2, 8, dtype=torch.bfloat16), *weights)
 
 
 @pytest.mark.cuda

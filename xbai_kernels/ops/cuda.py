@@ -191,14 +191,15 @@ def _masked_rows_out(
     _launch(ROWS_MASKED, hidden, None, row_mask.contiguous(), w1, b1, w2, b2, out)
 
 
-_head_logits_op = torch.library.custom_op("xbai_kernels::cuda_head_logits", mutates_args=())(_all_rows)
-_head_logits_rows_op = torch.library.custom_op("xbai_kernels::cuda_head_logits_rows", mutates_args=())(_indexed_rows)
-_head_logits_masked_op = torch.library.custom_op("xbai_kernels::cuda_head_logits_masked", mutates_args=())(
-    _masked_rows
+# CUDA only: a CPU tensor reaching a registered op directly gets the dispatcher's error, never a
+# host pointer handed to a kernel.
+_cuda_op = functools.partial(torch.library.custom_op, device_types="cuda")
+_head_logits_op = _cuda_op("xbai_kernels::cuda_head_logits", mutates_args=())(_all_rows)
+_head_logits_rows_op = _cuda_op("xbai_kernels::cuda_head_logits_rows", mutates_args=())(_indexed_rows)
+_head_logits_masked_op = _cuda_op("xbai_kernels::cuda_head_logits_masked", mutates_args=())(_masked_rows)
+_head_logits_masked_out_op = _cuda_op("xbai_kernels::cuda_head_logits_masked_out", mutates_args=("out",))(
+    _masked_rows_out
 )
-_head_logits_masked_out_op = torch.library.custom_op(
-    "xbai_kernels::cuda_head_logits_masked_out", mutates_args=("out",)
-)(_masked_rows_out)
 _EAGER = {
     _head_logits_op: _all_rows,
     _head_logits_rows_op: _indexed_rows,
@@ -344,8 +345,8 @@ def _record(
             )
 
 
-_decode_candidates_op = torch.library.custom_op("xbai_kernels::cuda_decode_candidates", mutates_args=())(_candidates)
-_decode_record_op = torch.library.custom_op(
+_decode_candidates_op = _cuda_op("xbai_kernels::cuda_decode_candidates", mutates_args=())(_candidates)
+_decode_record_op = _cuda_op(
     "xbai_kernels::cuda_decode_record", mutates_args=("events", "event_logits", "counts", "last_token")
 )(_record)
 _EAGER[_decode_candidates_op] = _candidates

@@ -6,9 +6,11 @@ steps is decided on the device: every program compacts the step rows of ``row_ma
 running count of the mask), so rows that are not steps cost no head work, and a batch with no step
 row reads no byte of W1 — only the mask.
 
-One launch, deterministic: each program writes fp32 partial logits of its unit tile, then takes an
-integer ticket; the program that takes the last ticket sums all tiles in a fixed order and writes
-the logits (integer atomics only, so the float sums never depend on scheduling). The ticket counter
+One launch, deterministic: each program writes fp32 partial logits of its unit tile and zeroes its
+share of the rows that are not steps, then takes an integer ticket; the program that takes the
+last ticket sums the tiles of every step row in a fixed order and writes those logits (integer
+atomics only, so the float sums never depend on scheduling; the bits depend on the launch shape,
+which is fixed per (B, d, dtype)). The ticket counter
 is one int32 per device, reset by that last program: calls on one device must not overlap in time
 (one stream, as decode engines run it). Batches of more than 64 rows use a second launch for the
 sum instead (``DecodeConfig.fused_reduction``), which spreads it over many programs.

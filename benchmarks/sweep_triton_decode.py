@@ -41,6 +41,7 @@ PLAN: dict[tuple[int, int, int], list[D]] = {
         D(64, 128, 128, 8, 3, False), D(64, 128, 128, 8, 4, False, **T), D(64, 128, 128, 8, 3, False, tile_units=78),
         D(64, 128, 128, 8, 4, False, tile_units=78), D(64, 128, 64, 8, 6, False, tile_units=78),
         D(64, 64, 128, 4, 4, False, tile_units=39), D(64, 128, 128, 8, 3, True, tile_units=78),
+        D(64, 128, 128, 8, 4, False, tile_units=78, **T),
     ],
     (5120, 256, 0): [D(64, 128, 128, 8, 3, False), D(64, 128, 128, 8, 3), D(64, 128, 128, 8, 3, tile_units=78)],
     (5120, 1024, 0): [D(128, 128, 128, 8, 3, False), D(128, 128, 128, 8, 3)],

@@ -138,8 +138,8 @@ class DecodeConfig:
     """Launch shape of the decode kernel; fixed for a given (B, d, dtype), hence graph-capturable.
 
     ``tile_units``: hidden units per program (at most ``block_n``; None: ``block_n``); ``w1_tma``: W1
-    arrives through a TMA tensor descriptor (Hopper and newer, 16-bit weights, whole ``block_n``
-    tiles only); ``fused_reduction``: the last program sums the tiles instead of a second launch.
+    arrives through a TMA tensor descriptor (Hopper and newer, 16-bit weights; boxes of ``block_n``
+    rows); ``fused_reduction``: the last program sums the tiles instead of a second launch.
     """
 
     block_m: int
@@ -234,8 +234,10 @@ def head_logits_masked(
     mask_chunk = min(128, _launch.next_pow2(batch))
     out_block = min(128, _launch.next_pow2(batch))
     tile_block = _launch.sum_block(num_tiles)
-    # A TMA box is a whole block_n tile: a tile of fewer units would fetch its neighbour's rows too.
-    w1_desc = cfg.w1_tma and tile_units == cfg.block_n and _launch.tma_capable(w1, fmt)
+    # A TMA box is a whole block_n tile: with fewer units per tile it also fetches rows of the next
+    # tile (masked out after the matmul), which that tile's program is reading from HBM at about the
+    # same time, so L2 may serve one of the two reads.
+    w1_desc = cfg.w1_tma and _launch.tma_capable(w1, fmt)
     w1_arg = TensorDescriptor.from_tensor(w1, [cfg.block_n, cfg.block_k]) if w1_desc else w1
     with _launch.device_guard(hidden):
         ticket = _ticket(hidden.device) if cfg.fused_reduction else partial

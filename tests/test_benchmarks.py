@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks import _common, bench_e2e, bench_kernels, report
+from benchmarks import _common, bench_e2e, bench_kernels, decode_loops, report
 
 
 def test_progress_without_a_terminal_logs_one_line_per_item(capsys):
@@ -34,11 +33,11 @@ def test_kernel_decode_plan_covers_every_d_batch_and_step_fraction():
 
 
 def test_kv_buckets_end_at_the_cache_length_and_cover_every_position():
-    ends = bench_e2e.kv_bucket_ends(prompt_len=128, new_tokens=2048, buckets=4)
+    ends = decode_loops.kv_bucket_ends(prompt_len=128, new_tokens=2048, buckets=4)
     assert ends == sorted(ends) and len(ends) == 4
-    assert all(e % bench_e2e.KV_ALIGN == 0 for e in ends)
+    assert all(e % decode_loops.KV_ALIGN == 0 for e in ends)
     assert ends[-1] >= 128 + 2048 and ends[0] > 127  # the first decode step reads position P-1
-    assert bench_e2e.kv_bucket_ends(128, 64, 1) == [192]
+    assert decode_loops.kv_bucket_ends(128, 64, 1) == [192]
 
 
 @pytest.fixture(scope="module")

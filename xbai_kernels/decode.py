@@ -26,6 +26,7 @@ from .rule import StepRule
 
 STEP, THINK_START, THINK_END = reference.EVENT_STEP, reference.EVENT_THINK_START, reference.EVENT_THINK_END
 _NO_TOKEN = reference.NO_TOKEN
+_STEP_OPS = ("decode_candidates", "head_logits_masked", "decode_record")
 
 
 @dataclass
@@ -100,13 +101,11 @@ class DecodeScorer:
 
         # Three launches on a fast backend (candidates, head, record) instead of thirty small ops:
         # this runs after every sampled token.
-        device = self.device
-        is_step = dispatch.call(
-            "decode_candidates", device, self._last_token, sampled, slots, self._step_table, self.rule.think_start_id
-        )
-        logits = self._logits_of(hidden, is_step)
-        dispatch.call(
-            "decode_record", device, self._events, self._logits, self._counts, self._last_token,
+        candidates, head_logits, record = dispatch.implementations(_STEP_OPS, self.device)
+        is_step = candidates(self._last_token, sampled, slots, self._step_table, self.rule.think_start_id)
+        logits = head_logits(hidden, is_step, *self.head.weights)
+        record(
+            self._events, self._logits, self._counts, self._last_token,
             slots, positions, sampled, is_step, logits, self.rule.think_start_id, self.rule.think_end_id,
         )
 

@@ -48,7 +48,10 @@ class SPRMHead(nn.Sequential):
     @property
     def weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(W1, b1, W2, b2), the tensors every backend op takes."""
-        return self[0].weight, self[0].bias, self[3].weight, self[3].bias
+        # By name, not self[0]: Sequential's indexing walks its modules, and the decode scorer reads
+        # the weights after every token.
+        first, last = self._modules["0"], self._modules["3"]
+        return first.weight, first.bias, last.weight, last.bias
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         w1 = self[0].weight

@@ -43,8 +43,9 @@ class BackendUnavailable(RuntimeError):
     """A requested backend cannot run here; the message says why."""
 
 
-def forced_backend() -> str | None:
-    name = os.environ.get("XBAI_KERNELS_BACKEND", "").strip().lower()
+def forced_backend(value: str | None = None) -> str | None:
+    """The backend ``XBAI_KERNELS_BACKEND`` (or ``value``) forces, None for auto."""
+    name = (os.environ.get("XBAI_KERNELS_BACKEND", "") if value is None else value).strip().lower()
     if not name or name == "auto":
         return None
     if name not in BACKENDS:
@@ -52,8 +53,9 @@ def forced_backend() -> str | None:
     return name
 
 
-def strict() -> bool:
-    return os.environ.get("XBAI_KERNELS_STRICT", "0") not in ("", "0", "false", "False")
+def strict(value: str | None = None) -> bool:
+    """Whether ``XBAI_KERNELS_STRICT`` (or ``value``) turns fallbacks to reference into errors."""
+    return (os.environ.get("XBAI_KERNELS_STRICT", "0") if value is None else value) not in ("", "0", "false", "False")
 
 
 @functools.cache
@@ -86,12 +88,25 @@ def _say_once(message: str, level: int) -> None:
 
 def resolve(op: str, device: torch.device) -> tuple[str, Callable]:
     """(backend name, implementation) of ``op`` for tensors on ``device``."""
-    # Decided once per op, device and setting: the decode scorer calls this after every token.
-    return _resolve(op, device, forced_backend(), strict(), os.environ.get("TRITON_INTERPRET"))
+    return _resolve(op, device, *_settings())
+
+
+def implementations(ops: tuple[str, ...], device: torch.device) -> tuple[Callable, ...]:
+    """The implementation of each of ``ops`` on ``device``, reading the settings once (a lookup in
+    ``os.environ`` costs about a microsecond, and the decode scorer resolves three ops per token)."""
+    settings = _settings()
+    return tuple(_resolve(op, device, *settings)[1] for op in ops)
+
+
+def _settings() -> tuple[str, str, str | None]:
+    # The raw values; parsed inside the cache, so each op, device and setting is decided once.
+    env = os.environ
+    return env.get("XBAI_KERNELS_BACKEND", ""), env.get("XBAI_KERNELS_STRICT", "0"), env.get("TRITON_INTERPRET")
 
 
 @functools.cache
-def _resolve(op: str, device: torch.device, forced: str | None, strict_mode: bool, _interpret) -> tuple[str, Callable]:
+def _resolve(op: str, device: torch.device, backend_setting: str, strict_setting: str, _interpret) -> tuple[str, Callable]:
+    forced, strict_mode = forced_backend(backend_setting), strict(strict_setting)
     if forced is not None:
         reason = unavailable_reason(forced, device)
         if reason is None and not hasattr(_load(forced), op):

@@ -37,6 +37,15 @@ def check_tensor(
     return value
 
 
+def check_rows(where: str, device: torch.device, batch: int, dtypes=INDEX_DTYPES, **tensors) -> None:
+    """Each of ``tensors`` is a contiguous 1-D [batch] tensor of ``dtypes`` on ``device``: the per-row
+    inputs of one decode step, which kernels read by row index."""
+    for name, tensor in tensors.items():
+        check_tensor(where, name, tensor, ndim=1, dtypes=dtypes, device=device)
+        if tensor.shape[0] != batch or not tensor.is_contiguous():
+            raise ValueError(f"{where}: {name} must be a contiguous [{batch}] tensor, got shape {tuple(tensor.shape)}")
+
+
 def check_cu_seqlens(where: str, cu_seqlens, total: int, device: torch.device) -> torch.Tensor:
     """Check the flash-attn varlen convention: int32 [S+1], starts at 0, non-decreasing, ends at ``total``.
 

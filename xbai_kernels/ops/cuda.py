@@ -130,6 +130,16 @@ def _row_aligned(hidden: torch.Tensor) -> torch.Tensor:
     return hidden.contiguous()
 
 
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _device_scope(device: torch.device):
+    """_C launches on the thread's current device: make it ``device`` (a context switch costs
+    microseconds, so only when needed)."""
+    return contextlib.nullcontext() if device.index == torch.cuda.current_device() else torch.cuda.device(device)
+
+
 def _launch(source: int, hidden, rows, row_mask, w1, b1, w2, b2, out: torch.Tensor) -> None:
     """Enqueue the head on the current stream of hidden's device; writes ``out`` (float32 [n])."""
     num_rows = out.numel()
@@ -147,15 +157,10 @@ def _launch(source: int, hidden, rows, row_mask, w1, b1, w2, b2, out: torch.Tens
         num_rows,
         w1.data_ptr(), b1.data_ptr(), w2.data_ptr(), b2.data_ptr(),
         out.data_ptr(), workspace.data_ptr(), workspace.numel(),
-        _DTYPE_CODES[hidden.dtype], _PIPELINES[pipeline()], int(dependent_launch()),
-        torch.cuda.current_stream(hidden.device).cuda_stream,
+        _DTYPE_CODES[hidden.dtype], _PIPELINES[pipeline()], int(dependent_launch()), _stream(hidden.device),
     )
-    # _C launches on the thread's current device: make it hidden's (a context switch costs microseconds).
-    if hidden.device.index == torch.cuda.current_device():
+    with _device_scope(hidden.device):
         _C.head_logits(*arguments)
-    else:
-        with torch.cuda.device(hidden.device):
-            _C.head_logits(*arguments)
 
 
 # The registered ops take already-checked inputs; the public functions below check and route.
@@ -294,11 +299,15 @@ def head_logits_masked(
 # a Triton launch tens, and the decode scorer makes three launches after every sampled token.
 
 
-def _check_index_rows(where: str, device: torch.device, batch: int, **tensors) -> None:
-    for name, tensor in tensors.items():
-        _validate.check_tensor(where, name, tensor, ndim=1, dtypes=(torch.int64,), device=device)
-        if tensor.shape[0] != batch or not tensor.is_contiguous():
-            raise ValueError(f"{where}: {name} must be a contiguous int64 [{batch}], got shape {tuple(tensor.shape)}")
+def _check_step_rows(where: str, sampled, **others) -> tuple[torch.device, int]:
+    """(device, B) of a decode step whose per-row tensors are ``sampled`` and ``others``: int64 (the
+    kernels read 8-byte ids), contiguous [B], on a CUDA device."""
+    _validate.check_tensor(where, "sampled", sampled, ndim=1, dtypes=(torch.int64,))
+    device, batch = sampled.device, sampled.shape[0]
+    if device.type != "cuda":
+        raise ValueError(f"{where}: the cuda backend needs CUDA tensors, sampled is on {device}")
+    _validate.check_rows(where, device, batch, (torch.int64,), sampled=sampled, **others)
+    return device, batch
 
 
 def _check_slot_state(where: str, device: torch.device, **tensors) -> None:
@@ -306,15 +315,6 @@ def _check_slot_state(where: str, device: torch.device, **tensors) -> None:
         _validate.check_tensor(where, name, tensor, ndim=ndim, dtypes=(dtype,), device=device)
         if not tensor.is_contiguous():
             raise ValueError(f"{where}: {name} must be contiguous (it is updated in place)")
-
-
-def _stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
-
-
-def _device_scope(device: torch.device):
-    """_C launches on the thread's current device: make it ``device`` (only switching when needed)."""
-    return contextlib.nullcontext() if device.index == torch.cuda.current_device() else torch.cuda.device(device)
 
 
 def _candidates(
@@ -368,11 +368,8 @@ def decode_candidates(
 ) -> torch.Tensor:
     """CUDA ``ops.reference.decode_candidates``: bool [B], no host sync. Index tensors int64, contiguous."""
     where = "decode_candidates"
-    device = sampled.device if isinstance(sampled, torch.Tensor) else None
-    _check_index_rows(where, device, sampled.shape[0] if device is not None else 0, sampled=sampled, slots=slots)
+    device, _ = _check_step_rows(where, sampled, slots=slots)
     _check_slot_state(where, device, last_token=(last_token, torch.int64, 1), step_table=(step_table, torch.bool, 1))
-    if device.type != "cuda":
-        raise ValueError(f"{where}: the cuda backend needs CUDA tensors, sampled is on {device}")
     return _op(_decode_candidates_op, sampled)(last_token, sampled, slots, step_table, int(think_start_id))
 
 
@@ -383,9 +380,7 @@ def decode_record(
 ) -> None:
     """CUDA ``ops.reference.decode_record``: one launch, in place, no host sync; slots must be distinct."""
     where = "decode_record"
-    device = sampled.device if isinstance(sampled, torch.Tensor) else None
-    batch = sampled.shape[0] if device is not None else 0
-    _check_index_rows(where, device, batch, slots=slots, positions=positions, sampled=sampled)
+    device, batch = _check_step_rows(where, sampled, slots=slots, positions=positions)
     _check_slot_state(
         where, device, events=(events, torch.int64, 2), event_logits=(event_logits, torch.float32, 2),
         counts=(counts, torch.int64, 1), last_token=(last_token, torch.int64, 1),
@@ -395,8 +390,6 @@ def decode_record(
         raise ValueError(f"{where}: is_step and logits must have {batch} entries, got {is_step.shape[0]}, {logits.shape[0]}")
     if event_logits.shape != events.shape:
         raise ValueError(f"{where}: event_logits {tuple(event_logits.shape)} must match events {tuple(events.shape)}")
-    if device.type != "cuda":
-        raise ValueError(f"{where}: the cuda backend needs CUDA tensors, sampled is on {device}")
     _op(_decode_record_op, sampled)(
         events, event_logits, counts, last_token, slots, positions, sampled, is_step, logits,
         int(think_start_id), int(think_end_id),

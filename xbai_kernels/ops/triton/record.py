@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._validate import INDEX_DTYPES, check_tensor
+from ..._validate import check_rows, check_tensor
 from . import _launch
 from ..reference import EVENT_STEP, EVENT_THINK_END, EVENT_THINK_START, NO_TOKEN
 
@@ -73,20 +73,13 @@ def _record_kernel(
     tl.store(last_token_ptr + slot, sampled, mask=ok)
 
 
-def _check_rows(where: str, device: torch.device, batch: int, **tensors) -> None:
-    for name, tensor in tensors.items():
-        check_tensor(where, name, tensor, ndim=1, dtypes=INDEX_DTYPES, device=device)
-        if tensor.shape[0] != batch or not tensor.is_contiguous():
-            raise ValueError(f"{where}: {name} must be a contiguous [{batch}] tensor, got {tuple(tensor.shape)}")
-
-
 def decode_candidates(
     last_token: torch.Tensor, sampled: torch.Tensor, slots: torch.Tensor, step_table: torch.Tensor, think_start_id: int
 ) -> torch.Tensor:
     """Triton ``ops.reference.decode_candidates``: bool [B], no host sync."""
     where = "decode_candidates"
     batch = sampled.shape[0]
-    _check_rows(where, sampled.device, batch, sampled=sampled, slots=slots)
+    check_rows(where, sampled.device, batch, sampled=sampled, slots=slots)
     check_tensor(where, "last_token", last_token, ndim=1, dtypes=(torch.int64,), device=sampled.device)
     check_tensor(where, "step_table", step_table, ndim=1, dtypes=(torch.bool,), device=sampled.device)
     out = torch.empty(batch, dtype=torch.bool, device=sampled.device)
@@ -117,7 +110,7 @@ def decode_record(
     where = "decode_record"
     batch = sampled.shape[0]
     device = sampled.device
-    _check_rows(where, device, batch, slots=slots, positions=positions, sampled=sampled)
+    check_rows(where, device, batch, slots=slots, positions=positions, sampled=sampled)
     check_tensor(where, "is_step", is_step, ndim=1, dtypes=(torch.bool,), device=device)
     check_tensor(where, "logits", logits, ndim=1, dtypes=(torch.float32,), device=device)
     check_tensor(where, "events", events, ndim=2, dtypes=(torch.int64,), device=device)

@@ -69,11 +69,18 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 2
     return 2 * nbytes / sorted(times)[len(times) // 2]
 
 
-def write_result(result: dict, path: str | None, default_name: str) -> Path:
+def write_result(result: dict, path: str | None, default_name: str, plot=None) -> Path:
+    """Write ``result`` as JSON (to ``path``, else results/``default_name``) and, given ``plot(result,
+    png_path)``, its plot beside it. A plot that fails is reported, not raised: the JSON is the record."""
     target = Path(path) if path else RESULTS_DIR / default_name
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {target}")
+    if plot is not None:
+        try:
+            plot(result, target.with_suffix(".png"))
+        except Exception as exc:  # the plot is a convenience
+            print(f"plot skipped: {exc}")
     return target
 
 

@@ -524,11 +524,7 @@ def main(argv=None) -> dict:
     }
     # A quick run never overwrites the full results the README shows.
     name = f"{result['environment']['device_slug']}-e2e{'-quick' if args.quick else ''}.json"
-    target = write_result(result, args.out, name)
-    try:
-        plot(result, target.with_suffix(".png"))
-    except Exception as exc:  # the plot is a convenience; the JSON is the record
-        print(f"plot skipped: {exc}")
+    write_result(result, args.out, name, plot)
     print(markdown_table(result))
     return result
 

@@ -28,7 +28,6 @@ import os
 import statistics
 import time
 import traceback
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -633,11 +632,7 @@ def main(argv=None) -> dict | None:
         result["sweep"] = sweep(args, device, budget)
     # A quick run never overwrites the full results the README shows.
     default_name = f"{env['device_slug']}-{name}{'-quick' if args.quick else ''}.json"
-    path = write_result(result, args.out, default_name)
-    try:
-        plot(result, Path(path).with_suffix(".png"))
-    except Exception as exc:  # the plot is a convenience; the JSON is the record
-        print(f"plot skipped: {exc}")
+    write_result(result, args.out, default_name, plot)
     print(markdown_table(result))
     return result
 

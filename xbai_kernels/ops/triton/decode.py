@@ -18,6 +18,7 @@ sum instead (``DecodeConfig.fused_reduction``), which spreads it over many progr
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -152,6 +153,7 @@ class DecodeConfig:
     w1_tma: bool = False
 
 
+@functools.cache  # a pure function of its arguments, asked again after every decoded token
 def default_config(batch: int, d: int, device: torch.device, operand_bytes: int = 2) -> DecodeConfig:
     """Block sizes: small under the interpreter (several tiles on tiny test shapes), GPU-tuned otherwise
     (H200 sweeps in benchmarks/NOTES.md, ``results/nvidia-h200-triton-decode-sweep*.json``)."""

@@ -224,6 +224,23 @@ def test_masked_launch_variants_give_the_same_bits(env, dtype, d):
         assert int(decode._ticket(device)) == 0
 
 
+def test_masked_sum_block_shapes(env):
+    """The fused tail's load block (sum_tiles x sum_rows) changes only the order of a fixed-order sum;
+    a block that is not a power of two is refused before any launch."""
+    triton_ops, device = env
+    from xbai_kernels.ops.triton import decode
+
+    weights = make_head(64, device)
+    hidden = randn(40, 64, device=device)
+    mask = random_mask(40, device, seed=4)
+    expected = reference.head_logits_masked(hidden, mask, *weights)
+    for tiles, rows in ((2, 2), (8, 16), (16, 64)):
+        cfg = decode.DecodeConfig(16, 16, 32, 4, 2, sum_tiles=tiles, sum_rows=rows)
+        torch.testing.assert_close(decode.head_logits_masked(hidden, mask, *weights, config=cfg), expected, **FP32_TOL)
+    with pytest.raises(ValueError, match="sum_tiles must be a power of two"):
+        decode.head_logits_masked(hidden, mask, *weights, config=decode.DecodeConfig(16, 16, 32, 4, 2, sum_tiles=24))
+
+
 def test_masked_rejects_bad_inputs(env):
     triton_ops, device = env
     weights = make_head(64, device)

@@ -7,7 +7,8 @@ module turns tensors into those arguments, registers the ops with fake (meta) im
 
 Ops of the backend contract (``ops/reference.py``):
     head_logits(hidden [N, d], w1, b1, w2, b2) -> float32 [N]
-    head_logits_rows(hidden [T, d], rows int [n], w1, b1, w2, b2) -> float32 [n]
+    head_logits_rows(hidden [T, d], rows int [n], w1, b1, w2, b2, num_rows=None) -> float32 [n]
+    step_mask, find_steps, trajectory_scores: the reference's PyTorch ops (no kernel of their own)
     head_logits_masked(hidden [B, d], row_mask bool [B], w1, b1, w2, b2, out=None) -> float32 [B]
     decode_candidates(last_token, sampled, slots, step_table, think_start_id) -> bool [B]
     decode_record(events, event_logits, counts, last_token, slots, positions, sampled, is_step, logits,
@@ -255,15 +256,30 @@ def head_logits(hidden: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
     return _op(_head_logits_op, hidden)(hidden, w1, b1, w2, b2)
 
 
-def head_logits_rows(hidden: torch.Tensor, rows: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
-    """Head over hidden[rows]. hidden [T, d], rows int32/int64 [n] -> float32 [n] (packed scorer)."""
+def head_logits_rows(hidden: torch.Tensor, rows: torch.Tensor, w1, b1, w2, b2, num_rows=None) -> torch.Tensor:
+    """Head over hidden[rows]. hidden [T, d], rows int32/int64 [n] -> float32 [n] (packed scorer).
+
+    ``num_rows`` (int tensor of one element): rows past it are padding with logit 0.0; this kernel
+    computes them anyway and masks them.
+    """
     _check_head("head_logits_rows", hidden, w1, b1, w2, b2)
     _validate.check_tensor("head_logits_rows", "rows", rows, ndim=1, dtypes=_validate.INDEX_DTYPES, device=hidden.device)
     route = _reference_route(hidden, (w1, b1, w2, b2))
     if route is not None:
         _note_reference_route(route)
-        return reference.head_logits_rows(hidden, rows, w1, b1, w2, b2)
-    return _op(_head_logits_rows_op, hidden)(hidden, rows.long(), w1, b1, w2, b2)
+        return reference.head_logits_rows(hidden, rows, w1, b1, w2, b2, num_rows)
+    logits = _op(_head_logits_rows_op, hidden)(hidden, rows.long(), w1, b1, w2, b2)
+    if num_rows is None:
+        return logits
+    _validate.check_tensor("head_logits_rows", "num_rows", num_rows, dtypes=_validate.INDEX_DTYPES, device=hidden.device)
+    return torch.where(torch.arange(rows.numel(), device=rows.device) < num_rows.reshape(()), logits, 0.0)
+
+
+# The packed scorer's bookkeeping has no kernel here: it runs as PyTorch ops on the GPU, so a forced
+# ``cuda`` backend still scores trajectories.
+step_mask = reference.step_mask
+find_steps = reference.find_steps
+trajectory_scores = reference.trajectory_scores
 
 
 def head_logits_masked(

@@ -9,6 +9,7 @@ everywhere"), so the hidden activation relu(W1 h + b1) is never rounded to bf16.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +36,16 @@ def _float32(tensor: torch.Tensor):
     return torch.autocast(tensor.device.type, enabled=False)
 
 
-def head_logits_rows(hidden: torch.Tensor, rows: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
-    """Head over the selected rows only. hidden [T, d], rows int [n] -> float32 [n] (packed scorer)."""
-    return head_logits(hidden.index_select(0, rows.long()), w1, b1, w2, b2)
+def head_logits_rows(hidden: torch.Tensor, rows: torch.Tensor, w1, b1, w2, b2, num_rows=None) -> torch.Tensor:
+    """Head over the selected rows only. hidden [T, d], rows int [n] -> float32 [n] (packed scorer).
+
+    ``num_rows`` (int tensor of one element, on the device): only ``rows[:num_rows]`` are live, the
+    rest are padding whose logit is 0.0 (a fast backend skips their work; this oracle masks).
+    """
+    logits = head_logits(hidden.index_select(0, rows.long()), w1, b1, w2, b2)
+    if num_rows is None:
+        return logits
+    return torch.where(torch.arange(rows.numel(), device=rows.device) < num_rows.reshape(()), logits, 0.0)
 
 
 def head_logits_masked(
@@ -147,12 +155,13 @@ def sequence_index(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
 
 def step_mask(
     input_ids: torch.Tensor,
-    step_ids: torch.Tensor,
+    step_table: torch.Tensor,
     think_start_id: int,
     think_end_id: int,
     cu_seqlens: torch.Tensor,
 ) -> torch.Tensor:
-    """SPEC's inference rule on packed ids. input_ids int [T], cu_seqlens int [S+1] -> bool [T].
+    """SPEC's inference rule on packed ids. input_ids int [T], step_table bool [V]
+    (``StepRule.step_table``), cu_seqlens int [S+1] -> bool [T].
 
     Position i of a sequence is scored when token i+1 is a step token, token i is neither a step
     token nor ``<think>``, and start < i < end (the thinking region of its own sequence).
@@ -166,7 +175,7 @@ def step_mask(
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     local = torch.arange(total, device=device) - starts[seq]
 
-    is_step = torch.isin(ids, step_ids)
+    is_step = is_step_token(ids, step_table)
     # The next token must belong to the same sequence: the last token of a sequence opens no step.
     next_is_step = torch.zeros_like(is_step)
     next_is_step[:-1] = is_step[1:] & (seq[1:] == seq[:-1])
@@ -184,6 +193,79 @@ def _marker_index(is_marker, seq, local, num_seqs, default):
         0, seq, torch.where(is_marker, local, 0)
     )
     return torch.where(counts == 1, index, default)
+
+
+class PackedSteps(NamedTuple):
+    """The scored positions of S packed trajectories, in position order (``find_steps``).
+
+    rows int64 [m] (token index into the packed batch), sequence_index int64 [m], positions int64 [m]
+    (index within its own trajectory), cu_steps int64 [S+1] (trajectory s owns slots
+    ``cu_steps[s]:cu_steps[s+1]``), complete bool [S] (every step of s found a slot). With a capacity,
+    m = capacity and the slots past ``cu_steps[-1]`` are padding: row 0, sequence_index and position -1.
+    """
+
+    rows: torch.Tensor
+    sequence_index: torch.Tensor
+    positions: torch.Tensor
+    cu_steps: torch.Tensor
+    complete: torch.Tensor
+
+
+def find_steps(
+    input_ids: torch.Tensor,
+    step_table: torch.Tensor,
+    think_start_id: int,
+    think_end_id: int,
+    cu_seqlens: torch.Tensor,
+    capacity: int | None = None,
+) -> PackedSteps:
+    """The scored positions of packed trajectories (``step_mask``), compacted in position order.
+
+    Without ``capacity`` the host synchronizes once to size the result (m = number of steps). With
+    it nothing synchronizes: m = capacity, steps past it are dropped and their trajectories are
+    marked incomplete.
+    """
+    total = input_ids.numel()
+    device = input_ids.device
+    mask = step_mask(input_ids, step_table, think_start_id, think_end_id, cu_seqlens)
+    token_seq = sequence_index(cu_seqlens, total)
+    num_seqs = cu_seqlens.numel() - 1
+    per_seq = torch.zeros(num_seqs, dtype=torch.int64, device=device).index_add_(0, token_seq, mask.long())
+    cu_all = torch.zeros(num_seqs + 1, dtype=torch.int64, device=device)
+    cu_all[1:] = torch.cumsum(per_seq, 0)
+    if capacity is None:
+        rows = mask.nonzero().squeeze(-1)
+        seq = token_seq[rows]
+        ones = torch.ones(num_seqs, dtype=torch.bool, device=device)
+        return PackedSteps(rows, seq, rows - cu_seqlens.long()[seq], cu_all, ones)
+    # The k-th step goes to slot k; steps past capacity and non-steps land in a spare slot, dropped.
+    rank = torch.cumsum(mask, 0) - 1
+    slot = torch.where(mask & (rank < capacity), rank, capacity)
+    rows = torch.zeros(capacity + 1, dtype=torch.int64, device=device)
+    rows = rows.scatter_(0, slot, torch.arange(total, device=device))[:capacity]
+    kept = torch.arange(capacity, device=device) < cu_all[-1].clamp(max=capacity)
+    rows = torch.where(kept, rows, 0)
+    seq = torch.where(kept, token_seq[rows] if total else rows, -1)
+    positions = torch.where(kept, rows - cu_seqlens.long()[seq.clamp(min=0)], -1)
+    # A trajectory without steps loses none, wherever it lies.
+    complete = (cu_all[1:] <= capacity) | (per_seq == 0)
+    return PackedSteps(rows, seq, positions, cu_all.clamp(max=capacity), complete)
+
+
+def trajectory_scores(logits: torch.Tensor, cu_steps: torch.Tensor, complete: torch.Tensor):
+    """(step_scores float32 [m], scores float32 [S]) of ``find_steps``' slots, given their logits [m].
+
+    step_scores = sigmoid(logit) on the live slots ``[0, cu_steps[-1])``, 0.0 on padding; scores are
+    SPEC's geometric mean per trajectory (0.0 without a step, NaN where ``complete`` is False: the
+    trajectory lost steps to the capacity, so its mean would be a wrong number).
+    """
+    slots = torch.arange(logits.numel(), device=logits.device)
+    live = slots < cu_steps[-1]
+    num_seqs = complete.numel()
+    step_scores = torch.where(live, torch.sigmoid(logits.float()), 0.0)
+    segment = torch.where(live, torch.searchsorted(cu_steps[1:], slots, right=True), num_seqs)
+    scores = segment_geomean(step_scores, segment, num_seqs + 1)[:num_seqs]
+    return step_scores, torch.where(complete, scores, float("nan"))
 
 
 def segment_geomean(scores: torch.Tensor, segment: torch.Tensor, num_segments: int) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """Triton backend of the SPRM ops: the contract of ``ops.reference``, on GPU tensor cores.
 
-Four kernel families, one file each: ``decode`` (the in-decode scorer, ``head_logits_masked``),
+Five kernel families, one file each: ``decode`` (the in-decode scorer, ``head_logits_masked``),
 ``record`` (its per-step bookkeeping, ``decode_candidates`` and ``decode_record``), ``packed``
-(``head_logits``, ``head_logits_rows``: rows gathered in the kernel) and ``train``
+(``head_logits``, ``head_logits_rows``: rows gathered in the kernel), ``steps`` (the packed
+scorer's bookkeeping: ``step_mask``, ``find_steps``, ``trajectory_scores``) and ``train``
 (``sprm_head_loss``: fused forward with dropout and its backward). On a machine without a GPU the
 kernels run under Triton's interpreter when ``TRITON_INTERPRET=1`` is set before this import.
 """
@@ -15,15 +16,19 @@ from ._launch import interpreting
 from .decode import head_logits_masked
 from .packed import head_logits_rows
 from .record import decode_candidates, decode_record
+from .steps import find_steps, step_mask, trajectory_scores
 from .train import sprm_head_loss
 
 __all__ = [
     "decode_candidates",
     "decode_record",
+    "find_steps",
     "head_logits",
     "head_logits_masked",
     "head_logits_rows",
     "sprm_head_loss",
+    "step_mask",
+    "trajectory_scores",
     "unavailable_reason",
 ]
 

@@ -104,14 +104,17 @@ def sum_tiles(partial_ptr, num_tiles, n, offs, wanted, TILE_BLOCK: tl.constexpr,
 
 
 @triton.jit
-def write_logits(partial_ptr, num_tiles, b2_ptr, row_mask_ptr, out_ptr, n, first,
-                 HAS_MASK: tl.constexpr, TILE_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
-    """out[i] = sum_t partial[t, i] + b2 for i in [first, first + BLOCK) (0.0 off ``row_mask``)."""
+def write_logits(partial_ptr, num_tiles, b2_ptr, row_mask_ptr, out_ptr, n, live_ptr, first,
+                 HAS_MASK: tl.constexpr, HAS_LIVE: tl.constexpr, TILE_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
+    """out[i] = sum_t partial[t, i] + b2 for i in [first, first + BLOCK) (0.0 off ``row_mask`` and
+    at i >= *live_ptr)."""
     offs = first + tl.arange(0, BLOCK)
     in_range = offs < n
     wanted = in_range
     if HAS_MASK:
         wanted = in_range & (tl.load(row_mask_ptr + offs, mask=in_range, other=0) != 0)
+    if HAS_LIVE:
+        wanted = wanted & (offs < tl.load(live_ptr))
     result = sum_tiles(partial_ptr, num_tiles, n, offs, wanted, TILE_BLOCK, BLOCK) + tl.load(b2_ptr).to(tl.float32)
     tl.store(out_ptr + offs, tl.where(wanted, result, 0.0), mask=in_range)
 
@@ -124,14 +127,17 @@ def sum_partials_kernel(
     row_mask_ptr,
     out_ptr,
     n,
+    live_ptr,
     HAS_MASK: tl.constexpr,
+    HAS_LIVE: tl.constexpr,
     TILE_BLOCK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """out[i] = sum_t partial[t, i] + b2 (0.0 where ``row_mask[i]`` is 0 when HAS_MASK).
+    """out[i] = sum_t partial[t, i] + b2 (0.0 where ``row_mask[i]`` is 0 when HAS_MASK, and at
+    i >= *live_ptr when HAS_LIVE).
 
     partial fp32 [num_tiles, n] contiguous; the sum runs in a fixed order, so the result is the same
     bits every run.
     """
-    write_logits(partial_ptr, num_tiles, b2_ptr, row_mask_ptr, out_ptr, n, tl.program_id(0) * BLOCK,
-                 HAS_MASK, TILE_BLOCK, BLOCK)
+    write_logits(partial_ptr, num_tiles, b2_ptr, row_mask_ptr, out_ptr, n, live_ptr, tl.program_id(0) * BLOCK,
+                 HAS_MASK, HAS_LIVE, TILE_BLOCK, BLOCK)

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._validate import INDEX_DTYPES, check_tensor
 from . import _launch
 from ._tile import dropout_keep, preactivation_tile, relu_bias, sum_partials_kernel
 
@@ -23,6 +24,7 @@ def rows_head_kernel(
     stride_row,
     rows_ptr,
     n,
+    live_ptr,
     w1_ptr,
     b1_ptr,
     w2_ptr,
@@ -42,6 +44,7 @@ def rows_head_kernel(
     PRECISION: tl.constexpr,
     STORE_ACT: tl.constexpr,
     DROPOUT: tl.constexpr,
+    HAS_LIVE: tl.constexpr,
 ):
     """partial[tile, i] = sum_{u in tile} W2[u] * drop(relu(W1[u] . hidden[rows[i]] + b1[u])).
 
@@ -51,6 +54,7 @@ def rows_head_kernel(
     *seed_ptr, counters = (unit // 4, i)) and scales it by keep_scale = 1 / (1 - p). With STORE_ACT,
     act[i, u] = keep * relu(...) (dropped units 0, not yet scaled) is stored in act's dtype [n, H]:
     the one tensor the backward needs, since act > 0 exactly where the unit passed ReLU and dropout.
+    With HAS_LIVE only rows[:*live_ptr] are computed: row tiles past it return at once (padding).
     """
     pid = tl.program_id(0)
     num_m = tl.cdiv(n, BLOCK_M)
@@ -61,8 +65,13 @@ def rows_head_kernel(
     pid_m = first_m + (pid % per_group) % group_m
     pid_n = (pid % per_group) // group_m
 
+    live = n
+    if HAS_LIVE:
+        live = tl.minimum(tl.load(live_ptr).to(tl.int32), n)
+        if pid_m * BLOCK_M >= live:
+            return
     index = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    index_ok = index < n
+    index_ok = index < live
     rows = tl.load(rows_ptr + index, mask=index_ok, other=0)
     unit0 = pid_n * BLOCK_N
     units = unit0 + tl.arange(0, BLOCK_N)
@@ -128,6 +137,7 @@ def launch_rows_head(
     seed: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     config: RowsConfig | None = None,
+    num_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits float32 [n] of ``rows``; checked, contiguous inputs (see ``head_logits_rows``).
 
@@ -147,31 +157,39 @@ def launch_rows_head(
     dropout = dropout_p > 0.0
     with _launch.device_guard(hidden):
         rows_head_kernel[(num_m * num_n,)](
-            hidden, hidden.stride(0), rows, n, w1, b1, w2_flat, partial,
+            hidden, hidden.stride(0), rows, n, num_rows if num_rows is not None else rows, w1, b1, w2_flat, partial,
             act if act is not None else partial, seed if dropout else rows,
             float(dropout_p), 1.0 / (1.0 - dropout_p), d, 2 * d,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             EVEN_K=d % cfg.block_k == 0, DOT_DTYPE=fmt.dtype, PRECISION=fmt.precision,
-            STORE_ACT=act is not None, DROPOUT=dropout,
+            STORE_ACT=act is not None, DROPOUT=dropout, HAS_LIVE=num_rows is not None,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         block = min(128, _launch.next_pow2(n))
         sum_partials_kernel[(triton.cdiv(n, block),)](
-            partial, num_n, b2, partial, logits, n,
-            HAS_MASK=False, TILE_BLOCK=_launch.sum_block(num_n), BLOCK=block,
+            partial, num_n, b2, partial, logits, n, num_rows if num_rows is not None else partial,
+            HAS_MASK=False, HAS_LIVE=num_rows is not None, TILE_BLOCK=_launch.sum_block(num_n), BLOCK=block,
         )
     return logits
 
 
-def head_logits_rows(hidden: torch.Tensor, rows: torch.Tensor, w1, b1, w2, b2, config: RowsConfig | None = None):
+def head_logits_rows(hidden: torch.Tensor, rows: torch.Tensor, w1, b1, w2, b2, num_rows=None,
+                     config: RowsConfig | None = None):
     """Head logits of ``hidden[rows]``: hidden [T, d] fp32/fp16/bf16, rows int32/int64 [n] -> float32 [n].
 
     Rows are gathered inside the kernel (no [n, d] copy). Indices must lie in [0, T); they are not
-    checked on the device (that would need a host sync). Bitwise deterministic run to run.
+    checked on the device (that would need a host sync). ``num_rows`` (int tensor of one element on
+    the device): only ``rows[:num_rows]`` are computed, the rest get 0.0 and cost nothing. Bitwise
+    deterministic run to run.
     """
     where = "head_logits_rows"
     _launch.check_hidden(where, hidden)
     _launch.check_rows(where, rows, hidden.device)
+    if num_rows is not None:
+        check_tensor(where, "num_rows", num_rows, dtypes=INDEX_DTYPES, device=hidden.device)
+        if num_rows.numel() != 1:
+            raise ValueError(f"{where}: num_rows must hold one count, got shape {tuple(num_rows.shape)}")
     w1, b1, w2, b2 = _launch.head_weights(where, hidden, w1, b1, w2, b2)
     hidden = _launch.rows_last_contiguous(hidden)
-    return launch_rows_head(hidden, rows.contiguous(), w1, b1, w2, b2, config=config)
+    return launch_rows_head(hidden, rows.contiguous(), w1, b1, w2, b2, config=config,
+                            num_rows=None if num_rows is None else num_rows.reshape(1))

@@ -27,34 +27,17 @@ D = decode.DecodeConfig
 T = dict(w1_tma=True)
 F = dict(fused_reduction=False)
 PLAN: dict[tuple[int, int, int], list[D]] = {
-    (5120, 1, 1): [D(16, 128, 128, 4, 4, **T), D(16, 128, 128, 4, 4, **T, sum_tiles=128)],
-    (5120, 16, 4): [D(16, 128, 128, 4, 4, **T), D(16, 128, 128, 4, 4, **T, sum_tiles=128)],
+    # Sweep 5: B = 256 with a quarter of rows steps, two launches; sweep 4's plan is in its JSON file.
     (5120, 256, 64): [
         D(64, 128, 128, 8, 4, **F, tile_units=78),
         D(64, 128, 128, 8, 4, **F, tile_units=78, **T),
-        D(64, 128, 128, 8, 4, tile_units=78, sum_tiles=256, sum_rows=32),
-        D(64, 128, 128, 8, 4, tile_units=78, sum_tiles=256, sum_rows=64),
-        D(64, 128, 128, 8, 4, tile_units=78, sum_tiles=256, sum_rows=32, **T),
-        D(64, 128, 128, 8, 4, sum_tiles=128, sum_rows=64, **T),
-        D(64, 128, 128, 8, 3, tile_units=78, sum_tiles=256, sum_rows=32, **T),
-        D(64, 128, 128, 4, 4, tile_units=78, sum_tiles=256, sum_rows=32, **T),
+        D(64, 128, 64, 8, 6, **F, tile_units=78, **T),
+        D(64, 64, 128, 4, 3, **F, **T),
+        D(64, 64, 128, 4, 4, **F, **T),
+        D(64, 64, 128, 8, 3, **F, tile_units=40, **T),
+        D(32, 128, 128, 4, 4, **F, tile_units=78, **T),
+        D(64, 128, 128, 8, 5, **F, tile_units=78, **T),
     ],
-    (5120, 256, 0): [
-        D(64, 128, 128, 8, 4, **F, tile_units=78),
-        D(64, 128, 128, 8, 4, tile_units=78, sum_tiles=256, sum_rows=32),
-        D(64, 128, 128, 8, 4, tile_units=78, sum_tiles=256, sum_rows=32, **T),
-    ],
-    (1536, 1, 1): [
-        D(16, 32, 256, 4, 4, **T), D(16, 32, 256, 4, 4, **T, sum_tiles=128),
-        D(16, 32, 256, 4, 3, **T, sum_tiles=128), D(16, 16, 256, 4, 4, **T, sum_tiles=256),
-        D(16, 64, 256, 4, 4, **T, sum_tiles=64), D(16, 32, 512, 4, 2, **T, sum_tiles=128),
-    ],
-    (1536, 16, 4): [D(16, 32, 256, 4, 4, **T), D(16, 32, 256, 4, 4, **T, sum_tiles=128),
-                    D(16, 64, 256, 4, 4, **T, sum_tiles=64)],
-    (1536, 256, 64): [D(64, 32, 128, 4, 4, **F), D(64, 32, 128, 4, 4, sum_tiles=128, sum_rows=32),
-                      D(64, 32, 256, 4, 4, sum_tiles=128, sum_rows=32, **T),
-                      D(64, 32, 128, 4, 4, sum_tiles=128, sum_rows=64)],
-    (1536, 256, 0): [D(64, 32, 128, 4, 4, **F), D(64, 32, 128, 4, 4, sum_tiles=128, sum_rows=32)],
 }
 
 

@@ -224,6 +224,22 @@ def test_masked_launch_variants_give_the_same_bits(env, dtype, d):
         assert int(decode._ticket(device)) == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rows_tma_fed_w1_gives_the_same_bits(env, dtype):
+    """W1 through a TMA descriptor (d = 40: a K tail the descriptor zero-fills) equals pointer loads."""
+    triton_ops, device = env
+    from xbai_kernels.ops.triton import packed
+
+    for d in (64, 40):
+        weights = make_head(d, device, dtype)
+        hidden = randn(60, d, device=device).to(dtype)
+        rows = torch.tensor([5, 0, 59, 17, 17, 33, 2, 8, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49], device=device)
+        plain = packed.head_logits_rows(hidden, rows, *weights, config=packed.RowsConfig(16, 32, 16, 2, 4, 1))
+        tma = packed.head_logits_rows(hidden, rows, *weights, config=packed.RowsConfig(16, 32, 16, 2, 4, 1, w1_tma=True))
+        assert torch.equal(plain, tma)
+        torch.testing.assert_close(plain, reference.head_logits_rows(hidden, rows, *weights), atol=2e-2, rtol=2e-2)
+
+
 def test_masked_sum_block_shapes(env):
     """The fused tail's load block (sum_tiles x sum_rows) changes only the order of a fixed-order sum;
     a block that is not a power of two is refused before any launch."""

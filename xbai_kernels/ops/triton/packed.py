@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..._validate import INDEX_DTYPES, check_tensor
 from . import _launch
@@ -25,7 +26,7 @@ def rows_head_kernel(
     rows_ptr,
     n,
     live_ptr,
-    w1_ptr,
+    w1,
     b1_ptr,
     w2_ptr,
     partial_ptr,
@@ -45,6 +46,7 @@ def rows_head_kernel(
     STORE_ACT: tl.constexpr,
     DROPOUT: tl.constexpr,
     HAS_LIVE: tl.constexpr,
+    W1_DESC: tl.constexpr,
 ):
     """partial[tile, i] = sum_{u in tile} W2[u] * drop(relu(W1[u] . hidden[rows[i]] + b1[u])).
 
@@ -77,8 +79,8 @@ def rows_head_kernel(
     units = unit0 + tl.arange(0, BLOCK_N)
     unit_ok = units < H
     acc = preactivation_tile(
-        hidden_ptr, stride_row, rows, index_ok, w1_ptr, unit0, units, unit_ok, d,
-        BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_DTYPE, PRECISION, False,
+        hidden_ptr, stride_row, rows, index_ok, w1, unit0, units, unit_ok, d,
+        BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_DTYPE, PRECISION, W1_DESC,
     )
     act = relu_bias(acc, b1_ptr, units, unit_ok)
     if DROPOUT:
@@ -96,7 +98,8 @@ def rows_head_kernel(
 
 @dataclass(frozen=True)
 class RowsConfig:
-    """Launch shape of ``rows_head_kernel``."""
+    """Launch shape of ``rows_head_kernel``; ``w1_tma``: W1 tiles arrive through a TMA descriptor
+    (Hopper and newer, 16-bit weights); the gathered hidden rows always take pointer loads."""
 
     block_m: int
     block_n: int
@@ -104,13 +107,16 @@ class RowsConfig:
     group_m: int
     num_warps: int
     num_stages: int
+    w1_tma: bool = False
 
 
 def default_config(n: int, d: int, device: torch.device, operand_bytes: int = 2) -> RowsConfig:
     """Small tiles under the interpreter (several tiles on tiny shapes); Hopper tensor-core tiles on GPU.
 
-    Measured on an H200, 2% of 65536 rows (benchmarks/NOTES.md): 128x256x64 tiles, 3 stages, were
-    fastest at d = 5120; at d = 1536 (3072 units, fewer tiles) 128x128x128 was.
+    Measured on an H200, 2% of 65536 rows, graph replay (``results/nvidia-h200-triton-packed-sweep.json``):
+    TMA-fed W1 with 128x256x64 tiles, 3 stages: 237.8 us at d = 5120 (277.5 with pointer loads),
+    122.9 at d = 3584 (141.4); at d = 1536 (3072 units, fewer tiles) 128x128x64, 4 stages: 26.2 (32.1).
+    Without a TMA unit (before Hopper) the same tiles take pointer loads.
     """
     if device.type != "cuda":
         return RowsConfig(block_m=16, block_n=32, block_k=16, group_m=2, num_warps=4, num_stages=1)
@@ -119,10 +125,10 @@ def default_config(n: int, d: int, device: torch.device, operand_bytes: int = 2)
         # would ask for 256 KB, over Hopper's 227 KB per block.
         return RowsConfig(block_m=64, block_n=128, block_k=32, group_m=8, num_warps=4, num_stages=3)
     if n <= 64:
-        return RowsConfig(block_m=64, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=4)
+        return RowsConfig(block_m=64, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=4, w1_tma=True)
     if d < 3072:
-        return RowsConfig(block_m=128, block_n=128, block_k=128, group_m=8, num_warps=8, num_stages=3)
-    return RowsConfig(block_m=128, block_n=256, block_k=64, group_m=8, num_warps=8, num_stages=3)
+        return RowsConfig(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=4, w1_tma=True)
+    return RowsConfig(block_m=128, block_n=256, block_k=64, group_m=8, num_warps=8, num_stages=3, w1_tma=True)
 
 
 def launch_rows_head(
@@ -155,15 +161,17 @@ def launch_rows_head(
     num_n = triton.cdiv(2 * d, cfg.block_n)
     partial = torch.empty(num_n, n, dtype=torch.float32, device=hidden.device)
     dropout = dropout_p > 0.0
+    w1_desc = cfg.w1_tma and _launch.tma_capable(w1, fmt)
+    w1_arg = TensorDescriptor.from_tensor(w1, [cfg.block_n, cfg.block_k]) if w1_desc else w1
     with _launch.device_guard(hidden):
         rows_head_kernel[(num_m * num_n,)](
-            hidden, hidden.stride(0), rows, n, num_rows if num_rows is not None else rows, w1, b1, w2_flat, partial,
+            hidden, hidden.stride(0), rows, n, num_rows if num_rows is not None else rows, w1_arg, b1, w2_flat, partial,
             act if act is not None else partial, seed if dropout else rows,
             float(dropout_p), 1.0 / (1.0 - dropout_p), d, 2 * d,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             EVEN_K=d % cfg.block_k == 0, DOT_DTYPE=fmt.dtype, PRECISION=fmt.precision,
             STORE_ACT=act is not None, DROPOUT=dropout, HAS_LIVE=num_rows is not None,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            W1_DESC=w1_desc, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         block = min(128, _launch.next_pow2(n))
         sum_partials_kernel[(triton.cdiv(n, block),)](

@@ -108,6 +108,14 @@ def test_bad_inputs_name_the_problem(env):  # noqa: F811
         backend.find_steps(ids, _table(device).long(), THINK_START, THINK_END, cu)
     with pytest.raises((TypeError, ValueError), match="input_ids"):
         backend.step_mask(ids.float(), _table(device), THINK_START, THINK_END, cu)
+    bad_end = torch.tensor([0, 4, 12], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="must end at the number of tokens 10, got 12"):
+        backend.find_steps(ids, _table(device), THINK_START, THINK_END, bad_end)
+    with pytest.raises(ValueError, match="must start at 0"):
+        backend.find_steps(ids, _table(device), THINK_START, THINK_END, bad_end + 1)
+    # With a capacity cu_seqlens is trusted, unread on the host: bad values stay inside the buffers.
+    steps = backend.find_steps(ids, _table(device), THINK_START, THINK_END, bad_end, capacity=8)
+    assert steps.rows.shape == (8,) and int(steps.rows.max()) < ids.numel()
     logits = torch.zeros(3, device=device)
     with pytest.raises(ValueError, match="cu_steps"):
         backend.trajectory_scores(logits, torch.zeros(3, dtype=torch.int64, device=device),

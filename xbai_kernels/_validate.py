@@ -49,19 +49,29 @@ def check_rows(where: str, device: torch.device, batch: int, dtypes=INDEX_DTYPES
 def check_cu_seqlens(where: str, cu_seqlens, total: int, device: torch.device) -> torch.Tensor:
     """Check the flash-attn varlen convention: int32 [S+1], starts at 0, non-decreasing, ends at ``total``.
 
-    The check reads ``cu_seqlens`` on the host (it is tiny); callers that must not synchronize skip it.
+    The check reads ``cu_seqlens`` on the host (it is tiny); callers that must not synchronize check
+    the layout only, and those that synchronize anyway check the values they read then.
     """
+    check_cu_seqlens_layout(where, cu_seqlens, device)
+    check_cu_seqlens_values(where, cu_seqlens.tolist(), total)
+    return cu_seqlens
+
+
+def check_cu_seqlens_layout(where: str, cu_seqlens, device: torch.device) -> None:
+    """What can be checked of ``cu_seqlens`` without reading it: a 1-D index tensor of >= 2 entries."""
     check_tensor(where, "cu_seqlens", cu_seqlens, ndim=1, dtypes=INDEX_DTYPES, device=device)
     if cu_seqlens.numel() < 2:
         raise ValueError(f"{where}: cu_seqlens must hold at least 2 entries [0, ..., total], got {cu_seqlens.numel()}")
-    host = cu_seqlens.tolist()
+
+
+def check_cu_seqlens_values(where: str, host: list[int], total: int) -> None:
+    """The values of ``cu_seqlens``, read on the host: start at 0, non-decreasing, end at ``total``."""
     if host[0] != 0:
         raise ValueError(f"{where}: cu_seqlens must start at 0, got {host[0]}")
     if any(b < a for a, b in zip(host, host[1:])):
         raise ValueError(f"{where}: cu_seqlens must be non-decreasing, got {host}")
     if host[-1] != total:
         raise ValueError(f"{where}: cu_seqlens must end at the number of tokens {total}, got {host[-1]}")
-    return cu_seqlens
 
 
 def check_head_weights(where: str, hidden: torch.Tensor, w1, b1, w2, b2) -> None:

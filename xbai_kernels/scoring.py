@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._validate import FLOAT_DTYPES, INDEX_DTYPES, check_cu_seqlens, check_tensor
+from ._validate import FLOAT_DTYPES, INDEX_DTYPES, check_cu_seqlens, check_cu_seqlens_layout, check_tensor
 from .head import SPRMHead
 from .ops import dispatch
 from .rule import StepRule
@@ -81,7 +81,7 @@ def score_trajectories(
 
     hidden [T, d] (fp32/fp16/bf16, ``h`` = input of the last decoder layer), input_ids int [T], one
     trajectory or packed with ``cu_seqlens`` int32 [S+1]. The head runs only on the scored rows.
-    Synchronizes with the host once, to size the output.
+    Synchronizes with the host once, to size the output (and check ``cu_seqlens`` with the same read).
 
     With ``capacity`` (an int bound on the number of scored steps) nothing synchronizes: the step
     rows are compacted on the device into ``capacity`` slots, ``cu_seqlens`` is not checked on the
@@ -101,12 +101,10 @@ def score_trajectories(
     if input_ids.numel() != hidden.shape[0]:
         raise ValueError(f"{where}: input_ids has {input_ids.numel()} tokens but hidden has {hidden.shape[0]} rows")
     device = hidden.device
-    if capacity is None:
-        cu_seqlens = _packed_layout(where, input_ids, cu_seqlens)
-    else:
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity <= 0:
-            raise ValueError(f"{where}: capacity must be a positive int, got {capacity!r}")
-        cu_seqlens = _unchecked_layout(where, input_ids, cu_seqlens)
+    if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity <= 0):
+        raise ValueError(f"{where}: capacity must be a positive int, got {capacity!r}")
+    # Only the layout here: without a capacity, find_steps checks the values in its one host sync.
+    cu_seqlens = _unchecked_layout(where, input_ids, cu_seqlens)
     if hidden.stride(-1) != 1:
         hidden = hidden.contiguous()
 
@@ -145,7 +143,5 @@ def _unchecked_layout(where: str, input_ids, cu_seqlens) -> torch.Tensor:
         cu_seqlens = torch.zeros(2, dtype=torch.int64, device=input_ids.device)
         cu_seqlens[1] = input_ids.numel()  # a fill, not a host-to-device copy: capturable in a graph
         return cu_seqlens
-    check_tensor(where, "cu_seqlens", cu_seqlens, ndim=1, dtypes=INDEX_DTYPES, device=input_ids.device)
-    if cu_seqlens.numel() < 2:
-        raise ValueError(f"{where}: cu_seqlens must hold at least 2 entries [0, ..., total]")
+    check_cu_seqlens_layout(where, cu_seqlens, input_ids.device)
     return cu_seqlens

@@ -14,6 +14,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .._validate import check_cu_seqlens_values
+
 # SPEC: the geometric mean clamps step scores here before the log.
 SCORE_CLAMP_MIN = 1e-10
 # SPEC: rewards equal to this mark a sample the loss ignores; above this threshold the answer is correct.
@@ -221,12 +223,16 @@ def find_steps(
 ) -> PackedSteps:
     """The scored positions of packed trajectories (``step_mask``), compacted in position order.
 
-    Without ``capacity`` the host synchronizes once to size the result (m = number of steps). With
-    it nothing synchronizes: m = capacity, steps past it are dropped and their trajectories are
-    marked incomplete.
+    Without ``capacity`` the host synchronizes once to size the result (m = number of steps) and
+    checks the values of ``cu_seqlens`` it reads in the same sync. With a capacity nothing
+    synchronizes and ``cu_seqlens`` is trusted: m = capacity, steps past it are dropped and their
+    trajectories are marked incomplete.
     """
     total = input_ids.numel()
     device = input_ids.device
+    if capacity is None:
+        # Before any op that trusts it (this oracle reads it apart from the count it syncs on).
+        check_cu_seqlens_values("find_steps", cu_seqlens.tolist(), total)
     mask = step_mask(input_ids, step_table, think_start_id, think_end_id, cu_seqlens)
     token_seq = sequence_index(cu_seqlens, total)
     num_seqs = cu_seqlens.numel() - 1

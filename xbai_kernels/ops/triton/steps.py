@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._validate import INDEX_DTYPES, check_tensor
+from ..._validate import INDEX_DTYPES, check_cu_seqlens_values, check_tensor
 from ..reference import PackedSteps
 from . import _launch
 
@@ -109,7 +109,8 @@ def _mask_kernel(ids_ptr, total, cu_ptr, num_seqs, table_ptr, table_size, think_
     start = tl.load(cu_ptr + seq).to(tl.int32)
     end = tl.load(cu_ptr + seq + 1).to(tl.int32)
     current = tl.load(ids_ptr + tokens, mask=ok, other=-1)
-    following = tl.load(ids_ptr + tokens + 1, mask=ok & (tokens + 1 < end), other=-1)
+    # Bounded by T as well: an unchecked cu_seqlens may end past it.
+    following = tl.load(ids_ptr + tokens + 1, mask=ok & (tokens + 1 < end) & (tokens + 1 < total), other=-1)
     candidate = ok & _is_step(table_ptr, table_size, following)
     candidate &= ~_is_step(table_ptr, table_size, current) & (current != think_start)
     base = stats_ptr + seq * STATS
@@ -249,7 +250,9 @@ def find_steps(input_ids, step_table, think_start_id: int, think_end_id: int, cu
                capacity: int | None = None) -> PackedSteps:
     """The scored positions of packed trajectories, compacted in position order (``reference.find_steps``).
 
-    Three launches; without ``capacity`` one host sync (the number of steps sizes the result).
+    Three launches; without ``capacity`` one host sync (the number of steps sizes the result; the
+    values of ``cu_seqlens`` are checked with the same read). With a capacity, ``cu_seqlens`` is
+    trusted: bad values give wrong positions, never an access out of bounds.
     """
     where = "find_steps"
     _check_layout(where, input_ids, step_table, cu_seqlens)
@@ -258,7 +261,10 @@ def find_steps(input_ids, step_table, think_start_id: int, think_end_id: int, cu
         input_ids, step_table.contiguous(), think_start_id, think_end_id, cu_seqlens
     )
     if capacity is None:
-        capacity = int(block_counts.sum()) if block_counts.numel() else 0  # the one host sync
+        # The one host sync: the number of steps, read together with cu_seqlens to check it.
+        host = torch.cat([cu_seqlens.long(), block_counts.sum().view(1).long()]).tolist()
+        check_cu_seqlens_values(where, host[:-1], input_ids.numel())
+        capacity = host[-1]
     num_seqs = cu_seqlens.numel() - 1
     num_blocks = block_counts.numel()
     device = input_ids.device

@@ -178,6 +178,57 @@ def test_score_trajectories_capacity_no_host_sync(monkeypatch):
     torch.testing.assert_close(result.scores, expected.scores)
 
 
+def test_chained_launches_in_a_graph_give_the_bits_of_plain_launches(monkeypatch):
+    """Programmatic dependent launch (each kernel's launch overlaps the end of the one before) must
+    not let a kernel read its predecessor's output early: the packed scorer's chain of six kernels
+    and the decode scorer's two launches, replayed in a graph many times, against plain launches."""
+    import xbai_kernels as xk
+    from xbai_kernels.ops.triton import _launch
+
+    if not _launch.chained(torch.device(DEVICE))["USE_PDL"]:
+        pytest.skip("no programmatic dependent launch here (needs Hopper or newer and Triton >= 3.4)")
+    monkeypatch.setenv("XBAI_KERNELS_BACKEND", "triton")
+    d, total, batch = 1536, 16384, 256
+    head = xk.SPRMHead(d).to(DEVICE, torch.bfloat16).eval()
+    rule = xk.StepRule((13,), 3, 4)
+    ids = torch.where(_mask(total, 0.03, seed=21), 13, 7)
+    cu_seqlens = torch.tensor([0, 5000, 5001, total], dtype=torch.int32, device=DEVICE)
+    hidden = _randn(total, d, dtype=torch.bfloat16, seed=22)
+    mask = _mask(batch, 0.25, seed=23)
+    decode_out = torch.empty(batch, device=DEVICE)
+
+    def run():
+        result = xk.score_trajectories(hidden, ids, head, rule, cu_seqlens, capacity=1024)
+        _backend().head_logits_masked(hidden[:batch], mask, *head.weights, out=decode_out)
+        return result
+
+    def plain():
+        monkeypatch.setenv("XBAI_KERNELS_TRITON_PDL", "0")
+        _launch._pdl_on.cache_clear()
+        try:
+            result = run()
+            return [result.logits.clone(), result.scores.clone(), decode_out.clone()]
+        finally:
+            monkeypatch.delenv("XBAI_KERNELS_TRITON_PDL")
+            _launch._pdl_on.cache_clear()
+
+    expected = plain()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()  # compile the chained variants
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    for _ in range(20):
+        decode_out.zero_()
+        graph.replay()
+        got = [captured.logits, captured.scores, decode_out]
+        for a, b in zip(got, expected):
+            assert torch.equal(a, b)
+
+
 def _train_step(op, hidden, rows, weights, correct, valid, p, generator=None):
     hidden = hidden.detach().clone().requires_grad_()
     params = [w.detach().clone().requires_grad_() for w in weights]

@@ -13,6 +13,16 @@ import triton.language as tl
 
 
 @triton.jit
+def chain_start(USE_PDL: tl.constexpr):
+    """First statement of a kernel launched with ``_launch.chained``: wait until the kernel before it
+    on the stream has finished and its writes are visible, then let the next kernel launch (it waits
+    in turn). Without USE_PDL, nothing."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
 def preactivation_tile(
     hidden_ptr,
     stride_row,
@@ -132,6 +142,7 @@ def sum_partials_kernel(
     HAS_LIVE: tl.constexpr,
     TILE_BLOCK: tl.constexpr,
     BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """out[i] = sum_t partial[t, i] + b2 (0.0 where ``row_mask[i]`` is 0 when HAS_MASK, and at
     i >= *live_ptr when HAS_LIVE).
@@ -139,5 +150,6 @@ def sum_partials_kernel(
     partial fp32 [num_tiles, n] contiguous; the sum runs in a fixed order, so the result is the same
     bits every run.
     """
+    chain_start(USE_PDL)
     write_logits(partial_ptr, num_tiles, b2_ptr, row_mask_ptr, out_ptr, n, live_ptr, tl.program_id(0) * BLOCK,
                  HAS_MASK, HAS_LIVE, TILE_BLOCK, BLOCK)

@@ -28,7 +28,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..._validate import check_tensor
 from . import _launch
-from ._tile import preactivation_tile, relu_bias, sum_partials_kernel, sum_tiles
+from ._tile import chain_start, preactivation_tile, relu_bias, sum_partials_kernel, sum_tiles
 
 
 @triton.jit
@@ -79,6 +79,7 @@ def _masked_partials_kernel(
     FUSED_REDUCTION: tl.constexpr,
     TILE_BLOCK: tl.constexpr,
     OUT_BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """partial[tile, row] = sum_{u in tile} W2[u] relu(W1[u] . hidden[row] + b1[u]) for step rows only.
 
@@ -90,6 +91,7 @@ def _masked_partials_kernel(
     rows that are not steps, and the last program to finish writes
     out[row] = sum_t partial[t, row] + b2 for the step rows only, then resets *ticket_ptr to 0.
     """
+    chain_start(USE_PDL)
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     # One load of the mask (up to 1024 rows) for the count: every program waits on it before W1.
@@ -259,6 +261,7 @@ def head_logits_masked(
     # same time, so L2 may serve one of the two reads.
     w1_desc = cfg.w1_tma and _launch.tma_capable(w1, fmt)
     w1_arg = TensorDescriptor.from_tensor(w1, [cfg.block_n, cfg.block_k]) if w1_desc else w1
+    chain = _launch.chained(hidden.device)
     with _launch.device_guard(hidden):
         ticket = _ticket(hidden.device) if cfg.fused_reduction else partial
         _masked_partials_kernel[(num_tiles,)](
@@ -267,11 +270,11 @@ def head_logits_masked(
             COUNT_CHUNK=min(1024, _launch.next_pow2(batch)), MASK_CHUNK=mask_chunk,
             EVEN_K=d % cfg.block_k == 0, DOT_DTYPE=fmt.dtype, PRECISION=fmt.precision, W1_DESC=w1_desc,
             FUSED_REDUCTION=cfg.fused_reduction, TILE_BLOCK=tile_block,
-            OUT_BLOCK=out_block, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            OUT_BLOCK=out_block, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **chain,
         )
         if not cfg.fused_reduction:
             sum_partials_kernel[(triton.cdiv(batch, out_block),)](
                 partial, num_tiles, b2, row_mask, out, batch, partial,
-                HAS_MASK=True, HAS_LIVE=False, TILE_BLOCK=tile_block, BLOCK=out_block,
+                HAS_MASK=True, HAS_LIVE=False, TILE_BLOCK=tile_block, BLOCK=out_block, **chain,
             )
     return out

@@ -16,7 +16,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..._validate import INDEX_DTYPES, check_tensor
 from . import _launch
-from ._tile import dropout_keep, preactivation_tile, relu_bias, sum_partials_kernel
+from ._tile import chain_start, dropout_keep, preactivation_tile, relu_bias, sum_partials_kernel
 
 
 @triton.jit
@@ -47,6 +47,7 @@ def rows_head_kernel(
     DROPOUT: tl.constexpr,
     HAS_LIVE: tl.constexpr,
     W1_DESC: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """partial[tile, i] = sum_{u in tile} W2[u] * drop(relu(W1[u] . hidden[rows[i]] + b1[u])).
 
@@ -58,6 +59,7 @@ def rows_head_kernel(
     the one tensor the backward needs, since act > 0 exactly where the unit passed ReLU and dropout.
     With HAS_LIVE only rows[:*live_ptr] are computed: row tiles past it return at once (padding).
     """
+    chain_start(USE_PDL)
     pid = tl.program_id(0)
     num_m = tl.cdiv(n, BLOCK_M)
     num_n = tl.cdiv(H, BLOCK_N)
@@ -163,6 +165,7 @@ def launch_rows_head(
     dropout = dropout_p > 0.0
     w1_desc = cfg.w1_tma and _launch.tma_capable(w1, fmt)
     w1_arg = TensorDescriptor.from_tensor(w1, [cfg.block_n, cfg.block_k]) if w1_desc else w1
+    chain = _launch.chained(hidden.device)
     with _launch.device_guard(hidden):
         rows_head_kernel[(num_m * num_n,)](
             hidden, hidden.stride(0), rows, n, num_rows if num_rows is not None else rows, w1_arg, b1, w2_flat, partial,
@@ -171,12 +174,13 @@ def launch_rows_head(
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             EVEN_K=d % cfg.block_k == 0, DOT_DTYPE=fmt.dtype, PRECISION=fmt.precision,
             STORE_ACT=act is not None, DROPOUT=dropout, HAS_LIVE=num_rows is not None,
-            W1_DESC=w1_desc, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            W1_DESC=w1_desc, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **chain,
         )
         block = min(128, _launch.next_pow2(n))
         sum_partials_kernel[(triton.cdiv(n, block),)](
             partial, num_n, b2, partial, logits, n, num_rows if num_rows is not None else partial,
             HAS_MASK=False, HAS_LIVE=num_rows is not None, TILE_BLOCK=_launch.sum_block(num_n), BLOCK=block,
+            **chain,
         )
     return logits
 

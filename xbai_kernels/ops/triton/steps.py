@@ -23,6 +23,7 @@ import triton.language as tl
 from ..._validate import INDEX_DTYPES, check_cu_seqlens_values, check_tensor
 from ..reference import PackedSteps
 from . import _launch
+from ._tile import chain_start
 
 # Tokens (or slots) per program: one block is a few vector loads, and T = 65536 makes 64 programs.
 BLOCK = 1024
@@ -70,12 +71,13 @@ def _sum_before(counts_ptr, end, CHUNK: tl.constexpr):
 
 @triton.jit
 def _markers_kernel(ids_ptr, total, cu_ptr, num_seqs, think_start, think_end, stats_ptr,
-                    BLOCK: tl.constexpr, SEARCH_STEPS: tl.constexpr):
+                    BLOCK: tl.constexpr, SEARCH_STEPS: tl.constexpr, USE_PDL: tl.constexpr):
     """stats int32 [S, STATS] (zeroed): (count, index) of ``<think>``, then of ``</think>``, per sequence.
 
     The index is the largest local index of the marker, which is its index when the count is 1 (the
     only case the rule uses).
     """
+    chain_start(USE_PDL)
     tokens = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = tokens < total
     ids = tl.load(ids_ptr + tokens, mask=ok, other=-1)
@@ -94,7 +96,7 @@ def _markers_kernel(ids_ptr, total, cu_ptr, num_seqs, think_start, think_end, st
 
 @triton.jit
 def _mask_kernel(ids_ptr, total, cu_ptr, num_seqs, table_ptr, table_size, think_start, stats_ptr,
-                 mask_ptr, block_counts_ptr, BLOCK: tl.constexpr, SEARCH_STEPS: tl.constexpr):
+                 mask_ptr, block_counts_ptr, BLOCK: tl.constexpr, SEARCH_STEPS: tl.constexpr, USE_PDL: tl.constexpr):
     """mask uint8 [T]: SPEC's inference rule per token; block_counts int32 [num_blocks]: steps per
     block; stats[s, STEPS] += steps of sequence s.
 
@@ -102,6 +104,7 @@ def _mask_kernel(ids_ptr, total, cu_ptr, num_seqs, table_ptr, table_size, think_
     neither a step token nor ``<think>``, and it lies strictly inside the thinking region (bounded by
     a marker that occurs exactly once, else by the sequence's ends).
     """
+    chain_start(USE_PDL)
     pid = tl.program_id(0)
     tokens = pid * BLOCK + tl.arange(0, BLOCK)
     ok = tokens < total
@@ -129,7 +132,7 @@ def _mask_kernel(ids_ptr, total, cu_ptr, num_seqs, table_ptr, table_size, think_
 @triton.jit
 def _compact_kernel(mask_ptr, total, cu_ptr, num_seqs, block_counts_ptr, num_blocks, stats_ptr, capacity,
                     rows_ptr, seq_out_ptr, positions_ptr, cu_steps_ptr, complete_ptr,
-                    BLOCK: tl.constexpr, SEARCH_STEPS: tl.constexpr, CHUNK: tl.constexpr):
+                    BLOCK: tl.constexpr, SEARCH_STEPS: tl.constexpr, CHUNK: tl.constexpr, USE_PDL: tl.constexpr):
     """Three kinds of programs, by program id:
 
     * [0, num_blocks): the steps of token block b go to slots sum(block_counts[:b]) + their rank in
@@ -139,6 +142,7 @@ def _compact_kernel(mask_ptr, total, cu_ptr, num_seqs, block_counts_ptr, num_blo
     * the last one: cu_steps int64 [S + 1] = min(steps before sequence s, capacity) and complete
       uint8 [S] = whether sequence s kept all its steps, from the per-sequence step counts.
     """
+    chain_start(USE_PDL)
     pid = tl.program_id(0)
     lanes = tl.arange(0, BLOCK)
     slot_programs = tl.cdiv(capacity, BLOCK)
@@ -175,11 +179,12 @@ def _compact_kernel(mask_ptr, total, cu_ptr, num_seqs, block_counts_ptr, num_blo
 
 @triton.jit
 def _scores_kernel(logits_ptr, num_slots, cu_steps_ptr, num_seqs, complete_ptr, step_scores_ptr, scores_ptr,
-                   SCORE_CLAMP_MIN: tl.constexpr, BLOCK: tl.constexpr):
+                   SCORE_CLAMP_MIN: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     """Programs [0, S): scores float32 [S], SPEC's geometric mean of sigmoid(logit) over the slots of
     sequence s (clamped at SCORE_CLAMP_MIN before the log; 0.0 with no step; NaN when incomplete),
     summed block by block in slot order. Programs past S: step_scores float32 [num_slots] =
     sigmoid(logit) on the live slots [0, cu_steps[S]), 0.0 on padding."""
+    chain_start(USE_PDL)
     pid = tl.program_id(0)
     lanes = tl.arange(0, BLOCK)
     if pid < num_seqs:
@@ -225,15 +230,16 @@ def _mask_and_counts(input_ids, step_table, think_start_id, think_end_id, cu_seq
     mask = torch.empty(total, dtype=torch.uint8, device=device)
     block_counts = torch.empty(num_blocks, dtype=torch.int32, device=device)
     search = _search_steps(num_seqs)
+    chain = _launch.chained(device)
     if num_blocks:
         with _launch.device_guard(input_ids):
             _markers_kernel[(num_blocks,)](
                 input_ids, total, cu_seqlens, num_seqs, think_start_id, think_end_id, stats,
-                BLOCK=BLOCK, SEARCH_STEPS=search,
+                BLOCK=BLOCK, SEARCH_STEPS=search, **chain,
             )
             _mask_kernel[(num_blocks,)](
                 input_ids, total, cu_seqlens, num_seqs, step_table.view(torch.uint8), step_table.numel(),
-                think_start_id, stats, mask, block_counts, BLOCK=BLOCK, SEARCH_STEPS=search,
+                think_start_id, stats, mask, block_counts, BLOCK=BLOCK, SEARCH_STEPS=search, **chain,
             )
     return mask, block_counts, stats
 
@@ -278,7 +284,7 @@ def find_steps(input_ids, step_table, think_start_id: int, think_end_id: int, cu
         _compact_kernel[(grid,)](
             mask, input_ids.numel(), cu_seqlens, num_seqs, block_counts, num_blocks, stats, capacity,
             rows, seq, positions, cu_steps, complete.view(torch.uint8),
-            BLOCK=BLOCK, SEARCH_STEPS=_search_steps(num_seqs), CHUNK=CHUNK,
+            BLOCK=BLOCK, SEARCH_STEPS=_search_steps(num_seqs), CHUNK=CHUNK, **_launch.chained(device),
         )
     return PackedSteps(rows, seq, positions, cu_steps, complete)
 
@@ -303,6 +309,6 @@ def trajectory_scores(logits: torch.Tensor, cu_steps: torch.Tensor, complete: to
         with _launch.device_guard(logits):
             _scores_kernel[(grid,)](
                 logits, logits.numel(), cu_steps, num_seqs, complete.view(torch.uint8), step_scores, scores,
-                SCORE_CLAMP_MIN=SCORE_CLAMP_MIN, BLOCK=BLOCK,
+                SCORE_CLAMP_MIN=SCORE_CLAMP_MIN, BLOCK=BLOCK, **_launch.chained(logits.device),
             )
     return step_scores, scores

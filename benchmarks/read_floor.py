@@ -3,9 +3,9 @@
 The issues state the decode floor as W1's bytes over the copy bandwidth of a 1 GiB device-to-device
 copy. A decode step reads 105 MB (d = 5120) in one kernel launched from a CUDA graph, which also pays
 the launch, the ramp-up to full bandwidth and the tail. This times, as graph replays over rotated
-weight copies, kernels that only read W1: ``torch.sum``, and a Triton kernel streaming W1 through TMA
-with one program per group of rows (several shapes), so the best of them is what any decode kernel
-must pay for its bytes. ``python -m benchmarks.read_floor [--out PATH]``.
+weight copies, kernels that read W1 once: ``torch.sum``, cuBLAS's product of W1 with one and with
+16 rows (the first layer alone), and a plain Triton kernel streaming W1 through TMA (several shapes),
+so the best of them is what a decode kernel pays for its bytes in practice. ``python -m benchmarks.read_floor [--out PATH]``.
 """
 
 from __future__ import annotations
@@ -57,8 +57,13 @@ def main(argv=None) -> dict:
         heads = weight_copies(d, device)
         w1s = [(h[0],) for h in heads]
         floor_us = (2 * d * d + 4 * d) * 2 / bandwidth * 1e6
+        x1 = torch.randn(d, device=device, dtype=heads[0][0].dtype)
+        x16 = torch.randn(16, d, device=device, dtype=heads[0][0].dtype)
         row = {"d": d, "w1_MB": 2 * d * d * 2 / 1e6, "copy_floor_us": floor_us,
-               "torch_sum_us": graph_us(lambda w: torch.sum(w, dtype=torch.float32), w1s)}
+               "torch_sum_us": graph_us(lambda w: torch.sum(w, dtype=torch.float32), w1s),
+               # cuBLAS's matrix-vector and 16-row products: W1 . h alone, no bias, ReLU or W2.
+               "cublas_gemv_us": graph_us(lambda w: torch.mv(w, x1), w1s),
+               "cublas_gemm_16_rows_us": graph_us(lambda w: x16 @ w.t(), w1s)}
         out = torch.empty(1024, dtype=torch.float32, device=device)
         for programs, block_r, block_c, stages in SHAPES:
             if (2 * d) % (programs * block_r):

@@ -27,17 +27,12 @@ D = decode.DecodeConfig
 T = dict(w1_tma=True)
 F = dict(fused_reduction=False)
 PLAN: dict[tuple[int, int, int], list[D]] = {
-    # Sweep 5: B = 256 with a quarter of rows steps, two launches; sweep 4's plan is in its JSON file.
-    (5120, 256, 64): [
-        D(64, 128, 128, 8, 4, **F, tile_units=78),
-        D(64, 128, 128, 8, 4, **F, tile_units=78, **T),
-        D(64, 128, 64, 8, 6, **F, tile_units=78, **T),
-        D(64, 64, 128, 4, 3, **F, **T),
-        D(64, 64, 128, 4, 4, **F, **T),
-        D(64, 64, 128, 8, 3, **F, tile_units=40, **T),
-        D(32, 128, 128, 4, 4, **F, tile_units=78, **T),
-        D(64, 128, 128, 8, 5, **F, tile_units=78, **T),
-    ],
+    # Sweep 7: b2 loaded before the ticket; fewer warps at d = 1536. The first of each list is the
+    # default. Earlier sweeps are in their JSON files.
+    (1536, 1, 1): [D(16, 32, 256, 4, 4, **T), D(16, 32, 256, 2, 4, **T), D(16, 64, 256, 2, 4, **T),
+                   D(16, 16, 256, 2, 4, **T)],
+    (1536, 16, 4): [D(16, 32, 256, 4, 4, **T), D(16, 32, 256, 2, 4, **T)],
+    (5120, 1, 1): [D(16, 128, 128, 4, 4, **T), D(16, 64, 128, 2, 4, **T)],
 }
 
 

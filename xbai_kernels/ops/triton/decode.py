@@ -51,6 +51,14 @@ def _nth_step_rows(row_mask_ptr, B, first, BLOCK_M: tl.constexpr, MASK_CHUNK: tl
 
 
 @triton.jit
+def _rows_of_steps(inclusive, first, BLOCK: tl.constexpr):
+    """int32 [BLOCK]: the batch row of the (first + j)-th step, from the inclusive running count of
+    the whole mask (one chunk): as in ``_nth_step_rows``, without reloading the mask."""
+    wanted = first + tl.arange(0, BLOCK)
+    return tl.sum((inclusive[None, :] <= wanted[:, None]).to(tl.int32), axis=1)
+
+
+@triton.jit
 def _masked_partials_kernel(
     hidden_ptr,
     stride_row,
@@ -79,6 +87,7 @@ def _masked_partials_kernel(
     FUSED_REDUCTION: tl.constexpr,
     TILE_BLOCK: tl.constexpr,
     OUT_BLOCK: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     """partial[tile, row] = sum_{u in tile} W2[u] relu(W1[u] . hidden[row] + b1[u]) for step rows only.
@@ -95,11 +104,18 @@ def _masked_partials_kernel(
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     # One load of the mask (up to 1024 rows) for the count: every program waits on it before W1.
+    # A batch that fits one chunk of the row search keeps the running count of that same load, so
+    # the step rows cost no second trip to memory before the first W1 byte is asked for.
     lanes = tl.arange(0, COUNT_CHUNK)
-    num_steps = 0
-    for c0 in range(0, B, COUNT_CHUNK):
-        flags = tl.load(row_mask_ptr + c0 + lanes, mask=(c0 + lanes) < B, other=0).to(tl.int32)
-        num_steps += tl.sum(flags, 0)
+    if ONE_CHUNK:
+        flags = tl.load(row_mask_ptr + lanes, mask=lanes < B, other=0).to(tl.int32)
+        num_steps = tl.sum(flags, 0)
+        inclusive = tl.cumsum(flags, 0)
+    else:
+        num_steps = 0
+        for c0 in range(0, B, COUNT_CHUNK):
+            flags = tl.load(row_mask_ptr + c0 + lanes, mask=(c0 + lanes) < B, other=0).to(tl.int32)
+            num_steps += tl.sum(flags, 0)
     if FUSED_REDUCTION:
         outs = tl.arange(0, OUT_BLOCK)
         for r0 in range(pid * OUT_BLOCK, B, programs * OUT_BLOCK):
@@ -110,7 +126,10 @@ def _masked_partials_kernel(
     unit_ok = (units < unit0 + tile_units) & (units < H)
     w2 = tl.load(w2_ptr + units, mask=unit_ok, other=0.0).to(tl.float32)
     for first in range(0, num_steps, BLOCK_M):
-        rows = _nth_step_rows(row_mask_ptr, B, first, BLOCK_M, MASK_CHUNK)
+        if ONE_CHUNK:
+            rows = _rows_of_steps(inclusive, first, BLOCK_M)
+        else:
+            rows = _nth_step_rows(row_mask_ptr, B, first, BLOCK_M, MASK_CHUNK)
         row_ok = (first + tl.arange(0, BLOCK_M)) < num_steps
         acc = preactivation_tile(
             hidden_ptr, stride_row, rows, row_ok, w1, unit0, units, unit_ok, d,
@@ -120,6 +139,8 @@ def _masked_partials_kernel(
         partial = tl.sum(act * w2[None, :], axis=1)
         tl.store(partial_ptr + pid * B + rows, partial, mask=row_ok)
     if FUSED_REDUCTION:
+        # Loaded by every program before its ticket, so the last one's tail waits on one load less.
+        b2 = tl.load(b2_ptr).to(tl.float32)
         # Every thread's partial stores come before this program's release of its ticket.
         tl.debug_barrier()
         ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
@@ -127,9 +148,11 @@ def _masked_partials_kernel(
         if ticket == programs - 1:
             # Only the step rows are summed: the serial tail of this one program grows with the
             # steps, not with B (a batch of 1024 rows without a step sums nothing).
-            b2 = tl.load(b2_ptr).to(tl.float32)
             for first in range(0, num_steps, OUT_BLOCK):
-                rows = _nth_step_rows(row_mask_ptr, B, first, OUT_BLOCK, MASK_CHUNK)
+                if ONE_CHUNK:
+                    rows = _rows_of_steps(inclusive, first, OUT_BLOCK)
+                else:
+                    rows = _nth_step_rows(row_mask_ptr, B, first, OUT_BLOCK, MASK_CHUNK)
                 row_ok = (first + tl.arange(0, OUT_BLOCK)) < num_steps
                 total = sum_tiles(partial_ptr, num_tiles, B, rows, row_ok, TILE_BLOCK, OUT_BLOCK)
                 tl.store(out_ptr + rows, total + b2, mask=row_ok)
@@ -254,6 +277,7 @@ def head_logits_masked(
     num_tiles = triton.cdiv(2 * d, tile_units)
     partial = torch.empty(num_tiles, batch, dtype=torch.float32, device=hidden.device)
     mask_chunk = min(128, _launch.next_pow2(batch))
+    count_chunk = min(1024, _launch.next_pow2(batch))
     out_block = cfg.sum_rows or min(128, _launch.next_pow2(batch))
     tile_block = cfg.sum_tiles or _sum_tiles(num_tiles, out_block, cfg.fused_reduction)
     # A TMA box is a whole block_n tile: with fewer units per tile it also fetches rows of the next
@@ -267,7 +291,7 @@ def head_logits_masked(
         _masked_partials_kernel[(num_tiles,)](
             hidden, hidden.stride(0), row_mask, batch, w1_arg, b1, w2, partial, b2, out, ticket, d, 2 * d,
             num_tiles, tile_units, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            COUNT_CHUNK=min(1024, _launch.next_pow2(batch)), MASK_CHUNK=mask_chunk,
+            COUNT_CHUNK=count_chunk, MASK_CHUNK=mask_chunk, ONE_CHUNK=count_chunk == mask_chunk,
             EVEN_K=d % cfg.block_k == 0, DOT_DTYPE=fmt.dtype, PRECISION=fmt.precision, W1_DESC=w1_desc,
             FUSED_REDUCTION=cfg.fused_reduction, TILE_BLOCK=tile_block,
             OUT_BLOCK=out_block, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **chain,

@@ -27,12 +27,22 @@ D = decode.DecodeConfig
 T = dict(w1_tma=True)
 F = dict(fused_reduction=False)
 PLAN: dict[tuple[int, int, int], list[D]] = {
-    # Sweep 7: b2 loaded before the ticket; fewer warps at d = 1536. The first of each list is the
-    # default. Earlier sweeps are in their JSON files.
-    (1536, 1, 1): [D(16, 32, 256, 4, 4, **T), D(16, 32, 256, 2, 4, **T), D(16, 64, 256, 2, 4, **T),
-                   D(16, 16, 256, 2, 4, **T)],
-    (1536, 16, 4): [D(16, 32, 256, 4, 4, **T), D(16, 32, 256, 2, 4, **T)],
-    (5120, 1, 1): [D(16, 128, 128, 4, 4, **T), D(16, 64, 128, 2, 4, **T)],
+    # Sweep 8: the one-launch sum reads partials stored by step rank (contiguous) at B >= 256. The
+    # first of each list is the default. Earlier sweeps are in their JSON files.
+    (5120, 256, 64): [
+        D(64, 128, 128, 8, 4, **F, tile_units=78),
+        D(64, 128, 128, 8, 4, tile_units=78),
+        D(64, 128, 128, 8, 4, tile_units=78, sum_tiles=256, sum_rows=32),
+        D(64, 128, 128, 8, 4, tile_units=78, **T),
+        D(64, 128, 128, 8, 4, sum_tiles=128, sum_rows=64, **T),
+    ],
+    (5120, 256, 0): [D(64, 128, 128, 8, 4, **F, tile_units=78), D(64, 128, 128, 8, 4, tile_units=78)],
+    (5120, 1024, 256): [D(128, 128, 128, 8, 3, **F), D(128, 128, 128, 8, 3), D(128, 128, 128, 8, 3, sum_tiles=128, sum_rows=64)],
+    (5120, 1024, 0): [D(128, 128, 128, 8, 3, **F), D(128, 128, 128, 8, 3)],
+    (5120, 1, 1): [D(16, 128, 128, 4, 4, **T)],
+    (1536, 256, 64): [D(64, 32, 128, 4, 4, **F), D(64, 32, 128, 4, 4), D(64, 32, 128, 4, 4, sum_tiles=128, sum_rows=32)],
+    (1536, 256, 0): [D(64, 32, 128, 4, 4, **F), D(64, 32, 128, 4, 4)],
+    (1536, 1, 1): [D(16, 32, 256, 4, 4, **T)],
 }
 
 

@@ -12,7 +12,7 @@ last ticket sums the tiles of every step row in a fixed order and writes those l
 atomics only, so the float sums never depend on scheduling; the bits depend on the launch shape,
 which is fixed per (B, d, dtype)). The ticket counter
 is one int32 per device, reset by that last program: calls on one device must not overlap in time
-(one stream, as decode engines run it). Batches of more than 64 rows use a second launch for the
+(one stream, as decode engines run it). Batches of more than 256 rows use a second launch for the
 sum instead (``DecodeConfig.fused_reduction``), which spreads it over many programs.
 """
 
@@ -95,10 +95,11 @@ def _masked_partials_kernel(
     Program t owns the ``tile_units`` (<= BLOCK_N) hidden units starting at t * tile_units, of
     H = 2d. The tile need not be a power of two: 80-unit tiles at d = 5120 make 128 programs of equal
     work for 132 SMs, where 64-unit tiles made 160 (28 SMs streaming twice as much as the others) and
-    128-unit tiles left 52 SMs idle. No step row: no W1 byte is read. partial fp32 [num_tiles, B]; entries of rows that are not steps stay
-    unwritten (nothing reads them). With FUSED_REDUCTION every program writes 0.0 to its share of the
-    rows that are not steps, and the last program to finish writes
-    out[row] = sum_t partial[t, row] + b2 for the step rows only, then resets *ticket_ptr to 0.
+    128-unit tiles left 52 SMs idle. No step row: no W1 byte is read. partial fp32 [num_tiles, B],
+    by batch row (entries of rows that are not steps stay unwritten; nothing reads them), or with
+    FUSED_REDUCTION by step rank (the k-th step row at column k). With FUSED_REDUCTION every program
+    writes 0.0 to its share of the rows that are not steps, and the last program to finish writes
+    out[row] = sum_t partial[t, rank(row)] + b2 for the step rows only, then resets *ticket_ptr to 0.
     """
     chain_start(USE_PDL)
     pid = tl.program_id(0)
@@ -137,7 +138,11 @@ def _masked_partials_kernel(
         )
         act = relu_bias(acc, b1_ptr, units, unit_ok)
         partial = tl.sum(act * w2[None, :], axis=1)
-        tl.store(partial_ptr + pid * B + rows, partial, mask=row_ok)
+        if FUSED_REDUCTION:
+            # By step rank: the last program then reads each tile's partials as one contiguous run.
+            tl.store(partial_ptr + pid * B + first + tl.arange(0, BLOCK_M), partial, mask=row_ok)
+        else:
+            tl.store(partial_ptr + pid * B + rows, partial, mask=row_ok)
     if FUSED_REDUCTION:
         # Loaded by every program before its ticket, so the last one's tail waits on one load less.
         b2 = tl.load(b2_ptr).to(tl.float32)
@@ -153,8 +158,9 @@ def _masked_partials_kernel(
                     rows = _rows_of_steps(inclusive, first, OUT_BLOCK)
                 else:
                     rows = _nth_step_rows(row_mask_ptr, B, first, OUT_BLOCK, MASK_CHUNK)
-                row_ok = (first + tl.arange(0, OUT_BLOCK)) < num_steps
-                total = sum_tiles(partial_ptr, num_tiles, B, rows, row_ok, TILE_BLOCK, OUT_BLOCK)
+                ranks = first + tl.arange(0, OUT_BLOCK)
+                row_ok = ranks < num_steps
+                total = sum_tiles(partial_ptr, num_tiles, B, ranks, row_ok, TILE_BLOCK, OUT_BLOCK)
                 tl.store(out_ptr + rows, total + b2, mask=row_ok)
             tl.atomic_xchg(ticket_ptr, 0, sem="relaxed")
 
@@ -201,15 +207,20 @@ def default_config(batch: int, d: int, device: torch.device, operand_bytes: int 
         if d < 2048:
             return DecodeConfig(16, 32, 2 * block_k if tma else block_k, 4, 4, w1_tma=tma)
         return DecodeConfig(16, 128 if tma else 64, block_k, 4, 4, w1_tma=tma)
-    # More rows: a second launch sums the tiles (the one-launch tail cost 6-16 us more with 64 step
-    # rows). With 64 step rows each program re-reads them from L2 for every K step, so tiles stay
-    # wide, but one tile per SM in equal parts (d = 5120: 78 units in 128 lanes, 132 programs):
-    # 42.7 us against 47.7 for 80 programs of 128 units.
-    if block_m <= 64 and d >= 2048:
+    # 65-256 rows: still one launch, the last program summing a whole [tiles, 32 steps] block of
+    # partials per load, stored by step rank so each tile's run is contiguous (d = 5120, B = 256:
+    # 42.7 us with a quarter steps as with two launches, 3.1 us without a step against 5.5; a
+    # tail gathering partials by batch row cost 6-15 us). With 64 step rows each program re-reads
+    # them from L2 for every K step, so tiles stay wide, but one tile per SM in equal parts
+    # (d = 5120: 78 units in 128 lanes, 132 programs): 42.7 us against 47.7 for 80 of 128 units.
+    if block_m <= 64:
+        if d < 2048:
+            return DecodeConfig(block_m, 32, block_k, 4, 4, sum_rows=32)
         units = triton.cdiv(2 * d, torch.cuda.get_device_properties(device).multi_processor_count)
-        return DecodeConfig(block_m, triton.next_power_of_2(units), block_k, 8, 4, False, tile_units=units)
-    return DecodeConfig(block_m, 32 if d < 2048 else 128, block_k, 4 if block_m <= 64 else 8,
-                        4 if d < 2048 else 3, fused_reduction=False)
+        return DecodeConfig(block_m, triton.next_power_of_2(units), block_k, 8, 4, tile_units=units, sum_rows=32)
+    # More rows: a second launch spreads the sum over many programs (one launch: 180 against 145 us
+    # with 256 step rows at d = 5120).
+    return DecodeConfig(block_m, 32 if d < 2048 else 128, block_k, 8, 4 if d < 2048 else 3, fused_reduction=False)
 
 
 def _sum_tiles(num_tiles: int, out_block: int, fused: bool) -> int:

@@ -10,6 +10,7 @@ bf16 + sigmoid, which synchronizes with the host). A quarter of the rows sample 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -39,14 +40,27 @@ def _inputs(batch: int, d: int, device, seed: int):
     return hidden, sets
 
 
-def _per_call_us(fn, calls: int, device) -> float:
+# Each number is the median of this many timed windows of ``calls`` calls; min and max are kept.
+REPEATS = 5
+
+
+def _per_call_us(fn, calls: int, device, per_call: int = 1) -> tuple[float, float, float]:
+    """(median, min, max) over REPEATS windows of the time per call of ``fn`` / ``per_call``."""
     fn()
     torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize(device)
-    return 1e6 * (time.perf_counter() - start) / calls
+    samples = []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize(device)
+        samples.append(1e6 * (time.perf_counter() - start) / calls / per_call)
+    return statistics.median(samples), min(samples), max(samples)
+
+
+def _record(row: dict, key: str, timing: tuple[float, float, float]) -> None:
+    row[key] = timing[0]
+    row.setdefault("min_max", {})[key] = [timing[1], timing[2]]
 
 
 def measure(batch: int, d: int, device, calls: int) -> dict:
@@ -64,7 +78,7 @@ def measure(batch: int, d: int, device, calls: int) -> dict:
         scorer.step(hidden, second, slots, positions)
 
     row = {"batch": batch, "d": d, "step_rows": int((first == STEP_ID).sum())}
-    row["ours_eager_us"] = _per_call_us(ours, calls, device) / 2
+    _record(row, "ours_eager_us", _per_call_us(ours, calls, device, per_call=2))
 
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
@@ -74,7 +88,7 @@ def measure(batch: int, d: int, device, calls: int) -> dict:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         ours()
-    row["ours_graph_us"] = _per_call_us(graph.replay, calls, device) / 2
+    _record(row, "ours_graph_us", _per_call_us(graph.replay, calls, device, per_call=2))
 
     released = nn.Sequential(nn.Linear(d, 2 * d), nn.ReLU(), nn.Dropout(0.5), nn.Linear(2 * d, 1))
     released = released.to(device=device, dtype=torch.bfloat16).eval()
@@ -85,7 +99,7 @@ def measure(batch: int, d: int, device, calls: int) -> dict:
         torch.sigmoid(released(hidden[rows]).float())
 
     with torch.inference_mode():
-        row["released_hook_eager_us"] = _per_call_us(released_hook, calls, device)
+        _record(row, "released_hook_eager_us", _per_call_us(released_hook, calls, device))
     return row
 
 
@@ -93,7 +107,8 @@ def markdown_table(result: dict) -> str:
     env = result["environment"]
     lines = [
         f"One `DecodeScorer.step` per decode step on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
-        f"bf16, a quarter of the rows are steps; {env['date'][:10]}), us per step:",
+        f"bf16, a quarter of the rows are steps; {env['date'][:10]}), us per step, median of "
+        f"{REPEATS} windows (min and max in the JSON):",
         "",
         "| d | B | step rows | ours, eager calls | ours, CUDA-graph replay | released head hooked in (eager) |",
         "|---:|---:|---:|---:|---:|---:|",

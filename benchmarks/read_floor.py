@@ -29,7 +29,7 @@ def _stream_rows_kernel(w1, out_ptr, rows_per_program, d, BLOCK_R: tl.constexpr,
     columns = tl.cdiv(d, BLOCK_C)
     tiles = tl.cdiv(rows_per_program, BLOCK_R) * columns
     acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-    for i in range(0, tiles):
+    for i in range(tiles):
         acc += w1.load([pid * rows_per_program + (i // columns) * BLOCK_R, (i % columns) * BLOCK_C]).to(tl.float32)
     tl.store(out_ptr + pid, tl.sum(acc))
 
@@ -62,15 +62,15 @@ def main(argv=None) -> dict:
         row = {"d": d, "w1_MB": 2 * d * d * 2 / 1e6, "copy_floor_us": floor_us,
                "torch_sum_us": graph_us(lambda w: torch.sum(w, dtype=torch.float32), w1s),
                # cuBLAS's matrix-vector and 16-row products: W1 . h alone, no bias, ReLU or W2.
-               "cublas_gemv_us": graph_us(lambda w: torch.mv(w, x1), w1s),
-               "cublas_gemm_16_rows_us": graph_us(lambda w: x16 @ w.t(), w1s)}
+               "cublas_gemv_us": graph_us(lambda w, x=x1: torch.mv(w, x), w1s),
+               "cublas_gemm_16_rows_us": graph_us(lambda w, x=x16: x @ w.t(), w1s)}
         out = torch.empty(1024, dtype=torch.float32, device=device)
         for programs, block_r, block_c, stages in SHAPES:
             if (2 * d) % (programs * block_r):
                 continue
             key = f"triton_tma_{programs}x{block_r}x{block_c}_s{stages}_us"
             try:
-                row[key] = graph_us(lambda w, p=programs, r=block_r, c=block_c, s=stages: stream_read(w, p, r, c, s, out), w1s)
+                row[key] = graph_us(lambda w, p=programs, r=block_r, c=block_c, s=stages, o=out: stream_read(w, p, r, c, s, o), w1s)
             except Exception as error:  # a shape that does not fit is a result, not a crash
                 row[key] = f"{type(error).__name__}: {str(error)[:120]}"
         timed = [v for k, v in row.items() if k.endswith("_us") and k != "copy_floor_us" and isinstance(v, float)]

@@ -19,7 +19,7 @@ from ._common import environment, write_result
 from .bench_kernels import DTYPE, graph_us, matmul_rate, weight_copies
 
 R = packed.RowsConfig
-TMA = dict(w1_tma=True)
+TMA = {"w1_tma": True}
 # The first of each list is the current default.
 PLAN: dict[int, list[R]] = {
     5120: [

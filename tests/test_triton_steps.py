@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from test_triton_ops import env, make_head, randn  # noqa: F401  (fixture)
+
 from xbai_kernels.ops import reference
 
 THINK_START, THINK_END = 3, 4

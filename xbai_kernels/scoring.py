@@ -7,7 +7,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ._validate import FLOAT_DTYPES, INDEX_DTYPES, check_cu_seqlens, check_cu_seqlens_layout, check_tensor
+from ._validate import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_cu_seqlens,
+    check_cu_seqlens_layout,
+    check_tensor,
+)
 from .head import SPRMHead
 from .ops import dispatch
 from .rule import StepRule

@@ -2,8 +2,9 @@
 
 ``score_trajectories`` over T packed tokens used to run some forty small PyTorch ops around the head
 (a membership test, marker counts, a cumsum, scatters, segment sums); on a host that launches slowly
-those cost far more than the head. Here the same work takes four launches, each a pass over blocks
-of tokens or of slots, with integer atomics only (results do not depend on scheduling):
+those cost far more than the head. Here the same work takes four launches (chained by programmatic
+dependent launch on Hopper, ``_launch.chained``), each a pass over blocks of tokens or of slots,
+with integer atomics only (results do not depend on scheduling):
 
 1. ``_markers_kernel``: per sequence, how often ``<think>`` and ``</think>`` occur and where.
 2. ``_mask_kernel``: SPEC's rule per token (``step_mask``), and the number of steps in each block.
@@ -21,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ..._validate import INDEX_DTYPES, check_cu_seqlens_values, check_tensor
-from ..reference import PackedSteps
+from ..reference import SCORE_CLAMP_MIN, PackedSteps
 from . import _launch
 from ._tile import chain_start
 
@@ -291,8 +292,6 @@ def find_steps(input_ids, step_table, think_start_id: int, think_end_id: int, cu
 
 def trajectory_scores(logits: torch.Tensor, cu_steps: torch.Tensor, complete: torch.Tensor):
     """(step_scores float32 [m], scores float32 [S]) of ``find_steps``' slots (``reference.trajectory_scores``)."""
-    from ..reference import SCORE_CLAMP_MIN
-
     where = "trajectory_scores"
     check_tensor(where, "logits", logits, ndim=1, dtypes=(torch.float32,))
     check_tensor(where, "cu_steps", cu_steps, ndim=1, dtypes=(torch.int64,), device=logits.device)

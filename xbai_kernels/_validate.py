@@ -74,6 +74,13 @@ def check_cu_seqlens_values(where: str, host: list[int], total: int) -> None:
         raise ValueError(f"{where}: cu_seqlens must end at the number of tokens {total}, got {host[-1]}")
 
 
+def check_row_count(where: str, num_rows, device: torch.device) -> None:
+    """``num_rows``: an index tensor holding one count, on ``device`` (a live-row count read on the device)."""
+    check_tensor(where, "num_rows", num_rows, dtypes=INDEX_DTYPES, device=device)
+    if num_rows.numel() != 1:
+        raise ValueError(f"{where}: num_rows must hold one count, got shape {tuple(num_rows.shape)}")
+
+
 def check_head_weights(where: str, hidden: torch.Tensor, w1, b1, w2, b2) -> None:
     """Shapes [2d, d], [2d], [1, 2d], [1]; one floating dtype; same device as ``hidden``."""
     d = hidden.shape[-1]

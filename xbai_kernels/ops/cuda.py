@@ -264,15 +264,14 @@ def head_logits_rows(hidden: torch.Tensor, rows: torch.Tensor, w1, b1, w2, b2, n
     """
     _check_head("head_logits_rows", hidden, w1, b1, w2, b2)
     _validate.check_tensor("head_logits_rows", "rows", rows, ndim=1, dtypes=_validate.INDEX_DTYPES, device=hidden.device)
+    if num_rows is not None:
+        _validate.check_row_count("head_logits_rows", num_rows, hidden.device)
     route = _reference_route(hidden, (w1, b1, w2, b2))
     if route is not None:
         _note_reference_route(route)
         return reference.head_logits_rows(hidden, rows, w1, b1, w2, b2, num_rows)
     logits = _op(_head_logits_rows_op, hidden)(hidden, rows.long(), w1, b1, w2, b2)
-    if num_rows is None:
-        return logits
-    _validate.check_tensor("head_logits_rows", "num_rows", num_rows, dtypes=_validate.INDEX_DTYPES, device=hidden.device)
-    return torch.where(torch.arange(rows.numel(), device=rows.device) < num_rows.reshape(()), logits, 0.0)
+    return logits if num_rows is None else reference.zero_past(logits, num_rows)
 
 
 # The packed scorer's bookkeeping has no kernel here: it runs as PyTorch ops on the GPU, so a forced

@@ -45,9 +45,12 @@ def head_logits_rows(hidden: torch.Tensor, rows: torch.Tensor, w1, b1, w2, b2, n
     rest are padding whose logit is 0.0 (a fast backend skips their work; this oracle masks).
     """
     logits = head_logits(hidden.index_select(0, rows.long()), w1, b1, w2, b2)
-    if num_rows is None:
-        return logits
-    return torch.where(torch.arange(rows.numel(), device=rows.device) < num_rows.reshape(()), logits, 0.0)
+    return logits if num_rows is None else zero_past(logits, num_rows)
+
+
+def zero_past(logits: torch.Tensor, num_rows: torch.Tensor) -> torch.Tensor:
+    """``logits`` [n] with the entries from ``num_rows`` (a one-element device tensor) on set to 0.0."""
+    return torch.where(torch.arange(logits.numel(), device=logits.device) < num_rows.reshape(()), logits, 0.0)
 
 
 def head_logits_masked(

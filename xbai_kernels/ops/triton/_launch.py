@@ -99,7 +99,6 @@ def tma_capable(weight: torch.Tensor, fmt: DotFormat) -> bool:
     return weight.device.type == "cuda" and torch.cuda.get_device_capability(weight.device)[0] >= 9
 
 
-
 @functools.cache
 def _pdl_supported() -> bool:
     """Whether this Triton has programmatic dependent launch (the ``launch_pdl`` option, 3.4+)."""

@@ -32,30 +32,27 @@ from ._tile import chain_start, preactivation_tile, relu_bias, sum_partials_kern
 
 
 @triton.jit
-def _nth_step_rows(row_mask_ptr, B, first, BLOCK_M: tl.constexpr, MASK_CHUNK: tl.constexpr):
-    """int32 [BLOCK_M]: the batch row of the (first + j)-th set entry of ``row_mask`` (0-based j).
+def _rows_of_steps(inclusive, first, BLOCK: tl.constexpr):
+    """int32 [BLOCK]: how many entries of ``inclusive`` (a running count of the step mask) are still
+    <= first + j. Over the whole mask that is the batch row of the (first + j)-th step (0-based j):
+    the rows before it are exactly those whose running count has not passed j."""
+    wanted = first + tl.arange(0, BLOCK)
+    return tl.sum((inclusive[None, :] <= wanted[:, None]).to(tl.int32), axis=1)
 
-    The row of the j-th step is the number of rows whose running step count is still <= j, which a
-    comparison against the inclusive prefix sum gives without any host-side compaction.
-    """
-    wanted = first + tl.arange(0, BLOCK_M)
+
+@triton.jit
+def _nth_step_rows(row_mask_ptr, B, first, BLOCK_M: tl.constexpr, MASK_CHUNK: tl.constexpr):
+    """int32 [BLOCK_M]: the batch row of the (first + j)-th set entry of ``row_mask`` (0-based j),
+    chunk by chunk of the mask (``_rows_of_steps`` summed over chunks), without any host-side
+    compaction."""
     lanes = tl.arange(0, MASK_CHUNK)
     row = tl.zeros([BLOCK_M], dtype=tl.int32)
     carried = 0
     for c0 in range(0, B, MASK_CHUNK):
         flags = tl.load(row_mask_ptr + c0 + lanes, mask=(c0 + lanes) < B, other=0).to(tl.int32)
-        inclusive = tl.cumsum(flags, 0) + carried
-        row += tl.sum((inclusive[None, :] <= wanted[:, None]).to(tl.int32), axis=1)
+        row += _rows_of_steps(tl.cumsum(flags, 0) + carried, first, BLOCK_M)
         carried += tl.sum(flags, 0)
     return row
-
-
-@triton.jit
-def _rows_of_steps(inclusive, first, BLOCK: tl.constexpr):
-    """int32 [BLOCK]: the batch row of the (first + j)-th step, from the inclusive running count of
-    the whole mask (one chunk): as in ``_nth_step_rows``, without reloading the mask."""
-    wanted = first + tl.arange(0, BLOCK)
-    return tl.sum((inclusive[None, :] <= wanted[:, None]).to(tl.int32), axis=1)
 
 
 @triton.jit

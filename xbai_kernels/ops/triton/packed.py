@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ..._validate import INDEX_DTYPES, check_tensor
+from ..._validate import check_row_count
 from . import _launch
 from ._tile import chain_start, dropout_keep, preactivation_tile, relu_bias, sum_partials_kernel
 
@@ -198,9 +198,7 @@ def head_logits_rows(hidden: torch.Tensor, rows: torch.Tensor, w1, b1, w2, b2, n
     _launch.check_hidden(where, hidden)
     _launch.check_rows(where, rows, hidden.device)
     if num_rows is not None:
-        check_tensor(where, "num_rows", num_rows, dtypes=INDEX_DTYPES, device=hidden.device)
-        if num_rows.numel() != 1:
-            raise ValueError(f"{where}: num_rows must hold one count, got shape {tuple(num_rows.shape)}")
+        check_row_count(where, num_rows, hidden.device)
     w1, b1, w2, b2 = _launch.head_weights(where, hidden, w1, b1, w2, b2)
     hidden = _launch.rows_last_contiguous(hidden)
     return launch_rows_head(hidden, rows.contiguous(), w1, b1, w2, b2, config=config,

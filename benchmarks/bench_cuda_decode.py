@@ -27,12 +27,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import copy_bandwidth, environment, write_result  # noqa: E402
 
 BACKENDS = ("cuda", "triton", "reference")
-# CUDA backend variants timed as separate columns: W1 pipeline (XBAI_KERNELS_CUDA_PIPELINE) and
-# programmatic dependent launch on/off (XBAI_KERNELS_CUDA_PDL).
+# CUDA backend variants timed as separate columns, as the environment values they set.
+VARIANT_VARIABLES = ("XBAI_KERNELS_CUDA_PIPELINE", "XBAI_KERNELS_CUDA_PDL", "XBAI_KERNELS_CUDA_TAIL")
 CUDA_VARIANTS = {
-    "cuda-auto": ("auto", "1"),
-    "cuda-bulk": ("bulk", "1"),
-    "cuda-wide": ("wide", "1"),
+    "cuda-auto": ("auto", "1", "auto"),
+    "cuda-stream": ("stream", "1", "fused"),
+    "cuda-stream-kernel": ("stream", "1", "kernel"),
+    "cuda-stream-nopdl": ("stream", "0", "auto"),
+    "cuda-bulk": ("bulk", "1", "auto"),
+    "cuda-wide": ("wide", "1", "auto"),
 }
 MIN_CALLS_PER_GRAPH = 10
 
@@ -122,7 +125,7 @@ def main() -> None:
     if args.all_steps:
         cases.append((max(args.batches), max(args.batches)))
 
-    backends = {}  # column -> (module, (pipeline, pdl) environment values or None)
+    backends = {}  # column -> (module, CUDA_VARIANTS environment values or None)
     skipped = {}
     for name in BACKENDS:
         module, reason = load_backend(name)
@@ -148,7 +151,7 @@ def main() -> None:
         cuda_bits = None
         for name, (module, variant) in backends.items():
             if variant is not None:
-                os.environ["XBAI_KERNELS_CUDA_PIPELINE"], os.environ["XBAI_KERNELS_CUDA_PDL"] = variant
+                os.environ.update(zip(VARIANT_VARIABLES, variant))
 
             def call(i, module=module):
                 return module.head_logits_masked(hidden, mask, *heads[i % weight_sets], out=out)
@@ -171,8 +174,8 @@ def main() -> None:
                 "floor_us": floor_s * 1e6, "graph_over_floor": graph_s / floor_s if steps else None,
                 "relative_error_vs_reference": error, "same_bits_as_first_cuda_variant": same_bits,
             })
-            os.environ.pop("XBAI_KERNELS_CUDA_PIPELINE", None)
-            os.environ.pop("XBAI_KERNELS_CUDA_PDL", None)
+            for variable in VARIANT_VARIABLES:
+                os.environ.pop(variable, None)
             print(f"{name:>15} B={batch:<4} steps={steps:<4} graph {graph_s * 1e6:8.1f} us  eager {eager_s * 1e6:8.1f} us"
                   f"  floor {floor_s * 1e6:7.1f} us  err {error}", flush=True)
 

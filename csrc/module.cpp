@@ -21,10 +21,10 @@ PyObject* raise_status(int32_t status) {
 PyObject* head_logits(PyObject*, PyObject* args) {
   unsigned long long hidden, row_index, row_mask, w1, b1, w2, b2, out, workspace, stream;
   long long hidden_rows, hidden_stride, d, num_rows, workspace_bytes;
-  int source, dtype, pipeline, dependent_launch;
-  if (!PyArg_ParseTuple(args, "KLLLiKKLKKKKKKLiiiK:head_logits", &hidden, &hidden_rows, &hidden_stride, &d, &source,
+  int source, dtype, pipeline, dependent_launch, tail;
+  if (!PyArg_ParseTuple(args, "KLLLiKKLKKKKKKLiiiiK:head_logits", &hidden, &hidden_rows, &hidden_stride, &d, &source,
                         &row_index, &row_mask, &num_rows, &w1, &b1, &w2, &b2, &out, &workspace, &workspace_bytes,
-                        &dtype, &pipeline, &dependent_launch, &stream))
+                        &dtype, &pipeline, &dependent_launch, &tail, &stream))
     return nullptr;
   XbaiHeadLaunch launch;
   launch.hidden = reinterpret_cast<const void*>(hidden);
@@ -45,6 +45,7 @@ PyObject* head_logits(PyObject*, PyObject* args) {
   launch.dtype = dtype;
   launch.pipeline = pipeline;
   launch.dependent_launch = dependent_launch;
+  launch.tail = tail;
   launch.stream = reinterpret_cast<void*>(stream);
   int32_t status;
   // The launch only enqueues work, but other Python threads may run while the driver does.
@@ -121,7 +122,7 @@ PyMethodDef methods[] = {
     {"head_logits", head_logits, METH_VARARGS,
      "head_logits(hidden_ptr, hidden_rows, hidden_stride, d, source, row_index_ptr, row_mask_ptr, num_rows,\n"
      "            w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr, workspace_ptr, workspace_bytes, dtype, pipeline,\n"
-     "            dependent_launch, stream)\n"
+     "            dependent_launch, tail, stream)\n"
      "Enqueue the SPRM head on `stream`; out (float32 [num_rows]) is written asynchronously."},
     {"decode_candidates", decode_candidates, METH_VARARGS,
      "decode_candidates(last_token_ptr, sampled_ptr, slots_ptr, step_table_ptr, table_size, batch, think_start,\n"

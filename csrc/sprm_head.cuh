@@ -112,11 +112,16 @@ struct HeadParams {
   const void* b2;
   float* partials;       // [num_slices, row_capacity]
   int32_t* output_slot;  // kRowsMasked: [num_rows] rank among step rows, or -1
+  int32_t* step_row;     // kRowsMasked: [num_rows] the row of each step rank (the fused tail's map)
   float* out;            // [num_rows]
   int64_t row_capacity;  // num_chunks * chunk rows
   int num_slices;        // H / 16
   int num_chunks;
   int balanced;          // 1: balanced schedule, 0: grouped
+  // head_stream_kernel (sprm_head_stream.cuh) only:
+  int slices_per_cta;    // CTA c owns slices [c * slices_per_cta, (c + 1) * slices_per_cta)
+  int box_slices;        // slices per W1 TMA box; slices_per_cta is a multiple of it
+  int fused_tail;        // 1: the last CTA sums the slices (kRowsMasked); 0: head_reduce_kernel does
 };
 
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
@@ -251,12 +256,16 @@ __device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t 
 }
 
 // Ranks the step rows of the mask with the whole CTA; stores in chunk_rows the hidden row of each
-// step whose rank lies in [first_rank, first_rank + ChunkRows) and, when output_slot is given, the
-// rank of every row (-1 for non-steps). Returns how many chunk slots were filled, the same on every
+// step whose rank lies in [first_rank, first_rank + ChunkRows) and, when `record`, the rank of every
+// row in p.output_slot (-1 for non-steps); with p.fused_tail also the row of every rank in
+// p.step_row and 0.0 in p.out for every non-step row (the fused tail writes only the steps). Returns
+// how many chunk slots were filled and sets *steps to the number of step rows, the same on every
 // thread. Ends with a barrier, so chunk_rows is ready to read.
 template <class Cfg>
-__device__ int rank_masked_rows(const bool* row_mask, int64_t num_rows, int64_t first_rank,
-                                int64_t* chunk_rows, int32_t* output_slot, int* warp_counts) {
+__device__ int rank_masked_rows(const HeadParams& p, int64_t first_rank, bool record, int64_t* chunk_rows,
+                                int* warp_counts, int64_t* steps) {
+  const bool* row_mask = p.row_mask;
+  const int64_t num_rows = p.num_rows;
   constexpr int kChunkRows = Cfg::kChunkRows;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -275,10 +284,17 @@ __device__ int rank_masked_rows(const bool* row_mask, int64_t num_rows, int64_t 
     }
     const int64_t rank = rank_base + before + __popc(ballot & ((1u << lane) - 1u));
     if (is_step && rank >= first_rank && rank < first_rank + kChunkRows) chunk_rows[rank - first_rank] = row;
-    if (output_slot != nullptr && row < num_rows) output_slot[row] = is_step ? static_cast<int32_t>(rank) : -1;
+    if (record && row < num_rows) {
+      p.output_slot[row] = is_step ? static_cast<int32_t>(rank) : -1;
+      if (p.fused_tail) {
+        if (is_step) p.step_row[rank] = static_cast<int32_t>(row);
+        else p.out[row] = 0.f;
+      }
+    }
     rank_base += total;
     __syncthreads();
   }
+  *steps = rank_base;
   const int64_t filled = rank_base - first_rank;
   return filled <= 0 ? 0 : (filled >= kChunkRows ? kChunkRows : static_cast<int>(filled));
 }
@@ -466,16 +482,16 @@ __device__ void head_item(const HeadParams& p, int slice0, int slices, int chunk
   __syncthreads();
 }
 
-// Selects the rows of chunk `chunk` into chunk_rows; returns how many slots hold a row. For the
-// decode source, the first call of CTA 0 also records every row's rank for the reduction.
+// Selects the rows of chunk `chunk` into chunk_rows; returns how many slots hold a row and sets
+// *steps to the number of rows scored in all. For the decode source, the first call of CTA 0 also
+// records every row's rank for the reduction.
 template <class Cfg>
 __device__ int select_chunk_rows(const HeadParams& p, int chunk, bool record_slots, int64_t* chunk_rows,
-                                 int* warp_counts) {
+                                 int* warp_counts, int64_t* steps) {
   constexpr int kChunkRows = Cfg::kChunkRows;
   const int64_t first_rank = static_cast<int64_t>(chunk) * kChunkRows;
-  if (p.source == kRowsMasked)
-    return rank_masked_rows<Cfg>(p.row_mask, p.num_rows, first_rank, chunk_rows,
-                                 record_slots ? p.output_slot : nullptr, warp_counts);
+  if (p.source == kRowsMasked) return rank_masked_rows<Cfg>(p, first_rank, record_slots, chunk_rows, warp_counts, steps);
+  *steps = p.num_rows;
   const int64_t left = p.num_rows - first_rank;
   const int filled = left >= kChunkRows ? kChunkRows : static_cast<int>(left);
   for (int r = threadIdx.x; r < kChunkRows; r += Cfg::kThreads) {
@@ -511,7 +527,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) head_items_kernel(const Head
     }
     wait_for_prior_grids();
     for (int chunk = 0; chunk < p.num_chunks; ++chunk) {
-      const int filled = select_chunk_rows<Cfg>(p, chunk, chunk == 0 && blockIdx.x == 0, chunk_rows, warp_counts);
+      int64_t steps;
+      const int filled = select_chunk_rows<Cfg>(p, chunk, chunk == 0 && blockIdx.x == 0, chunk_rows, warp_counts, &steps);
       // Decode chunks fill in rank order: after an empty one, all later ones are empty too.
       if (filled == 0) break;
       for (int pass = 0; pass < passes; ++pass) {
@@ -534,7 +551,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) head_items_kernel(const Head
     const int within = item % per_group;
     const int tile = group * kTileGroup + within % group_tiles;
     const int chunk = within / group_tiles;
-    const int filled = select_chunk_rows<Cfg>(p, chunk, false, chunk_rows, warp_counts);
+    int64_t steps;
+    const int filled = select_chunk_rows<Cfg>(p, chunk, false, chunk_rows, warp_counts, &steps);
     const int slice0 = tile * kTileSlices;
     head_item<T, Cfg>(p, slice0, min(kTileSlices, p.num_slices - slice0), chunk, filled, chunk_rows, dynamic_smem);
   }
@@ -683,7 +701,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) head_bulk_kernel(const HeadP
   share_of(p.num_slices, gridDim.x, blockIdx.x, &first, &count);
   const int passes = (count + kMaxSlices - 1) / kMaxSlices;
   wait_for_prior_grids();
-  const int filled = select_chunk_rows<Cfg>(p, 0, blockIdx.x == 0, chunk_rows, warp_counts);
+  int64_t steps;
+  const int filled = select_chunk_rows<Cfg>(p, 0, blockIdx.x == 0, chunk_rows, warp_counts, &steps);
   // No step row: W1 is never read.
   if (filled == 0) return;
   uint32_t iteration = 0;

@@ -1,9 +1,13 @@
 // Host side of the SPRM head kernels: picks the row-chunk width and tile configuration, sizes the
 // persistent grid from the device, and enqueues the item kernel and the reduction on the caller's stream.
+#include <cudaTypedefs.h>
+
 #include <atomic>
+#include <type_traits>
 
 #include "sprm_head.cuh"
 #include "sprm_head_launch.h"
+#include "sprm_head_stream.cuh"
 
 #ifndef XBAI_COMPILED_TARGETS
 #define XBAI_COMPILED_TARGETS "unknown"
@@ -29,7 +33,7 @@ struct Layout {
   int num_chunks;
   int num_slices;
   int64_t row_capacity;
-  int64_t partials_bytes;
+  int64_t partials_bytes;  // then, for the decode source, output_slot and step_row: int32 [num_rows] each
   int64_t total_bytes;
 };
 
@@ -40,7 +44,7 @@ Layout layout_for(int32_t source, int64_t num_rows, int64_t d) {
   l.num_slices = static_cast<int>((2 * d + xbai::kSliceUnits - 1) / xbai::kSliceUnits);
   l.row_capacity = static_cast<int64_t>(l.num_chunks) * l.chunk_rows;
   l.partials_bytes = (l.num_slices * l.row_capacity * 4 + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign;
-  l.total_bytes = l.partials_bytes + (source == XBAI_ROWS_MASKED ? num_rows * 4 : 0);
+  l.total_bytes = l.partials_bytes + (source == XBAI_ROWS_MASKED ? 2 * num_rows * 4 : 0);
   if (l.total_bytes == 0) l.total_bytes = kWorkspaceAlign;
   return l;
 }
@@ -138,9 +142,9 @@ cudaError_t prepare_kernel(size_t smem, int device) {
 // Launches `kernel` on `stream`, as a programmatic dependent launch where the GPU has it: the
 // kernel may start while the previous grid on the stream finishes, and waits on
 // griddepcontrol.wait before it reads anything (sprm_head.cuh).
-template <typename Kernel>
+template <typename Kernel, typename... Args>
 cudaError_t launch_kernel(Kernel kernel, unsigned grid, unsigned threads, size_t smem, bool dependent,
-                          cudaStream_t stream, const xbai::HeadParams& p) {
+                          cudaStream_t stream, const Args&... args) {
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(grid);
   config.blockDim = dim3(threads);
@@ -151,7 +155,7 @@ cudaError_t launch_kernel(Kernel kernel, unsigned grid, unsigned threads, size_t
   attribute[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attribute;
   config.numAttrs = dependent ? 1 : 0;
-  return cudaLaunchKernelEx(&config, kernel, p);
+  return cudaLaunchKernelEx(&config, kernel, args...);
 }
 
 // The reduction: one warp per output row, after the item kernel.
@@ -221,20 +225,125 @@ cudaError_t launch_family(const xbai::HeadParams& p, int pipeline, const DeviceI
 template <typename T, class Wide, class Deep, class Bulk, class BulkShort>
 cudaError_t launch_family(const xbai::HeadParams& p, int pipeline, const DeviceInfo& info, bool dependent,
                           cudaStream_t stream) {
-  if (pipeline == XBAI_PIPELINE_BULK || pipeline == XBAI_PIPELINE_AUTO) {
+  if (pipeline == XBAI_PIPELINE_BULK) {
     if (bulk_applies<T, Bulk>(p, info)) return launch_bulk<T, Bulk>(p, info, dependent, stream);
     if (bulk_applies<T, BulkShort>(p, info)) return launch_bulk<T, BulkShort>(p, info, dependent, stream);
   }
   return launch_family<T, Wide, Deep>(p, pipeline, info, dependent, stream);
 }
 
+// ---- The TMA streaming kernel (sm_90, sprm_head_stream.cuh) ----
+
+using Stream8 = xbai::StreamConfig<8, 1>;
+using Stream16 = xbai::StreamConfig<16, 1>;
+using Stream32 = xbai::StreamConfig<32, 2>;
+using Stream64 = xbai::StreamConfig<64, 2>;
+
+// cuTensorMapEncodeTiled from the driver, found once through the runtime (the module links no libcuda).
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encoder = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      (void)cudaGetLastError();
+      return static_cast<PFN_cuTensorMapEncodeTiled_v12000>(nullptr);
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  return encoder;
+}
+
+// How the slices split over the grid: `passes` boxes of `box_slices` per CTA (box_slices <= kMaxSlices,
+// the accumulators a thread holds), the fewest CTAs that cover the slices in one wave of `sms`.
+struct StreamSplit {
+  int slices_per_cta;
+  int box_slices;
+  int grid;
+};
+
+StreamSplit stream_split(int num_slices, int sms) {
+  StreamSplit s;
+  const int per_cta = (num_slices + sms - 1) / sms;
+  const int passes = (per_cta + xbai::kMaxSlices - 1) / xbai::kMaxSlices;
+  s.box_slices = (per_cta + passes - 1) / passes;
+  s.slices_per_cta = passes * s.box_slices;
+  s.grid = (num_slices + s.slices_per_cta - 1) / s.slices_per_cta;
+  return s;
+}
+
+// Dynamic shared memory of the streaming kernel: all the device allows, less its static part and the
+// 1024 bytes it may skip to align the ring.
+size_t stream_smem(const DeviceInfo& info) { return static_cast<size_t>(info.max_smem - kBulkStaticBytes); }
+
+// Whether the streaming kernel serves the call: sm_90 code loaded, the driver's tensor-map encoder,
+// d >= 64 (one TMA box wide), the decode source or one row chunk, and room for two stages and the
+// epilogue's pre-activations.
+template <typename T, class Cfg>
+bool stream_applies(const xbai::HeadParams& p, const DeviceInfo& info) {
+  if (!info.bulk || p.d < 64 || !(p.source == XBAI_ROWS_MASKED || p.num_chunks == 1)) return false;
+  if (tensor_map_encoder() == nullptr) return false;
+  const StreamSplit split = stream_split(p.num_slices, info.sms);
+  const size_t stage = 2 * static_cast<size_t>(split.box_slices * xbai::kSliceUnits + Cfg::kChunkRows) * xbai::kSwizzleBytes;
+  const size_t ring = stream_smem(info) - 1024;
+  return 2 * stage <= ring && Cfg::reduce_bytes() <= ring;
+}
+
+template <typename T, class Cfg>
+cudaError_t launch_stream(xbai::HeadParams p, const DeviceInfo& info, int tail, bool dependent, cudaStream_t stream) {
+  constexpr auto kernel = xbai::head_stream_kernel<T, Cfg>;
+  const size_t smem = stream_smem(info);
+  cudaError_t err = prepare_kernel<kernel>(smem, info.device);
+  if (err != cudaSuccess) return err;
+  const StreamSplit split = stream_split(p.num_slices, info.sms);
+  p.balanced = 1;
+  p.slices_per_cta = split.slices_per_cta;
+  p.box_slices = split.box_slices;
+  // One launch (the last CTA sums) for decode batches of up to 256 rows: one CTA's serial sum over
+  // every step row beats a second launch only while there are few of them.
+  p.fused_tail = p.source == XBAI_ROWS_MASKED &&
+                 (tail == XBAI_TAIL_FUSED || (tail == XBAI_TAIL_AUTO && p.num_rows <= 256));
+  // W1 as a [2d, d] tensor of box_slices * 16 rows x 64 columns boxes, 128-byte swizzled.
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(p.d), static_cast<cuuint64_t>(p.num_slices) * xbai::kSliceUnits};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(p.d) * sizeof(T)};
+  const cuuint32_t box[2] = {xbai::kStreamStageK / 2, static_cast<cuuint32_t>(split.box_slices * xbai::kSliceUnits)};
+  const cuuint32_t element_strides[2] = {1, 1};
+  const CUresult encoded = tensor_map_encoder()(
+      &map, std::is_same<T, __nv_bfloat16>::value ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+      2, const_cast<void*>(p.w1), dims, strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (encoded != CUDA_SUCCESS) return cudaErrorInvalidValue;
+  err = launch_kernel(kernel, split.grid, Cfg::kThreads, smem, dependent, stream, p, map);
+  if (err != cudaSuccess || p.fused_tail) return err;
+  return launch_reduce<T>(p, dependent, stream);
+}
+
+template <typename T, class Stream>
+bool try_stream(const xbai::HeadParams& p, int pipeline, int tail, const DeviceInfo& info, bool dependent,
+                cudaStream_t stream, cudaError_t* err) {
+  if (pipeline != XBAI_PIPELINE_AUTO && pipeline != XBAI_PIPELINE_STREAM) return false;
+  if (!stream_applies<T, Stream>(p, info)) return false;
+  *err = launch_stream<T, Stream>(p, info, tail, dependent, stream);
+  return true;
+}
+
 template <typename T>
-cudaError_t launch_for_chunk(const xbai::HeadParams& p, int chunk_rows, int pipeline, bool dependent,
+cudaError_t launch_for_chunk(const xbai::HeadParams& p, int chunk_rows, int pipeline, int tail, bool dependent,
                              cudaStream_t stream) {
   DeviceInfo info;
-  const cudaError_t err = device_info(&info);
+  cudaError_t err = device_info(&info);
   if (err != cudaSuccess) return err;
   dependent = dependent && info.dependent;
+  bool streamed = false;
+  switch (chunk_rows) {
+    case 8: streamed = try_stream<T, Stream8>(p, pipeline, tail, info, dependent, stream, &err); break;
+    case 16: streamed = try_stream<T, Stream16>(p, pipeline, tail, info, dependent, stream, &err); break;
+    case 32: streamed = try_stream<T, Stream32>(p, pipeline, tail, info, dependent, stream, &err); break;
+    default: streamed = try_stream<T, Stream64>(p, pipeline, tail, info, dependent, stream, &err); break;
+  }
+  if (streamed) return err;
   switch (chunk_rows) {
     case 8: return launch_family<T, Wide8, Deep8, Bulk8, BulkShort8>(p, pipeline, info, dependent, stream);
     case 16: return launch_family<T, Wide16, Deep16, Bulk16, BulkShort16>(p, pipeline, info, dependent, stream);
@@ -254,7 +363,8 @@ extern "C" int64_t xbai_head_workspace_bytes(int32_t source, int64_t num_rows, i
 extern "C" int32_t xbai_head_logits(const XbaiHeadLaunch* a) {
   if (a->dtype != XBAI_FLOAT16 && a->dtype != XBAI_BFLOAT16) return XBAI_BAD_DTYPE;
   if (a->d <= 0 || a->d % 8 != 0) return XBAI_BAD_HIDDEN_SIZE;
-  if (a->pipeline < XBAI_PIPELINE_WIDE || a->pipeline > XBAI_PIPELINE_BULK) return XBAI_BAD_PIPELINE;
+  if (a->pipeline < XBAI_PIPELINE_WIDE || a->pipeline > XBAI_PIPELINE_STREAM) return XBAI_BAD_PIPELINE;
+  if (a->tail < XBAI_TAIL_AUTO || a->tail > XBAI_TAIL_KERNEL) return XBAI_BAD_TAIL;
   if (a->source != XBAI_ROWS_ALL && a->source != XBAI_ROWS_INDEXED && a->source != XBAI_ROWS_MASKED)
     return XBAI_BAD_ROW_SOURCE;
   if (a->num_rows <= 0) return XBAI_OK;
@@ -282,16 +392,20 @@ extern "C" int32_t xbai_head_logits(const XbaiHeadLaunch* a) {
   p.b2 = a->b2;
   p.partials = static_cast<float*>(a->workspace);
   p.output_slot = reinterpret_cast<int32_t*>(static_cast<char*>(a->workspace) + l.partials_bytes);
+  p.step_row = p.output_slot + a->num_rows;
   p.out = a->out;
   p.row_capacity = l.row_capacity;
   p.num_slices = l.num_slices;
   p.num_chunks = l.num_chunks;
   p.balanced = 0;
+  p.slices_per_cta = 0;
+  p.box_slices = 0;
+  p.fused_tail = 0;
 
   cudaStream_t stream = static_cast<cudaStream_t>(a->stream);
   const cudaError_t err = a->dtype == XBAI_BFLOAT16
-                              ? launch_for_chunk<__nv_bfloat16>(p, l.chunk_rows, a->pipeline, a->dependent_launch != 0, stream)
-                              : launch_for_chunk<__half>(p, l.chunk_rows, a->pipeline, a->dependent_launch != 0, stream);
+                              ? launch_for_chunk<__nv_bfloat16>(p, l.chunk_rows, a->pipeline, a->tail, a->dependent_launch != 0, stream)
+                              : launch_for_chunk<__half>(p, l.chunk_rows, a->pipeline, a->tail, a->dependent_launch != 0, stream);
   return static_cast<int32_t>(err);
 }
 
@@ -304,7 +418,8 @@ extern "C" const char* xbai_status_string(int32_t status) {
     case XBAI_BAD_ROW_SOURCE: return "row source must be 0 (all), 1 (indexed) or 2 (masked)";
     case XBAI_WORKSPACE_TOO_SMALL: return "workspace is smaller than xbai_head_workspace_bytes()";
     case XBAI_MISSING_POINTER: return "a required pointer is null";
-    case XBAI_BAD_PIPELINE: return "pipeline must be 0 (wide), 1 (deep), 2 (auto) or 3 (bulk)";
+    case XBAI_BAD_PIPELINE: return "pipeline must be 0 (wide), 1 (deep), 2 (auto), 3 (bulk) or 4 (stream)";
+    case XBAI_BAD_TAIL: return "tail must be 0 (auto), 1 (fused) or 2 (kernel)";
     default: return status > 0 ? cudaGetErrorString(static_cast<cudaError_t>(status)) : "unknown status";
   }
 }

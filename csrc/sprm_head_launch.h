@@ -26,15 +26,27 @@ enum XbaiStatus {
   XBAI_WORKSPACE_TOO_SMALL = -5,
   XBAI_MISSING_POINTER = -6,
   XBAI_BAD_PIPELINE = -7,
+  XBAI_BAD_TAIL = -8,
 };
 
 /* Shape of the W1 pipeline (sprm_head_launch.cu): same results, different speed and shared memory.
  * WIDE and DEEP: per-thread 16-byte cp.async copies (256 or 128 bytes of each W1 row per stage), any
  * GPU from sm_80. BULK: the sm_90 copy engine, kilobyte copies, the rows resident in shared memory,
- * for calls of one chunk of <= 16 rows (decode at B <= 16) with d a multiple of 512; elsewhere it
- * falls back to AUTO's cp.async choice. AUTO takes BULK where it applies, else WIDE where the GPU's
- * shared memory holds it, else DEEP. */
-enum XbaiPipeline { XBAI_PIPELINE_WIDE = 0, XBAI_PIPELINE_DEEP = 1, XBAI_PIPELINE_AUTO = 2, XBAI_PIPELINE_BULK = 3 };
+ * for calls of one chunk of <= 16 rows (decode at B <= 16) with d a multiple of 512. STREAM: sm_90,
+ * W1 by TMA boxes and the rows copied beside it, for the decode source and calls of one chunk of up
+ * to 64 rows, d >= 64. Where BULK or STREAM does not apply they fall back to AUTO's cp.async choice.
+ * AUTO takes STREAM where it applies, else WIDE where the GPU's shared memory holds it, else DEEP. */
+enum XbaiPipeline {
+  XBAI_PIPELINE_WIDE = 0,
+  XBAI_PIPELINE_DEEP = 1,
+  XBAI_PIPELINE_AUTO = 2,
+  XBAI_PIPELINE_BULK = 3,
+  XBAI_PIPELINE_STREAM = 4,
+};
+
+/* Who adds the slices of the STREAM kernel's decode logits: AUTO (the last CTA of the kernel up to
+ * 256 rows, a second kernel above), FUSED (the last CTA), KERNEL (a second kernel). Same bits. */
+enum XbaiTail { XBAI_TAIL_AUTO = 0, XBAI_TAIL_FUSED = 1, XBAI_TAIL_KERNEL = 2 };
 
 typedef struct XbaiHeadLaunch {
   const void* hidden;       /* [hidden_rows, d], row stride hidden_stride elements */
@@ -55,6 +67,7 @@ typedef struct XbaiHeadLaunch {
   int32_t dtype;            /* XbaiDtype of hidden and of every weight */
   int32_t pipeline;         /* XbaiPipeline */
   int32_t dependent_launch; /* 1: programmatic dependent launch on sm_90+ (ignored elsewhere), 0: plain */
+  int32_t tail;             /* XbaiTail */
   void* stream;             /* cudaStream_t; the launch is asynchronous on it */
 } XbaiHeadLaunch;
 

@@ -231,10 +231,10 @@ def test_pipeline_shapes_give_the_same_bits(monkeypatch, batch):
     hidden = _random_inputs(batch, d, torch.bfloat16, seed=13)
     mask = _step_mask(batch, batch // 2 + 1)
     results = {}
-    for name in ("wide", "deep", "auto", "bulk"):
+    for name in ("wide", "deep", "auto", "bulk", "stream"):
         monkeypatch.setenv("XBAI_KERNELS_CUDA_PIPELINE", name)
         results[name] = cuda_ops.head_logits_masked(hidden, mask, w1, b1, w2, b2)
-    assert all(torch.equal(results["wide"], results[name]) for name in ("deep", "auto", "bulk"))
+    assert all(torch.equal(results["wide"], results[name]) for name in ("deep", "auto", "bulk", "stream"))
     expected = reference.head_logits_masked(hidden, mask, w1, b1, w2, b2)
     assert _relative_error(results["wide"], expected) <= SAME_INPUT_RTOL
     monkeypatch.setenv("XBAI_KERNELS_CUDA_PIPELINE", "sideways")
@@ -277,19 +277,70 @@ def test_bulk_copy_pipelines_give_the_cp_async_bits(monkeypatch, d, batch, steps
         assert torch.equal(results["bulk"], expected)
 
 
+@pytest.mark.parametrize(
+    ("d", "batch", "steps"),
+    [
+        (96, 5, 3),  # one stage, its second TMA box half past d
+        (1000, 16, 7),  # d not a multiple of the 128-column stage: zero-filled tail
+        (1536, 1, 1),
+        (3584, 16, 4),
+        (5120, 1, 1),
+        (5120, 16, 4),
+        (5120, 256, 64),  # one 64-row chunk
+        (5120, 256, 256),  # four chunks, W1 streamed four times
+        (8192, 32, 9),  # two boxes per CTA: the ring's phases carry over
+        (1536, 1024, 256),  # 16 chunks, the second-kernel tail
+        (5120, 256, 0),  # no step row: zeros, W1 not read
+    ],
+)
+@pytest.mark.parametrize("tail", ["fused", "kernel"])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.cuda
 @needs_kernels
-def test_bulk_copy_single_chunk_rows_and_bad_index(monkeypatch):
-    """head_logits / head_logits_rows on one chunk of <= 16 rows take the bulk kernel too; a bad index is not copied."""
+def test_stream_kernel_gives_the_cp_async_bits(monkeypatch, d, batch, steps, tail, dtype):
+    """The sm_90 TMA kernel, with either tail, adds in the same order as the cp.async kernel."""
+    w1, b1, w2, b2 = _random_head(d, dtype, seed=d + 5)
+    hidden = _random_inputs(batch, d, dtype, seed=batch + 6)
+    mask = _step_mask(batch, steps, seed=steps + 7)
+    monkeypatch.setenv("XBAI_KERNELS_CUDA_PIPELINE", "wide")
+    expected_bits = cuda_ops.head_logits_masked(hidden, mask, w1, b1, w2, b2)
+    monkeypatch.setenv("XBAI_KERNELS_CUDA_PIPELINE", "stream")
+    monkeypatch.setenv("XBAI_KERNELS_CUDA_TAIL", tail)
+    # Garbage in `out` first: every logit, step or not, must be written.
+    out = torch.full((batch,), float("nan"), device="cuda")
+    for _ in range(3):  # the ticket counter wraps back to 0 after each call
+        streamed = cuda_ops.head_logits_masked(hidden, mask, w1, b1, w2, b2, out=out)
+        assert torch.equal(streamed, expected_bits), float((streamed - expected_bits).abs().max())
+    expected = reference.head_logits_masked(hidden, mask, w1, b1, w2, b2)
+    if steps:
+        assert _relative_error(streamed, expected) <= SAME_INPUT_RTOL
+    else:
+        assert torch.equal(streamed, expected)
+
+
+@pytest.mark.cuda
+@needs_kernels
+def test_bad_tail_is_named(monkeypatch):
+    w1, b1, w2, b2 = _random_head(64, torch.bfloat16)
+    monkeypatch.setenv("XBAI_KERNELS_CUDA_TAIL", "sideways")
+    with pytest.raises(ValueError, match="XBAI_KERNELS_CUDA_TAIL"):
+        cuda_ops.head_logits_masked(_random_inputs(2, 64, torch.bfloat16), _step_mask(2, 1), w1, b1, w2, b2)
+
+
+@pytest.mark.parametrize("pipeline", ["bulk", "stream"])
+@pytest.mark.cuda
+@needs_kernels
+def test_bulk_copy_single_chunk_rows_and_bad_index(monkeypatch, pipeline):
+    """head_logits / head_logits_rows on one chunk of <= 16 rows take the sm_90 kernels too; a bad index is not copied."""
     d = 1536
     w1, b1, w2, b2 = _random_head(d, torch.bfloat16, seed=21)
     hidden = _random_inputs(12, d, torch.bfloat16, seed=22)
     rows = torch.tensor([0, 12, -1, 5, 11], device="cuda")
     results = {}
-    for name in ("wide", "bulk"):
+    for name in ("wide", pipeline):
         monkeypatch.setenv("XBAI_KERNELS_CUDA_PIPELINE", name)
         results[name] = (cuda_ops.head_logits(hidden, w1, b1, w2, b2), cuda_ops.head_logits_rows(hidden, rows, w1, b1, w2, b2))
-    every, picked = results["bulk"]
+    every, picked = results[pipeline]
     assert _relative_error(every, reference.head_logits(hidden, w1, b1, w2, b2)) <= SAME_INPUT_RTOL
     assert torch.isnan(picked[[1, 2]]).all() and torch.equal(picked[[0, 3, 4]], every[[0, 5, 11]])
     wide_every, wide_picked = results["wide"]

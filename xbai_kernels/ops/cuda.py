@@ -60,8 +60,9 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 # Source codes of csrc/sprm_head_launch.h (XbaiRowSource): which rows the kernel scores.
 ROWS_ALL, ROWS_INDEXED, ROWS_MASKED = 0, 1, 2
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
-_PIPELINES = {"wide": 0, "deep": 1, "auto": 2, "bulk": 3}
+_PIPELINES = {"wide": 0, "deep": 1, "auto": 2, "bulk": 3, "stream": 4}
 DEFAULT_PIPELINE = "auto"
+_TAILS = {"auto": 0, "fused": 1, "kernel": 2}
 
 
 def pipeline() -> str:
@@ -69,6 +70,15 @@ def pipeline() -> str:
     name = os.environ.get("XBAI_KERNELS_CUDA_PIPELINE", DEFAULT_PIPELINE).strip().lower() or DEFAULT_PIPELINE
     if name not in _PIPELINES:
         raise ValueError(f"XBAI_KERNELS_CUDA_PIPELINE={name!r} is not one of {', '.join(_PIPELINES)}")
+    return name
+
+
+def tail() -> str:
+    """Who sums the decode logits' slices (``XBAI_KERNELS_CUDA_TAIL``, default auto): ``fused``, the
+    last CTA of the streaming kernel; ``kernel``, a second launch; ``auto``, fused up to 256 rows."""
+    name = os.environ.get("XBAI_KERNELS_CUDA_TAIL", "auto").strip().lower() or "auto"
+    if name not in _TAILS:
+        raise ValueError(f"XBAI_KERNELS_CUDA_TAIL={name!r} is not one of {', '.join(_TAILS)}")
     return name
 
 
@@ -158,7 +168,8 @@ def _launch(source: int, hidden, rows, row_mask, w1, b1, w2, b2, out: torch.Tens
         num_rows,
         w1.data_ptr(), b1.data_ptr(), w2.data_ptr(), b2.data_ptr(),
         out.data_ptr(), workspace.data_ptr(), workspace.numel(),
-        _DTYPE_CODES[hidden.dtype], _PIPELINES[pipeline()], int(dependent_launch()), _stream(hidden.device),
+        _DTYPE_CODES[hidden.dtype], _PIPELINES[pipeline()], int(dependent_launch()), _TAILS[tail()],
+        _stream(hidden.device),
     )
     with _device_scope(hidden.device):
         _C.head_logits(*arguments)

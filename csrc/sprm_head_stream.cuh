@@ -1,0 +1,269 @@
+// The sm_90 streaming kernel of the SPRM head: W1 by the tensor-memory accelerator (TMA), the scored
+// rows by 16-byte cp.async beside it, both into one mbarrier ring; optionally the deterministic sum
+// of the slices by the last CTA to finish (no second launch).
+//
+// Why this shape (benchmarks/NOTES.md, CUDA v3-v5): a W1 stream fed by per-thread copies is bound by
+// instruction issue (v3), and one cp.async.bulk costs an SM ~37 ns whatever its size (v4), so W1
+// must arrive in few, large copies. A 2-D TMA box of [box units x 64 columns] is one instruction for
+// up to 10 KB; two boxes make a 128-column stage. The boxes land 128-byte swizzled (16-byte chunk c
+// of row r at chunk c ^ (r % 8)), so ldmatrix's eight row reads hit distinct banks. The scored rows
+// cannot come by TMA (they are gathered: hidden rows named by a mask or an index), but 256 bytes per
+// row and stage are few copies for one producer warp, and they stream with W1 instead of being
+// copied whole before the first multiply, so any number of rows up to a chunk of 64 fits.
+//
+// Work split. CTA c owns slices [c * P, (c + 1) * P) for a fixed P (the host picks the smallest P
+// that fits the grid in one wave, as a whole number of boxes of at most kMaxSlices slices), so every
+// CTA but the last streams the same bytes and all TMA boxes have one shape. The math is the one of
+// head_items_kernel, with the same K split and the same sum orders: the logits have the same bits as
+// every other schedule of this module.
+#pragma once
+
+#include <cuda.h>
+
+#include "sprm_head.cuh"
+
+namespace xbai {
+
+// A stage is 128 columns: two TMA boxes of 64 columns (128 swizzled bytes per row) for W1, two
+// half tiles of the rows beside them. 16 column blocks, kWarpsK K-warps: 2 blocks per warp and stage.
+constexpr int kStreamStageK = 128;
+constexpr int kSwizzleBytes = 128;
+// Most ring stages a CTA keeps (the shared memory left usually allows fewer).
+constexpr int kStreamMaxStages = 16;
+// Ranks summed per round of the fused tail: the per-lane sums of 64 ranks take 8 KB of the ring.
+constexpr int kTailRanks = 64;
+
+template <int ChunkRowsV, int WarpsNV>
+using StreamConfig = TileConfig<ChunkRowsV, kStreamStageK, kStreamMaxStages, WarpsNV, 1>;
+
+// Byte offset of 16-byte chunk `chunk` (0-7) of row `row` in a [rows x 64 columns] half tile, as
+// TMA's 128-byte swizzle lays it out (the tile starts on a 1024-byte boundary).
+__device__ __forceinline__ uint32_t swizzled(int row, int chunk) {
+  return static_cast<uint32_t>(row * kSwizzleBytes + ((chunk ^ (row & 7)) << 4));
+}
+
+// One of the last CTA's per-call tickets, per device (module globals are per device). The last CTA
+// of a call takes ticket grid - 1 and atomicInc's wrap leaves the counter at 0 for the next call, so
+// calls on one device must not overlap in time (one stream, as decode engines run it).
+__device__ unsigned int g_stream_tickets[1];
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// Loads the [box rows x 64 columns] box of `map` at (column x, row y) into dst; the bytes count
+// toward `bar`'s transaction. Rows past the tensor arrive as zeros (the last CTA's box).
+__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, int x, int y, uint64_t* bar,
+                                            uint64_t policy) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
+      " [%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(smem_address(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(smem_address(bar)), "l"(policy)
+      : "memory");
+}
+__device__ __forceinline__ void prefetch_tensor_map(const CUtensorMap* map) {
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+}
+// Arrives on `bar` once every cp.async this thread issued before has landed (counted among the
+// barrier's expected arrivals: .noinc).
+__device__ __forceinline__ void copies_arrive_on(uint64_t* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_address(bar)) : "memory");
+}
+
+// Where a CTA's ring lives and how it turns.
+struct Ring {
+  unsigned char* base;   // 1024-byte aligned
+  uint32_t stages;       // in use, <= kStreamMaxStages
+  uint32_t stage_bytes;  // 256 * (box units + chunk rows)
+  int box_units;         // W1 rows per TMA box
+  uint64_t* full;        // [stages]: TMA bytes landed and the producer's row copies done
+  uint64_t* empty;       // [stages]: every math warp done reading
+};
+
+// One work item: `slices` slices from slice0 against row chunk `chunk` (`filled` rows), streamed in
+// ceil(d / 128) stages. `iteration` counts the ring stages this CTA ran before. Same sums as head_item.
+template <typename T, class Cfg>
+__device__ void stream_item(const HeadParams& p, const CUtensorMap* w1_map, const Ring& ring, int slice0, int slices,
+                            int chunk, int filled, const int64_t* chunk_rows, uint32_t iteration) {
+  constexpr int kChunkRows = Cfg::kChunkRows;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int k_chunks = static_cast<int>((p.d + kStreamStageK - 1) / kStreamStageK);
+  const uint32_t w1_half_bytes = static_cast<uint32_t>(ring.box_units) * kSwizzleBytes;
+  float acc[kMaxSlices][Cfg::kNTiles][4];
+#pragma unroll
+  for (int m = 0; m < kMaxSlices; ++m)
+#pragma unroll
+    for (int n = 0; n < Cfg::kNTiles; ++n) acc[m][n][0] = acc[m][n][1] = acc[m][n][2] = acc[m][n][3] = 0.f;
+
+  if (warp == Cfg::kMathWarps) {
+    // Producer. Lane l copies 16-byte chunk l % 16 of rows l / 16, l / 16 + 2, ...: a row's 256
+    // bytes per stage come from 16 lanes, each to its swizzled place in the half tile of its chunk.
+    const uint64_t policy = evict_first_policy();
+    const T* hidden = static_cast<const T*>(p.hidden);
+    const int piece = lane % 16;
+    const int half = piece / 8;
+    for (int t = 0; t < k_chunks; ++t) {
+      const uint32_t i = iteration + t;
+      const uint32_t stage = i % ring.stages;
+      // The first pass over the ring finds every stage free (waiting on the phase before the first).
+      barrier_wait(&ring.empty[stage], ((i / ring.stages) & 1) ^ 1);
+      unsigned char* base = ring.base + stage * ring.stage_bytes;
+      const int col0 = t * kStreamStageK;
+      if (lane == 0) {
+        barrier_arrive_expect_bytes(&ring.full[stage], 2 * w1_half_bytes);
+        tma_load_2d(base, w1_map, col0, slice0 * kSliceUnits, &ring.full[stage], policy);
+        tma_load_2d(base + w1_half_bytes, w1_map, col0 + kStreamStageK / 2, slice0 * kSliceUnits, &ring.full[stage],
+                    policy);
+      }
+      unsigned char* rows_half = base + 2 * w1_half_bytes + half * kChunkRows * kSwizzleBytes;
+      const int64_t col = col0 + piece * 8;
+      for (int r = lane / 16; r < filled; r += 2) {
+        const int64_t row = chunk_rows[r];
+        // An indexed row outside hidden (-1) is not read: its output is NaN and its column unused.
+        // Columns past d are zero-filled: W1's box is zero there, and 0 * garbage could be NaN.
+        if (row >= 0) {
+          const bool valid = col < p.d;
+          copy_16_async(rows_half + swizzled(r, piece % 8), valid ? hidden + row * p.hidden_stride + col : hidden, valid);
+        }
+      }
+      copies_arrive_on(&ring.full[stage]);
+    }
+  } else {
+    const int warp_k = warp % kWarpsK;
+    const int warp_n = warp / kWarpsK;
+    for (int t = 0; t < k_chunks; ++t) {
+      const uint32_t i = iteration + t;
+      const uint32_t stage = i % ring.stages;
+      barrier_wait(&ring.full[stage], (i / ring.stages) & 1);
+      const unsigned char* base = ring.base + stage * ring.stage_bytes;
+      // Column block j * kWarpsK + warp_k of the stage lies in half j, at chunks 2 warp_k and 2 warp_k + 1:
+      // this warp's blocks in increasing order, the fixed K split of every kernel.
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const unsigned char* a_half = base + j * w1_half_bytes;
+        const unsigned char* b_half = base + 2 * w1_half_bytes + j * kChunkRows * kSwizzleBytes;
+        uint32_t b[Cfg::kNTiles][2];
+#pragma unroll
+        for (int n = 0; n < Cfg::kNTiles; ++n)
+          load_matrix_x2(b[n], b_half + swizzled(warp_n * Cfg::kWarpRows + n * 8 + lane % 8, 2 * warp_k + (lane / 8) % 2));
+#pragma unroll
+        for (int m = 0; m < kMaxSlices; ++m) {
+          if (m < slices) {
+            uint32_t a[4];
+            load_matrix_x4(a, a_half + swizzled(m * 16 + lane % 16, 2 * warp_k + lane / 16));
+#pragma unroll
+            for (int n = 0; n < Cfg::kNTiles; ++n) mma_16816<T>(acc[m][n], a, b[n]);
+          }
+        }
+      }
+      // Every lane's ldmatrix reads of the stage are done before the warp releases it.
+      __syncwarp();
+      if (lane == 0) barrier_arrive(&ring.empty[stage]);
+    }
+  }
+  // Every stage of the item has landed and been read: the ring now holds the pre-activations.
+  __syncthreads();
+  float* pre = reinterpret_cast<float*>(ring.base);
+  if (warp < Cfg::kMathWarps) store_preactivations<Cfg>(acc, slices, pre);
+  __syncthreads();
+  finish_item<T, Cfg>(p, slice0, slices, chunk, filled, pre);
+  // The next item's copies overwrite this memory (and chunk_rows): order these reads and writes first.
+  fence_shared_for_copies();
+  __syncthreads();
+}
+
+// The last CTA's sum: out[step_row[r]] = sum over slices of partials[slice, r] + b2 for every step
+// rank r, in head_reduce_kernel's order (lane l adds the slices l, l + 32, ... in turn, then the same
+// xor tree), so both tails give the same bits. The lane sums are formed with consecutive threads on
+// consecutive ranks (coalesced reads), parked in shared memory, and the tree runs one warp per rank.
+template <typename T, class Cfg>
+__device__ void sum_step_logits(const HeadParams& p, int64_t steps, float* lane_sums) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const float b2 = to_float(static_cast<const T*>(p.b2)[0]);
+  for (int64_t first = 0; first < steps; first += kTailRanks) {
+    const int ranks = static_cast<int>(steps - first < kTailRanks ? steps - first : kTailRanks);
+    for (int job = threadIdx.x; job < 32 * ranks; job += Cfg::kThreads) {
+      const int l = job / ranks;
+      const int r = job % ranks;
+      const float* column = p.partials + first + r;
+      float total = 0.f;
+#pragma unroll 8
+      for (int s = l; s < p.num_slices; s += 32) total += __ldcg(column + static_cast<int64_t>(s) * p.row_capacity);
+      lane_sums[l * kTailRanks + r] = total;
+    }
+    __syncthreads();
+    for (int r = warp; r < ranks; r += Cfg::kWarps) {
+      float total = lane_sums[lane * kTailRanks + r];
+#pragma unroll
+      for (int offset = 16; offset > 0; offset >>= 1) total += __shfl_xor_sync(0xffffffffu, total, offset);
+      if (lane == 0) p.out[__ldcg(p.step_row + first + r)] = total + b2;
+    }
+    __syncthreads();
+  }
+}
+#endif
+
+// Persistent grid of one CTA per SM over the slices (see the top of this file); sm_90+ only, the
+// launcher checks the loaded code's PTX version first. Dynamic shared memory: the ring (1024-byte
+// aligned), reused by each item's epilogue and by the fused tail.
+template <typename T, class Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, 1)
+    head_stream_kernel(const HeadParams p, const __grid_constant__ CUtensorMap w1_map) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  extern __shared__ __align__(16) unsigned char dynamic_smem[];
+  __shared__ int64_t chunk_rows[Cfg::kChunkRows];
+  __shared__ int warp_counts[Cfg::kWarps];
+  __shared__ __align__(8) uint64_t full[kStreamMaxStages];
+  __shared__ __align__(8) uint64_t empty[kStreamMaxStages];
+  __shared__ unsigned int ticket;
+  allow_next_grid();
+  Ring ring;
+  const uint32_t skew = (1024u - (smem_address(dynamic_smem) & 1023u)) & 1023u;
+  ring.base = dynamic_smem + skew;
+  ring.box_units = p.box_slices * kSliceUnits;
+  ring.stage_bytes = static_cast<uint32_t>(2 * (ring.box_units + Cfg::kChunkRows) * kSwizzleBytes);
+  const uint32_t room = (dynamic_smem_bytes() - skew) / ring.stage_bytes;
+  ring.stages = room < kStreamMaxStages ? room : kStreamMaxStages;
+  ring.full = full;
+  ring.empty = empty;
+  if (threadIdx.x == 0) {
+    for (uint32_t s = 0; s < ring.stages; ++s) {
+      barrier_init(&full[s], 1 + 32);  // the TMA byte count + the producer lanes' row copies
+      barrier_init(&empty[s], Cfg::kMathWarps);
+    }
+    barrier_init_fence();
+    prefetch_tensor_map(&w1_map);
+  }
+  // (The barriers of the row selection publish the initialization to the other threads.)
+  const int first = blockIdx.x * p.slices_per_cta;
+  const int count = min(p.slices_per_cta, p.num_slices - first);
+  const int passes = (count + p.box_slices - 1) / p.box_slices;
+  wait_for_prior_grids();
+  uint32_t iteration = 0;
+  int64_t steps = 0;
+  for (int chunk = 0; chunk < p.num_chunks; ++chunk) {
+    const int filled = select_chunk_rows<Cfg>(p, chunk, chunk == 0 && blockIdx.x == 0, chunk_rows, warp_counts, &steps);
+    // Chunks fill in rank order: after an empty one, all later ones are empty too. With no step row
+    // at all, CTA 0 has written every logit (0.0) and W1 is never read.
+    if (filled == 0) break;
+    for (int pass = 0; pass < passes; ++pass) {
+      const int slice0 = first + pass * p.box_slices;
+      const int slices = min(p.box_slices, first + count - slice0);
+      stream_item<T, Cfg>(p, &w1_map, ring, slice0, slices, chunk, filled, chunk_rows, iteration);
+      iteration += static_cast<uint32_t>((p.d + kStreamStageK - 1) / kStreamStageK);
+    }
+  }
+  if (!p.fused_tail || steps == 0) return;
+  // Every thread's partials are visible device-wide before this CTA's ticket.
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) ticket = atomicInc(g_stream_tickets, gridDim.x - 1);
+  __syncthreads();
+  if (ticket != gridDim.x - 1) return;
+  __threadfence();
+  sum_step_logits<T, Cfg>(p, steps, reinterpret_cast<float*>(ring.base));
+#else
+  __trap();  // never launched: the launcher sees this code's PTX version is below 9.0
+#endif
+}
+
+}  // namespace xbai

@@ -238,6 +238,10 @@ using Stream8 = xbai::StreamConfig<8, 1>;
 using Stream16 = xbai::StreamConfig<16, 1>;
 using Stream32 = xbai::StreamConfig<32, 2>;
 using Stream64 = xbai::StreamConfig<64, 2>;
+using StreamWide8 = xbai::StreamConfig<8, 1, 256>;
+using StreamWide16 = xbai::StreamConfig<16, 1, 256>;
+using StreamWide32 = xbai::StreamConfig<32, 2, 256>;
+using StreamWide64 = xbai::StreamConfig<64, 2, 256>;
 
 // cuTensorMapEncodeTiled from the driver, found once through the runtime (the module links no libcuda).
 PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
@@ -278,14 +282,17 @@ StreamSplit stream_split(int num_slices, int sms) {
 size_t stream_smem(const DeviceInfo& info) { return static_cast<size_t>(info.max_smem - kBulkStaticBytes); }
 
 // Whether the streaming kernel serves the call: sm_90 code loaded, the driver's tensor-map encoder,
-// d >= 64 (one TMA box wide), the decode source or one row chunk, and room for two stages and the
-// epilogue's pre-activations.
+// d >= 64 (one TMA box wide), the decode source or one row chunk, hidden under 64 GB, and room for
+// two stages and the epilogue's pre-activations.
 template <typename T, class Cfg>
 bool stream_applies(const xbai::HeadParams& p, const DeviceInfo& info) {
   if (!info.bulk || p.d < 64 || !(p.source == XBAI_ROWS_MASKED || p.num_chunks == 1)) return false;
+  // The producer holds row addresses as 32-bit counts of 16-byte pieces.
+  if (p.hidden_rows * p.hidden_stride / 8 >= (int64_t{1} << 32)) return false;
   if (tensor_map_encoder() == nullptr) return false;
   const StreamSplit split = stream_split(p.num_slices, info.sms);
-  const size_t stage = 2 * static_cast<size_t>(split.box_slices * xbai::kSliceUnits + Cfg::kChunkRows) * xbai::kSwizzleBytes;
+  const size_t stage = Cfg::kBlockK / xbai::kBoxColumns *
+                       static_cast<size_t>(split.box_slices * xbai::kSliceUnits + Cfg::kChunkRows) * xbai::kSwizzleBytes;
   const size_t ring = stream_smem(info) - 1024;
   return 2 * stage <= ring && Cfg::reduce_bytes() <= ring;
 }
@@ -300,15 +307,15 @@ cudaError_t launch_stream(xbai::HeadParams p, const DeviceInfo& info, int tail, 
   p.balanced = 1;
   p.slices_per_cta = split.slices_per_cta;
   p.box_slices = split.box_slices;
-  // One launch (the last CTA sums) for decode batches of up to 256 rows: one CTA's serial sum over
-  // every step row beats a second launch only while there are few of them.
+  // One launch (the last CTA sums) for decode batches of up to 32 rows: one CTA's sum over every
+  // step row beats a second launch only while there are few of them.
   p.fused_tail = p.source == XBAI_ROWS_MASKED &&
-                 (tail == XBAI_TAIL_FUSED || (tail == XBAI_TAIL_AUTO && p.num_rows <= 256));
+                 (tail == XBAI_TAIL_FUSED || (tail == XBAI_TAIL_AUTO && p.num_rows <= 32));
   // W1 as a [2d, d] tensor of box_slices * 16 rows x 64 columns boxes, 128-byte swizzled.
   CUtensorMap map;
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(p.d), static_cast<cuuint64_t>(p.num_slices) * xbai::kSliceUnits};
   const cuuint64_t strides[1] = {static_cast<cuuint64_t>(p.d) * sizeof(T)};
-  const cuuint32_t box[2] = {xbai::kStreamStageK / 2, static_cast<cuuint32_t>(split.box_slices * xbai::kSliceUnits)};
+  const cuuint32_t box[2] = {xbai::kBoxColumns, static_cast<cuuint32_t>(split.box_slices * xbai::kSliceUnits)};
   const cuuint32_t element_strides[2] = {1, 1};
   const CUresult encoded = tensor_map_encoder()(
       &map, std::is_same<T, __nv_bfloat16>::value ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
@@ -320,9 +327,13 @@ cudaError_t launch_stream(xbai::HeadParams p, const DeviceInfo& info, int tail, 
   return launch_reduce<T>(p, dependent, stream);
 }
 
-template <typename T, class Stream>
+template <typename T, class Stream, class StreamWide>
 bool try_stream(const xbai::HeadParams& p, int pipeline, int tail, const DeviceInfo& info, bool dependent,
                 cudaStream_t stream, cudaError_t* err) {
+  if (pipeline == XBAI_PIPELINE_STREAM_WIDE && stream_applies<T, StreamWide>(p, info)) {
+    *err = launch_stream<T, StreamWide>(p, info, tail, dependent, stream);
+    return true;
+  }
   if (pipeline != XBAI_PIPELINE_AUTO && pipeline != XBAI_PIPELINE_STREAM) return false;
   if (!stream_applies<T, Stream>(p, info)) return false;
   *err = launch_stream<T, Stream>(p, info, tail, dependent, stream);
@@ -338,10 +349,10 @@ cudaError_t launch_for_chunk(const xbai::HeadParams& p, int chunk_rows, int pipe
   dependent = dependent && info.dependent;
   bool streamed = false;
   switch (chunk_rows) {
-    case 8: streamed = try_stream<T, Stream8>(p, pipeline, tail, info, dependent, stream, &err); break;
-    case 16: streamed = try_stream<T, Stream16>(p, pipeline, tail, info, dependent, stream, &err); break;
-    case 32: streamed = try_stream<T, Stream32>(p, pipeline, tail, info, dependent, stream, &err); break;
-    default: streamed = try_stream<T, Stream64>(p, pipeline, tail, info, dependent, stream, &err); break;
+    case 8: streamed = try_stream<T, Stream8, StreamWide8>(p, pipeline, tail, info, dependent, stream, &err); break;
+    case 16: streamed = try_stream<T, Stream16, StreamWide16>(p, pipeline, tail, info, dependent, stream, &err); break;
+    case 32: streamed = try_stream<T, Stream32, StreamWide32>(p, pipeline, tail, info, dependent, stream, &err); break;
+    default: streamed = try_stream<T, Stream64, StreamWide64>(p, pipeline, tail, info, dependent, stream, &err); break;
   }
   if (streamed) return err;
   switch (chunk_rows) {
@@ -363,7 +374,7 @@ extern "C" int64_t xbai_head_workspace_bytes(int32_t source, int64_t num_rows, i
 extern "C" int32_t xbai_head_logits(const XbaiHeadLaunch* a) {
   if (a->dtype != XBAI_FLOAT16 && a->dtype != XBAI_BFLOAT16) return XBAI_BAD_DTYPE;
   if (a->d <= 0 || a->d % 8 != 0) return XBAI_BAD_HIDDEN_SIZE;
-  if (a->pipeline < XBAI_PIPELINE_WIDE || a->pipeline > XBAI_PIPELINE_STREAM) return XBAI_BAD_PIPELINE;
+  if (a->pipeline < XBAI_PIPELINE_WIDE || a->pipeline > XBAI_PIPELINE_STREAM_WIDE) return XBAI_BAD_PIPELINE;
   if (a->tail < XBAI_TAIL_AUTO || a->tail > XBAI_TAIL_KERNEL) return XBAI_BAD_TAIL;
   if (a->source != XBAI_ROWS_ALL && a->source != XBAI_ROWS_INDEXED && a->source != XBAI_ROWS_MASKED)
     return XBAI_BAD_ROW_SOURCE;
@@ -418,7 +429,7 @@ extern "C" const char* xbai_status_string(int32_t status) {
     case XBAI_BAD_ROW_SOURCE: return "row source must be 0 (all), 1 (indexed) or 2 (masked)";
     case XBAI_WORKSPACE_TOO_SMALL: return "workspace is smaller than xbai_head_workspace_bytes()";
     case XBAI_MISSING_POINTER: return "a required pointer is null";
-    case XBAI_BAD_PIPELINE: return "pipeline must be 0 (wide), 1 (deep), 2 (auto), 3 (bulk) or 4 (stream)";
+    case XBAI_BAD_PIPELINE: return "pipeline must be 0 (wide), 1 (deep), 2 (auto), 3 (bulk), 4 (stream) or 5 (stream-wide)";
     case XBAI_BAD_TAIL: return "tail must be 0 (auto), 1 (fused) or 2 (kernel)";
     default: return status > 0 ? cudaGetErrorString(static_cast<cudaError_t>(status)) : "unknown status";
   }

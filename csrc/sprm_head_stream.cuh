@@ -24,17 +24,19 @@
 
 namespace xbai {
 
-// A stage is 128 columns: two TMA boxes of 64 columns (128 swizzled bytes per row) for W1, two
-// half tiles of the rows beside them. 16 column blocks, kWarpsK K-warps: 2 blocks per warp and stage.
-constexpr int kStreamStageK = 128;
+// A stage is Cfg::kBlockK columns (128 or 256): kBlockK / 64 TMA boxes of 64 columns (128 swizzled
+// bytes per row) for W1, and as many [rows x 64 columns] tiles of the rows beside them.
+constexpr int kBoxColumns = 64;
 constexpr int kSwizzleBytes = 128;
 // Most ring stages a CTA keeps (the shared memory left usually allows fewer).
 constexpr int kStreamMaxStages = 16;
 // Ranks summed per round of the fused tail: the per-lane sums of 64 ranks take 8 KB of the ring.
 constexpr int kTailRanks = 64;
+// Slices each lane of the fused tail loads before adding them (one L2 round trip up to d = 6144).
+constexpr int kTailLoads = 24;
 
-template <int ChunkRowsV, int WarpsNV>
-using StreamConfig = TileConfig<ChunkRowsV, kStreamStageK, kStreamMaxStages, WarpsNV, 1>;
+template <int ChunkRowsV, int WarpsNV, int StageColumnsV = 128>
+using StreamConfig = TileConfig<ChunkRowsV, StageColumnsV, kStreamMaxStages, WarpsNV, 1>;
 
 // Byte offset of 16-byte chunk `chunk` (0-7) of row `row` in a [rows x 64 columns] half tile, as
 // TMA's 128-byte swizzle lays it out (the tile starts on a 1024-byte boundary).
@@ -71,22 +73,34 @@ __device__ __forceinline__ void copies_arrive_on(uint64_t* bar) {
 struct Ring {
   unsigned char* base;   // 1024-byte aligned
   uint32_t stages;       // in use, <= kStreamMaxStages
-  uint32_t stage_bytes;  // 256 * (box units + chunk rows)
+  uint32_t stage_bytes;  // kBlockK / 64 * 128 * (box units + chunk rows)
   int box_units;         // W1 rows per TMA box
   uint64_t* full;        // [stages]: TMA bytes landed and the producer's row copies done
   uint64_t* empty;       // [stages]: every math warp done reading
 };
 
+// 16-byte global->shared copy of a piece known to lie inside its row (no zero-fill operand).
+__device__ __forceinline__ void copy_16_async(uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
+}
+
 // One work item: `slices` slices from slice0 against row chunk `chunk` (`filled` rows), streamed in
-// ceil(d / 128) stages. `iteration` counts the ring stages this CTA ran before. Same sums as head_item.
+// ceil(d / kBlockK) stages. `iteration` counts the ring stages this CTA ran before. Same sums as head_item.
 template <typename T, class Cfg>
 __device__ void stream_item(const HeadParams& p, const CUtensorMap* w1_map, const Ring& ring, int slice0, int slices,
                             int chunk, int filled, const int64_t* chunk_rows, uint32_t iteration) {
   constexpr int kChunkRows = Cfg::kChunkRows;
+  constexpr int kStageK = Cfg::kBlockK;
+  constexpr int kBoxes = kStageK / kBoxColumns;
+  constexpr int kPiecesPerRow = kStageK / 8;
+  constexpr int kRowsPerRound = 32 / kPiecesPerRow;
+  constexpr int kCopies = kChunkRows / kRowsPerRound;
+  static_assert(kStageK % kBoxColumns == 0 && 32 % kPiecesPerRow == 0 && kChunkRows % kRowsPerRound == 0, "stage");
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-  const int k_chunks = static_cast<int>((p.d + kStreamStageK - 1) / kStreamStageK);
-  const uint32_t w1_half_bytes = static_cast<uint32_t>(ring.box_units) * kSwizzleBytes;
+  const int k_chunks = static_cast<int>((p.d + kStageK - 1) / kStageK);
+  const uint32_t w1_box_bytes = static_cast<uint32_t>(ring.box_units) * kSwizzleBytes;
+  const uint32_t rows_offset = kBoxes * w1_box_bytes;
   float acc[kMaxSlices][Cfg::kNTiles][4];
 #pragma unroll
   for (int m = 0; m < kMaxSlices; ++m)
@@ -94,35 +108,59 @@ __device__ void stream_item(const HeadParams& p, const CUtensorMap* w1_map, cons
     for (int n = 0; n < Cfg::kNTiles; ++n) acc[m][n][0] = acc[m][n][1] = acc[m][n][2] = acc[m][n][3] = 0.f;
 
   if (warp == Cfg::kMathWarps) {
-    // Producer. Lane l copies 16-byte chunk l % 16 of rows l / 16, l / 16 + 2, ...: a row's 256
-    // bytes per stage come from 16 lanes, each to its swizzled place in the half tile of its chunk.
+    // Producer. Lane l copies 16-byte piece l % kPiecesPerRow of rows l / kPiecesPerRow + i *
+    // kRowsPerRound. One warp issues every row copy, so each must cost few instructions (v5: a
+    // loop that re-derived its addresses ran at ~19 cycles per instruction and took 140 us at 64
+    // rows): the source pointers and swizzled destinations are computed once per item, and a stage
+    // only adds its column offset.
     const uint64_t policy = evict_first_policy();
     const T* hidden = static_cast<const T*>(p.hidden);
-    const int piece = lane % 16;
-    const int half = piece / 8;
+    const int piece = lane % kPiecesPerRow;
+    const int64_t piece_col = static_cast<int64_t>(piece) * 8;
+    // Each copy's source as a count of 16-byte pieces from `hidden` (32 bits: the launcher checks
+    // hidden spans fewer than 2^32 of them), so 64 rows' worth stays in registers.
+    uint32_t source[kCopies];
+    uint32_t copied = 0;  // bit i: copy i has a row (filled, and not an out-of-range index)
+#pragma unroll
+    for (int i = 0; i < kCopies; ++i) {
+      const int r = i * kRowsPerRound + lane / kPiecesPerRow;
+      const int64_t row = r < filled ? chunk_rows[r] : -1;
+      copied |= row >= 0 ? 1u << i : 0u;
+      source[i] = static_cast<uint32_t>(((row >= 0 ? row : 0) * p.hidden_stride + piece_col) / 8);
+    }
+    // Copy i's swizzled place in the stage (a few integer operations; kept out of registers).
+    const uint32_t piece_offset = rows_offset + (piece / 8) * kChunkRows * kSwizzleBytes;
+    auto target = [&](int i) {
+      return piece_offset + swizzled(i * kRowsPerRound + lane / kPiecesPerRow, piece % 8);
+    };
     for (int t = 0; t < k_chunks; ++t) {
       const uint32_t i = iteration + t;
       const uint32_t stage = i % ring.stages;
       // The first pass over the ring finds every stage free (waiting on the phase before the first).
       barrier_wait(&ring.empty[stage], ((i / ring.stages) & 1) ^ 1);
       unsigned char* base = ring.base + stage * ring.stage_bytes;
-      const int col0 = t * kStreamStageK;
+      const int col0 = t * kStageK;
       if (lane == 0) {
-        barrier_arrive_expect_bytes(&ring.full[stage], 2 * w1_half_bytes);
-        tma_load_2d(base, w1_map, col0, slice0 * kSliceUnits, &ring.full[stage], policy);
-        tma_load_2d(base + w1_half_bytes, w1_map, col0 + kStreamStageK / 2, slice0 * kSliceUnits, &ring.full[stage],
-                    policy);
+        barrier_arrive_expect_bytes(&ring.full[stage], kBoxes * w1_box_bytes);
+#pragma unroll
+        for (int box = 0; box < kBoxes; ++box)
+          tma_load_2d(base + box * w1_box_bytes, w1_map, col0 + box * kBoxColumns, slice0 * kSliceUnits,
+                      &ring.full[stage], policy);
       }
-      unsigned char* rows_half = base + 2 * w1_half_bytes + half * kChunkRows * kSwizzleBytes;
-      const int64_t col = col0 + piece * 8;
-      for (int r = lane / 16; r < filled; r += 2) {
-        const int64_t row = chunk_rows[r];
-        // An indexed row outside hidden (-1) is not read: its output is NaN and its column unused.
-        // Columns past d are zero-filled: W1's box is zero there, and 0 * garbage could be NaN.
-        if (row >= 0) {
-          const bool valid = col < p.d;
-          copy_16_async(rows_half + swizzled(r, piece % 8), valid ? hidden + row * p.hidden_stride + col : hidden, valid);
-        }
+      const uint32_t base_address = smem_address(base);
+      const uint4* stage_source = reinterpret_cast<const uint4*>(hidden + col0);
+      if (col0 + kStageK <= p.d) {
+#pragma unroll
+        for (int c = 0; c < kCopies; ++c)
+          if (copied >> c & 1u) copy_16_async(base_address + target(c), stage_source + source[c]);
+      } else {
+        // The last stage of a d that is not a multiple of kStageK: pieces past d are zero-filled
+        // (W1's box is zero there, and 0 * stale bits could be NaN).
+        const bool valid = col0 + piece_col < p.d;
+#pragma unroll
+        for (int c = 0; c < kCopies; ++c)
+          if (copied >> c & 1u)
+            copy_16_async(base + target(c), valid ? static_cast<const void*>(stage_source + source[c]) : hidden, valid);
       }
       copies_arrive_on(&ring.full[stage]);
     }
@@ -134,21 +172,21 @@ __device__ void stream_item(const HeadParams& p, const CUtensorMap* w1_map, cons
       const uint32_t stage = i % ring.stages;
       barrier_wait(&ring.full[stage], (i / ring.stages) & 1);
       const unsigned char* base = ring.base + stage * ring.stage_bytes;
-      // Column block j * kWarpsK + warp_k of the stage lies in half j, at chunks 2 warp_k and 2 warp_k + 1:
+      // Column block j * kWarpsK + warp_k of the stage lies in box j, at chunks 2 warp_k and 2 warp_k + 1:
       // this warp's blocks in increasing order, the fixed K split of every kernel.
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const unsigned char* a_half = base + j * w1_half_bytes;
-        const unsigned char* b_half = base + 2 * w1_half_bytes + j * kChunkRows * kSwizzleBytes;
+      for (int j = 0; j < kBoxes; ++j) {
+        const unsigned char* a_box = base + j * w1_box_bytes;
+        const unsigned char* b_box = base + rows_offset + j * kChunkRows * kSwizzleBytes;
         uint32_t b[Cfg::kNTiles][2];
 #pragma unroll
         for (int n = 0; n < Cfg::kNTiles; ++n)
-          load_matrix_x2(b[n], b_half + swizzled(warp_n * Cfg::kWarpRows + n * 8 + lane % 8, 2 * warp_k + (lane / 8) % 2));
+          load_matrix_x2(b[n], b_box + swizzled(warp_n * Cfg::kWarpRows + n * 8 + lane % 8, 2 * warp_k + (lane / 8) % 2));
 #pragma unroll
         for (int m = 0; m < kMaxSlices; ++m) {
           if (m < slices) {
             uint32_t a[4];
-            load_matrix_x4(a, a_half + swizzled(m * 16 + lane % 16, 2 * warp_k + lane / 16));
+            load_matrix_x4(a, a_box + swizzled(m * 16 + lane % 16, 2 * warp_k + lane / 16));
 #pragma unroll
             for (int n = 0; n < Cfg::kNTiles; ++n) mma_16816<T>(acc[m][n], a, b[n]);
           }
@@ -186,8 +224,18 @@ __device__ void sum_step_logits(const HeadParams& p, int64_t steps, float* lane_
       const int r = job % ranks;
       const float* column = p.partials + first + r;
       float total = 0.f;
-#pragma unroll 8
-      for (int s = l; s < p.num_slices; s += 32) total += __ldcg(column + static_cast<int64_t>(s) * p.row_capacity);
+      // All loads of a batch first, then the adds in slice order: one L2 round trip per batch.
+      for (int s0 = l; s0 < p.num_slices; s0 += 32 * kTailLoads) {
+        float value[kTailLoads];
+#pragma unroll
+        for (int q = 0; q < kTailLoads; ++q) {
+          const int s = s0 + 32 * q;
+          value[q] = s < p.num_slices ? __ldcg(column + static_cast<int64_t>(s) * p.row_capacity) : 0.f;
+        }
+#pragma unroll
+        for (int q = 0; q < kTailLoads; ++q)
+          if (s0 + 32 * q < p.num_slices) total += value[q];
+      }
       lane_sums[l * kTailRanks + r] = total;
     }
     __syncthreads();
@@ -220,7 +268,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const uint32_t skew = (1024u - (smem_address(dynamic_smem) & 1023u)) & 1023u;
   ring.base = dynamic_smem + skew;
   ring.box_units = p.box_slices * kSliceUnits;
-  ring.stage_bytes = static_cast<uint32_t>(2 * (ring.box_units + Cfg::kChunkRows) * kSwizzleBytes);
+  ring.stage_bytes = static_cast<uint32_t>(Cfg::kBlockK / kBoxColumns * (ring.box_units + Cfg::kChunkRows) * kSwizzleBytes);
   const uint32_t room = (dynamic_smem_bytes() - skew) / ring.stage_bytes;
   ring.stages = room < kStreamMaxStages ? room : kStreamMaxStages;
   ring.full = full;
@@ -249,7 +297,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       const int slice0 = first + pass * p.box_slices;
       const int slices = min(p.box_slices, first + count - slice0);
       stream_item<T, Cfg>(p, &w1_map, ring, slice0, slices, chunk, filled, chunk_rows, iteration);
-      iteration += static_cast<uint32_t>((p.d + kStreamStageK - 1) / kStreamStageK);
+      iteration += static_cast<uint32_t>((p.d + Cfg::kBlockK - 1) / Cfg::kBlockK);
     }
   }
   if (!p.fused_tail || steps == 0) return;

@@ -366,14 +366,18 @@ __device__ __forceinline__ void store_preactivations(const float (&acc)[kMaxSlic
 
 // Epilogue in fp32 (SPEC: the activation is never rounded), one thread per (slice, row): adds the
 // K-warps' pre-activations in warp order, then b1, ReLU and W2 over the slice's units in unit order,
-// and writes partials[slice, chunk * kChunkRows + row] for the filled rows.
+// and writes partials[slice, chunk * kChunkRows + row] for the filled rows. b1 and w2 come from
+// global memory, or, when unit_b1 / unit_w2 are given, from the item's units already in fp32 (a
+// kernel that loaded them early keeps the load latency off its critical path; same values).
 template <typename T, class Cfg>
 __device__ __forceinline__ void finish_item(const HeadParams& p, int slice0, int slices, int chunk, int filled,
-                                            const float* pre) {
+                                            const float* pre, const float* unit_b1 = nullptr,
+                                            const float* unit_w2 = nullptr) {
   constexpr int kChunkRows = Cfg::kChunkRows;
   const int64_t unit0 = static_cast<int64_t>(slice0) * kSliceUnits;
   const T* b1 = static_cast<const T*>(p.b1);
   const T* w2 = static_cast<const T*>(p.w2);
+  const bool early = unit_b1 != nullptr;
   for (int job = threadIdx.x; job < slices * kChunkRows; job += Cfg::kThreads) {
     const int m = job / kChunkRows;
     const int row = job % kChunkRows;
@@ -384,7 +388,9 @@ __device__ __forceinline__ void finish_item(const HeadParams& p, int slice0, int
       float sum = pre[u * kChunkRows + row];
 #pragma unroll
       for (int k = 1; k < kWarpsK; ++k) sum += pre[(k * kMaxUnits + u) * kChunkRows + row];
-      total += fmaxf(sum + to_float(b1[unit0 + u]), 0.f) * to_float(w2[unit0 + u]);
+      const float bias = early ? unit_b1[u] : to_float(b1[unit0 + u]);
+      const float weight = early ? unit_w2[u] : to_float(w2[unit0 + u]);
+      total += fmaxf(sum + bias, 0.f) * weight;
     }
     p.partials[static_cast<int64_t>(slice0 + m) * p.row_capacity + static_cast<int64_t>(chunk) * kChunkRows + row] = total;
   }

@@ -234,14 +234,15 @@ cudaError_t launch_family(const xbai::HeadParams& p, int pipeline, const DeviceI
 
 // ---- The TMA streaming kernel (sm_90, sprm_head_stream.cuh) ----
 
-using Stream8 = xbai::StreamConfig<8, 1>;
-using Stream16 = xbai::StreamConfig<16, 1>;
-using Stream32 = xbai::StreamConfig<32, 2>;
-using Stream64 = xbai::StreamConfig<64, 2>;
-using StreamWide8 = xbai::StreamConfig<8, 1, 256>;
-using StreamWide16 = xbai::StreamConfig<16, 1, 256>;
-using StreamWide32 = xbai::StreamConfig<32, 2, 256>;
-using StreamWide64 = xbai::StreamConfig<64, 2, 256>;
+// StreamConfig<chunk rows, warps along rows, stage columns, producer warps>.
+using Stream8 = xbai::StreamConfig<8, 1, 128, 1>;
+using Stream16 = xbai::StreamConfig<16, 1, 128, 1>;
+using Stream32 = xbai::StreamConfig<32, 2, 128, 2>;
+using Stream64 = xbai::StreamConfig<64, 2, 128, 4>;
+using StreamWide8 = xbai::StreamConfig<8, 1, 256, 1>;
+using StreamWide16 = xbai::StreamConfig<16, 1, 256, 1>;
+using StreamWide32 = xbai::StreamConfig<32, 2, 256, 2>;
+using StreamWide64 = xbai::StreamConfig<64, 2, 256, 4>;
 
 // cuTensorMapEncodeTiled from the driver, found once through the runtime (the module links no libcuda).
 PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {

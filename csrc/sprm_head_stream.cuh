@@ -35,8 +35,10 @@ constexpr int kTailRanks = 64;
 // Slices each lane of the fused tail loads before adding them (one L2 round trip up to d = 6144).
 constexpr int kTailLoads = 24;
 
-template <int ChunkRowsV, int WarpsNV, int StageColumnsV = 128>
-using StreamConfig = TileConfig<ChunkRowsV, StageColumnsV, kStreamMaxStages, WarpsNV, 1>;
+// ProducerWarps warps issue the copies: one carries the row copies of a few rows, 64 rows need
+// four (v5: one warp alone took ~1000 cycles of issue per stage at 64 rows, about the whole budget).
+template <int ChunkRowsV, int WarpsNV, int StageColumnsV, int ProducerWarpsV>
+using StreamConfig = TileConfig<ChunkRowsV, StageColumnsV, kStreamMaxStages, WarpsNV, ProducerWarpsV>;
 
 // Byte offset of 16-byte chunk `chunk` (0-7) of row `row` in a [rows x 64 columns] half tile, as
 // TMA's 128-byte swizzle lays it out (the tile starts on a 1024-byte boundary).
@@ -75,8 +77,10 @@ struct Ring {
   uint32_t stages;       // in use, <= kStreamMaxStages
   uint32_t stage_bytes;  // kBlockK / 64 * 128 * (box units + chunk rows)
   int box_units;         // W1 rows per TMA box
-  uint64_t* full;        // [stages]: TMA bytes landed and the producer's row copies done
+  uint64_t* full;        // [stages]: TMA bytes landed and the producers' row copies done
   uint64_t* empty;       // [stages]: every math warp done reading
+  float* unit_b1;        // [kMaxUnits]: b1 and w2 of the item's units, fp32, for the epilogue
+  float* unit_w2;
 };
 
 // 16-byte global->shared copy of a piece known to lie inside its row (no zero-fill operand).
@@ -93,9 +97,12 @@ __device__ void stream_item(const HeadParams& p, const CUtensorMap* w1_map, cons
   constexpr int kStageK = Cfg::kBlockK;
   constexpr int kBoxes = kStageK / kBoxColumns;
   constexpr int kPiecesPerRow = kStageK / 8;
-  constexpr int kRowsPerRound = 32 / kPiecesPerRow;
+  constexpr int kProducerThreads = Cfg::kThreads - 32 * Cfg::kMathWarps;
+  constexpr int kRowsPerRound = kProducerThreads / kPiecesPerRow;
   constexpr int kCopies = kChunkRows / kRowsPerRound;
-  static_assert(kStageK % kBoxColumns == 0 && 32 % kPiecesPerRow == 0 && kChunkRows % kRowsPerRound == 0, "stage");
+  static_assert(kStageK % kBoxColumns == 0 && kProducerThreads % kPiecesPerRow == 0 &&
+                    kChunkRows % kRowsPerRound == 0 && kCopies <= 32,
+                "stage shape");
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int k_chunks = static_cast<int>((p.d + kStageK - 1) / kStageK);
@@ -106,16 +113,22 @@ __device__ void stream_item(const HeadParams& p, const CUtensorMap* w1_map, cons
   for (int m = 0; m < kMaxSlices; ++m)
 #pragma unroll
     for (int n = 0; n < Cfg::kNTiles; ++n) acc[m][n][0] = acc[m][n][1] = acc[m][n][2] = acc[m][n][3] = 0.f;
+  // The epilogue's b1 and w2, asked for now so their latency hides behind the stream.
+  if (threadIdx.x < slices * kSliceUnits) {
+    const int64_t unit = static_cast<int64_t>(slice0) * kSliceUnits + threadIdx.x;
+    ring.unit_b1[threadIdx.x] = to_float(static_cast<const T*>(p.b1)[unit]);
+    ring.unit_w2[threadIdx.x] = to_float(static_cast<const T*>(p.w2)[unit]);
+  }
 
-  if (warp == Cfg::kMathWarps) {
-    // Producer. Lane l copies 16-byte piece l % kPiecesPerRow of rows l / kPiecesPerRow + i *
-    // kRowsPerRound. One warp issues every row copy, so each must cost few instructions (v5: a
-    // loop that re-derived its addresses ran at ~19 cycles per instruction and took 140 us at 64
-    // rows): the source pointers and swizzled destinations are computed once per item, and a stage
-    // only adds its column offset.
+  if (warp >= Cfg::kMathWarps) {
+    // Producers. Thread x copies 16-byte piece x % kPiecesPerRow of rows x / kPiecesPerRow + i *
+    // kRowsPerRound. Each copy must cost few instructions (v5: a loop that re-derived its addresses
+    // ran at ~19 cycles per instruction and took 140 us at 64 rows): the sources are computed once
+    // per item, and a stage only adds its column offset.
+    const int x = threadIdx.x - 32 * Cfg::kMathWarps;
     const uint64_t policy = evict_first_policy();
     const T* hidden = static_cast<const T*>(p.hidden);
-    const int piece = lane % kPiecesPerRow;
+    const int piece = x % kPiecesPerRow;
     const int64_t piece_col = static_cast<int64_t>(piece) * 8;
     // Each copy's source as a count of 16-byte pieces from `hidden` (32 bits: the launcher checks
     // hidden spans fewer than 2^32 of them), so 64 rows' worth stays in registers.
@@ -123,7 +136,7 @@ __device__ void stream_item(const HeadParams& p, const CUtensorMap* w1_map, cons
     uint32_t copied = 0;  // bit i: copy i has a row (filled, and not an out-of-range index)
 #pragma unroll
     for (int i = 0; i < kCopies; ++i) {
-      const int r = i * kRowsPerRound + lane / kPiecesPerRow;
+      const int r = i * kRowsPerRound + x / kPiecesPerRow;
       const int64_t row = r < filled ? chunk_rows[r] : -1;
       copied |= row >= 0 ? 1u << i : 0u;
       source[i] = static_cast<uint32_t>(((row >= 0 ? row : 0) * p.hidden_stride + piece_col) / 8);
@@ -131,7 +144,7 @@ __device__ void stream_item(const HeadParams& p, const CUtensorMap* w1_map, cons
     // Copy i's swizzled place in the stage (a few integer operations; kept out of registers).
     const uint32_t piece_offset = rows_offset + (piece / 8) * kChunkRows * kSwizzleBytes;
     auto target = [&](int i) {
-      return piece_offset + swizzled(i * kRowsPerRound + lane / kPiecesPerRow, piece % 8);
+      return piece_offset + swizzled(i * kRowsPerRound + x / kPiecesPerRow, piece % 8);
     };
     for (int t = 0; t < k_chunks; ++t) {
       const uint32_t i = iteration + t;
@@ -140,7 +153,7 @@ __device__ void stream_item(const HeadParams& p, const CUtensorMap* w1_map, cons
       barrier_wait(&ring.empty[stage], ((i / ring.stages) & 1) ^ 1);
       unsigned char* base = ring.base + stage * ring.stage_bytes;
       const int col0 = t * kStageK;
-      if (lane == 0) {
+      if (x == 0) {
         barrier_arrive_expect_bytes(&ring.full[stage], kBoxes * w1_box_bytes);
 #pragma unroll
         for (int box = 0; box < kBoxes; ++box)
@@ -202,7 +215,7 @@ __device__ void stream_item(const HeadParams& p, const CUtensorMap* w1_map, cons
   float* pre = reinterpret_cast<float*>(ring.base);
   if (warp < Cfg::kMathWarps) store_preactivations<Cfg>(acc, slices, pre);
   __syncthreads();
-  finish_item<T, Cfg>(p, slice0, slices, chunk, filled, pre);
+  finish_item<T, Cfg>(p, slice0, slices, chunk, filled, pre, ring.unit_b1, ring.unit_w2);
   // The next item's copies overwrite this memory (and chunk_rows): order these reads and writes first.
   fence_shared_for_copies();
   __syncthreads();
@@ -212,11 +225,12 @@ __device__ void stream_item(const HeadParams& p, const CUtensorMap* w1_map, cons
 // rank r, in head_reduce_kernel's order (lane l adds the slices l, l + 32, ... in turn, then the same
 // xor tree), so both tails give the same bits. The lane sums are formed with consecutive threads on
 // consecutive ranks (coalesced reads), parked in shared memory, and the tree runs one warp per rank.
+// `b2` was loaded at the start; with one chunk the step rows are still in chunk_rows (in rank order).
 template <typename T, class Cfg>
-__device__ void sum_step_logits(const HeadParams& p, int64_t steps, float* lane_sums) {
+__device__ void sum_step_logits(const HeadParams& p, int64_t steps, float b2, const int64_t* chunk_rows,
+                                float* lane_sums) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-  const float b2 = to_float(static_cast<const T*>(p.b2)[0]);
   for (int64_t first = 0; first < steps; first += kTailRanks) {
     const int ranks = static_cast<int>(steps - first < kTailRanks ? steps - first : kTailRanks);
     for (int job = threadIdx.x; job < 32 * ranks; job += Cfg::kThreads) {
@@ -243,7 +257,10 @@ __device__ void sum_step_logits(const HeadParams& p, int64_t steps, float* lane_
       float total = lane_sums[lane * kTailRanks + r];
 #pragma unroll
       for (int offset = 16; offset > 0; offset >>= 1) total += __shfl_xor_sync(0xffffffffu, total, offset);
-      if (lane == 0) p.out[__ldcg(p.step_row + first + r)] = total + b2;
+      if (lane == 0) {
+        const int64_t rank = first + r;
+        p.out[steps <= Cfg::kChunkRows ? chunk_rows[rank] : __ldcg(p.step_row + rank)] = total + b2;
+      }
     }
     __syncthreads();
   }
@@ -263,6 +280,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   __shared__ __align__(8) uint64_t full[kStreamMaxStages];
   __shared__ __align__(8) uint64_t empty[kStreamMaxStages];
   __shared__ unsigned int ticket;
+  __shared__ float unit_b1[kMaxUnits];
+  __shared__ float unit_w2[kMaxUnits];
   allow_next_grid();
   Ring ring;
   const uint32_t skew = (1024u - (smem_address(dynamic_smem) & 1023u)) & 1023u;
@@ -273,9 +292,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   ring.stages = room < kStreamMaxStages ? room : kStreamMaxStages;
   ring.full = full;
   ring.empty = empty;
+  ring.unit_b1 = unit_b1;
+  ring.unit_w2 = unit_w2;
   if (threadIdx.x == 0) {
     for (uint32_t s = 0; s < ring.stages; ++s) {
-      barrier_init(&full[s], 1 + 32);  // the TMA byte count + the producer lanes' row copies
+      // The TMA byte count + every producer thread's row copies.
+      barrier_init(&full[s], 1 + Cfg::kThreads - 32 * Cfg::kMathWarps);
       barrier_init(&empty[s], Cfg::kMathWarps);
     }
     barrier_init_fence();
@@ -286,6 +308,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const int count = min(p.slices_per_cta, p.num_slices - first);
   const int passes = (count + p.box_slices - 1) / p.box_slices;
   wait_for_prior_grids();
+  const float b2 = p.fused_tail ? to_float(static_cast<const T*>(p.b2)[0]) : 0.f;
   uint32_t iteration = 0;
   int64_t steps = 0;
   for (int chunk = 0; chunk < p.num_chunks; ++chunk) {
@@ -308,7 +331,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   __syncthreads();
   if (ticket != gridDim.x - 1) return;
   __threadfence();
-  sum_step_logits<T, Cfg>(p, steps, reinterpret_cast<float*>(ring.base));
+  sum_step_logits<T, Cfg>(p, steps, b2, chunk_rows, reinterpret_cast<float*>(ring.base));
 #else
   __trap();  // never launched: the launcher sees this code's PTX version is below 9.0
 #endif

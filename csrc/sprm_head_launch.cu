@@ -278,9 +278,21 @@ StreamSplit stream_split(int num_slices, int sms) {
   return s;
 }
 
-// Dynamic shared memory of the streaming kernel: all the device allows, less its static part and the
-// 1024 bytes it may skip to align the ring.
-size_t stream_smem(const DeviceInfo& info) { return static_cast<size_t>(info.max_smem - kBulkStaticBytes); }
+// Dynamic shared memory of a streaming kernel: all the device allows beside its static part (the
+// kernel skips up to 1024 bytes of it to align the ring).
+template <auto Kernel>
+size_t stream_smem(const DeviceInfo& info) {
+  static std::atomic<int> static_bytes{-1};
+  if (static_bytes.load() < 0) {
+    cudaFuncAttributes attributes;
+    if (cudaFuncGetAttributes(&attributes, Kernel) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return 0;
+    }
+    static_bytes.store(static_cast<int>(attributes.sharedSizeBytes));
+  }
+  return static_cast<size_t>(info.max_smem - static_bytes.load());
+}
 
 // Whether the streaming kernel serves the call: sm_90 code loaded, the driver's tensor-map encoder,
 // d >= 64 (one TMA box wide), the decode source or one row chunk, hidden under 64 GB, and room for
@@ -294,14 +306,16 @@ bool stream_applies(const xbai::HeadParams& p, const DeviceInfo& info) {
   const StreamSplit split = stream_split(p.num_slices, info.sms);
   const size_t stage = Cfg::kBlockK / xbai::kBoxColumns *
                        static_cast<size_t>(split.box_slices * xbai::kSliceUnits + Cfg::kChunkRows) * xbai::kSwizzleBytes;
-  const size_t ring = stream_smem(info) - 1024;
+  const size_t smem = stream_smem<xbai::head_stream_kernel<T, Cfg>>(info);
+  if (smem < 1024) return false;
+  const size_t ring = smem - 1024;
   return 2 * stage <= ring && Cfg::reduce_bytes() <= ring;
 }
 
 template <typename T, class Cfg>
 cudaError_t launch_stream(xbai::HeadParams p, const DeviceInfo& info, int tail, bool dependent, cudaStream_t stream) {
   constexpr auto kernel = xbai::head_stream_kernel<T, Cfg>;
-  const size_t smem = stream_smem(info);
+  const size_t smem = stream_smem<kernel>(info);
   cudaError_t err = prepare_kernel<kernel>(smem, info.device);
   if (err != cudaSuccess) return err;
   const StreamSplit split = stream_split(p.num_slices, info.sms);

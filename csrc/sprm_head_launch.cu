@@ -242,7 +242,7 @@ using Stream64 = xbai::StreamConfig<64, 2, 128, 4>;
 using StreamWide8 = xbai::StreamConfig<8, 1, 256, 1>;
 using StreamWide16 = xbai::StreamConfig<16, 1, 256, 1>;
 using StreamWide32 = xbai::StreamConfig<32, 2, 256, 2>;
-using StreamWide64 = xbai::StreamConfig<64, 2, 256, 4>;
+using StreamWide64 = xbai::StreamConfig<64, 4, 128, 4>;
 
 // cuTensorMapEncodeTiled from the driver, found once through the runtime (the module links no libcuda).
 PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {

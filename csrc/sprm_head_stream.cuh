@@ -180,6 +180,8 @@ __device__ void stream_item(const HeadParams& p, const CUtensorMap* w1_map, cons
   } else {
     const int warp_k = warp % kWarpsK;
     const int warp_n = warp / kWarpsK;
+    // Row tiles of this warp that hold a filled row; the others would only feed discarded columns.
+    const int live_tiles = min(max((filled - warp_n * Cfg::kWarpRows + 7) / 8, 0), Cfg::kNTiles);
     for (int t = 0; t < k_chunks; ++t) {
       const uint32_t i = iteration + t;
       const uint32_t stage = i % ring.stages;
@@ -194,14 +196,16 @@ __device__ void stream_item(const HeadParams& p, const CUtensorMap* w1_map, cons
         uint32_t b[Cfg::kNTiles][2];
 #pragma unroll
         for (int n = 0; n < Cfg::kNTiles; ++n)
-          load_matrix_x2(b[n], b_box + swizzled(warp_n * Cfg::kWarpRows + n * 8 + lane % 8, 2 * warp_k + (lane / 8) % 2));
+          if (n < live_tiles)
+            load_matrix_x2(b[n], b_box + swizzled(warp_n * Cfg::kWarpRows + n * 8 + lane % 8, 2 * warp_k + (lane / 8) % 2));
 #pragma unroll
         for (int m = 0; m < kMaxSlices; ++m) {
-          if (m < slices) {
+          if (m < slices && live_tiles > 0) {
             uint32_t a[4];
             load_matrix_x4(a, a_box + swizzled(m * 16 + lane % 16, 2 * warp_k + lane / 16));
 #pragma unroll
-            for (int n = 0; n < Cfg::kNTiles; ++n) mma_16816<T>(acc[m][n], a, b[n]);
+            for (int n = 0; n < Cfg::kNTiles; ++n)
+              if (n < live_tiles) mma_16816<T>(acc[m][n], a, b[n]);
           }
         }
       }

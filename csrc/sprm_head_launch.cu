@@ -326,7 +326,8 @@ cudaError_t launch_stream(xbai::HeadParams p, const DeviceInfo& info, int tail, 
   // step row beats a second launch only while there are few of them.
   p.fused_tail = p.source == XBAI_ROWS_MASKED &&
                  (tail == XBAI_TAIL_FUSED || (tail == XBAI_TAIL_AUTO && p.num_rows <= 32));
-  // W1 as a [2d, d] tensor of box_slices * 16 rows x 64 columns boxes, 128-byte swizzled.
+  // W1 as a [2d, d] tensor of box_slices * 16 rows x 64 columns boxes, 128-byte swizzled. No L2
+  // promotion: with 256-byte promotion the stream ran 1.4 us slower at d = 5120 (NOTES, v5 call 8).
   CUtensorMap map;
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(p.d), static_cast<cuuint64_t>(p.num_slices) * xbai::kSliceUnits};
   const cuuint64_t strides[1] = {static_cast<cuuint64_t>(p.d) * sizeof(T)};
@@ -335,7 +336,7 @@ cudaError_t launch_stream(xbai::HeadParams p, const DeviceInfo& info, int tail, 
   const CUresult encoded = tensor_map_encoder()(
       &map, std::is_same<T, __nv_bfloat16>::value ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
       2, const_cast<void*>(p.w1), dims, strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (encoded != CUDA_SUCCESS) return cudaErrorInvalidValue;
   err = launch_kernel(kernel, split.grid, Cfg::kThreads, smem, dependent, stream, p, map);
   if (err != cudaSuccess || p.fused_tail) return err;

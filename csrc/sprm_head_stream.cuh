@@ -180,15 +180,14 @@ __device__ void stream_item(const HeadParams& p, const CUtensorMap* w1_map, cons
   } else {
     const int warp_k = warp % kWarpsK;
     const int warp_n = warp / kWarpsK;
-    // Row tiles of this warp that hold a filled row; the others would only feed discarded columns.
-    const int live_tiles = min(max((filled - warp_n * Cfg::kWarpRows + 7) / 8, 0), Cfg::kNTiles);
     for (int t = 0; t < k_chunks; ++t) {
       const uint32_t i = iteration + t;
       const uint32_t stage = i % ring.stages;
       barrier_wait(&ring.full[stage], (i / ring.stages) & 1);
       const unsigned char* base = ring.base + stage * ring.stage_bytes;
       // Column block j * kWarpsK + warp_k of the stage lies in box j, at chunks 2 warp_k and 2 warp_k + 1:
-      // this warp's blocks in increasing order, the fixed K split of every kernel.
+      // this warp's blocks in increasing order, the fixed K split of every kernel. (Straight-line code:
+      // this loop's speed is on the critical path; v5 call 5 lost 3-12 us to runtime guards in it.)
 #pragma unroll
       for (int j = 0; j < kBoxes; ++j) {
         const unsigned char* a_box = base + j * w1_box_bytes;
@@ -196,16 +195,14 @@ __device__ void stream_item(const HeadParams& p, const CUtensorMap* w1_map, cons
         uint32_t b[Cfg::kNTiles][2];
 #pragma unroll
         for (int n = 0; n < Cfg::kNTiles; ++n)
-          if (n < live_tiles)
-            load_matrix_x2(b[n], b_box + swizzled(warp_n * Cfg::kWarpRows + n * 8 + lane % 8, 2 * warp_k + (lane / 8) % 2));
+          load_matrix_x2(b[n], b_box + swizzled(warp_n * Cfg::kWarpRows + n * 8 + lane % 8, 2 * warp_k + (lane / 8) % 2));
 #pragma unroll
         for (int m = 0; m < kMaxSlices; ++m) {
-          if (m < slices && live_tiles > 0) {
+          if (m < slices) {
             uint32_t a[4];
             load_matrix_x4(a, a_box + swizzled(m * 16 + lane % 16, 2 * warp_k + lane / 16));
 #pragma unroll
-            for (int n = 0; n < Cfg::kNTiles; ++n)
-              if (n < live_tiles) mma_16816<T>(acc[m][n], a, b[n]);
+            for (int n = 0; n < Cfg::kNTiles; ++n) mma_16816<T>(acc[m][n], a, b[n]);
           }
         }
       }

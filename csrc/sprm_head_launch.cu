@@ -142,29 +142,19 @@ cudaError_t prepare_kernel(size_t smem, int device) {
 // Launches `kernel` on `stream`, as a programmatic dependent launch where the GPU has it: the
 // kernel may start while the previous grid on the stream finishes, and waits on
 // griddepcontrol.wait before it reads anything (sprm_head.cuh).
-// `cluster` > 1 launches clusters of that many CTAs along x.
 template <typename Kernel, typename... Args>
 cudaError_t launch_kernel(Kernel kernel, unsigned grid, unsigned threads, size_t smem, bool dependent,
-                          cudaStream_t stream, int cluster, const Args&... args) {
+                          cudaStream_t stream, const Args&... args) {
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(grid);
   config.blockDim = dim3(threads);
   config.dynamicSmemBytes = smem;
   config.stream = stream;
-  cudaLaunchAttribute attribute[2];
-  unsigned count = 0;
-  if (dependent) {
-    attribute[count].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attribute[count++].val.programmaticStreamSerializationAllowed = 1;
-  }
-  if (cluster > 1) {
-    attribute[count].id = cudaLaunchAttributeClusterDimension;
-    attribute[count].val.clusterDim.x = static_cast<unsigned>(cluster);
-    attribute[count].val.clusterDim.y = 1;
-    attribute[count++].val.clusterDim.z = 1;
-  }
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attribute;
-  config.numAttrs = count;
+  config.numAttrs = dependent ? 1 : 0;
   return cudaLaunchKernelEx(&config, kernel, args...);
 }
 
@@ -173,7 +163,7 @@ template <typename T>
 cudaError_t launch_reduce(const xbai::HeadParams& p, bool dependent, cudaStream_t stream) {
   const int64_t reduce_blocks = (p.num_rows + kReduceWarps - 1) / kReduceWarps;
   return launch_kernel(xbai::head_reduce_kernel<T>, static_cast<unsigned>(reduce_blocks), 32 * kReduceWarps, 0,
-                       dependent, stream, 1, p);
+                       dependent, stream, p);
 }
 
 template <typename T, class Cfg>
@@ -187,7 +177,7 @@ cudaError_t launch(xbai::HeadParams p, const DeviceInfo& info, bool dependent, c
   const int tiles = (p.num_slices + xbai::kTileSlices - 1) / xbai::kTileSlices;
   const int64_t work = p.balanced ? p.num_slices : static_cast<int64_t>(tiles) * p.num_chunks;
   const int grid = static_cast<int>(work < info.sms ? work : info.sms);
-  err = launch_kernel(kernel, grid, Cfg::kThreads, Cfg::template smem_bytes<T>(), dependent, stream, 1, p);
+  err = launch_kernel(kernel, grid, Cfg::kThreads, Cfg::template smem_bytes<T>(), dependent, stream, p);
   if (err != cudaSuccess) return err;
   return launch_reduce<T>(p, dependent, stream);
 }
@@ -202,7 +192,7 @@ cudaError_t launch_bulk(xbai::HeadParams p, const DeviceInfo& info, bool depende
   if (err != cudaSuccess) return err;
   p.balanced = 1;
   const int grid = p.num_slices < info.sms ? p.num_slices : info.sms;
-  err = launch_kernel(kernel, grid, Cfg::kThreads, smem, dependent, stream, 1, p);
+  err = launch_kernel(kernel, grid, Cfg::kThreads, smem, dependent, stream, p);
   if (err != cudaSuccess) return err;
   return launch_reduce<T>(p, dependent, stream);
 }
@@ -244,15 +234,15 @@ cudaError_t launch_family(const xbai::HeadParams& p, int pipeline, const DeviceI
 
 // ---- The TMA streaming kernel (sm_90, sprm_head_stream.cuh) ----
 
-// StreamConfig<chunk rows, warps along rows, stage columns, copy warps, CTAs per cluster>. H200,
-// d = 5120 (NOTES, v5): 256-column stages for up to 16 rows (1536: 7.6 against 8.6 us at B = 1),
-// 128-column ones above (36 KB stages at 64 rows already leave only 6 in the ring).
-using Stream8 = xbai::StreamConfig<8, 1, 256, 1, 1>;
-using Stream16 = xbai::StreamConfig<16, 1, 256, 1, 1>;
-using Stream32 = xbai::StreamConfig<32, 2, 128, 2, 1>;
-using Stream64 = xbai::StreamConfig<64, 2, 128, 4, 1>;
-using Stream32Pair = xbai::StreamConfig<32, 2, 128, 1, 2>;
-using Stream64Pair = xbai::StreamConfig<64, 2, 128, 2, 2>;
+// StreamConfig<chunk rows, warps along rows, stage columns, producer warps>.
+using Stream8 = xbai::StreamConfig<8, 1, 128, 1>;
+using Stream16 = xbai::StreamConfig<16, 1, 128, 1>;
+using Stream32 = xbai::StreamConfig<32, 2, 128, 2>;
+using Stream64 = xbai::StreamConfig<64, 2, 128, 4>;
+using StreamWide8 = xbai::StreamConfig<8, 1, 256, 1>;
+using StreamWide16 = xbai::StreamConfig<16, 1, 256, 1>;
+using StreamWide32 = xbai::StreamConfig<32, 2, 256, 2>;
+using StreamWide64 = xbai::StreamConfig<64, 4, 128, 4>;
 
 // cuTensorMapEncodeTiled from the driver, found once through the runtime (the module links no libcuda).
 PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
@@ -304,38 +294,6 @@ size_t stream_smem(const DeviceInfo& info) {
   return static_cast<size_t>(info.max_smem - static_bytes.load());
 }
 
-// Whether `clusters` pairs of this kernel can be resident at once (asked once per kernel and device).
-template <auto Kernel>
-bool pairs_fit(const DeviceInfo& info, int threads, size_t smem, int clusters) {
-  static std::atomic<int> resident{-1};
-  if (resident.load() < 0) {
-    if (cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) !=
-        cudaSuccess) {
-      (void)cudaGetLastError();
-      return false;
-    }
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(2 * static_cast<unsigned>(clusters));
-    config.blockDim = dim3(static_cast<unsigned>(threads));
-    config.dynamicSmemBytes = smem;
-    cudaLaunchAttribute attribute[1];
-    attribute[0].id = cudaLaunchAttributeClusterDimension;
-    attribute[0].val.clusterDim.x = 2;
-    attribute[0].val.clusterDim.y = 1;
-    attribute[0].val.clusterDim.z = 1;
-    config.attrs = attribute;
-    config.numAttrs = 1;
-    int count = 0;
-    if (cudaOccupancyMaxActiveClusters(&count, Kernel, &config) != cudaSuccess) {
-      (void)cudaGetLastError();
-      count = 0;
-    }
-    resident.store(count);
-  }
-  (void)info;
-  return resident.load() >= clusters;
-}
-
 // Whether the streaming kernel serves the call: sm_90 code loaded, the driver's tensor-map encoder,
 // d >= 64 (one TMA box wide), the decode source or one row chunk, hidden under 64 GB, and room for
 // two stages and the epilogue's pre-activations.
@@ -351,13 +309,7 @@ bool stream_applies(const xbai::HeadParams& p, const DeviceInfo& info) {
   const size_t smem = stream_smem<xbai::head_stream_kernel<T, Cfg>>(info);
   if (smem < 1024) return false;
   const size_t ring = smem - 1024;
-  if (2 * stage > ring || Cfg::reduce_bytes() > ring) return false;
-  // Pairs run the same stages in lockstep: every CTA must have the same slices, and every pair must
-  // be resident at once.
-  if (Cfg::kCluster > 1)
-    return split.grid % Cfg::kCluster == 0 && p.num_slices % split.slices_per_cta == 0 &&
-           pairs_fit<xbai::head_stream_kernel<T, Cfg>>(info, Cfg::kThreads, smem, split.grid / Cfg::kCluster);
-  return true;
+  return 2 * stage <= ring && Cfg::reduce_bytes() <= ring;
 }
 
 template <typename T, class Cfg>
@@ -386,21 +338,19 @@ cudaError_t launch_stream(xbai::HeadParams p, const DeviceInfo& info, int tail, 
       2, const_cast<void*>(p.w1), dims, strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
       CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (encoded != CUDA_SUCCESS) return cudaErrorInvalidValue;
-  err = launch_kernel(kernel, split.grid, Cfg::kThreads, smem, dependent, stream, Cfg::kCluster, p, map);
+  err = launch_kernel(kernel, split.grid, Cfg::kThreads, smem, dependent, stream, p, map);
   if (err != cudaSuccess || p.fused_tail) return err;
   return launch_reduce<T>(p, dependent, stream);
 }
 
-// The streaming kernel where it applies: CTA pairs (Pair) if they can run, else single CTAs.
-template <typename T, class Stream, class Pair = Stream>
+template <typename T, class Stream, class StreamWide>
 bool try_stream(const xbai::HeadParams& p, int pipeline, int tail, const DeviceInfo& info, bool dependent,
                 cudaStream_t stream, cudaError_t* err) {
-  if (pipeline != XBAI_PIPELINE_AUTO && pipeline != XBAI_PIPELINE_STREAM && pipeline != XBAI_PIPELINE_STREAM_SINGLE)
-    return false;
-  if (Pair::kCluster > 1 && pipeline != XBAI_PIPELINE_STREAM_SINGLE && stream_applies<T, Pair>(p, info)) {
-    *err = launch_stream<T, Pair>(p, info, tail, dependent, stream);
+  if (pipeline == XBAI_PIPELINE_STREAM_WIDE && stream_applies<T, StreamWide>(p, info)) {
+    *err = launch_stream<T, StreamWide>(p, info, tail, dependent, stream);
     return true;
   }
+  if (pipeline != XBAI_PIPELINE_AUTO && pipeline != XBAI_PIPELINE_STREAM) return false;
   if (!stream_applies<T, Stream>(p, info)) return false;
   *err = launch_stream<T, Stream>(p, info, tail, dependent, stream);
   return true;
@@ -415,10 +365,10 @@ cudaError_t launch_for_chunk(const xbai::HeadParams& p, int chunk_rows, int pipe
   dependent = dependent && info.dependent;
   bool streamed = false;
   switch (chunk_rows) {
-    case 8: streamed = try_stream<T, Stream8>(p, pipeline, tail, info, dependent, stream, &err); break;
-    case 16: streamed = try_stream<T, Stream16>(p, pipeline, tail, info, dependent, stream, &err); break;
-    case 32: streamed = try_stream<T, Stream32, Stream32Pair>(p, pipeline, tail, info, dependent, stream, &err); break;
-    default: streamed = try_stream<T, Stream64, Stream64Pair>(p, pipeline, tail, info, dependent, stream, &err); break;
+    case 8: streamed = try_stream<T, Stream8, StreamWide8>(p, pipeline, tail, info, dependent, stream, &err); break;
+    case 16: streamed = try_stream<T, Stream16, StreamWide16>(p, pipeline, tail, info, dependent, stream, &err); break;
+    case 32: streamed = try_stream<T, Stream32, StreamWide32>(p, pipeline, tail, info, dependent, stream, &err); break;
+    default: streamed = try_stream<T, Stream64, StreamWide64>(p, pipeline, tail, info, dependent, stream, &err); break;
   }
   if (streamed) return err;
   switch (chunk_rows) {
@@ -440,7 +390,7 @@ extern "C" int64_t xbai_head_workspace_bytes(int32_t source, int64_t num_rows, i
 extern "C" int32_t xbai_head_logits(const XbaiHeadLaunch* a) {
   if (a->dtype != XBAI_FLOAT16 && a->dtype != XBAI_BFLOAT16) return XBAI_BAD_DTYPE;
   if (a->d <= 0 || a->d % 8 != 0) return XBAI_BAD_HIDDEN_SIZE;
-  if (a->pipeline < XBAI_PIPELINE_WIDE || a->pipeline > XBAI_PIPELINE_STREAM_SINGLE) return XBAI_BAD_PIPELINE;
+  if (a->pipeline < XBAI_PIPELINE_WIDE || a->pipeline > XBAI_PIPELINE_STREAM_WIDE) return XBAI_BAD_PIPELINE;
   if (a->tail < XBAI_TAIL_AUTO || a->tail > XBAI_TAIL_KERNEL) return XBAI_BAD_TAIL;
   if (a->source != XBAI_ROWS_ALL && a->source != XBAI_ROWS_INDEXED && a->source != XBAI_ROWS_MASKED)
     return XBAI_BAD_ROW_SOURCE;
@@ -495,7 +445,7 @@ extern "C" const char* xbai_status_string(int32_t status) {
     case XBAI_BAD_ROW_SOURCE: return "row source must be 0 (all), 1 (indexed) or 2 (masked)";
     case XBAI_WORKSPACE_TOO_SMALL: return "workspace is smaller than xbai_head_workspace_bytes()";
     case XBAI_MISSING_POINTER: return "a required pointer is null";
-    case XBAI_BAD_PIPELINE: return "pipeline must be 0 (wide), 1 (deep), 2 (auto), 3 (bulk), 4 (stream) or 5 (stream-single)";
+    case XBAI_BAD_PIPELINE: return "pipeline must be 0 (wide), 1 (deep), 2 (auto), 3 (bulk), 4 (stream) or 5 (stream-wide)";
     case XBAI_BAD_TAIL: return "tail must be 0 (auto), 1 (fused) or 2 (kernel)";
     default: return status > 0 ? cudaGetErrorString(static_cast<cudaError_t>(status)) : "unknown status";
   }

@@ -42,7 +42,7 @@ enum XbaiPipeline {
   XBAI_PIPELINE_AUTO = 2,
   XBAI_PIPELINE_BULK = 3,
   XBAI_PIPELINE_STREAM = 4,
-  XBAI_PIPELINE_STREAM_SINGLE = 5, /* STREAM without CTA pairs */
+  XBAI_PIPELINE_STREAM_WIDE = 5, /* STREAM with 256-column stages */
 };
 
 /* Who adds the slices of the STREAM kernel's decode logits: AUTO (the last CTA of the kernel up to

@@ -35,18 +35,10 @@ constexpr int kTailRanks = 64;
 // Slices each lane of the fused tail loads before adding them (one L2 round trip up to d = 6144).
 constexpr int kTailLoads = 24;
 
-// CopyWarps warps issue the copies: one carries the row copies of a few rows, 64 rows need four (v5:
-// one warp alone took ~1000 cycles of issue per stage at 64 rows, about the whole budget).
-// Cluster = 2 pairs CTAs that stream the same rows: each copies half of them from L2 and forwards
-// that half into its partner's ring (one more warp), which halves the rows' L2 reads; at 64 rows
-// these are 84 MB against W1's 105 MB, and L2 bandwidth bounds the call (NOTES, v5).
-template <int ChunkRowsV, int WarpsNV, int StageColumnsV, int CopyWarpsV, int ClusterV>
-struct StreamConfig
-    : TileConfig<ChunkRowsV, StageColumnsV, kStreamMaxStages, WarpsNV, CopyWarpsV + (ClusterV > 1 ? 1 : 0)> {
-  static constexpr int kCopyWarps = CopyWarpsV;
-  static constexpr int kCluster = ClusterV;
-  static_assert(ClusterV == 1 || ClusterV == 2, "pairs only");
-};
+// ProducerWarps warps issue the copies: one carries the row copies of a few rows, 64 rows need
+// four (v5: one warp alone took ~1000 cycles of issue per stage at 64 rows, about the whole budget).
+template <int ChunkRowsV, int WarpsNV, int StageColumnsV, int ProducerWarpsV>
+using StreamConfig = TileConfig<ChunkRowsV, StageColumnsV, kStreamMaxStages, WarpsNV, ProducerWarpsV>;
 
 // Byte offset of 16-byte chunk `chunk` (0-7) of row `row` in a [rows x 64 columns] half tile, as
 // TMA's 128-byte swizzle lays it out (the tile starts on a 1024-byte boundary).
@@ -79,54 +71,14 @@ __device__ __forceinline__ void copies_arrive_on(uint64_t* bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_address(bar)) : "memory");
 }
 
-// Cluster primitives (pairs of CTAs, sprm_head_stream's Cluster = 2).
-__device__ __forceinline__ uint32_t cluster_rank() {
-  uint32_t rank;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
-  return rank;
-}
-// The address of this CTA's shared-memory `local` in CTA `rank` of the cluster.
-__device__ __forceinline__ uint32_t partner_address(const void* local, uint32_t rank) {
-  uint32_t remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(smem_address(local)), "r"(rank));
-  return remote;
-}
-__device__ __forceinline__ void barrier_arrive_remote(uint32_t remote_bar) {
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(remote_bar) : "memory");
-}
-// Like barrier_wait, with cluster-scope acquire: orders the partner's released reads before our writes.
-__device__ __forceinline__ void barrier_wait_cluster(uint64_t* bar, uint32_t parity) {
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n .reg .pred complete;\n mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 complete, [%1], %2;\n"
-        " selp.u32 %0, 1, 0, complete;\n}\n"
-        : "=r"(done)
-        : "r"(smem_address(bar)), "r"(parity)
-        : "memory");
-  } while (!done);
-}
-// Copies `bytes` of this CTA's shared memory to the partner's (remote_dst), completing on its barrier.
-__device__ __forceinline__ void bulk_copy_to_partner(uint32_t remote_dst, const void* src, uint32_t bytes,
-                                                     uint32_t remote_bar) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(remote_dst),
-      "r"(smem_address(src)), "r"(bytes), "r"(remote_bar)
-      : "memory");
-}
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-}
-
 // Where a CTA's ring lives and how it turns.
 struct Ring {
   unsigned char* base;   // 1024-byte aligned
   uint32_t stages;       // in use, <= kStreamMaxStages
   uint32_t stage_bytes;  // kBlockK / 64 * 128 * (box units + chunk rows)
   int box_units;         // W1 rows per TMA box
-  uint64_t* full;        // [stages]: TMA bytes landed, our row copies done, the partner's half arrived
-  uint64_t* empty;       // [stages]: every math warp (of both CTAs of a pair) done reading
-  uint64_t* own_rows;    // [stages], pairs only: our half of the rows landed (the forwarder waits on it)
+  uint64_t* full;        // [stages]: TMA bytes landed and the producers' row copies done
+  uint64_t* empty;       // [stages]: every math warp done reading
   float* unit_b1;        // [kMaxUnits]: b1 and w2 of the item's units, fp32, for the epilogue
   float* unit_w2;
 };
@@ -145,13 +97,11 @@ __device__ void stream_item(const HeadParams& p, const CUtensorMap* w1_map, cons
   constexpr int kStageK = Cfg::kBlockK;
   constexpr int kBoxes = kStageK / kBoxColumns;
   constexpr int kPiecesPerRow = kStageK / 8;
-  constexpr int kCopyThreads = 32 * Cfg::kCopyWarps;
-  constexpr int kRowsPerRound = kCopyThreads / kPiecesPerRow;
-  constexpr int kOwnRows = kChunkRows / Cfg::kCluster;  // rows this CTA copies from global memory
-  constexpr int kCopies = kOwnRows / kRowsPerRound;
-  constexpr bool kPaired = Cfg::kCluster > 1;
-  static_assert(kStageK % kBoxColumns == 0 && kCopyThreads % kPiecesPerRow == 0 && kOwnRows % kRowsPerRound == 0 &&
-                    kCopies <= 32,
+  constexpr int kProducerThreads = Cfg::kThreads - 32 * Cfg::kMathWarps;
+  constexpr int kRowsPerRound = kProducerThreads / kPiecesPerRow;
+  constexpr int kCopies = kChunkRows / kRowsPerRound;
+  static_assert(kStageK % kBoxColumns == 0 && kProducerThreads % kPiecesPerRow == 0 &&
+                    kChunkRows % kRowsPerRound == 0 && kCopies <= 32,
                 "stage shape");
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -170,32 +120,7 @@ __device__ void stream_item(const HeadParams& p, const CUtensorMap* w1_map, cons
     ring.unit_w2[threadIdx.x] = to_float(static_cast<const T*>(p.w2)[unit]);
   }
 
-  const uint32_t rank = kPaired ? cluster_rank() : 0;
-  const uint32_t own_half_bytes = kOwnRows * kSwizzleBytes;  // per box
-
-  if (kPaired && warp == Cfg::kMathWarps + Cfg::kCopyWarps) {
-    // Forwarder: once our half of a stage's rows has landed, one copy per box sends it to the same
-    // place in the partner's ring. The partner's consumers released that stage before our copy warps
-    // filled it (our "empty" counts them too), and our stage is not refilled before the partner's
-    // consumers release it, which they do only after this copy has completed on their "full".
-    const uint32_t partner = rank ^ 1u;
-    for (int t = 0; t < k_chunks; ++t) {
-      const uint32_t i = iteration + t;
-      const uint32_t stage = i % ring.stages;
-      barrier_wait(&ring.own_rows[stage], (i / ring.stages) & 1);
-      // The row copies were generic-proxy writes; the bulk copy reads through the async proxy.
-      fence_shared_for_copies();
-      if (lane == 0) {
-        const unsigned char* base = ring.base + stage * ring.stage_bytes;
-        const uint32_t remote_bar = partner_address(&ring.full[stage], partner);
-#pragma unroll
-        for (int j = 0; j < kBoxes; ++j) {
-          const unsigned char* half = base + rows_offset + j * kChunkRows * kSwizzleBytes + rank * own_half_bytes;
-          bulk_copy_to_partner(partner_address(half, partner), half, own_half_bytes, remote_bar);
-        }
-      }
-    }
-  } else if (warp >= Cfg::kMathWarps) {
+  if (warp >= Cfg::kMathWarps) {
     // Producers. Thread x copies 16-byte piece x % kPiecesPerRow of rows x / kPiecesPerRow + i *
     // kRowsPerRound. Each copy must cost few instructions (v5: a loop that re-derived its addresses
     // ran at ~19 cycles per instruction and took 140 us at 64 rows): the sources are computed once
@@ -211,7 +136,7 @@ __device__ void stream_item(const HeadParams& p, const CUtensorMap* w1_map, cons
     uint32_t copied = 0;  // bit i: copy i has a row (filled, and not an out-of-range index)
 #pragma unroll
     for (int i = 0; i < kCopies; ++i) {
-      const int r = rank * kOwnRows + i * kRowsPerRound + x / kPiecesPerRow;
+      const int r = i * kRowsPerRound + x / kPiecesPerRow;
       const int64_t row = r < filled ? chunk_rows[r] : -1;
       copied |= row >= 0 ? 1u << i : 0u;
       source[i] = static_cast<uint32_t>(((row >= 0 ? row : 0) * p.hidden_stride + piece_col) / 8);
@@ -219,21 +144,17 @@ __device__ void stream_item(const HeadParams& p, const CUtensorMap* w1_map, cons
     // Copy i's swizzled place in the stage (a few integer operations; kept out of registers).
     const uint32_t piece_offset = rows_offset + (piece / 8) * kChunkRows * kSwizzleBytes;
     auto target = [&](int i) {
-      return piece_offset + swizzled(rank * kOwnRows + i * kRowsPerRound + x / kPiecesPerRow, piece % 8);
+      return piece_offset + swizzled(i * kRowsPerRound + x / kPiecesPerRow, piece % 8);
     };
     for (int t = 0; t < k_chunks; ++t) {
       const uint32_t i = iteration + t;
       const uint32_t stage = i % ring.stages;
       // The first pass over the ring finds every stage free (waiting on the phase before the first).
-      if (kPaired)
-        barrier_wait_cluster(&ring.empty[stage], ((i / ring.stages) & 1) ^ 1);
-      else
-        barrier_wait(&ring.empty[stage], ((i / ring.stages) & 1) ^ 1);
+      barrier_wait(&ring.empty[stage], ((i / ring.stages) & 1) ^ 1);
       unsigned char* base = ring.base + stage * ring.stage_bytes;
       const int col0 = t * kStageK;
       if (x == 0) {
-        // W1's boxes, and the half of the rows the partner forwards.
-        barrier_arrive_expect_bytes(&ring.full[stage], kBoxes * (w1_box_bytes + (kPaired ? own_half_bytes : 0)));
+        barrier_arrive_expect_bytes(&ring.full[stage], kBoxes * w1_box_bytes);
 #pragma unroll
         for (int box = 0; box < kBoxes; ++box)
           tma_load_2d(base + box * w1_box_bytes, w1_map, col0 + box * kBoxColumns, slice0 * kSliceUnits,
@@ -255,7 +176,6 @@ __device__ void stream_item(const HeadParams& p, const CUtensorMap* w1_map, cons
             copy_16_async(base + target(c), valid ? static_cast<const void*>(stage_source + source[c]) : hidden, valid);
       }
       copies_arrive_on(&ring.full[stage]);
-      if (kPaired) copies_arrive_on(&ring.own_rows[stage]);
     }
   } else {
     const int warp_k = warp % kWarpsK;
@@ -286,13 +206,9 @@ __device__ void stream_item(const HeadParams& p, const CUtensorMap* w1_map, cons
           }
         }
       }
-      // Every lane's ldmatrix reads of the stage are done before the warp releases it (to both
-      // producers of a pair: the partner forwards into this stage too).
+      // Every lane's ldmatrix reads of the stage are done before the warp releases it.
       __syncwarp();
-      if (lane == 0) {
-        barrier_arrive(&ring.empty[stage]);
-        if (kPaired) barrier_arrive_remote(partner_address(&ring.empty[stage], rank ^ 1u));
-      }
+      if (lane == 0) barrier_arrive(&ring.empty[stage]);
     }
   }
   // Every stage of the item has landed and been read: the ring now holds the pre-activations.
@@ -364,7 +280,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   __shared__ int warp_counts[Cfg::kWarps];
   __shared__ __align__(8) uint64_t full[kStreamMaxStages];
   __shared__ __align__(8) uint64_t empty[kStreamMaxStages];
-  __shared__ __align__(8) uint64_t own_rows[Cfg::kCluster > 1 ? kStreamMaxStages : 1];
   __shared__ unsigned int ticket;
   __shared__ float unit_b1[kMaxUnits];
   __shared__ float unit_w2[kMaxUnits];
@@ -378,21 +293,17 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   ring.stages = room < kStreamMaxStages ? room : kStreamMaxStages;
   ring.full = full;
   ring.empty = empty;
-  ring.own_rows = own_rows;
   ring.unit_b1 = unit_b1;
   ring.unit_w2 = unit_w2;
   if (threadIdx.x == 0) {
     for (uint32_t s = 0; s < ring.stages; ++s) {
-      // The TMA byte count + every copy thread's row copies.
-      barrier_init(&full[s], 1 + 32 * Cfg::kCopyWarps);
-      barrier_init(&empty[s], Cfg::kMathWarps * Cfg::kCluster);
-      if (Cfg::kCluster > 1) barrier_init(&own_rows[s], 32 * Cfg::kCopyWarps);
+      // The TMA byte count + every producer thread's row copies.
+      barrier_init(&full[s], 1 + Cfg::kThreads - 32 * Cfg::kMathWarps);
+      barrier_init(&empty[s], Cfg::kMathWarps);
     }
     barrier_init_fence();
     prefetch_tensor_map(&w1_map);
   }
-  // The partner's barriers exist before anything of ours reaches them.
-  if (Cfg::kCluster > 1) cluster_sync();
   // (The barriers of the row selection publish the initialization to the other threads.)
   const int first = blockIdx.x * p.slices_per_cta;
   const int count = min(p.slices_per_cta, p.num_slices - first);
@@ -411,8 +322,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       const int slices = min(p.box_slices, first + count - slice0);
       stream_item<T, Cfg>(p, &w1_map, ring, slice0, slices, chunk, filled, chunk_rows, iteration);
       iteration += static_cast<uint32_t>((p.d + Cfg::kBlockK - 1) / Cfg::kBlockK);
-      // The partner forwards the next item's rows only after our epilogue is done with the ring.
-      if (Cfg::kCluster > 1) cluster_sync();
     }
   }
   if (!p.fused_tail || steps == 0) return;

@@ -295,11 +295,11 @@ def test_bulk_copy_pipelines_give_the_cp_async_bits(monkeypatch, d, batch, steps
 )
 @pytest.mark.parametrize("tail", ["fused", "kernel"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("pipeline", ["stream", "stream-single"])
+@pytest.mark.parametrize("pipeline", ["stream", "stream-wide"])
 @pytest.mark.cuda
 @needs_kernels
 def test_stream_kernel_gives_the_cp_async_bits(monkeypatch, d, batch, steps, tail, dtype, pipeline):
-    """The sm_90 TMA kernel, with and without CTA pairs, either tail, adds in the same order as the cp.async kernel."""
+    """The sm_90 TMA kernel, either stage width, either tail, adds in the same order as the cp.async kernel."""
     w1, b1, w2, b2 = _random_head(d, dtype, seed=d + 5)
     hidden = _random_inputs(batch, d, dtype, seed=batch + 6)
     mask = _step_mask(batch, steps, seed=steps + 7)

@@ -60,7 +60,7 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 # Source codes of csrc/sprm_head_launch.h (XbaiRowSource): which rows the kernel scores.
 ROWS_ALL, ROWS_INDEXED, ROWS_MASKED = 0, 1, 2
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
-_PIPELINES = {"wide": 0, "deep": 1, "auto": 2, "bulk": 3, "stream": 4, "stream-single": 5}
+_PIPELINES = {"wide": 0, "deep": 1, "auto": 2, "bulk": 3, "stream": 4, "stream-wide": 5}
 DEFAULT_PIPELINE = "auto"
 _TAILS = {"auto": 0, "fused": 1, "kernel": 2}
 

@@ -34,9 +34,6 @@ CUDA_VARIANTS = {
     "cuda-stream": ("stream", "1", "fused"),
     "cuda-stream-kernel": ("stream", "1", "kernel"),
     "cuda-stream-nopdl": ("stream", "0", "auto"),
-    "cuda-stream-wide": ("stream-wide", "1", "fused"),
-    "cuda-stream-wide-kernel": ("stream-wide", "1", "kernel"),
-    "cuda-bulk": ("bulk", "1", "auto"),
     "cuda-wide": ("wide", "1", "auto"),
 }
 MIN_CALLS_PER_GRAPH = 10

@@ -25,7 +25,7 @@ for d, B, steps in ((5120, 1, 1), (5120, 256, 64), (1536, 16, 0)):
     want = r.head_logits_masked(h, m, w1, b1, w2.view(1, -1), b2)
     print('smoke', d, B, steps, float((got - want).abs().max()))
 " 2>&1 | tee "$OUT/smoke.log" || { echo "smoke failed: stopping"; exit 1; }
-VARIANTS=${XBAI_SESSION_VARIANTS:-cuda-stream cuda-stream-kernel cuda-bulk cuda-wide}
+VARIANTS=${XBAI_SESSION_VARIANTS:-cuda-stream cuda-stream-kernel cuda-stream-nopdl cuda-wide}
 timeout 200 python3 -m pytest -q -ra -x -p no:cacheprovider -m cuda tests/test_cuda_backend.py 2>&1 | tee "$OUT/pytest.log" | tail -15
 timeout 100 python3 benchmarks/bench_cuda_decode.py --d 5120 --variants $VARIANTS --out "$OUT/cuda_decode_5120.json" \
   2>&1 | tee "$OUT/bench_5120.log"

@@ -25,9 +25,9 @@
 //     not by the balance (benchmarks/NOTES.md, v3);
 //   grouped (packed, many row chunks): 4-slice tiles, kTileGroup tiles times every chunk in a row,
 //     so W1 and the rows both stay in L2 while many chunks reuse them.
-// On sm_90, calls of one chunk of <= 16 rows (decode at B <= 16) take head_bulk_kernel instead: the
-// balanced schedule with W1 streamed by the copy engine in kilobyte copies and the rows resident
-// in shared memory (per-thread cp.async spent more issue slots than the copies took, NOTES v3/v4).
+// On sm_90 the decode scorer and calls of one chunk of <= 64 rows take head_stream_kernel instead
+// (sprm_head_stream.cuh): the balanced schedule with W1 streamed by TMA (per-thread cp.async spent
+// more issue slots than the copies took, NOTES v3-v5).
 //
 // Determinism. Every (unit, row) pre-activation is summed in one fixed order: warp k of the CTA's
 // kWarpsK warps takes the 16-column blocks with index = k mod kWarpsK in increasing order, and the
@@ -66,7 +66,7 @@ constexpr int kTileGroup = 8;
 
 // A tile configuration: ChunkRows selected rows per item, BlockK columns per pipeline stage (a
 // multiple of 16 * kWarpsK), Stages stages, WarpsN warps along the rows (times kWarpsK along K),
-// plus ProducerWarps warps that only issue copies (the bulk-copy kernel: 1; the cp.async one: 0).
+// plus ProducerWarps warps that only issue copies (the streaming kernel: 1-4; the cp.async one: 0).
 template <int ChunkRowsV, int BlockKV, int StagesV, int WarpsNV, int ProducerWarpsV = 0>
 struct TileConfig {
   static constexpr int kChunkRows = ChunkRowsV;
@@ -151,9 +151,9 @@ __device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
 #endif
 }
 
-// sm_90 transaction barriers and the bulk copy engine (the bulk-copy kernel below). A stage's
-// "full" barrier completes when its producer has arrived and every byte it announced has landed;
-// its "empty" barrier when every math warp has released it.
+// sm_90 transaction barriers (the streaming kernel, sprm_head_stream.cuh). A stage's "full" barrier
+// completes when its producers have arrived and every byte announced has landed; its "empty"
+// barrier when every math warp has released it.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 __device__ __forceinline__ void barrier_init(uint64_t* bar, uint32_t arrivals) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_address(bar)), "r"(arrivals) : "memory");
@@ -186,22 +186,6 @@ __device__ __forceinline__ uint64_t evict_first_policy() {
   uint64_t policy;
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
   return policy;
-}
-// Copies `bytes` (a multiple of 16, both addresses 16-byte aligned) from global to this CTA's shared
-// memory with the copy engine; the bytes count toward `bar`'s transaction.
-__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar,
-                                          uint64_t policy) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;\n" ::"r"(
-          smem_address(dst)),
-      "l"(src), "r"(bytes), "r"(smem_address(bar)), "l"(policy)
-      : "memory");
-}
-__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
-                   smem_address(dst)),
-               "l"(src), "r"(bytes), "r"(smem_address(bar))
-               : "memory");
 }
 // Orders this thread's ordinary shared-memory writes before later copy-engine writes to the same bytes.
 __device__ __forceinline__ void fence_shared_for_copies() {
@@ -562,166 +546,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) head_items_kernel(const Head
     const int slice0 = tile * kTileSlices;
     head_item<T, Cfg>(p, slice0, min(kTileSlices, p.num_slices - slice0), chunk, filled, chunk_rows, dynamic_smem);
   }
-}
-
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-__device__ __forceinline__ uint32_t dynamic_smem_bytes() {
-  uint32_t bytes;
-  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(bytes));
-  return bytes;
-}
-
-// One item of the bulk-copy kernel: the same work and the same sums as head_item, fed by the copy
-// engine. On the H200 one cp.async.bulk costs an SM ~37 ns whatever its size (v4 first call:
-// 256- and 512-byte row pieces ran at 0.9 and 1.8 TB/s), so every copy here is kilobytes long:
-//  - the item's filled rows stay resident: one whole-row copy each (row stride d + 8 elements);
-//  - W1 streams in stages of one slice (16 unit rows) x Cfg::kBlockK columns, one copy per unit
-//    row (2 KB at kBlockK = 1024), through a ring of as many stages as the memory left holds.
-// Stage t of the item is column chunk t / slices of slice t % slices, so each slice's accumulator
-// still sees its 16-column blocks in increasing order: the bits equal the cp.async kernel's. The
-// last warp produces; the math warps consume on each stage's "full" barrier and release it on
-// "empty". `iteration` counts the ring stages this CTA ran before; `item` its items before.
-// Requires d % kBlockK == 0 (no partial stage, no zero fill) and one row chunk per launch.
-template <typename T, class Cfg>
-__device__ void bulk_item(const HeadParams& p, int slice0, int slices, int chunk, int filled,
-                          const int64_t* chunk_rows, unsigned char* smem, uint64_t* full, uint64_t* empty,
-                          uint64_t* rows_ready, uint32_t iteration, uint32_t item) {
-  constexpr int kStageK = Cfg::kBlockK;
-  constexpr int kStride = Cfg::kStride;
-  constexpr uint32_t kStageBytes = kSliceUnits * kStride * sizeof(T);
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  const int64_t d = p.d;
-  const int64_t row_stride = d + 8;  // 16 bytes of padding: ldmatrix's 8 rows hit distinct banks
-  T* rows_smem = reinterpret_cast<T*>(smem);
-  unsigned char* ring = smem + filled * row_stride * sizeof(T);
-  const uint32_t room = (dynamic_smem_bytes() - static_cast<uint32_t>(filled * row_stride * sizeof(T))) / kStageBytes;
-  const uint32_t stages = room < Cfg::kStages ? room : Cfg::kStages;
-  const int k_chunks = static_cast<int>(d / kStageK);
-  float acc[kMaxSlices][Cfg::kNTiles][4];
-#pragma unroll
-  for (int m = 0; m < kMaxSlices; ++m)
-#pragma unroll
-    for (int n = 0; n < Cfg::kNTiles; ++n) acc[m][n][0] = acc[m][n][1] = acc[m][n][2] = acc[m][n][3] = 0.f;
-
-  if (warp == Cfg::kMathWarps) {
-    static_assert(Cfg::kChunkRows <= 32, "one lane per resident row");
-    const int64_t row = lane < filled ? chunk_rows[lane] : -1;
-    // An indexed row outside hidden (-1) is not read; its output is NaN and its slot never used.
-    const uint32_t rows_copied = __popc(__ballot_sync(0xffffffffu, row >= 0));
-    if (lane == 0) barrier_arrive_expect_bytes(rows_ready, rows_copied * static_cast<uint32_t>(d * sizeof(T)));
-    __syncwarp();
-    if (row >= 0)
-      bulk_copy(rows_smem + lane * row_stride, static_cast<const T*>(p.hidden) + row * p.hidden_stride,
-                static_cast<uint32_t>(d * sizeof(T)), rows_ready);
-    const uint64_t policy = evict_first_policy();
-    const T* w1 = static_cast<const T*>(p.w1) + (static_cast<int64_t>(slice0) * kSliceUnits + lane) * d;
-    const int total = k_chunks * slices;
-    for (int t = 0; t < total; ++t) {
-      const uint32_t i = iteration + t;
-      const uint32_t stage = i % stages;
-      // The first pass over the ring finds every stage free (waiting on the phase before the first).
-      barrier_wait(&empty[stage], ((i / stages) & 1) ^ 1);
-      if (lane == 0) barrier_arrive_expect_bytes(&full[stage], kSliceUnits * kStageK * sizeof(T));
-      __syncwarp();
-      if (lane < kSliceUnits) {
-        const int m = t % slices;
-        const int64_t k0 = static_cast<int64_t>(t / slices) * kStageK;
-        bulk_copy(ring + stage * kStageBytes + lane * kStride * sizeof(T), w1 + m * kSliceUnits * d + k0,
-                  kStageK * sizeof(T), &full[stage], policy);
-      }
-    }
-  } else {
-    const int warp_k = warp % kWarpsK;
-    // Row slots past `filled` read the last filled row: their output columns are never used.
-    const T* b_rows[Cfg::kNTiles];
-#pragma unroll
-    for (int n = 0; n < Cfg::kNTiles; ++n) {
-      const int r = min(n * 8 + lane % 8, filled - 1);
-      b_rows[n] = rows_smem + r * row_stride + ((lane / 8) % 2) * 8;
-    }
-    barrier_wait(rows_ready, item & 1);
-    for (int c = 0; c < k_chunks; ++c) {
-#pragma unroll
-      for (int m = 0; m < kMaxSlices; ++m) {
-        if (m < slices) {
-          const uint32_t i = iteration + c * slices + m;
-          const uint32_t stage = i % stages;
-          barrier_wait(&full[stage], (i / stages) & 1);
-          const T* a_stage = reinterpret_cast<const T*>(ring + stage * kStageBytes);
-#pragma unroll 4
-          for (int j = 0; j < Cfg::kBlocksPerWarp; ++j) {
-            const int col = (j * kWarpsK + warp_k) * 16;
-            uint32_t b[Cfg::kNTiles][2];
-#pragma unroll
-            for (int n = 0; n < Cfg::kNTiles; ++n) load_matrix_x2(b[n], b_rows[n] + c * kStageK + col);
-            uint32_t a[4];
-            load_matrix_x4(a, a_stage + (lane % 16) * kStride + col + (lane / 16) * 8);
-#pragma unroll
-            for (int n = 0; n < Cfg::kNTiles; ++n) mma_16816<T>(acc[m][n], a, b[n]);
-          }
-          // Every lane's ldmatrix reads of the stage are done before the warp releases it.
-          __syncwarp();
-          if (lane == 0) barrier_arrive(&empty[stage]);
-        }
-      }
-    }
-  }
-  // Every stage has landed and been consumed (the producer issues exactly the stages the math
-  // warps wait for): the ring's memory now holds the K-warps' pre-activations.
-  __syncthreads();
-  float* pre = reinterpret_cast<float*>(ring);
-  if (warp < Cfg::kMathWarps) store_preactivations<Cfg>(acc, slices, pre);
-  __syncthreads();
-  finish_item<T, Cfg>(p, slice0, slices, chunk, filled, pre);
-  // The next item's copies overwrite this memory (and chunk_rows): order these reads and writes first.
-  fence_shared_for_copies();
-  __syncthreads();
-}
-#endif
-
-// The balanced schedule on sm_90 through the bulk copy engine, for one chunk of at most
-// Cfg::kChunkRows (<= 32) rows (sprm_head_launch.cu checks d % Cfg::kBlockK == 0 and that the
-// resident rows leave room for two stages): one CTA per SM, 4 math warps and one producer warp.
-// Compiled only for sm_90+ targets; the launcher checks the loaded code's PTX version first.
-template <typename T, class Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads, 1) head_bulk_kernel(const HeadParams p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  extern __shared__ __align__(16) unsigned char dynamic_smem[];
-  __shared__ int64_t chunk_rows[Cfg::kChunkRows];
-  __shared__ int warp_counts[Cfg::kWarps];
-  __shared__ __align__(8) uint64_t full[Cfg::kStages];
-  __shared__ __align__(8) uint64_t empty[Cfg::kStages];
-  __shared__ __align__(8) uint64_t rows_ready;
-  allow_next_grid();
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < Cfg::kStages; ++s) {
-      barrier_init(&full[s], 1);
-      barrier_init(&empty[s], Cfg::kMathWarps);
-    }
-    barrier_init(&rows_ready, 1);
-    barrier_init_fence();
-  }
-  // (The barriers of the row selection publish the initialization to the other threads.)
-  int first, count;
-  share_of(p.num_slices, gridDim.x, blockIdx.x, &first, &count);
-  const int passes = (count + kMaxSlices - 1) / kMaxSlices;
-  wait_for_prior_grids();
-  int64_t steps;
-  const int filled = select_chunk_rows<Cfg>(p, 0, blockIdx.x == 0, chunk_rows, warp_counts, &steps);
-  // No step row: W1 is never read.
-  if (filled == 0) return;
-  uint32_t iteration = 0;
-  for (int pass = 0; pass < passes; ++pass) {
-    int pass_first, pass_count;
-    share_of(count, passes, pass, &pass_first, &pass_count);
-    bulk_item<T, Cfg>(p, first + pass_first, pass_count, 0, filled, chunk_rows, dynamic_smem, full, empty,
-                      &rows_ready, iteration, pass);
-    iteration += static_cast<uint32_t>(p.d / Cfg::kBlockK) * pass_count;
-  }
-#else
-  __trap();  // never launched: the launcher sees this code's PTX version is below 9.0
-#endif
 }
 
 // One warp per output: the partials of all slices in a fixed order (lane-strided, then a fixed

@@ -64,30 +64,28 @@ using Deep8 = xbai::TileConfig<8, 64, 6, 1>;
 using Deep16 = xbai::TileConfig<16, 64, 6, 1>;
 using Deep32 = xbai::TileConfig<32, 64, 5, 2>;
 using Deep64 = xbai::TileConfig<64, 64, 4, 2>;
-// Bulk-copy configurations (sm_90, chunks of <= 16 rows): one producer warp beside 4 math warps,
-// the rows resident, W1 stages of one slice x BlockK columns (2 KB copies at 1024, 1 KB at 512),
-// a ring of up to 8 stages.
-using Bulk8 = xbai::TileConfig<8, 1024, 8, 1, 1>;
-using Bulk16 = xbai::TileConfig<16, 1024, 8, 1, 1>;
-using BulkShort8 = xbai::TileConfig<8, 512, 8, 1, 1>;
-using BulkShort16 = xbai::TileConfig<16, 512, 8, 1, 1>;
-// Static shared memory of the bulk kernel (row list, warp counts, barriers), kept out of the
-// dynamic request.
-constexpr int kBulkStaticBytes = 1024;
+// Streaming-kernel configurations, xbai::StreamConfig<chunk rows, warps along rows, stage columns,
+// copy warps>. H200 (NOTES, v5): 256-column stages up to 16 rows (d = 1536, B = 1: 7.6 against
+// 8.6 us with 128), 128-column ones at 32-64 rows, whose 36 KB stages already leave only 6 in the
+// ring (B = 256: 40 against 42 us); four copy warps carry 64 rows' copies.
+using Stream8 = xbai::StreamConfig<8, 1, 256, 1>;
+using Stream16 = xbai::StreamConfig<16, 1, 256, 1>;
+using Stream32 = xbai::StreamConfig<32, 2, 128, 2>;
+using Stream64 = xbai::StreamConfig<64, 2, 128, 4>;
 
 struct DeviceInfo {
   int device;
   int sms;
   int max_smem;     // opt-in dynamic shared memory per block
   int dependent;    // programmatic dependent launch (sm_90+)
-  int bulk;         // the bulk-copy kernel's sm_90 code is what this device loads
+  int stream;       // the streaming kernel's sm_90 code is what this device loads
 };
 
-// Whether the device runs the bulk-copy kernel's real body: the code the driver loaded for it must
+// Whether the device runs the streaming kernel's real body: the code the driver loaded for it must
 // come from an sm_90+ target (on an sm_80 image, or PTX JIT-compiled from compute_80, it is a trap).
-bool bulk_kernel_loaded() {
+bool stream_kernel_loaded() {
   cudaFuncAttributes attributes;
-  if (cudaFuncGetAttributes(&attributes, xbai::head_bulk_kernel<__nv_bfloat16, Bulk8>) != cudaSuccess) {
+  if (cudaFuncGetAttributes(&attributes, xbai::head_stream_kernel<__nv_bfloat16, Stream8>) != cudaSuccess) {
     (void)cudaGetLastError();
     return false;
   }
@@ -98,7 +96,7 @@ bool bulk_kernel_loaded() {
 // launches under graph capture).
 cudaError_t device_info(DeviceInfo* info) {
   static std::atomic<int> cached_sms[kMaxDevices], cached_smem[kMaxDevices], cached_major[kMaxDevices],
-      cached_bulk[kMaxDevices];
+      cached_stream[kMaxDevices];
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
@@ -107,24 +105,24 @@ cudaError_t device_info(DeviceInfo* info) {
     info->sms = cached_sms[device].load();
     info->max_smem = cached_smem[device].load();
     info->dependent = cached_major[device].load() >= 9;
-    info->bulk = cached_bulk[device].load();
+    info->stream = cached_stream[device].load();
     return cudaSuccess;
   }
   int sms = 0, smem = 0, major = 0;
   if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) return err;
   if ((err = cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device)) != cudaSuccess) return err;
   if ((err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device)) != cudaSuccess) return err;
-  const int bulk = major >= 9 && bulk_kernel_loaded();
+  const int stream = major >= 9 && stream_kernel_loaded();
   if (device < kMaxDevices) {
     cached_smem[device].store(smem);
     cached_major[device].store(major);
-    cached_bulk[device].store(bulk);
+    cached_stream[device].store(stream);
     cached_sms[device].store(sms);
   }
   info->sms = sms;
   info->max_smem = smem;
   info->dependent = major >= 9;
-  info->bulk = bulk;
+  info->stream = stream;
   return cudaSuccess;
 }
 
@@ -182,37 +180,7 @@ cudaError_t launch(xbai::HeadParams p, const DeviceInfo& info, bool dependent, c
   return launch_reduce<T>(p, dependent, stream);
 }
 
-// The balanced schedule through the copy engine (sm_90): one CTA per SM, all the shared memory
-// the device allows (the resident rows first, then as many W1 stages as fit).
-template <typename T, class Cfg>
-cudaError_t launch_bulk(xbai::HeadParams p, const DeviceInfo& info, bool dependent, cudaStream_t stream) {
-  constexpr auto kernel = xbai::head_bulk_kernel<T, Cfg>;
-  const size_t smem = static_cast<size_t>(info.max_smem - kBulkStaticBytes);
-  cudaError_t err = prepare_kernel<kernel>(smem, info.device);
-  if (err != cudaSuccess) return err;
-  p.balanced = 1;
-  const int grid = p.num_slices < info.sms ? p.num_slices : info.sms;
-  err = launch_kernel(kernel, grid, Cfg::kThreads, smem, dependent, stream, p);
-  if (err != cudaSuccess) return err;
-  return launch_reduce<T>(p, dependent, stream);
-}
-
-// Whether the bulk-copy kernel with this configuration serves the call: an sm_90 image, one row
-// chunk on the balanced schedule, whole stages (d % BlockK == 0), and room beside the most rows the
-// call can have resident for two W1 stages and the epilogue's pre-activations.
-template <typename T, class Cfg>
-bool bulk_applies(const xbai::HeadParams& p, const DeviceInfo& info) {
-  const int64_t rows = p.num_rows < Cfg::kChunkRows ? p.num_rows : Cfg::kChunkRows;
-  const int64_t resident = rows * (p.d + 8) * static_cast<int64_t>(sizeof(T));
-  const int64_t stage = static_cast<int64_t>(xbai::kSliceUnits) * Cfg::kStride * sizeof(T);
-  const int64_t ring = 2 * stage > static_cast<int64_t>(Cfg::reduce_bytes()) ? 2 * stage : Cfg::reduce_bytes();
-  return info.bulk && p.num_chunks == 1 && p.d % Cfg::kBlockK == 0 &&
-         resident + ring + kBulkStaticBytes <= info.max_smem;
-}
-
 // The cp.async kernel: wide where the GPU's shared memory holds it (or asked for), else deep.
-// Chunks of 32 and 64 rows have no bulk configuration: there the rows do not fit resident, and row
-// pieces small enough to stream beside W1 cost the copy engine too much per byte (NOTES, v4).
 template <typename T, class Wide, class Deep>
 cudaError_t launch_family(const xbai::HeadParams& p, int pipeline, const DeviceInfo& info, bool dependent,
                           cudaStream_t stream) {
@@ -221,28 +189,7 @@ cudaError_t launch_family(const xbai::HeadParams& p, int pipeline, const DeviceI
   return deep ? launch<T, Deep>(p, info, dependent, stream) : launch<T, Wide>(p, info, dependent, stream);
 }
 
-// Prefers the bulk kernel with 1024-column stages, then 512-column ones, then cp.async.
-template <typename T, class Wide, class Deep, class Bulk, class BulkShort>
-cudaError_t launch_family(const xbai::HeadParams& p, int pipeline, const DeviceInfo& info, bool dependent,
-                          cudaStream_t stream) {
-  if (pipeline == XBAI_PIPELINE_BULK) {
-    if (bulk_applies<T, Bulk>(p, info)) return launch_bulk<T, Bulk>(p, info, dependent, stream);
-    if (bulk_applies<T, BulkShort>(p, info)) return launch_bulk<T, BulkShort>(p, info, dependent, stream);
-  }
-  return launch_family<T, Wide, Deep>(p, pipeline, info, dependent, stream);
-}
-
 // ---- The TMA streaming kernel (sm_90, sprm_head_stream.cuh) ----
-
-// StreamConfig<chunk rows, warps along rows, stage columns, producer warps>.
-using Stream8 = xbai::StreamConfig<8, 1, 128, 1>;
-using Stream16 = xbai::StreamConfig<16, 1, 128, 1>;
-using Stream32 = xbai::StreamConfig<32, 2, 128, 2>;
-using Stream64 = xbai::StreamConfig<64, 2, 128, 4>;
-using StreamWide8 = xbai::StreamConfig<8, 1, 256, 1>;
-using StreamWide16 = xbai::StreamConfig<16, 1, 256, 1>;
-using StreamWide32 = xbai::StreamConfig<32, 2, 256, 2>;
-using StreamWide64 = xbai::StreamConfig<64, 4, 128, 4>;
 
 // cuTensorMapEncodeTiled from the driver, found once through the runtime (the module links no libcuda).
 PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
@@ -299,7 +246,7 @@ size_t stream_smem(const DeviceInfo& info) {
 // two stages and the epilogue's pre-activations.
 template <typename T, class Cfg>
 bool stream_applies(const xbai::HeadParams& p, const DeviceInfo& info) {
-  if (!info.bulk || p.d < 64 || !(p.source == XBAI_ROWS_MASKED || p.num_chunks == 1)) return false;
+  if (!info.stream || p.d < 64 || !(p.source == XBAI_ROWS_MASKED || p.num_chunks == 1)) return false;
   // The producer holds row addresses as 32-bit counts of 16-byte pieces.
   if (p.hidden_rows * p.hidden_stride / 8 >= (int64_t{1} << 32)) return false;
   if (tensor_map_encoder() == nullptr) return false;
@@ -343,13 +290,9 @@ cudaError_t launch_stream(xbai::HeadParams p, const DeviceInfo& info, int tail, 
   return launch_reduce<T>(p, dependent, stream);
 }
 
-template <typename T, class Stream, class StreamWide>
+template <typename T, class Stream>
 bool try_stream(const xbai::HeadParams& p, int pipeline, int tail, const DeviceInfo& info, bool dependent,
                 cudaStream_t stream, cudaError_t* err) {
-  if (pipeline == XBAI_PIPELINE_STREAM_WIDE && stream_applies<T, StreamWide>(p, info)) {
-    *err = launch_stream<T, StreamWide>(p, info, tail, dependent, stream);
-    return true;
-  }
   if (pipeline != XBAI_PIPELINE_AUTO && pipeline != XBAI_PIPELINE_STREAM) return false;
   if (!stream_applies<T, Stream>(p, info)) return false;
   *err = launch_stream<T, Stream>(p, info, tail, dependent, stream);
@@ -365,15 +308,15 @@ cudaError_t launch_for_chunk(const xbai::HeadParams& p, int chunk_rows, int pipe
   dependent = dependent && info.dependent;
   bool streamed = false;
   switch (chunk_rows) {
-    case 8: streamed = try_stream<T, Stream8, StreamWide8>(p, pipeline, tail, info, dependent, stream, &err); break;
-    case 16: streamed = try_stream<T, Stream16, StreamWide16>(p, pipeline, tail, info, dependent, stream, &err); break;
-    case 32: streamed = try_stream<T, Stream32, StreamWide32>(p, pipeline, tail, info, dependent, stream, &err); break;
-    default: streamed = try_stream<T, Stream64, StreamWide64>(p, pipeline, tail, info, dependent, stream, &err); break;
+    case 8: streamed = try_stream<T, Stream8>(p, pipeline, tail, info, dependent, stream, &err); break;
+    case 16: streamed = try_stream<T, Stream16>(p, pipeline, tail, info, dependent, stream, &err); break;
+    case 32: streamed = try_stream<T, Stream32>(p, pipeline, tail, info, dependent, stream, &err); break;
+    default: streamed = try_stream<T, Stream64>(p, pipeline, tail, info, dependent, stream, &err); break;
   }
   if (streamed) return err;
   switch (chunk_rows) {
-    case 8: return launch_family<T, Wide8, Deep8, Bulk8, BulkShort8>(p, pipeline, info, dependent, stream);
-    case 16: return launch_family<T, Wide16, Deep16, Bulk16, BulkShort16>(p, pipeline, info, dependent, stream);
+    case 8: return launch_family<T, Wide8, Deep8>(p, pipeline, info, dependent, stream);
+    case 16: return launch_family<T, Wide16, Deep16>(p, pipeline, info, dependent, stream);
     case 32: return launch_family<T, Wide32, Deep32>(p, pipeline, info, dependent, stream);
     default: return launch_family<T, Wide64, Deep64>(p, pipeline, info, dependent, stream);
   }
@@ -390,7 +333,7 @@ extern "C" int64_t xbai_head_workspace_bytes(int32_t source, int64_t num_rows, i
 extern "C" int32_t xbai_head_logits(const XbaiHeadLaunch* a) {
   if (a->dtype != XBAI_FLOAT16 && a->dtype != XBAI_BFLOAT16) return XBAI_BAD_DTYPE;
   if (a->d <= 0 || a->d % 8 != 0) return XBAI_BAD_HIDDEN_SIZE;
-  if (a->pipeline < XBAI_PIPELINE_WIDE || a->pipeline > XBAI_PIPELINE_STREAM_WIDE) return XBAI_BAD_PIPELINE;
+  if (a->pipeline < XBAI_PIPELINE_WIDE || a->pipeline > XBAI_PIPELINE_STREAM) return XBAI_BAD_PIPELINE;
   if (a->tail < XBAI_TAIL_AUTO || a->tail > XBAI_TAIL_KERNEL) return XBAI_BAD_TAIL;
   if (a->source != XBAI_ROWS_ALL && a->source != XBAI_ROWS_INDEXED && a->source != XBAI_ROWS_MASKED)
     return XBAI_BAD_ROW_SOURCE;
@@ -445,7 +388,7 @@ extern "C" const char* xbai_status_string(int32_t status) {
     case XBAI_BAD_ROW_SOURCE: return "row source must be 0 (all), 1 (indexed) or 2 (masked)";
     case XBAI_WORKSPACE_TOO_SMALL: return "workspace is smaller than xbai_head_workspace_bytes()";
     case XBAI_MISSING_POINTER: return "a required pointer is null";
-    case XBAI_BAD_PIPELINE: return "pipeline must be 0 (wide), 1 (deep), 2 (auto), 3 (bulk), 4 (stream) or 5 (stream-wide)";
+    case XBAI_BAD_PIPELINE: return "pipeline must be 0 (wide), 1 (deep), 2 (auto) or 3 (stream)";
     case XBAI_BAD_TAIL: return "tail must be 0 (auto), 1 (fused) or 2 (kernel)";
     default: return status > 0 ? cudaGetErrorString(static_cast<cudaError_t>(status)) : "unknown status";
   }

@@ -31,19 +31,11 @@ enum XbaiStatus {
 
 /* Shape of the W1 pipeline (sprm_head_launch.cu): same results, different speed and shared memory.
  * WIDE and DEEP: per-thread 16-byte cp.async copies (256 or 128 bytes of each W1 row per stage), any
- * GPU from sm_80. BULK: the sm_90 copy engine, kilobyte copies, the rows resident in shared memory,
- * for calls of one chunk of <= 16 rows (decode at B <= 16) with d a multiple of 512. STREAM: sm_90,
- * W1 by TMA boxes and the rows copied beside it, for the decode source and calls of one chunk of up
- * to 64 rows, d >= 64. Where BULK or STREAM does not apply they fall back to AUTO's cp.async choice.
- * AUTO takes STREAM where it applies, else WIDE where the GPU's shared memory holds it, else DEEP. */
-enum XbaiPipeline {
-  XBAI_PIPELINE_WIDE = 0,
-  XBAI_PIPELINE_DEEP = 1,
-  XBAI_PIPELINE_AUTO = 2,
-  XBAI_PIPELINE_BULK = 3,
-  XBAI_PIPELINE_STREAM = 4,
-  XBAI_PIPELINE_STREAM_WIDE = 5, /* STREAM with 256-column stages */
-};
+ * GPU from sm_80. STREAM: sm_90, W1 by TMA boxes and the rows copied beside it, for the decode source
+ * and calls of one chunk of up to 64 rows, d >= 64; elsewhere it falls back to AUTO's cp.async
+ * choice. AUTO takes STREAM where it applies, else WIDE where the GPU's shared memory holds it, else
+ * DEEP. */
+enum XbaiPipeline { XBAI_PIPELINE_WIDE = 0, XBAI_PIPELINE_DEEP = 1, XBAI_PIPELINE_AUTO = 2, XBAI_PIPELINE_STREAM = 3 };
 
 /* Who adds the slices of the STREAM kernel's decode logits: AUTO (the last CTA of the kernel up to
  * 256 rows, a second kernel above), FUSED (the last CTA), KERNEL (a second kernel). Same bits. */

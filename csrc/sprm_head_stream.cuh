@@ -5,17 +5,22 @@
 // Why this shape (benchmarks/NOTES.md, CUDA v3-v5): a W1 stream fed by per-thread copies is bound by
 // instruction issue (v3), and one cp.async.bulk costs an SM ~37 ns whatever its size (v4), so W1
 // must arrive in few, large copies. A 2-D TMA box of [box units x 64 columns] is one instruction for
-// up to 10 KB; two boxes make a 128-column stage. The boxes land 128-byte swizzled (16-byte chunk c
-// of row r at chunk c ^ (r % 8)), so ldmatrix's eight row reads hit distinct banks. The scored rows
-// cannot come by TMA (they are gathered: hidden rows named by a mask or an index), but 256 bytes per
-// row and stage are few copies for one producer warp, and they stream with W1 instead of being
-// copied whole before the first multiply, so any number of rows up to a chunk of 64 fits.
+// up to 10 KB; a stage is two or four boxes (128 or 256 columns). The boxes land 128-byte swizzled
+// (16-byte chunk c of row r at chunk c ^ (r % 8)), so ldmatrix's eight row reads hit distinct banks;
+// the tensor map asks for no L2 promotion, which streamed 1.4 us faster at d = 5120. The scored rows
+// cannot come by TMA (they are gathered: hidden rows named by a mask or an index); 1-4 copy warps
+// copy their 256-512 bytes per row and stage, from addresses computed once per item, and they
+// stream with W1 instead of being copied whole before the first multiply, so up to 64 rows fit.
 //
 // Work split. CTA c owns slices [c * P, (c + 1) * P) for a fixed P (the host picks the smallest P
 // that fits the grid in one wave, as a whole number of boxes of at most kMaxSlices slices), so every
 // CTA but the last streams the same bytes and all TMA boxes have one shape. The math is the one of
 // head_items_kernel, with the same K split and the same sum orders: the logits have the same bits as
-// every other schedule of this module.
+// every other schedule of this module. The math warps' loop is straight-line on purpose: it is on the
+// critical path (v5: runtime guards in it cost 3-12 us).
+//
+// What bounds it (H200, d = 5120): with the math warps doing nothing the stream alone takes 28.5 us
+// at B = 1 and 38.4 at B = 256; the 64 rows' L2 reads (84 MB beside W1's 105 MB) are the difference.
 #pragma once
 
 #include <cuda.h>
@@ -35,8 +40,9 @@ constexpr int kTailRanks = 64;
 // Slices each lane of the fused tail loads before adding them (one L2 round trip up to d = 6144).
 constexpr int kTailLoads = 24;
 
-// ProducerWarps warps issue the copies: one carries the row copies of a few rows, 64 rows need
-// four (v5: one warp alone took ~1000 cycles of issue per stage at 64 rows, about the whole budget).
+// ProducerWarps warps issue the copies (the first also issues W1's boxes): one carries a few rows,
+// 64 rows need four (v5: one warp alone spent ~1000 cycles issuing a stage at 64 rows, about the
+// whole budget).
 template <int ChunkRowsV, int WarpsNV, int StageColumnsV, int ProducerWarpsV>
 using StreamConfig = TileConfig<ChunkRowsV, StageColumnsV, kStreamMaxStages, WarpsNV, ProducerWarpsV>;
 
@@ -52,6 +58,12 @@ __device__ __forceinline__ uint32_t swizzled(int row, int chunk) {
 __device__ unsigned int g_stream_tickets[1];
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+__device__ __forceinline__ uint32_t dynamic_smem_bytes() {
+  uint32_t bytes;
+  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(bytes));
+  return bytes;
+}
+
 // Loads the [box rows x 64 columns] box of `map` at (column x, row y) into dst; the bytes count
 // toward `bar`'s transaction. Rows past the tensor arrive as zeros (the last CTA's box).
 __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, int x, int y, uint64_t* bar,

@@ -231,50 +231,15 @@ def test_pipeline_shapes_give_the_same_bits(monkeypatch, batch):
     hidden = _random_inputs(batch, d, torch.bfloat16, seed=13)
     mask = _step_mask(batch, batch // 2 + 1)
     results = {}
-    for name in ("wide", "deep", "auto", "bulk", "stream"):
+    for name in ("wide", "deep", "auto", "stream"):
         monkeypatch.setenv("XBAI_KERNELS_CUDA_PIPELINE", name)
         results[name] = cuda_ops.head_logits_masked(hidden, mask, w1, b1, w2, b2)
-    assert all(torch.equal(results["wide"], results[name]) for name in ("deep", "auto", "bulk", "stream"))
+    assert all(torch.equal(results["wide"], results[name]) for name in ("deep", "auto", "stream"))
     expected = reference.head_logits_masked(hidden, mask, w1, b1, w2, b2)
     assert _relative_error(results["wide"], expected) <= SAME_INPUT_RTOL
     monkeypatch.setenv("XBAI_KERNELS_CUDA_PIPELINE", "sideways")
     with pytest.raises(ValueError, match="XBAI_KERNELS_CUDA_PIPELINE"):
         cuda_ops.head_logits_masked(hidden, mask, w1, b1, w2, b2)
-
-
-@pytest.mark.parametrize(
-    ("d", "batch", "steps"),
-    [
-        (1536, 1, 1),  # 512-column stages
-        (3584, 16, 4),
-        (5120, 1, 1),  # 1024-column stages
-        (5120, 16, 16),
-        (5120, 256, 64),  # 64-row chunk: auto and bulk take the cp.async kernel
-        (8192, 4, 3),  # two passes over each CTA's slices: the barrier phases carry over
-        (1536, 1024, 256),  # four row chunks
-        (1536, 256, 0),  # no step row: zeros, W1 not read
-    ],
-)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.cuda
-@needs_kernels
-def test_bulk_copy_pipelines_give_the_cp_async_bits(monkeypatch, d, batch, steps, dtype):
-    """The sm_90 copy-engine kernel (bulk, auto) adds in the same order as the cp.async one."""
-    w1, b1, w2, b2 = _random_head(d, dtype, seed=d + 1)
-    hidden = _random_inputs(batch, d, dtype, seed=batch + 2)
-    mask = _step_mask(batch, steps, seed=steps + 3)
-    results = {}
-    for name in ("wide", "bulk", "auto"):
-        monkeypatch.setenv("XBAI_KERNELS_CUDA_PIPELINE", name)
-        results[name] = cuda_ops.head_logits_masked(hidden, mask, w1, b1, w2, b2)
-    assert all(torch.equal(results["wide"], results[name]) for name in ("bulk", "auto")), {
-        name: float((value - results["wide"]).abs().max()) for name, value in results.items()
-    }
-    expected = reference.head_logits_masked(hidden, mask, w1, b1, w2, b2)
-    if steps:
-        assert _relative_error(results["bulk"], expected) <= SAME_INPUT_RTOL
-    else:
-        assert torch.equal(results["bulk"], expected)
 
 
 @pytest.mark.parametrize(
@@ -289,23 +254,24 @@ def test_bulk_copy_pipelines_give_the_cp_async_bits(monkeypatch, d, batch, steps
         (5120, 256, 64),  # one 64-row chunk
         (5120, 256, 256),  # four chunks, W1 streamed four times
         (8192, 32, 9),  # two boxes per CTA: the ring's phases carry over
+        (8192, 4, 3),  # the same at 256-column stages
         (1536, 1024, 256),  # 16 chunks, the second-kernel tail
         (5120, 256, 0),  # no step row: zeros, W1 not read
     ],
 )
 @pytest.mark.parametrize("tail", ["fused", "kernel"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("pipeline", ["stream", "stream-wide"])
 @pytest.mark.cuda
 @needs_kernels
-def test_stream_kernel_gives_the_cp_async_bits(monkeypatch, d, batch, steps, tail, dtype, pipeline):
-    """The sm_90 TMA kernel, either stage width, either tail, adds in the same order as the cp.async kernel."""
+def test_stream_kernel_gives_the_cp_async_bits(monkeypatch, d, batch, steps, tail, dtype):
+    """The sm_90 TMA kernel (both stage widths: 256 columns up to 16 rows, 128 above), with either
+    tail, adds in the same order as the cp.async kernel."""
     w1, b1, w2, b2 = _random_head(d, dtype, seed=d + 5)
     hidden = _random_inputs(batch, d, dtype, seed=batch + 6)
     mask = _step_mask(batch, steps, seed=steps + 7)
     monkeypatch.setenv("XBAI_KERNELS_CUDA_PIPELINE", "wide")
     expected_bits = cuda_ops.head_logits_masked(hidden, mask, w1, b1, w2, b2)
-    monkeypatch.setenv("XBAI_KERNELS_CUDA_PIPELINE", pipeline)
+    monkeypatch.setenv("XBAI_KERNELS_CUDA_PIPELINE", "stream")
     monkeypatch.setenv("XBAI_KERNELS_CUDA_TAIL", tail)
     # Garbage in `out` first: every logit, step or not, must be written.
     out = torch.full((batch,), float("nan"), device="cuda")
@@ -328,11 +294,11 @@ def test_bad_tail_is_named(monkeypatch):
         cuda_ops.head_logits_masked(_random_inputs(2, 64, torch.bfloat16), _step_mask(2, 1), w1, b1, w2, b2)
 
 
-@pytest.mark.parametrize("pipeline", ["bulk", "stream"])
 @pytest.mark.cuda
 @needs_kernels
-def test_bulk_copy_single_chunk_rows_and_bad_index(monkeypatch, pipeline):
-    """head_logits / head_logits_rows on one chunk of <= 16 rows take the sm_90 kernels too; a bad index is not copied."""
+def test_stream_kernel_single_chunk_rows_and_bad_index(monkeypatch):
+    """head_logits / head_logits_rows on one chunk of rows take the sm_90 kernel too; a bad index is not copied."""
+    pipeline = "stream"
     d = 1536
     w1, b1, w2, b2 = _random_head(d, torch.bfloat16, seed=21)
     hidden = _random_inputs(12, d, torch.bfloat16, seed=22)

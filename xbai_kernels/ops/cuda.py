@@ -19,15 +19,18 @@ of 8. Other inputs (fp32, mixed dtypes, odd d) and calls that need autograd go t
 path, which computes the same function; the log says so once. A row index outside ``hidden``
 gives NaN instead of an error, because checking would need a host synchronization.
 
-``XBAI_KERNELS_CUDA_PIPELINE=wide|deep|bulk|auto`` picks how W1 streams (csrc/sprm_head_launch.cu);
+``XBAI_KERNELS_CUDA_PIPELINE=wide|deep|stream|auto`` picks how W1 streams (csrc/sprm_head_launch.cu);
 all give the same bits. ``wide``/``deep``: per-thread 16-byte cp.async copies, 256 or 128 contiguous
-bytes of each W1 row per stage, any GPU from sm_80. ``bulk``: the sm_90 copy engine with kilobyte
-copies into an mbarrier ring, the scored rows resident in shared memory, for calls of one chunk of
-at most 16 rows (the decode scorer at B <= 16) with d a multiple of 512; elsewhere it falls back to
-``auto``'s cp.async choice. ``auto`` (the default) takes ``bulk`` where it applies, else ``wide``
-where the GPU's shared memory holds it (Hopper, A100), else ``deep``. ``XBAI_KERNELS_CUDA_PDL=0`` turns off
-programmatic dependent launch (on by default; sm_90+ only), which lets each kernel's launch overlap
-the end of the kernel before it on the stream.
+bytes of each W1 row per stage, any GPU from sm_80. ``stream``: sm_90, W1 by TMA boxes and the scored
+rows copied beside it into an mbarrier ring, for the decode scorer and calls of one chunk of up to 64
+rows (d >= 64); elsewhere it falls back to ``auto``'s cp.async choice. ``auto`` (the default) takes
+``stream`` where it applies, else ``wide`` where the GPU's shared memory holds it (Hopper, A100), else
+``deep``. ``XBAI_KERNELS_CUDA_TAIL=auto|fused|kernel`` picks who adds the streaming kernel's slices
+for the decode scorer: its last CTA (one launch; ``auto`` up to 32 rows) or a second kernel; the
+fused tail keeps one int32 ticket per device, so calls on one device must not overlap in time (one
+stream, as decode engines run it). ``XBAI_KERNELS_CUDA_PDL=0`` turns off programmatic dependent
+launch (on by default; sm_90+ only), which lets each kernel's launch overlap the end of the kernel
+before it on the stream.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 # Source codes of csrc/sprm_head_launch.h (XbaiRowSource): which rows the kernel scores.
 ROWS_ALL, ROWS_INDEXED, ROWS_MASKED = 0, 1, 2
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
-_PIPELINES = {"wide": 0, "deep": 1, "auto": 2, "bulk": 3, "stream": 4, "stream-wide": 5}
+_PIPELINES = {"wide": 0, "deep": 1, "auto": 2, "stream": 3}
 DEFAULT_PIPELINE = "auto"
 _TAILS = {"auto": 0, "fused": 1, "kernel": 2}
 

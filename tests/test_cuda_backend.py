@@ -285,13 +285,13 @@ def test_stream_kernel_gives_the_cp_async_bits(monkeypatch, d, batch, steps, tai
         assert torch.equal(streamed, expected)
 
 
-@pytest.mark.cuda
-@needs_kernels
-def test_bad_tail_is_named(monkeypatch):
-    w1, b1, w2, b2 = _random_head(64, torch.bfloat16)
+def test_bad_tail_and_pipeline_are_named(monkeypatch):
     monkeypatch.setenv("XBAI_KERNELS_CUDA_TAIL", "sideways")
-    with pytest.raises(ValueError, match="XBAI_KERNELS_CUDA_TAIL"):
-        cuda_ops.head_logits_masked(_random_inputs(2, 64, torch.bfloat16), _step_mask(2, 1), w1, b1, w2, b2)
+    with pytest.raises(ValueError, match="XBAI_KERNELS_CUDA_TAIL='sideways' is not one of auto, fused, kernel"):
+        cuda_ops.tail()
+    monkeypatch.setenv("XBAI_KERNELS_CUDA_PIPELINE", "bulk")  # the copy-engine kernel the stream kernel replaced
+    with pytest.raises(ValueError, match="XBAI_KERNELS_CUDA_PIPELINE='bulk' is not one of wide, deep, auto, stream"):
+        cuda_ops.pipeline()
 
 
 @pytest.mark.cuda

@@ -46,14 +46,14 @@ constexpr int kTailLoads = 24;
 template <int ChunkRowsV, int WarpsNV, int StageColumnsV, int ProducerWarpsV>
 using StreamConfig = TileConfig<ChunkRowsV, StageColumnsV, kStreamMaxStages, WarpsNV, ProducerWarpsV>;
 
-// Byte offset of 16-byte chunk `chunk` (0-7) of row `row` in a [rows x 64 columns] half tile, as
-// TMA's 128-byte swizzle lays it out (the tile starts on a 1024-byte boundary).
+// Byte offset of 16-byte chunk `chunk` (0-7) of row `row` in a [rows x 64 columns] tile, as TMA's
+// 128-byte swizzle lays it out (the tile starts on a 1024-byte boundary).
 __device__ __forceinline__ uint32_t swizzled(int row, int chunk) {
   return static_cast<uint32_t>(row * kSwizzleBytes + ((chunk ^ (row & 7)) << 4));
 }
 
-// One of the last CTA's per-call tickets, per device (module globals are per device). The last CTA
-// of a call takes ticket grid - 1 and atomicInc's wrap leaves the counter at 0 for the next call, so
+// The fused tail's ticket counter, one per device (module globals are per device). The last CTA of
+// a call takes ticket grid - 1 and atomicInc's wrap leaves the counter at 0 for the next call, so
 // calls on one device must not overlap in time (one stream, as decode engines run it).
 __device__ unsigned int g_stream_tickets[1];
 
@@ -327,7 +327,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   for (int chunk = 0; chunk < p.num_chunks; ++chunk) {
     const int filled = select_chunk_rows<Cfg>(p, chunk, chunk == 0 && blockIdx.x == 0, chunk_rows, warp_counts, &steps);
     // Chunks fill in rank order: after an empty one, all later ones are empty too. With no step row
-    // at all, CTA 0 has written every logit (0.0) and W1 is never read.
+    // at all W1 is never read; every logit is 0.0, written by CTA 0 (fused tail) or the reduction.
     if (filled == 0) break;
     for (int pass = 0; pass < passes; ++pass) {
       const int slice0 = first + pass * p.box_slices;

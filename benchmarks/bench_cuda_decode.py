@@ -152,7 +152,7 @@ def main() -> None:
             if variant is not None:
                 os.environ.update(zip(VARIANT_VARIABLES, variant))
 
-            def call(i, module=module):
+            def call(i, module=module, hidden=hidden, mask=mask, out=out):
                 return module.head_logits_masked(hidden, mask, *heads[i % weight_sets], out=out)
 
             call(0)

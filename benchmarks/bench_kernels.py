@@ -126,8 +126,9 @@ class Rotation:
         return self.fn(*args)
 
 
-def graph_us(fn, arg_sets, calls: int = GRAPH_CALLS) -> float:
-    """Per-call time of a CUDA graph holding ``calls`` calls, each on the next argument set."""
+def capture_graph(fn, arg_sets, calls: int = GRAPH_CALLS) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of ``calls`` calls of ``fn``, each on the next argument set (after two warm-up
+    calls on a side stream, as capture requires)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -138,7 +139,12 @@ def graph_us(fn, arg_sets, calls: int = GRAPH_CALLS) -> float:
     with torch.cuda.graph(graph):
         for k in range(calls):
             fn(*arg_sets[k % len(arg_sets)])
-    return median_us(graph.replay).per_call(calls)
+    return graph
+
+
+def graph_us(fn, arg_sets, calls: int = GRAPH_CALLS) -> float:
+    """Per-call time of a CUDA graph holding ``calls`` calls, each on the next argument set."""
+    return median_us(capture_graph(fn, arg_sets, calls).replay).per_call(calls)
 
 
 @contextlib.contextmanager

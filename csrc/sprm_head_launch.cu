@@ -251,8 +251,7 @@ bool stream_applies(const xbai::HeadParams& p, const DeviceInfo& info) {
   if (p.hidden_rows * p.hidden_stride / 8 >= (int64_t{1} << 32)) return false;
   if (tensor_map_encoder() == nullptr) return false;
   const StreamSplit split = stream_split(p.num_slices, info.sms);
-  const size_t stage = Cfg::kBlockK / xbai::kBoxColumns *
-                       static_cast<size_t>(split.box_slices * xbai::kSliceUnits + Cfg::kChunkRows) * xbai::kSwizzleBytes;
+  const size_t stage = xbai::stream_stage_bytes<Cfg>(split.box_slices * xbai::kSliceUnits);
   const size_t smem = stream_smem<xbai::head_stream_kernel<T, Cfg>>(info);
   if (smem < 1024) return false;
   const size_t ring = smem - 1024;

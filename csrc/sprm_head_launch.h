@@ -38,7 +38,7 @@ enum XbaiStatus {
 enum XbaiPipeline { XBAI_PIPELINE_WIDE = 0, XBAI_PIPELINE_DEEP = 1, XBAI_PIPELINE_AUTO = 2, XBAI_PIPELINE_STREAM = 3 };
 
 /* Who adds the slices of the STREAM kernel's decode logits: AUTO (the last CTA of the kernel up to
- * 256 rows, a second kernel above), FUSED (the last CTA), KERNEL (a second kernel). Same bits. */
+ * 32 rows, a second kernel above), FUSED (the last CTA), KERNEL (a second kernel). Same bits. */
 enum XbaiTail { XBAI_TAIL_AUTO = 0, XBAI_TAIL_FUSED = 1, XBAI_TAIL_KERNEL = 2 };
 
 typedef struct XbaiHeadLaunch {

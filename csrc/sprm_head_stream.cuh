@@ -46,6 +46,13 @@ constexpr int kTailLoads = 24;
 template <int ChunkRowsV, int WarpsNV, int StageColumnsV, int ProducerWarpsV>
 using StreamConfig = TileConfig<ChunkRowsV, StageColumnsV, kStreamMaxStages, WarpsNV, ProducerWarpsV>;
 
+// Bytes of one ring stage: kBlockK / 64 boxes of W1 (box_units rows) and as many tiles of the rows,
+// 128 bytes per row each. The launcher sizes the ring with it, the kernel lays the ring out by it.
+template <class Cfg>
+__host__ __device__ constexpr uint32_t stream_stage_bytes(int box_units) {
+  return static_cast<uint32_t>(Cfg::kBlockK / kBoxColumns * (box_units + Cfg::kChunkRows) * kSwizzleBytes);
+}
+
 // Byte offset of 16-byte chunk `chunk` (0-7) of row `row` in a [rows x 64 columns] tile, as TMA's
 // 128-byte swizzle lays it out (the tile starts on a 1024-byte boundary).
 __device__ __forceinline__ uint32_t swizzled(int row, int chunk) {
@@ -87,7 +94,7 @@ __device__ __forceinline__ void copies_arrive_on(uint64_t* bar) {
 struct Ring {
   unsigned char* base;   // 1024-byte aligned
   uint32_t stages;       // in use, <= kStreamMaxStages
-  uint32_t stage_bytes;  // kBlockK / 64 * 128 * (box units + chunk rows)
+  uint32_t stage_bytes;  // stream_stage_bytes<Cfg>(box_units)
   int box_units;         // W1 rows per TMA box
   uint64_t* full;        // [stages]: TMA bytes landed and the producers' row copies done
   uint64_t* empty;       // [stages]: every math warp done reading
@@ -300,7 +307,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const uint32_t skew = (1024u - (smem_address(dynamic_smem) & 1023u)) & 1023u;
   ring.base = dynamic_smem + skew;
   ring.box_units = p.box_slices * kSliceUnits;
-  ring.stage_bytes = static_cast<uint32_t>(Cfg::kBlockK / kBoxColumns * (ring.box_units + Cfg::kChunkRows) * kSwizzleBytes);
+  ring.stage_bytes = stream_stage_bytes<Cfg>(ring.box_units);
   const uint32_t room = (dynamic_smem_bytes() - skew) / ring.stage_bytes;
   ring.stages = room < kStreamMaxStages ? room : kStreamMaxStages;
   ring.full = full;

@@ -68,21 +68,23 @@ DEFAULT_PIPELINE = "auto"
 _TAILS = {"auto": 0, "fused": 1, "kernel": 2}
 
 
+def _env_choice(variable: str, choices, default: str) -> str:
+    """The value of ``variable``, lowercased (unset or empty: ``default``); an error names the choices."""
+    name = os.environ.get(variable, default).strip().lower() or default
+    if name not in choices:
+        raise ValueError(f"{variable}={name!r} is not one of {', '.join(choices)}")
+    return name
+
+
 def pipeline() -> str:
     """The W1 pipeline shape the next launch uses (``XBAI_KERNELS_CUDA_PIPELINE``, default auto)."""
-    name = os.environ.get("XBAI_KERNELS_CUDA_PIPELINE", DEFAULT_PIPELINE).strip().lower() or DEFAULT_PIPELINE
-    if name not in _PIPELINES:
-        raise ValueError(f"XBAI_KERNELS_CUDA_PIPELINE={name!r} is not one of {', '.join(_PIPELINES)}")
-    return name
+    return _env_choice("XBAI_KERNELS_CUDA_PIPELINE", _PIPELINES, DEFAULT_PIPELINE)
 
 
 def tail() -> str:
     """Who sums the decode logits' slices (``XBAI_KERNELS_CUDA_TAIL``, default auto): ``fused``, the
-    last CTA of the streaming kernel; ``kernel``, a second launch; ``auto``, fused up to 256 rows."""
-    name = os.environ.get("XBAI_KERNELS_CUDA_TAIL", "auto").strip().lower() or "auto"
-    if name not in _TAILS:
-        raise ValueError(f"XBAI_KERNELS_CUDA_TAIL={name!r} is not one of {', '.join(_TAILS)}")
-    return name
+    last CTA of the streaming kernel; ``kernel``, a second launch; ``auto``, fused up to 32 rows."""
+    return _env_choice("XBAI_KERNELS_CUDA_TAIL", _TAILS, "auto")
 
 
 def dependent_launch() -> bool:

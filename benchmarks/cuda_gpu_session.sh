@@ -26,18 +26,23 @@ for d, B, steps in ((5120, 1, 1), (5120, 256, 64), (1536, 16, 0)):
     print('smoke', d, B, steps, float((got - want).abs().max()))
 " 2>&1 | tee "$OUT/smoke.log" || { echo "smoke failed: stopping"; exit 1; }
 VARIANTS=${XBAI_SESSION_VARIANTS:-cuda-stream cuda-stream-kernel cuda-stream-nopdl cuda-wide}
-timeout 200 python3 -m pytest -q -ra -x -p no:cacheprovider -m cuda tests/test_cuda_backend.py 2>&1 | tee "$OUT/pytest.log" | tail -15
-timeout 100 python3 benchmarks/bench_cuda_decode.py --d 5120 --variants $VARIANTS --out "$OUT/cuda_decode_5120.json" \
-  2>&1 | tee "$OUT/bench_5120.log"
-timeout 45 python3 benchmarks/bench_cuda_decode.py --d 1536 --zero-step-batches --variants $VARIANTS \
-  --out "$OUT/cuda_decode_1536.json" 2>&1 | tee "$OUT/bench_1536.log"
-# Hardware counters for single streaming decode launches (DRAM throughput, stalls).
+# XBAI_SESSION_QUICK=1: the smoke test and the counters only.
+if [ "${XBAI_SESSION_QUICK:-0}" != 1 ]; then
+  timeout 240 python3 -m pytest -q -ra -x -p no:cacheprovider -m cuda tests/test_cuda_backend.py 2>&1 | tee "$OUT/pytest.log" | tail -15
+  timeout 100 python3 benchmarks/bench_cuda_decode.py --d 5120 --variants $VARIANTS --out "$OUT/cuda_decode_5120.json" \
+    2>&1 | tee "$OUT/bench_5120.log"
+  timeout 45 python3 benchmarks/bench_cuda_decode.py --d 1536 --zero-step-batches --variants $VARIANTS \
+    --out "$OUT/cuda_decode_1536.json" 2>&1 | tee "$OUT/bench_1536.log"
+fi
+# Hardware counters for single streaming decode launches (DRAM and L2 throughput, pipes, stalls),
+# one per batch of XBAI_SESSION_NCU_BATCHES (a quarter of the rows are steps).
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 if [ -n "$NCU" ] && [ "${XBAI_SESSION_NCU:-1}" = 1 ]; then
-  for batch in 1 256; do
+  for batch in ${XBAI_SESSION_NCU_BATCHES:-1 256}; do
     echo "== ncu stream B=$batch" >> "$OUT/ncu.txt"
-    XBAI_KERNELS_CUDA_PIPELINE=stream timeout 30 "$NCU" --clock-control none -k regex:head_stream --launch-skip 2 \
-      --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+    XBAI_KERNELS_CUDA_PIPELINE=stream timeout 40 "$NCU" --clock-control none \
+      -k regex:head_stream --launch-skip 2 --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+      --section ComputeWorkloadAnalysis --section WarpStateStats --section LaunchStats --section Occupancy \
       python3 -c "
 import torch; from xbai_kernels.ops import cuda as c
 d = 5120; B = $batch; w1 = torch.randn(2 * d, d, device='cuda', dtype=torch.bfloat16) / d ** 0.5
@@ -46,7 +51,7 @@ h = torch.randn(B, d, device='cuda', dtype=torch.bfloat16); m = torch.arange(B, 
 [c.head_logits_masked(h, m, w1, b1, w2.view(1, -1), b2) for _ in range(4)]; torch.cuda.synchronize()
 " >> "$OUT/ncu.txt" 2>&1
   done
-  grep -E "== ncu|DRAM Throughput|Duration|L2 Hit|Warp Cycles Per Issued|Stall" "$OUT/ncu.txt" | head -30
+  grep -E "== ncu|DRAM Throughput|Duration|L2 Hit|Warp Cycles Per Issued" "$OUT/ncu.txt" | head -40
 fi
 echo "== decode summary (graph us: median [min-max])"
 python3 - "$OUT" <<'PY'

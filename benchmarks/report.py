@@ -37,7 +37,7 @@ README_RESULTS = (
     "nvidia-h200-e2e.json",
     "nvidia-h200-decode-step.json",
     "nvidia-h200-kernels.json",
-    "nvidia-h200-cuda-decode-v5.json",
+    "nvidia-h200-cuda-decode-v6.json",
     "nvidia-h200-train-memory-reference.json",
     "nvidia-h200-train-memory-triton.json",
     "cpu-vllm.json",

@@ -81,6 +81,13 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, i
       "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(smem_address(bar)), "l"(policy)
       : "memory");
 }
+// Asks L2 to fetch the box of `map` at (column x, row y); a hint only, nothing lands in shared memory.
+__device__ __forceinline__ void prefetch_box_l2(const CUtensorMap* map, int x, int y) {
+  asm volatile("cp.async.bulk.prefetch.tensor.2d.L2.global.tile [%0, {%1, %2}];\n" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(x), "r"(y)
+               : "memory");
+}
 __device__ __forceinline__ void prefetch_tensor_map(const CUtensorMap* map) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
 }
@@ -314,6 +321,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   ring.empty = empty;
   ring.unit_b1 = unit_b1;
   ring.unit_w2 = unit_w2;
+  const int first = blockIdx.x * p.slices_per_cta;
+  const int count = min(p.slices_per_cta, p.num_slices - first);
+  const int passes = (count + p.box_slices - 1) / p.box_slices;
+  const int k_chunks = static_cast<int>((p.d + Cfg::kBlockK - 1) / Cfg::kBlockK);
   if (threadIdx.x == 0) {
     for (uint32_t s = 0; s < ring.stages; ++s) {
       // The TMA byte count + every producer thread's row copies.
@@ -322,11 +333,17 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     }
     barrier_init_fence();
     prefetch_tensor_map(&w1_map);
+    // W1 is a weight, which the grids before this one do not write: L2 may fetch a ring's worth of
+    // it before griddepcontrol.wait and the mask ranking, whose latency then overlaps the first DRAM
+    // reads (NOTES, session 5: 2 us faster at B = 1 and 16; a call without a step row pays ~0.5 us
+    // for the unused fetch, and fetching 2 stages instead of the ring gave back 0.7 us of the gain).
+    if (count > 0) {
+      const int stages = min(static_cast<int>(ring.stages), k_chunks);
+      for (int box = 0; box < stages * (Cfg::kBlockK / kBoxColumns); ++box)
+        prefetch_box_l2(&w1_map, box * kBoxColumns, first * kSliceUnits);
+    }
   }
   // (The barriers of the row selection publish the initialization to the other threads.)
-  const int first = blockIdx.x * p.slices_per_cta;
-  const int count = min(p.slices_per_cta, p.num_slices - first);
-  const int passes = (count + p.box_slices - 1) / p.box_slices;
   wait_for_prior_grids();
   const float b2 = p.fused_tail ? to_float(static_cast<const T*>(p.b2)[0]) : 0.f;
   uint32_t iteration = 0;
@@ -340,7 +357,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       const int slice0 = first + pass * p.box_slices;
       const int slices = min(p.box_slices, first + count - slice0);
       stream_item<T, Cfg>(p, &w1_map, ring, slice0, slices, chunk, filled, chunk_rows, iteration);
-      iteration += static_cast<uint32_t>((p.d + Cfg::kBlockK - 1) / Cfg::kBlockK);
+      iteration += static_cast<uint32_t>(k_chunks);
     }
   }
   if (!p.fused_tail || steps == 0) return;

@@ -553,6 +553,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) head_items_kernel(const Head
 // torch.where); out-of-range indices get NaN.
 template <typename T>
 __global__ void head_reduce_kernel(const HeadParams p) {
+  // The next grid on the stream may start launching now (under PDL it waits for this one before
+  // reading anything): the next decode step's W1 prefetch overlaps this sum (NOTES, session 5).
+  allow_next_grid();
   wait_for_prior_grids();
   const int lane = threadIdx.x & 31;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5);

@@ -286,9 +286,10 @@ cudaError_t launch_stream(xbai::HeadParams p, const DeviceInfo& info, int tail, 
   if (encoded != CUDA_SUCCESS) return cudaErrorInvalidValue;
   err = launch_kernel(kernel, split.grid, Cfg::kThreads, smem, dependent, stream, p, map);
   if (err != cudaSuccess || p.fused_tail) return err;
-  // The reduction as a plain launch: launched early (PDL) beside this kernel it cost 3.6 us at
-  // B = 256 and 18 us with 256 step rows on the H200 (NOTES, v5), and saved 0.8 us with none.
-  return launch_reduce<T>(p, false, stream);
+  // The reduction under PDL, let in by each CTA only once its items are done: its CTAs then take
+  // the SMs as they free and wait there for the partials. (Let in at this kernel's start, it cost
+  // 3.6 us at B = 256 in v5; let in late, it saves 0.6 us against a plain launch. NOTES, session 5.)
+  return launch_reduce<T>(p, dependent, stream);
 }
 
 template <typename T, class Stream>

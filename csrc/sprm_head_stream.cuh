@@ -309,7 +309,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   __shared__ unsigned int ticket;
   __shared__ float unit_b1[kMaxUnits];
   __shared__ float unit_w2[kMaxUnits];
-  allow_next_grid();
+  // The next grid may start launching: with the fused tail it is the next call's streaming kernel,
+  // whose CTAs then take each SM this grid leaves and prefetch their W1. The second-kernel tail is
+  // let in only once this CTA's items are done (below).
+  if (p.fused_tail) allow_next_grid();
   Ring ring;
   const uint32_t skew = (1024u - (smem_address(dynamic_smem) & 1023u)) & 1023u;
   ring.base = dynamic_smem + skew;
@@ -360,6 +363,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       iteration += static_cast<uint32_t>(k_chunks);
     }
   }
+  if (!p.fused_tail) allow_next_grid();
   if (!p.fused_tail || steps == 0) return;
   // Every thread's partials are visible device-wide before this CTA's ticket.
   __threadfence();

@@ -54,8 +54,8 @@ Layout layout_for(int32_t source, int64_t num_rows, int64_t d) {
 // memory: Hopper, A100); "deep" reads 128 bytes per row in at most 83 KB, so it also fits GPUs with
 // 99 KB per block (sm_86/sm_89). H200, d = 5120 (benchmarks/NOTES.md): wide 41/46/64 us at
 // B = 1/16/256, deep 55/56/64, and a 512-byte "long" family (3-4 stages) 42/46/66, so auto takes
-// wide where it fits, after the sm_90 bulk kernel (below) where that applies (32/34 us at B = 1/16). All give the same bits (sprm_head.cuh: the K split among warps and every sum
-// order are fixed).
+// wide where it fits, after the sm_90 streaming kernel (below) where that applies. All give the same
+// bits (sprm_head.cuh: the K split among warps and every sum order are fixed).
 using Wide8 = xbai::TileConfig<8, 128, 6, 1>;
 using Wide16 = xbai::TileConfig<16, 128, 6, 1>;
 using Wide32 = xbai::TileConfig<32, 128, 5, 2>;
@@ -292,35 +292,28 @@ cudaError_t launch_stream(xbai::HeadParams p, const DeviceInfo& info, int tail, 
   return launch_reduce<T>(p, dependent, stream);
 }
 
-template <typename T, class Stream>
-bool try_stream(const xbai::HeadParams& p, int pipeline, int tail, const DeviceInfo& info, bool dependent,
-                cudaStream_t stream, cudaError_t* err) {
-  if (pipeline != XBAI_PIPELINE_AUTO && pipeline != XBAI_PIPELINE_STREAM) return false;
-  if (!stream_applies<T, Stream>(p, info)) return false;
-  *err = launch_stream<T, Stream>(p, info, tail, dependent, stream);
-  return true;
+// One chunk width: the streaming kernel where it is asked for (auto, stream) and applies, else the
+// cp.async family.
+template <typename T, class Stream, class Wide, class Deep>
+cudaError_t launch_chunk(const xbai::HeadParams& p, int pipeline, int tail, const DeviceInfo& info, bool dependent,
+                         cudaStream_t stream) {
+  const bool stream_asked = pipeline == XBAI_PIPELINE_AUTO || pipeline == XBAI_PIPELINE_STREAM;
+  if (stream_asked && stream_applies<T, Stream>(p, info)) return launch_stream<T, Stream>(p, info, tail, dependent, stream);
+  return launch_family<T, Wide, Deep>(p, pipeline, info, dependent, stream);
 }
 
 template <typename T>
 cudaError_t launch_for_chunk(const xbai::HeadParams& p, int chunk_rows, int pipeline, int tail, bool dependent,
                              cudaStream_t stream) {
   DeviceInfo info;
-  cudaError_t err = device_info(&info);
+  const cudaError_t err = device_info(&info);
   if (err != cudaSuccess) return err;
   dependent = dependent && info.dependent;
-  bool streamed = false;
   switch (chunk_rows) {
-    case 8: streamed = try_stream<T, Stream8>(p, pipeline, tail, info, dependent, stream, &err); break;
-    case 16: streamed = try_stream<T, Stream16>(p, pipeline, tail, info, dependent, stream, &err); break;
-    case 32: streamed = try_stream<T, Stream32>(p, pipeline, tail, info, dependent, stream, &err); break;
-    default: streamed = try_stream<T, Stream64>(p, pipeline, tail, info, dependent, stream, &err); break;
-  }
-  if (streamed) return err;
-  switch (chunk_rows) {
-    case 8: return launch_family<T, Wide8, Deep8>(p, pipeline, info, dependent, stream);
-    case 16: return launch_family<T, Wide16, Deep16>(p, pipeline, info, dependent, stream);
-    case 32: return launch_family<T, Wide32, Deep32>(p, pipeline, info, dependent, stream);
-    default: return launch_family<T, Wide64, Deep64>(p, pipeline, info, dependent, stream);
+    case 8: return launch_chunk<T, Stream8, Wide8, Deep8>(p, pipeline, tail, info, dependent, stream);
+    case 16: return launch_chunk<T, Stream16, Wide16, Deep16>(p, pipeline, tail, info, dependent, stream);
+    case 32: return launch_chunk<T, Stream32, Wide32, Deep32>(p, pipeline, tail, info, dependent, stream);
+    default: return launch_chunk<T, Stream64, Wide64, Deep64>(p, pipeline, tail, info, dependent, stream);
   }
 }
 

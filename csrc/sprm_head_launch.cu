@@ -65,13 +65,14 @@ using Deep16 = xbai::TileConfig<16, 64, 6, 1>;
 using Deep32 = xbai::TileConfig<32, 64, 5, 2>;
 using Deep64 = xbai::TileConfig<64, 64, 4, 2>;
 // Streaming-kernel configurations, xbai::StreamConfig<chunk rows, warps along rows, stage columns,
-// copy warps>. H200 (NOTES, v5): 256-column stages up to 16 rows (d = 1536, B = 1: 7.6 against
-// 8.6 us with 128), 128-column ones at 32-64 rows, whose 36 KB stages already leave only 6 in the
-// ring (B = 256: 40 against 42 us); four copy warps carry 64 rows' copies.
+// copy warps, warpgroup MMA>. H200 (NOTES, v5): 256-column stages up to 16 rows (d = 1536, B = 1: 7.6
+// against 8.6 us with 128), 128-column ones at 32-64 rows, whose 36 KB stages already leave only 6 in
+// the ring (B = 256: 40 against 42 us); four copy warps carry 64 rows' copies, and at 64 rows the two
+// math warpgroups multiply by wgmma (session 6: 1 us faster at B = 64-256, the same bits).
 using Stream8 = xbai::StreamConfig<8, 1, 256, 1>;
 using Stream16 = xbai::StreamConfig<16, 1, 256, 1>;
 using Stream32 = xbai::StreamConfig<32, 2, 128, 2>;
-using Stream64 = xbai::StreamConfig<64, 2, 128, 4>;
+using Stream64 = xbai::StreamConfig<64, 2, 128, 4, true>;
 
 struct DeviceInfo {
   int device;

@@ -17,15 +17,20 @@
 // CTA but the last streams the same bytes and all TMA boxes have one shape. The math is the one of
 // head_items_kernel, with the same K split and the same sum orders: the logits have the same bits as
 // every other schedule of this module. The math warps' loop is straight-line on purpose: it is on the
-// critical path (v5: runtime guards in it cost 3-12 us).
+// critical path (v5: runtime guards in it cost 3-12 us). At 64 rows the math warps are two
+// warpgroups that multiply by wgmma straight from the ring (warpgroup_mma.cuh), each K residue in its
+// own accumulators: the same sums in the same order, so the same bits as mma.sync (session 6).
 //
 // What bounds it (H200, d = 5120): with the math warps doing nothing the stream alone takes 28.5 us
 // at B = 1 and 38.4 at B = 256; the 64 rows' L2 reads (84 MB beside W1's 105 MB) are the difference.
+// Back to back, a call at 64 rows also loses ~5 us between its last item and the next call's first
+// (the second-kernel tail; NOTES, session 6, per-CTA trace).
 #pragma once
 
 #include <cuda.h>
 
 #include "sprm_head.cuh"
+#include "warpgroup_mma.cuh"
 
 namespace xbai {
 
@@ -43,8 +48,18 @@ constexpr int kTailLoads = 24;
 // ProducerWarps warps issue the copies (the first also issues W1's boxes): one carries a few rows,
 // 64 rows need four (v5: one warp alone spent ~1000 cycles issuing a stage at 64 rows, about the
 // whole budget).
-template <int ChunkRowsV, int WarpsNV, int StageColumnsV, int ProducerWarpsV>
-using StreamConfig = TileConfig<ChunkRowsV, StageColumnsV, kStreamMaxStages, WarpsNV, ProducerWarpsV>;
+// GroupMma: the math warps multiply by warpgroup MMA (64 rows, sm_90a; warpgroup_mma.cuh), each
+// warpgroup taking kWarpsK / warpgroups of the K residues, so the K split and every sum stay those of
+// the mma.sync warps; elsewhere (other targets) the same configuration runs mma.sync.
+template <int ChunkRowsV, int WarpsNV, int StageColumnsV, int ProducerWarpsV, bool GroupMmaV = false>
+struct StreamConfig : TileConfig<ChunkRowsV, StageColumnsV, kStreamMaxStages, WarpsNV, ProducerWarpsV> {
+  using Base = TileConfig<ChunkRowsV, StageColumnsV, kStreamMaxStages, WarpsNV, ProducerWarpsV>;
+  static constexpr bool kGroupMma = GroupMmaV && kGroupMmaCompiled;
+  static constexpr int kGroups = Base::kMathWarps / 4;
+  static constexpr int kGroupResidues = kWarpsK / (kGroups > 0 ? kGroups : 1);
+  static_assert(!GroupMmaV || (ChunkRowsV == 64 && Base::kMathWarps % 4 == 0 && kWarpsK % kGroups == 0),
+                "warpgroup MMA: 64 rows, whole warpgroups, each an equal share of the K residues");
+};
 
 // Bytes of one ring stage: kBlockK / 64 boxes of W1 (box_units rows) and as many tiles of the rows,
 // 128 bytes per row each. The launcher sizes the ring with it, the kernel lays the ring out by it.
@@ -114,6 +129,90 @@ __device__ __forceinline__ void copy_16_async(uint32_t dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
 }
 
+// The math warps of a warpgroup-MMA configuration over one item's stages: warpgroup g multiplies
+// the 16-column blocks j * kWarpsK + g * kGroupResidues + q of each stage's boxes j into acc[q], so
+// every K residue takes its blocks in increasing order, as the mma.sync warps do. A stage is
+// released once the MMAs that read it are done; one stage's MMAs stay in flight behind the next.
+template <typename T, class Cfg>
+__device__ void multiply_item_by_warpgroups(const Ring& ring, uint32_t iteration, int k_chunks,
+                                            float (&acc)[Cfg::kGroupResidues][kGroupMmaUnits / 2]);
+
+// Each warpgroup's pre-activations to shared memory, in store_preactivations' layout
+// pre[residue][unit][row] (the accumulator layout: warpgroup_mma.cuh).
+template <class Cfg>
+__device__ __forceinline__ void store_group_preactivations(const float (&acc)[Cfg::kGroupResidues][kGroupMmaUnits / 2],
+                                                           int slices, float* pre) {
+  static_assert(kGroupMmaUnits == kMaxUnits, "one wgmma covers an item's units");
+  constexpr int kChunkRows = Cfg::kChunkRows;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int row = (warp % 4) * 16 + lane / 4;
+  const int unit_pair = 2 * (lane % 4);
+#pragma unroll
+  for (int q = 0; q < Cfg::kGroupResidues; ++q) {
+    float* residue = pre + ((warp / 4) * Cfg::kGroupResidues + q) * kMaxUnits * kChunkRows;
+#pragma unroll
+    for (int block = 0; block < kGroupMmaUnits / 8; ++block) {
+      if (block < 2 * slices) {
+        const int unit = 8 * block + unit_pair;
+        residue[unit * kChunkRows + row] = acc[q][4 * block];
+        residue[(unit + 1) * kChunkRows + row] = acc[q][4 * block + 1];
+        residue[unit * kChunkRows + row + 8] = acc[q][4 * block + 2];
+        residue[(unit + 1) * kChunkRows + row + 8] = acc[q][4 * block + 3];
+      }
+    }
+  }
+}
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+template <typename T, class Cfg>
+__device__ void multiply_item_by_warpgroups(const Ring& ring, uint32_t iteration, int k_chunks,
+                                            float (&acc)[Cfg::kGroupResidues][kGroupMmaUnits / 2]) {
+  constexpr int kBoxes = Cfg::kBlockK / kBoxColumns;
+  const int lane = threadIdx.x & 31;
+  const int group = (threadIdx.x >> 5) / 4;
+  const uint32_t w1_box_bytes = static_cast<uint32_t>(ring.box_units) * kSwizzleBytes;
+  const uint32_t rows_offset = kBoxes * w1_box_bytes;
+  const uint32_t ring_address = smem_address(ring.base);
+  for (int t = 0; t < k_chunks; ++t) {
+    const uint32_t i = iteration + t;
+    const uint32_t stage = i % ring.stages;
+    barrier_wait(&ring.full[stage], (i / ring.stages) & 1);
+    // The rows came by cp.async (the generic proxy); the tensor cores read them through the async one.
+    fence_shared_for_copies();
+    __syncwarp();
+    const uint32_t stage_address = ring_address + stage * ring.stage_bytes;
+#pragma unroll
+    for (int q = 0; q < Cfg::kGroupResidues; ++q) pin_accumulators(acc[q]);
+    group_mma_fence();
+#pragma unroll
+    for (int j = 0; j < kBoxes; ++j) {
+#pragma unroll
+      for (int q = 0; q < Cfg::kGroupResidues; ++q) {
+        // Block j * kWarpsK + residue lies at chunks 2 residue and 2 residue + 1 of box j: 32 bytes a residue.
+        const uint32_t k_offset = static_cast<uint32_t>(group * Cfg::kGroupResidues + q) * 32;
+        const uint32_t rows_tile = stage_address + rows_offset + j * Cfg::kChunkRows * kSwizzleBytes;
+        // A box of fewer than 80 units: the MMA reads on into the next box or the row tiles of the
+        // same stage (landed, in bounds) and those units' sums are never stored.
+        group_mma_64x80<T>(acc[q], swizzled_tile_descriptor(rows_tile + k_offset),
+                           swizzled_tile_descriptor(stage_address + j * w1_box_bytes + k_offset));
+      }
+    }
+    group_mma_commit();
+#pragma unroll
+    for (int q = 0; q < Cfg::kGroupResidues; ++q) pin_accumulators(acc[q]);
+    if (t > 0) {
+      group_mma_wait<1>();
+      if (lane == 0) barrier_arrive(&ring.empty[(i - 1) % ring.stages]);
+    }
+  }
+  group_mma_wait<0>();
+#pragma unroll
+  for (int q = 0; q < Cfg::kGroupResidues; ++q) pin_accumulators(acc[q]);
+  if (lane == 0 && k_chunks > 0) barrier_arrive(&ring.empty[(iteration + k_chunks - 1) % ring.stages]);
+}
+#endif
+
 // One work item: `slices` slices from slice0 against row chunk `chunk` (`filled` rows), streamed in
 // ceil(d / kBlockK) stages. `iteration` counts the ring stages this CTA ran before. Same sums as head_item.
 template <typename T, class Cfg>
@@ -139,6 +238,12 @@ __device__ void stream_item(const HeadParams& p, const CUtensorMap* w1_map, cons
   for (int m = 0; m < kMaxSlices; ++m)
 #pragma unroll
     for (int n = 0; n < Cfg::kNTiles; ++n) acc[m][n][0] = acc[m][n][1] = acc[m][n][2] = acc[m][n][3] = 0.f;
+  // The warpgroup MMA's accumulators instead (Cfg::kGroupMma; the unused set is optimized away).
+  float group_acc[Cfg::kGroupResidues][kGroupMmaUnits / 2];
+#pragma unroll
+  for (int q = 0; q < Cfg::kGroupResidues; ++q)
+#pragma unroll
+    for (int e = 0; e < kGroupMmaUnits / 2; ++e) group_acc[q][e] = 0.f;
   // The epilogue's b1 and w2, asked for now so their latency hides behind the stream.
   if (threadIdx.x < slices * kSliceUnits) {
     const int64_t unit = static_cast<int64_t>(slice0) * kSliceUnits + threadIdx.x;
@@ -203,6 +308,8 @@ __device__ void stream_item(const HeadParams& p, const CUtensorMap* w1_map, cons
       }
       copies_arrive_on(&ring.full[stage]);
     }
+  } else if constexpr (Cfg::kGroupMma) {
+    multiply_item_by_warpgroups<T, Cfg>(ring, iteration, k_chunks, group_acc);
   } else {
     const int warp_k = warp % kWarpsK;
     const int warp_n = warp / kWarpsK;
@@ -240,7 +347,12 @@ __device__ void stream_item(const HeadParams& p, const CUtensorMap* w1_map, cons
   // Every stage of the item has landed and been read: the ring now holds the pre-activations.
   __syncthreads();
   float* pre = reinterpret_cast<float*>(ring.base);
-  if (warp < Cfg::kMathWarps) store_preactivations<Cfg>(acc, slices, pre);
+  if (warp < Cfg::kMathWarps) {
+    if constexpr (Cfg::kGroupMma)
+      store_group_preactivations<Cfg>(group_acc, slices, pre);
+    else
+      store_preactivations<Cfg>(acc, slices, pre);
+  }
   __syncthreads();
   finish_item<T, Cfg>(p, slice0, slices, chunk, filled, pre, ring.unit_b1, ring.unit_w2);
   // The next item's copies overwrite this memory (and chunk_rows): order these reads and writes first.

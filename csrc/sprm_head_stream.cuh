@@ -21,10 +21,10 @@
 // warpgroups that multiply by wgmma straight from the ring (warpgroup_mma.cuh), each K residue in its
 // own accumulators: the same sums in the same order, so the same bits as mma.sync (session 6).
 //
-// What bounds it (H200, d = 5120): with the math warps doing nothing the stream alone takes 28.5 us
-// at B = 1 and 38.4 at B = 256; the 64 rows' L2 reads (84 MB beside W1's 105 MB) are the difference.
-// Back to back, a call at 64 rows also loses ~5 us between its last item and the next call's first
-// (the second-kernel tail; NOTES, session 6, per-CTA trace).
+// What bounds it (H200, d = 5120, back to back): at B <= 16 the W1 stream (27-28 us against a 25 us
+// floor). At B = 256 (64 rows) the rows cost ~1.5 us and the math ~1.0 of its 33 us; a bare W1 stream
+// in the 64-row configuration already takes 31, most of it lost between a call's last item and the
+// next call's first (the second-kernel tail; NOTES, session 6: per-CTA trace and ablations).
 #pragma once
 
 #include <cuda.h>

@@ -252,6 +252,8 @@ def test_pipeline_shapes_give_the_same_bits(monkeypatch, batch):
         (5120, 1, 1),
         (5120, 16, 4),
         (5120, 256, 64),  # one 64-row chunk
+        (5120, 64, 37),  # 37 of the 64-row configuration's rows filled
+        (96, 64, 40),  # a 12-CTA grid at 64 rows
         (5120, 256, 256),  # four chunks, W1 streamed four times
         (8192, 32, 9),  # two boxes per CTA: the ring's phases carry over
         (8192, 4, 3),  # the same at 256-column stages

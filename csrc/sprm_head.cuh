@@ -87,9 +87,11 @@ struct TileConfig {
   static constexpr size_t pipeline_bytes() {
     return static_cast<size_t>(kStages) * (kMaxUnits + kChunkRows) * kStride * sizeof(T);
   }
+  // Floats between consecutive units' pre-activations in the epilogue's [K-warp][unit][row] layout.
+  static constexpr int kPreStride = ChunkRowsV;
   // After the pipeline drains, the same memory holds each K-warp's pre-activations for the item.
   static constexpr size_t reduce_bytes() {
-    return static_cast<size_t>(kWarpsK) * kMaxUnits * kChunkRows * sizeof(float);
+    return static_cast<size_t>(kWarpsK) * kMaxUnits * kPreStride * sizeof(float);
   }
   template <typename T>
   static constexpr size_t smem_bytes() {
@@ -339,8 +341,8 @@ __device__ __forceinline__ void store_preactivations(const float (&acc)[kMaxSlic
 #pragma unroll
       for (int n = 0; n < Cfg::kNTiles; ++n) {
         const int row = warp_n * Cfg::kWarpRows + n * 8 + 2 * t;
-        float* lo = pre + (warp_k * kMaxUnits + m * 16 + g) * kChunkRows + row;
-        float* hi = lo + 8 * kChunkRows;
+        float* lo = pre + (warp_k * kMaxUnits + m * 16 + g) * Cfg::kPreStride + row;
+        float* hi = lo + 8 * Cfg::kPreStride;
         *reinterpret_cast<float2*>(lo) = make_float2(acc[m][n][0], acc[m][n][1]);
         *reinterpret_cast<float2*>(hi) = make_float2(acc[m][n][2], acc[m][n][3]);
       }
@@ -369,9 +371,9 @@ __device__ __forceinline__ void finish_item(const HeadParams& p, int slice0, int
     float total = 0.f;
 #pragma unroll 4
     for (int u = m * 16; u < m * 16 + 16; ++u) {
-      float sum = pre[u * kChunkRows + row];
+      float sum = pre[u * Cfg::kPreStride + row];
 #pragma unroll
-      for (int k = 1; k < kWarpsK; ++k) sum += pre[(k * kMaxUnits + u) * kChunkRows + row];
+      for (int k = 1; k < kWarpsK; ++k) sum += pre[(k * kMaxUnits + u) * Cfg::kPreStride + row];
       const float bias = early ? unit_b1[u] : to_float(b1[unit0 + u]);
       const float weight = early ? unit_w2[u] : to_float(w2[unit0 + u]);
       total += fmaxf(sum + bias, 0.f) * weight;

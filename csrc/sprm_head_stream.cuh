@@ -22,9 +22,9 @@
 // own accumulators: the same sums in the same order, so the same bits as mma.sync (session 6).
 //
 // What bounds it (H200, d = 5120, back to back): at B <= 16 the W1 stream (27-28 us against a 25 us
-// floor). At B = 256 (64 rows) the rows cost ~1.5 us and the math ~1.0 of its 33 us; a bare W1 stream
-// in the 64-row configuration already takes 31, most of it lost between a call's last item and the
-// next call's first (the second-kernel tail; NOTES, session 6: per-CTA trace and ablations).
+// floor). At B = 256 (64 rows, ~32 us) a per-CTA trace puts the excess over B = 16 in the item (the
+// stream from its first stage to its last MMA ~1.2 us longer, the epilogue) and in the gap between
+// calls (the 256-row ranking and the second kernel's reduction, ~1.5 us; NOTES, sessions 6-7).
 #pragma once
 
 #include <cuda.h>
@@ -57,6 +57,16 @@ struct StreamConfig : TileConfig<ChunkRowsV, StageColumnsV, kStreamMaxStages, Wa
   static constexpr bool kGroupMma = GroupMmaV && kGroupMmaCompiled;
   static constexpr int kGroups = Base::kMathWarps / 4;
   static constexpr int kGroupResidues = kWarpsK / (kGroups > 0 ? kGroups : 1);
+  // Floats per unit in the epilogue's pre-activation layout, padded so the stores spread over the
+  // banks. A warpgroup store puts four units (two apart) and eight rows in one instruction: with 64
+  // floats per unit the four units shared a bank, a 4-way conflict on every store (1.4 us of a 2.3 us
+  // epilogue at 64 rows; NOTES, session 7), and 68 put the 32 lanes on 32 banks. An mma.sync warp's
+  // float2 stores put four units one apart in each half-warp: rows + 8 floats per unit spread them
+  // at 16 and 32 rows.
+  static constexpr int kPreStride = kGroupMma ? ChunkRowsV + 4 : ChunkRowsV + 8;
+  static constexpr size_t reduce_bytes() {
+    return static_cast<size_t>(kWarpsK) * kMaxUnits * kPreStride * sizeof(float);
+  }
   static_assert(!GroupMmaV || (ChunkRowsV == 64 && Base::kMathWarps % 4 == 0 && kWarpsK % kGroups == 0),
                 "warpgroup MMA: 64 rows, whole warpgroups, each an equal share of the K residues");
 };
@@ -132,7 +142,9 @@ __device__ __forceinline__ void copy_16_async(uint32_t dst, const void* src) {
 // The math warps of a warpgroup-MMA configuration over one item's stages: warpgroup g multiplies
 // the 16-column blocks j * kWarpsK + g * kGroupResidues + q of each stage's boxes j into acc[q], so
 // every K residue takes its blocks in increasing order, as the mma.sync warps do. A stage is
-// released once the MMAs that read it are done; one stage's MMAs stay in flight behind the next.
+// released as soon as the MMAs that read it are done: they take ~0.1 of a stage's ~0.6 us, and
+// holding each stage until the next one's MMAs were issued kept one of the six stages from the
+// producer (NOTES, session 7: 2-3 us when every row is a step).
 template <typename T, class Cfg>
 __device__ void multiply_item_by_warpgroups(const Ring& ring, uint32_t iteration, int k_chunks,
                                             float (&acc)[Cfg::kGroupResidues][kGroupMmaUnits / 2]);
@@ -143,22 +155,22 @@ template <class Cfg>
 __device__ __forceinline__ void store_group_preactivations(const float (&acc)[Cfg::kGroupResidues][kGroupMmaUnits / 2],
                                                            int slices, float* pre) {
   static_assert(kGroupMmaUnits == kMaxUnits, "one wgmma covers an item's units");
-  constexpr int kChunkRows = Cfg::kChunkRows;
+  constexpr int kStride = Cfg::kPreStride;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int row = (warp % 4) * 16 + lane / 4;
   const int unit_pair = 2 * (lane % 4);
 #pragma unroll
   for (int q = 0; q < Cfg::kGroupResidues; ++q) {
-    float* residue = pre + ((warp / 4) * Cfg::kGroupResidues + q) * kMaxUnits * kChunkRows;
+    float* residue = pre + ((warp / 4) * Cfg::kGroupResidues + q) * kMaxUnits * kStride;
 #pragma unroll
     for (int block = 0; block < kGroupMmaUnits / 8; ++block) {
       if (block < 2 * slices) {
         const int unit = 8 * block + unit_pair;
-        residue[unit * kChunkRows + row] = acc[q][4 * block];
-        residue[(unit + 1) * kChunkRows + row] = acc[q][4 * block + 1];
-        residue[unit * kChunkRows + row + 8] = acc[q][4 * block + 2];
-        residue[(unit + 1) * kChunkRows + row + 8] = acc[q][4 * block + 3];
+        residue[unit * kStride + row] = acc[q][4 * block];
+        residue[(unit + 1) * kStride + row] = acc[q][4 * block + 1];
+        residue[unit * kStride + row + 8] = acc[q][4 * block + 2];
+        residue[(unit + 1) * kStride + row + 8] = acc[q][4 * block + 3];
       }
     }
   }
@@ -201,15 +213,11 @@ __device__ void multiply_item_by_warpgroups(const Ring& ring, uint32_t iteration
     group_mma_commit();
 #pragma unroll
     for (int q = 0; q < Cfg::kGroupResidues; ++q) pin_accumulators(acc[q]);
-    if (t > 0) {
-      group_mma_wait<1>();
-      if (lane == 0) barrier_arrive(&ring.empty[(i - 1) % ring.stages]);
-    }
-  }
-  group_mma_wait<0>();
+    group_mma_wait<0>();
 #pragma unroll
-  for (int q = 0; q < Cfg::kGroupResidues; ++q) pin_accumulators(acc[q]);
-  if (lane == 0 && k_chunks > 0) barrier_arrive(&ring.empty[(iteration + k_chunks - 1) % ring.stages]);
+    for (int q = 0; q < Cfg::kGroupResidues; ++q) pin_accumulators(acc[q]);
+    if (lane == 0) barrier_arrive(&ring.empty[stage]);
+  }
 }
 #endif
 

@@ -27,8 +27,8 @@ RENDERERS = {
     "train_memory": "benchmarks.bench_train_memory",
 }
 # The results the README shows, in order: the latest run of each benchmark. (The CUDA backend's
-# earlier decode runs, ``cuda_decode_*``, ``*-cuda-decode-v4*``, ``-v5*``, ``-v6*`` and ``-v7-call*``,
-# stay in results/ as history.)
+# earlier decode runs, ``cuda_decode_*``, ``*-cuda-decode-v4*`` to ``-v7*`` and ``-v8-call*``, stay in
+# results/ as history.)
 README_RESULTS = (
     "nvidia-h200-e2e-1.5b.json",
     "nvidia-h200-e2e-7b.json",
@@ -37,7 +37,7 @@ README_RESULTS = (
     "nvidia-h200-e2e.json",
     "nvidia-h200-decode-step.json",
     "nvidia-h200-kernels.json",
-    "nvidia-h200-cuda-decode-v7.json",
+    "nvidia-h200-cuda-decode-v8.json",
     "nvidia-h200-train-memory-reference.json",
     "nvidia-h200-train-memory-triton.json",
     "cpu-vllm.json",

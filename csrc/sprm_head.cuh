@@ -328,7 +328,6 @@ __device__ __forceinline__ void multiply_stage(float (&acc)[kMaxSlices][Cfg::kNT
 template <class Cfg>
 __device__ __forceinline__ void store_preactivations(const float (&acc)[kMaxSlices][Cfg::kNTiles][4], int slices,
                                                      float* pre) {
-  constexpr int kChunkRows = Cfg::kChunkRows;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int warp_k = warp % kWarpsK;

@@ -66,8 +66,10 @@ constexpr int kTileGroup = 8;
 
 // A tile configuration: ChunkRows selected rows per item, BlockK columns per pipeline stage (a
 // multiple of 16 * kWarpsK), Stages stages, WarpsN warps along the rows (times kWarpsK along K),
-// plus ProducerWarps warps that only issue copies (the streaming kernel: 1-4; the cp.async one: 0).
-template <int ChunkRowsV, int BlockKV, int StagesV, int WarpsNV, int ProducerWarpsV = 0>
+// plus ProducerWarps warps that only issue copies (the streaming kernel: 1-4; the cp.async one: 0),
+// and PrePad floats of padding per unit in the epilogue's pre-activation layout (the streaming
+// kernel's, against bank conflicts: sprm_head_stream.cuh).
+template <int ChunkRowsV, int BlockKV, int StagesV, int WarpsNV, int ProducerWarpsV = 0, int PrePadV = 0>
 struct TileConfig {
   static constexpr int kChunkRows = ChunkRowsV;
   static constexpr int kBlockK = BlockKV;
@@ -88,7 +90,7 @@ struct TileConfig {
     return static_cast<size_t>(kStages) * (kMaxUnits + kChunkRows) * kStride * sizeof(T);
   }
   // Floats between consecutive units' pre-activations in the epilogue's [K-warp][unit][row] layout.
-  static constexpr int kPreStride = ChunkRowsV;
+  static constexpr int kPreStride = ChunkRowsV + PrePadV;
   // After the pipeline drains, the same memory holds each K-warp's pre-activations for the item.
   static constexpr size_t reduce_bytes() {
     return static_cast<size_t>(kWarpsK) * kMaxUnits * kPreStride * sizeof(float);

@@ -45,6 +45,15 @@ constexpr int kTailRanks = 64;
 // Slices each lane of the fused tail loads before adding them (one L2 round trip up to d = 6144).
 constexpr int kTailLoads = 24;
 
+// Floats of padding per unit in the epilogue's pre-activation layout, so its stores spread over the
+// banks. A warpgroup store puts four units (two apart) and eight rows in one instruction: with 64
+// floats per unit the four units shared a bank, a 4-way conflict on every store (1.4 us of a 2.3 us
+// epilogue at 64 rows; NOTES, session 7), and 68 put the 32 lanes on 32 banks. An mma.sync warp's
+// float2 stores put four units one apart in each half-warp: rows + 8 floats per unit spread them at
+// 16 and 32 rows.
+template <bool GroupMma>
+constexpr int kStreamPrePad = GroupMma && kGroupMmaCompiled ? 4 : 8;
+
 // ProducerWarps warps issue the copies (the first also issues W1's boxes): one carries a few rows,
 // 64 rows need four (v5: one warp alone spent ~1000 cycles issuing a stage at 64 rows, about the
 // whole budget).
@@ -52,21 +61,13 @@ constexpr int kTailLoads = 24;
 // warpgroup taking kWarpsK / warpgroups of the K residues, so the K split and every sum stay those of
 // the mma.sync warps; elsewhere (other targets) the same configuration runs mma.sync.
 template <int ChunkRowsV, int WarpsNV, int StageColumnsV, int ProducerWarpsV, bool GroupMmaV = false>
-struct StreamConfig : TileConfig<ChunkRowsV, StageColumnsV, kStreamMaxStages, WarpsNV, ProducerWarpsV> {
-  using Base = TileConfig<ChunkRowsV, StageColumnsV, kStreamMaxStages, WarpsNV, ProducerWarpsV>;
+struct StreamConfig : TileConfig<ChunkRowsV, StageColumnsV, kStreamMaxStages, WarpsNV, ProducerWarpsV,
+                                 kStreamPrePad<GroupMmaV>> {
+  using Base = TileConfig<ChunkRowsV, StageColumnsV, kStreamMaxStages, WarpsNV, ProducerWarpsV,
+                          kStreamPrePad<GroupMmaV>>;
   static constexpr bool kGroupMma = GroupMmaV && kGroupMmaCompiled;
   static constexpr int kGroups = Base::kMathWarps / 4;
   static constexpr int kGroupResidues = kWarpsK / (kGroups > 0 ? kGroups : 1);
-  // Floats per unit in the epilogue's pre-activation layout, padded so the stores spread over the
-  // banks. A warpgroup store puts four units (two apart) and eight rows in one instruction: with 64
-  // floats per unit the four units shared a bank, a 4-way conflict on every store (1.4 us of a 2.3 us
-  // epilogue at 64 rows; NOTES, session 7), and 68 put the 32 lanes on 32 banks. An mma.sync warp's
-  // float2 stores put four units one apart in each half-warp: rows + 8 floats per unit spread them
-  // at 16 and 32 rows.
-  static constexpr int kPreStride = kGroupMma ? ChunkRowsV + 4 : ChunkRowsV + 8;
-  static constexpr size_t reduce_bytes() {
-    return static_cast<size_t>(kWarpsK) * kMaxUnits * kPreStride * sizeof(float);
-  }
   static_assert(!GroupMmaV || (ChunkRowsV == 64 && Base::kMathWarps % 4 == 0 && kWarpsK % kGroups == 0),
                 "warpgroup MMA: 64 rows, whole warpgroups, each an equal share of the K residues");
 };

@@ -283,7 +283,13 @@ cudaError_t launch_stream(xbai::HeadParams p, const DeviceInfo& info, int tail, 
   const CUresult encoded = tensor_map_encoder()(
       &map, std::is_same<T, __nv_bfloat16>::value ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
       2, const_cast<void*>(p.w1), dims, strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+      CU_TENSOR_MAP_SWIZZLE_128B,
+#ifndef XBAI_EXP_PROMOTION
+      CU_TENSOR_MAP_L2_PROMOTION_NONE,
+#else
+      XBAI_EXP_PROMOTION,
+#endif
+ CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (encoded != CUDA_SUCCESS) return cudaErrorInvalidValue;
   err = launch_kernel(kernel, split.grid, Cfg::kThreads, smem, dependent, stream, p, map);
   if (err != cudaSuccess || p.fused_tail) return err;

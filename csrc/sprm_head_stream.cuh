@@ -101,11 +101,20 @@ __device__ __forceinline__ uint32_t dynamic_smem_bytes() {
 // toward `bar`'s transaction. Rows past the tensor arrive as zeros (the last CTA's box).
 __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, int x, int y, uint64_t* bar,
                                             uint64_t policy) {
+#ifdef XBAI_EXP_NOHINT
+  (void)policy;
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(smem_address(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(smem_address(bar))
+      : "memory");
+#else
   asm volatile(
       "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
       " [%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(smem_address(dst)),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(smem_address(bar)), "l"(policy)
       : "memory");
+#endif
 }
 // Asks L2 to fetch the box of `map` at (column x, row y); a hint only, nothing lands in shared memory.
 __device__ __forceinline__ void prefetch_box_l2(const CUtensorMap* map, int x, int y) {

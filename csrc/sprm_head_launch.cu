@@ -271,7 +271,7 @@ StreamRings stream_rings(int box_slices, const DeviceInfo& info) {
     r.row_stages = asked;
     r.w1_stages = static_cast<int>(std::min<size_t>(xbai::kStreamMaxStages, (ring - asked * rows) / w1));
   }
-  if (asked <= 0 || asked * rows >= ring || r.w1_stages < r.row_stages) {
+  if (asked <= 0 || asked * rows >= ring || r.w1_stages < 2) {
     r.w1_stages = r.row_stages = static_cast<int>(std::min<size_t>(xbai::kStreamMaxStages, ring / (w1 + rows)));
   }
   if (r.row_stages < 2) return {0, 0};

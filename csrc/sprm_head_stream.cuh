@@ -319,8 +319,9 @@ __device__ void stream_item(const HeadParams& p, const CUtensorMap* w1_map, cons
         tma_load_2d(base + box * w1_box_bytes, w1_map, t * kStageK + box * kBoxColumns, slice0 * kSliceUnits,
                     &ring.w1_full[stage], policy);
     };
-    // The W1 stages ahead of the rows are free at an item's start (the previous item ended on a barrier).
-    const int w1_ahead = static_cast<int>(ring.w1_stages - ring.row_stages);
+    // W1 runs w1_ahead iterations ahead of the rows (behind them when negative). The W1 stages ahead
+    // of the rows are free at an item's start (the previous item ended on a barrier).
+    const int w1_ahead = static_cast<int>(ring.w1_stages) - static_cast<int>(ring.row_stages);
     if (x == 0)
       for (int t = 0; t < w1_ahead && t < k_chunks; ++t) load_w1_stage(t);
     for (int t = 0; t < k_chunks; ++t) {
@@ -329,7 +330,7 @@ __device__ void stream_item(const HeadParams& p, const CUtensorMap* w1_map, cons
       // The first pass over the ring finds every stage free (waiting on the phase before the first).
       // The release of iteration i - row_stages also frees W1 stage (i + w1_ahead) % w1_stages.
       barrier_wait(&ring.empty[stage], ((i / ring.row_stages) & 1) ^ 1);
-      if (x == 0 && t + w1_ahead < k_chunks) load_w1_stage(t + w1_ahead);
+      if (x == 0 && t + w1_ahead >= 0 && t + w1_ahead < k_chunks) load_w1_stage(t + w1_ahead);
       unsigned char* base = ring.rows + stage * ring.rows_stage_bytes;
       const int col0 = t * kStageK;
       const uint32_t base_address = smem_address(base);
@@ -349,6 +350,13 @@ __device__ void stream_item(const HeadParams& p, const CUtensorMap* w1_map, cons
       }
       copies_arrive_on(&ring.rows_full[stage]);
     }
+    // W1 behind the rows: its last stages, each once the iteration that last read its W1 stage is done.
+    if (x == 0)
+      for (int t = max(0, k_chunks + w1_ahead); t < k_chunks; ++t) {
+        const int64_t m = static_cast<int64_t>(iteration) + t - ring.w1_stages;
+        if (m >= 0) barrier_wait(&ring.empty[m % ring.row_stages], static_cast<uint32_t>(m / ring.row_stages) & 1);
+        load_w1_stage(t);
+      }
   } else if constexpr (Cfg::kGroupMma) {
     multiply_item_by_warpgroups<T, Cfg>(ring, iteration, k_chunks, group_acc);
   } else {

@@ -126,9 +126,6 @@ struct HeadParams {
   int slices_per_cta;    // CTA c owns slices [c * slices_per_cta, (c + 1) * slices_per_cta)
   int box_slices;        // slices per W1 TMA box; slices_per_cta is a multiple of it
   int fused_tail;        // 1: the last CTA sums the slices (kRowsMasked); 0: head_reduce_kernel does
-  int w1_stages;         // stages of the W1 ring (sprm_head_stream.cuh's Ring)
-  int row_stages;        // stages of the rows ring, <= w1_stages
-  int prefetch_stages;   // W1 stages each CTA asks L2 for before griddepcontrol.wait
 };
 
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }

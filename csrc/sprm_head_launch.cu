@@ -2,9 +2,7 @@
 // persistent grid from the device, and enqueues the item kernel and the reduction on the caller's stream.
 #include <cudaTypedefs.h>
 
-#include <algorithm>
 #include <atomic>
-#include <cstdlib>
 #include <type_traits>
 
 #include "sprm_head.cuh"
@@ -244,50 +242,21 @@ size_t stream_smem(const DeviceInfo& info) {
   return static_cast<size_t>(info.max_smem - static_bytes.load());
 }
 
-int experiment_env(const char* name, int fallback) {
-  const char* v = std::getenv(name);
-  return v && *v ? std::atoi(v) : fallback;
-}
-
-// The streaming kernel's two rings (sprm_head_stream.cuh's Ring): kStreamRowStages stages of rows
-// and as many W1 stages as the rest of the shared memory holds; {0, 0} when two of each do not fit
-// or the epilogue's pre-activations do not.
-struct StreamRings {
-  int w1_stages;
-  int row_stages;
-};
-
-template <typename T, class Cfg>
-StreamRings stream_rings(int box_slices, const DeviceInfo& info) {
-  const size_t smem = stream_smem<xbai::head_stream_kernel<T, Cfg>>(info);
-  if (smem < 1024) return {0, 0};
-  const size_t ring = smem - 1024;  // the kernel skips up to 1 KB to align the rings
-  const size_t w1 = xbai::stream_w1_stage_bytes<Cfg>(box_slices * xbai::kSliceUnits);
-  const size_t rows = xbai::stream_rows_stage_bytes<Cfg>();
-  if (Cfg::reduce_bytes() > ring) return {0, 0};
-  const int asked = experiment_env("XBAI_EXP_ROW_STAGES", 4);
-  StreamRings r;
-  if (asked > 0 && asked * rows < ring) {
-    r.row_stages = asked;
-    r.w1_stages = static_cast<int>(std::min<size_t>(xbai::kStreamMaxStages, (ring - asked * rows) / w1));
-  }
-  if (asked <= 0 || asked * rows >= ring || r.w1_stages < 2) {
-    r.w1_stages = r.row_stages = static_cast<int>(std::min<size_t>(xbai::kStreamMaxStages, ring / (w1 + rows)));
-  }
-  if (r.row_stages < 2) return {0, 0};
-  return r;
-}
-
 // Whether the streaming kernel serves the call: sm_90 code loaded, the driver's tensor-map encoder,
 // d >= 64 (one TMA box wide), the decode source or one row chunk, hidden under 64 GB, and room for
-// two stages of each ring and the epilogue's pre-activations.
+// two stages and the epilogue's pre-activations.
 template <typename T, class Cfg>
 bool stream_applies(const xbai::HeadParams& p, const DeviceInfo& info) {
   if (!info.stream || p.d < 64 || !(p.source == XBAI_ROWS_MASKED || p.num_chunks == 1)) return false;
   // The producer holds row addresses as 32-bit counts of 16-byte pieces.
   if (p.hidden_rows * p.hidden_stride / 8 >= (int64_t{1} << 32)) return false;
   if (tensor_map_encoder() == nullptr) return false;
-  return stream_rings<T, Cfg>(stream_split(p.num_slices, info.sms).box_slices, info).row_stages > 0;
+  const StreamSplit split = stream_split(p.num_slices, info.sms);
+  const size_t stage = xbai::stream_stage_bytes<Cfg>(split.box_slices * xbai::kSliceUnits);
+  const size_t smem = stream_smem<xbai::head_stream_kernel<T, Cfg>>(info);
+  if (smem < 1024) return false;
+  const size_t ring = smem - 1024;
+  return 2 * stage <= ring && Cfg::reduce_bytes() <= ring;
 }
 
 template <typename T, class Cfg>
@@ -300,10 +269,6 @@ cudaError_t launch_stream(xbai::HeadParams p, const DeviceInfo& info, int tail, 
   p.balanced = 1;
   p.slices_per_cta = split.slices_per_cta;
   p.box_slices = split.box_slices;
-  const StreamRings rings = stream_rings<T, Cfg>(split.box_slices, info);
-  p.w1_stages = rings.w1_stages;
-  p.row_stages = rings.row_stages;
-  p.prefetch_stages = std::min(rings.w1_stages, experiment_env("XBAI_EXP_PREFETCH_STAGES", rings.w1_stages));
   // One launch (the last CTA sums) for decode batches of up to 32 rows: one CTA's sum over every
   // step row beats a second launch only while there are few of them.
   p.fused_tail = p.source == XBAI_ROWS_MASKED &&
@@ -318,13 +283,7 @@ cudaError_t launch_stream(xbai::HeadParams p, const DeviceInfo& info, int tail, 
   const CUresult encoded = tensor_map_encoder()(
       &map, std::is_same<T, __nv_bfloat16>::value ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
       2, const_cast<void*>(p.w1), dims, strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-      CU_TENSOR_MAP_SWIZZLE_128B,
-#ifndef XBAI_EXP_PROMOTION
-      CU_TENSOR_MAP_L2_PROMOTION_NONE,
-#else
-      XBAI_EXP_PROMOTION,
-#endif
- CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (encoded != CUDA_SUCCESS) return cudaErrorInvalidValue;
   err = launch_kernel(kernel, split.grid, Cfg::kThreads, smem, dependent, stream, p, map);
   if (err != cudaSuccess || p.fused_tail) return err;
@@ -408,9 +367,6 @@ extern "C" int32_t xbai_head_logits(const XbaiHeadLaunch* a) {
   p.slices_per_cta = 0;
   p.box_slices = 0;
   p.fused_tail = 0;
-  p.w1_stages = 0;
-  p.row_stages = 0;
-  p.prefetch_stages = 0;
 
   cudaStream_t stream = static_cast<cudaStream_t>(a->stream);
   const cudaError_t err = a->dtype == XBAI_BFLOAT16

@@ -72,15 +72,11 @@ struct StreamConfig : TileConfig<ChunkRowsV, StageColumnsV, kStreamMaxStages, Wa
                 "warpgroup MMA: 64 rows, whole warpgroups, each an equal share of the K residues");
 };
 
-// Bytes of one stage of each ring: kBlockK / 64 boxes of W1 (box_units rows), and as many tiles of
-// the rows, 128 bytes per row each. The launcher sizes the rings with them, the kernel lays them out.
+// Bytes of one ring stage: kBlockK / 64 boxes of W1 (box_units rows) and as many tiles of the rows,
+// 128 bytes per row each. The launcher sizes the ring with it, the kernel lays the ring out by it.
 template <class Cfg>
-__host__ __device__ constexpr uint32_t stream_w1_stage_bytes(int box_units) {
-  return static_cast<uint32_t>(Cfg::kBlockK / kBoxColumns * box_units * kSwizzleBytes);
-}
-template <class Cfg>
-__host__ __device__ constexpr uint32_t stream_rows_stage_bytes() {
-  return static_cast<uint32_t>(Cfg::kBlockK / kBoxColumns * Cfg::kChunkRows * kSwizzleBytes);
+__host__ __device__ constexpr uint32_t stream_stage_bytes(int box_units) {
+  return static_cast<uint32_t>(Cfg::kBlockK / kBoxColumns * (box_units + Cfg::kChunkRows) * kSwizzleBytes);
 }
 
 // Byte offset of 16-byte chunk `chunk` (0-7) of row `row` in a [rows x 64 columns] tile, as TMA's
@@ -105,20 +101,11 @@ __device__ __forceinline__ uint32_t dynamic_smem_bytes() {
 // toward `bar`'s transaction. Rows past the tensor arrive as zeros (the last CTA's box).
 __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, int x, int y, uint64_t* bar,
                                             uint64_t policy) {
-#ifdef XBAI_EXP_NOHINT
-  (void)policy;
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
-      " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(smem_address(dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(smem_address(bar))
-      : "memory");
-#else
   asm volatile(
       "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
       " [%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(smem_address(dst)),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(smem_address(bar)), "l"(policy)
       : "memory");
-#endif
 }
 // Asks L2 to fetch the box of `map` at (column x, row y); a hint only, nothing lands in shared memory.
 __device__ __forceinline__ void prefetch_box_l2(const CUtensorMap* map, int x, int y) {
@@ -136,22 +123,15 @@ __device__ __forceinline__ void copies_arrive_on(uint64_t* bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_address(bar)) : "memory");
 }
 
-// Where a CTA's two rings live and how they turn. Iteration i (one kBlockK-column stage of an item)
-// takes W1 stage i % w1_stages and rows stage i % row_stages. W1 comes from DRAM and the rows from
-// L2, so the W1 ring is the deeper one: its boxes are issued w1_stages - row_stages iterations ahead
-// of the rows, and the W1 stage an iteration reuses was freed by the same release as its rows stage.
+// Where a CTA's ring lives and how it turns.
 struct Ring {
-  unsigned char* w1;          // [w1_stages][boxes], 1024-byte aligned; the epilogue's and the tail's memory
-  unsigned char* rows;        // [row_stages][tiles], right after the W1 stages
-  uint32_t w1_stages;         // <= kStreamMaxStages
-  uint32_t row_stages;        // <= w1_stages
-  uint32_t w1_stage_bytes;    // stream_w1_stage_bytes<Cfg>(box_units)
-  uint32_t rows_stage_bytes;  // stream_rows_stage_bytes<Cfg>()
-  int box_units;              // W1 rows per TMA box
-  uint64_t* w1_full;          // [w1_stages]: the stage's TMA bytes landed
-  uint64_t* rows_full;        // [row_stages]: the producers' row copies done
-  uint64_t* empty;            // [row_stages]: every math warp done with the iteration that used it
-  float* unit_b1;             // [kMaxUnits]: b1 and w2 of the item's units, fp32, for the epilogue
+  unsigned char* base;   // 1024-byte aligned
+  uint32_t stages;       // in use, <= kStreamMaxStages
+  uint32_t stage_bytes;  // stream_stage_bytes<Cfg>(box_units)
+  int box_units;         // W1 rows per TMA box
+  uint64_t* full;        // [stages]: TMA bytes landed and the producers' row copies done
+  uint64_t* empty;       // [stages]: every math warp done reading
+  float* unit_b1;        // [kMaxUnits]: b1 and w2 of the item's units, fp32, for the epilogue
   float* unit_w2;
 };
 
@@ -205,19 +185,16 @@ __device__ void multiply_item_by_warpgroups(const Ring& ring, uint32_t iteration
   const int lane = threadIdx.x & 31;
   const int group = (threadIdx.x >> 5) / 4;
   const uint32_t w1_box_bytes = static_cast<uint32_t>(ring.box_units) * kSwizzleBytes;
-  const uint32_t w1_address = smem_address(ring.w1);
-  const uint32_t rows_address = smem_address(ring.rows);
+  const uint32_t rows_offset = kBoxes * w1_box_bytes;
+  const uint32_t ring_address = smem_address(ring.base);
   for (int t = 0; t < k_chunks; ++t) {
     const uint32_t i = iteration + t;
-    const uint32_t w1_stage = i % ring.w1_stages;
-    const uint32_t rows_stage = i % ring.row_stages;
-    barrier_wait(&ring.w1_full[w1_stage], (i / ring.w1_stages) & 1);
-    barrier_wait(&ring.rows_full[rows_stage], (i / ring.row_stages) & 1);
+    const uint32_t stage = i % ring.stages;
+    barrier_wait(&ring.full[stage], (i / ring.stages) & 1);
     // The rows came by cp.async (the generic proxy); the tensor cores read them through the async one.
     fence_shared_for_copies();
     __syncwarp();
-    const uint32_t w1_stage_address = w1_address + w1_stage * ring.w1_stage_bytes;
-    const uint32_t rows_stage_address = rows_address + rows_stage * ring.rows_stage_bytes;
+    const uint32_t stage_address = ring_address + stage * ring.stage_bytes;
 #pragma unroll
     for (int q = 0; q < Cfg::kGroupResidues; ++q) pin_accumulators(acc[q]);
     group_mma_fence();
@@ -227,11 +204,11 @@ __device__ void multiply_item_by_warpgroups(const Ring& ring, uint32_t iteration
       for (int q = 0; q < Cfg::kGroupResidues; ++q) {
         // Block j * kWarpsK + residue lies at chunks 2 residue and 2 residue + 1 of box j: 32 bytes a residue.
         const uint32_t k_offset = static_cast<uint32_t>(group * Cfg::kGroupResidues + q) * 32;
-        const uint32_t rows_tile = rows_stage_address + j * Cfg::kChunkRows * kSwizzleBytes;
-        // A box of fewer than 80 units: the MMA reads on into the next box, the next W1 stage or the
-        // rows ring (in bounds), and those units' sums are never stored.
+        const uint32_t rows_tile = stage_address + rows_offset + j * Cfg::kChunkRows * kSwizzleBytes;
+        // A box of fewer than 80 units: the MMA reads on into the next box or the row tiles of the
+        // same stage (landed, in bounds) and those units' sums are never stored.
         group_mma_64x80<T>(acc[q], swizzled_tile_descriptor(rows_tile + k_offset),
-                           swizzled_tile_descriptor(w1_stage_address + j * w1_box_bytes + k_offset));
+                           swizzled_tile_descriptor(stage_address + j * w1_box_bytes + k_offset));
       }
     }
     group_mma_commit();
@@ -240,7 +217,7 @@ __device__ void multiply_item_by_warpgroups(const Ring& ring, uint32_t iteration
     group_mma_wait<0>();
 #pragma unroll
     for (int q = 0; q < Cfg::kGroupResidues; ++q) pin_accumulators(acc[q]);
-    if (lane == 0) barrier_arrive(&ring.empty[rows_stage]);
+    if (lane == 0) barrier_arrive(&ring.empty[stage]);
   }
 }
 #endif
@@ -264,6 +241,7 @@ __device__ void stream_item(const HeadParams& p, const CUtensorMap* w1_map, cons
   const int warp = threadIdx.x >> 5;
   const int k_chunks = static_cast<int>((p.d + kStageK - 1) / kStageK);
   const uint32_t w1_box_bytes = static_cast<uint32_t>(ring.box_units) * kSwizzleBytes;
+  const uint32_t rows_offset = kBoxes * w1_box_bytes;
   float acc[kMaxSlices][Cfg::kNTiles][4];
 #pragma unroll
   for (int m = 0; m < kMaxSlices; ++m)
@@ -304,35 +282,24 @@ __device__ void stream_item(const HeadParams& p, const CUtensorMap* w1_map, cons
       source[i] = static_cast<uint32_t>(((row >= 0 ? row : 0) * p.hidden_stride + piece_col) / 8);
     }
     // Copy i's swizzled place in the stage (a few integer operations; kept out of registers).
-    const uint32_t piece_offset = (piece / 8) * kChunkRows * kSwizzleBytes;
+    const uint32_t piece_offset = rows_offset + (piece / 8) * kChunkRows * kSwizzleBytes;
     auto target = [&](int i) {
       return piece_offset + swizzled(i * kRowsPerRound + x / kPiecesPerRow, piece % 8);
     };
-    // W1's boxes for the item's stage t, into W1 stage (iteration + t) % w1_stages.
-    auto load_w1_stage = [&](int t) {
-      const uint32_t i = iteration + t;
-      const uint32_t stage = i % ring.w1_stages;
-      unsigned char* base = ring.w1 + stage * ring.w1_stage_bytes;
-      barrier_arrive_expect_bytes(&ring.w1_full[stage], kBoxes * w1_box_bytes);
-#pragma unroll
-      for (int box = 0; box < kBoxes; ++box)
-        tma_load_2d(base + box * w1_box_bytes, w1_map, t * kStageK + box * kBoxColumns, slice0 * kSliceUnits,
-                    &ring.w1_full[stage], policy);
-    };
-    // W1 runs w1_ahead iterations ahead of the rows (behind them when negative). The W1 stages ahead
-    // of the rows are free at an item's start (the previous item ended on a barrier).
-    const int w1_ahead = static_cast<int>(ring.w1_stages) - static_cast<int>(ring.row_stages);
-    if (x == 0)
-      for (int t = 0; t < w1_ahead && t < k_chunks; ++t) load_w1_stage(t);
     for (int t = 0; t < k_chunks; ++t) {
       const uint32_t i = iteration + t;
-      const uint32_t stage = i % ring.row_stages;
+      const uint32_t stage = i % ring.stages;
       // The first pass over the ring finds every stage free (waiting on the phase before the first).
-      // The release of iteration i - row_stages also frees W1 stage (i + w1_ahead) % w1_stages.
-      barrier_wait(&ring.empty[stage], ((i / ring.row_stages) & 1) ^ 1);
-      if (x == 0 && t + w1_ahead >= 0 && t + w1_ahead < k_chunks) load_w1_stage(t + w1_ahead);
-      unsigned char* base = ring.rows + stage * ring.rows_stage_bytes;
+      barrier_wait(&ring.empty[stage], ((i / ring.stages) & 1) ^ 1);
+      unsigned char* base = ring.base + stage * ring.stage_bytes;
       const int col0 = t * kStageK;
+      if (x == 0) {
+        barrier_arrive_expect_bytes(&ring.full[stage], kBoxes * w1_box_bytes);
+#pragma unroll
+        for (int box = 0; box < kBoxes; ++box)
+          tma_load_2d(base + box * w1_box_bytes, w1_map, col0 + box * kBoxColumns, slice0 * kSliceUnits,
+                      &ring.full[stage], policy);
+      }
       const uint32_t base_address = smem_address(base);
       const uint4* stage_source = reinterpret_cast<const uint4*>(hidden + col0);
       if (col0 + kStageK <= p.d) {
@@ -348,15 +315,8 @@ __device__ void stream_item(const HeadParams& p, const CUtensorMap* w1_map, cons
           if (copied >> c & 1u)
             copy_16_async(base + target(c), valid ? static_cast<const void*>(stage_source + source[c]) : hidden, valid);
       }
-      copies_arrive_on(&ring.rows_full[stage]);
+      copies_arrive_on(&ring.full[stage]);
     }
-    // W1 behind the rows: its last stages, each once the iteration that last read its W1 stage is done.
-    if (x == 0)
-      for (int t = max(0, k_chunks + w1_ahead); t < k_chunks; ++t) {
-        const int64_t m = static_cast<int64_t>(iteration) + t - ring.w1_stages;
-        if (m >= 0) barrier_wait(&ring.empty[m % ring.row_stages], static_cast<uint32_t>(m / ring.row_stages) & 1);
-        load_w1_stage(t);
-      }
   } else if constexpr (Cfg::kGroupMma) {
     multiply_item_by_warpgroups<T, Cfg>(ring, iteration, k_chunks, group_acc);
   } else {
@@ -364,19 +324,16 @@ __device__ void stream_item(const HeadParams& p, const CUtensorMap* w1_map, cons
     const int warp_n = warp / kWarpsK;
     for (int t = 0; t < k_chunks; ++t) {
       const uint32_t i = iteration + t;
-      const uint32_t w1_stage = i % ring.w1_stages;
-      const uint32_t rows_stage = i % ring.row_stages;
-      barrier_wait(&ring.w1_full[w1_stage], (i / ring.w1_stages) & 1);
-      barrier_wait(&ring.rows_full[rows_stage], (i / ring.row_stages) & 1);
-      const unsigned char* w1_base = ring.w1 + w1_stage * ring.w1_stage_bytes;
-      const unsigned char* rows_base = ring.rows + rows_stage * ring.rows_stage_bytes;
+      const uint32_t stage = i % ring.stages;
+      barrier_wait(&ring.full[stage], (i / ring.stages) & 1);
+      const unsigned char* base = ring.base + stage * ring.stage_bytes;
       // Column block j * kWarpsK + warp_k of the stage lies in box j, at chunks 2 warp_k and 2 warp_k + 1:
       // this warp's blocks in increasing order, the fixed K split of every kernel. (Straight-line code:
       // this loop's speed is on the critical path; v5 call 5 lost 3-12 us to runtime guards in it.)
 #pragma unroll
       for (int j = 0; j < kBoxes; ++j) {
-        const unsigned char* a_box = w1_base + j * w1_box_bytes;
-        const unsigned char* b_box = rows_base + j * kChunkRows * kSwizzleBytes;
+        const unsigned char* a_box = base + j * w1_box_bytes;
+        const unsigned char* b_box = base + rows_offset + j * kChunkRows * kSwizzleBytes;
         uint32_t b[Cfg::kNTiles][2];
 #pragma unroll
         for (int n = 0; n < Cfg::kNTiles; ++n)
@@ -393,12 +350,12 @@ __device__ void stream_item(const HeadParams& p, const CUtensorMap* w1_map, cons
       }
       // Every lane's ldmatrix reads of the stage are done before the warp releases it.
       __syncwarp();
-      if (lane == 0) barrier_arrive(&ring.empty[rows_stage]);
+      if (lane == 0) barrier_arrive(&ring.empty[stage]);
     }
   }
   // Every stage of the item has landed and been read: the ring now holds the pre-activations.
   __syncthreads();
-  float* pre = reinterpret_cast<float*>(ring.w1);
+  float* pre = reinterpret_cast<float*>(ring.base);
   if (warp < Cfg::kMathWarps) {
     if constexpr (Cfg::kGroupMma)
       store_group_preactivations<Cfg>(group_acc, slices, pre);
@@ -468,8 +425,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   extern __shared__ __align__(16) unsigned char dynamic_smem[];
   __shared__ int64_t chunk_rows[Cfg::kChunkRows];
   __shared__ int warp_counts[Cfg::kWarps];
-  __shared__ __align__(8) uint64_t w1_full[kStreamMaxStages];
-  __shared__ __align__(8) uint64_t rows_full[kStreamMaxStages];
+  __shared__ __align__(8) uint64_t full[kStreamMaxStages];
   __shared__ __align__(8) uint64_t empty[kStreamMaxStages];
   __shared__ unsigned int ticket;
   __shared__ float unit_b1[kMaxUnits];
@@ -480,15 +436,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   if (p.fused_tail) allow_next_grid();
   Ring ring;
   const uint32_t skew = (1024u - (smem_address(dynamic_smem) & 1023u)) & 1023u;
+  ring.base = dynamic_smem + skew;
   ring.box_units = p.box_slices * kSliceUnits;
-  ring.w1_stages = static_cast<uint32_t>(p.w1_stages);
-  ring.row_stages = static_cast<uint32_t>(p.row_stages);
-  ring.w1_stage_bytes = stream_w1_stage_bytes<Cfg>(ring.box_units);
-  ring.rows_stage_bytes = stream_rows_stage_bytes<Cfg>();
-  ring.w1 = dynamic_smem + skew;
-  ring.rows = ring.w1 + ring.w1_stages * ring.w1_stage_bytes;
-  ring.w1_full = w1_full;
-  ring.rows_full = rows_full;
+  ring.stage_bytes = stream_stage_bytes<Cfg>(ring.box_units);
+  const uint32_t room = (dynamic_smem_bytes() - skew) / ring.stage_bytes;
+  ring.stages = room < kStreamMaxStages ? room : kStreamMaxStages;
+  ring.full = full;
   ring.empty = empty;
   ring.unit_b1 = unit_b1;
   ring.unit_w2 = unit_w2;
@@ -497,9 +450,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const int passes = (count + p.box_slices - 1) / p.box_slices;
   const int k_chunks = static_cast<int>((p.d + Cfg::kBlockK - 1) / Cfg::kBlockK);
   if (threadIdx.x == 0) {
-    for (uint32_t s = 0; s < ring.w1_stages; ++s) barrier_init(&w1_full[s], 1);  // + the TMA byte count
-    for (uint32_t s = 0; s < ring.row_stages; ++s) {
-      barrier_init(&rows_full[s], Cfg::kThreads - 32 * Cfg::kMathWarps);  // every producer thread's copies
+    for (uint32_t s = 0; s < ring.stages; ++s) {
+      // The TMA byte count + every producer thread's row copies.
+      barrier_init(&full[s], 1 + Cfg::kThreads - 32 * Cfg::kMathWarps);
       barrier_init(&empty[s], Cfg::kMathWarps);
     }
     barrier_init_fence();
@@ -509,7 +462,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     // reads (NOTES, session 5: 2 us faster at B = 1 and 16; a call without a step row pays ~0.5 us
     // for the unused fetch, and fetching 2 stages instead of the ring gave back 0.7 us of the gain).
     if (count > 0) {
-      const int stages = min(p.prefetch_stages, k_chunks);
+      const int stages = min(static_cast<int>(ring.stages), k_chunks);
       for (int box = 0; box < stages * (Cfg::kBlockK / kBoxColumns); ++box)
         prefetch_box_l2(&w1_map, box * kBoxColumns, first * kSliceUnits);
     }
@@ -540,7 +493,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   __syncthreads();
   if (ticket != gridDim.x - 1) return;
   __threadfence();
-  sum_step_logits<T, Cfg>(p, steps, b2, chunk_rows, reinterpret_cast<float*>(ring.w1));
+  sum_step_logits<T, Cfg>(p, steps, b2, chunk_rows, reinterpret_cast<float*>(ring.base));
 #else
   __trap();  // never launched: the launcher sees this code's PTX version is below 9.0
 #endif

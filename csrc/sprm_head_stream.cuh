@@ -433,9 +433,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   // The next grid may start launching: with the fused tail it is the next call's streaming kernel,
   // whose CTAs then take each SM this grid leaves and prefetch their W1. The second-kernel tail is
   // let in only once this CTA's items are done (below).
-#ifndef XBAI_EXP_LATE
   if (p.fused_tail) allow_next_grid();
-#endif
   Ring ring;
   const uint32_t skew = (1024u - (smem_address(dynamic_smem) & 1023u)) & 1023u;
   ring.base = dynamic_smem + skew;
@@ -486,11 +484,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       iteration += static_cast<uint32_t>(k_chunks);
     }
   }
-#ifndef XBAI_EXP_LATE
   if (!p.fused_tail) allow_next_grid();
-#else
-  allow_next_grid();
-#endif
   if (!p.fused_tail || steps == 0) return;
   // Every thread's partials are visible device-wide before this CTA's ticket.
   __threadfence();

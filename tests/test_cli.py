@@ -75,7 +75,10 @@ def test_demo_scores_are_the_package_scores(tiny_model_dir):
     trajectories = sample_trajectories(model, tokenizer, "What is the sum of two three and four? Think step by step.", 2, 16, 5)
     for s, ids in enumerate(trajectories):
         alone = score_trajectories(hidden_states_for_scoring(model, ids), ids, head, rule)
-        torch.testing.assert_close(result.scores[s].step_scores, alone.step_scores, atol=1e-6, rtol=1e-6)
+        # The demo scores all trajectories in one packed call: the CPU BLAS blocks its matmuls by row
+        # count, so fp32 rounding differs from a call on one trajectory (random weights make each logit
+        # a sum of terms far larger than itself: ~1e-5 on the logits, a few 1e-6 on the scores).
+        torch.testing.assert_close(result.scores[s].step_scores, alone.step_scores, atol=1e-5, rtol=1e-4)
         assert result.scores[s].positions.numel() > 0
     assert result.best == int(torch.argmax(result.scores.scores))
 

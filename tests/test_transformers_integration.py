@@ -150,8 +150,13 @@ def test_head_dropout_is_active_in_training_mode():
         eval_logits = run_layout(ours, batch, STANDARD_REWARDS, "padded").sprm_stats["logits"]
         ours.train()
         train_logits = run_layout(ours, batch, STANDARD_REWARDS, "padded").sprm_stats["logits"]
-    steps = eval_logits != 0
-    assert steps.any() and torch.equal(steps, train_logits != 0) or (train_logits[~steps] == 0).all()
+    # The trained positions: the token before each step token of the response. (Not eval_logits != 0:
+    # released_head centres the output bias on the batch's median logit, so a step can score exactly 0.)
+    ids, response = batch["input_ids"], response_masks(batch).bool()
+    steps = torch.zeros_like(response)
+    steps[:, :-1] = (ids[:, 1:] == STEP_ID) & response[:, 1:]
+    assert steps.any()
+    assert (eval_logits[~steps] == 0).all() and (train_logits[~steps] == 0).all()
     assert not torch.allclose(train_logits[steps], eval_logits[steps])
 
 

@@ -142,7 +142,10 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         try:
-            state = load_file(str(file))
+            # load_file's tensors are views into one buffer at the file's offsets (8-byte aligned): each
+            # gets its own allocation, so the weights compute the same bits as when loaded from a .pt
+            # (CPU BLAS kernels take alignment-dependent paths) and hold no more memory than they need.
+            state = {key: tensor.clone() for key, tensor in load_file(str(file)).items()}
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{file} is not a readable safetensors file ({exc})") from exc
     else:

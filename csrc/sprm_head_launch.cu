@@ -71,14 +71,8 @@ using Deep64 = xbai::TileConfig<64, 64, 4, 2>;
 // math warpgroups multiply by wgmma (session 6: 1 us faster at B = 64-256, the same bits).
 using Stream8 = xbai::StreamConfig<8, 1, 256, 1>;
 using Stream16 = xbai::StreamConfig<16, 1, 256, 1>;
-#ifndef XBAI_EXP_K32
-#define XBAI_EXP_K32 128
-#endif
-#ifndef XBAI_EXP_K64
-#define XBAI_EXP_K64 128
-#endif
-using Stream32 = xbai::StreamConfig<32, 2, XBAI_EXP_K32, 2>;
-using Stream64 = xbai::StreamConfig<64, 2, XBAI_EXP_K64, 4, true>;
+using Stream32 = xbai::StreamConfig<32, 2, 128, 2>;
+using Stream64 = xbai::StreamConfig<64, 2, 128, 4, true>;
 
 struct DeviceInfo {
   int device;

@@ -70,13 +70,7 @@ using Deep64 = xbai::TileConfig<64, 64, 4, 2>;
 // the ring (B = 256: 40 against 42 us); four copy warps carry 64 rows' copies, and at 64 rows the two
 // math warpgroups multiply by wgmma (session 6: 1 us faster at B = 64-256, the same bits).
 using Stream8 = xbai::StreamConfig<8, 1, 256, 1>;
-#ifndef XBAI_EXP_S16K
-#define XBAI_EXP_S16K 256
-#endif
-#ifndef XBAI_EXP_S16P
-#define XBAI_EXP_S16P 1
-#endif
-using Stream16 = xbai::StreamConfig<16, 1, XBAI_EXP_S16K, XBAI_EXP_S16P>;
+using Stream16 = xbai::StreamConfig<16, 1, 256, 1>;
 using Stream32 = xbai::StreamConfig<32, 2, 128, 2>;
 using Stream64 = xbai::StreamConfig<64, 2, 128, 4, true>;
 

@@ -1,6 +1,6 @@
 """DecodeScorer: scores steps while a decoder generates, with per-slot state kept on the device.
 
-Why events and not a running score: SPEC's thinking region depends on the whole trajectory
+Why events and not a running score: the thinking region depends on the whole trajectory
 (``<think>``/``</think>`` must occur exactly once), which is unknown until the end. So each decode
 step records, on the device and without synchronizing, what may matter:
 
@@ -8,9 +8,9 @@ step records, on the device and without synchronizing, what may matter:
   ``<think>``) with the head's logit for ``h_i``;
 * a *marker* event at the position of every ``<think>`` / ``</think>`` token.
 
-``result`` applies the region rule to the events, keyed by position and de-duplicated, so a
-recomputed position (preemption, a re-run prefill chunk) counts once and trimmed tokens (stop
-strings) drop out when the final length is given.
+``result`` applies the region rule to the events (``semantics.scored_events``), keyed by position and
+de-duplicated, so a recomputed position (preemption, a re-run prefill chunk) counts once and trimmed
+tokens (stop strings) drop out when the final length is given.
 """
 
 from __future__ import annotations
@@ -19,13 +19,12 @@ from dataclasses import dataclass
 
 import torch
 
+from . import semantics
 from ._validate import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
 from .head import SPRMHead
-from .ops import dispatch, reference
+from .ops import dispatch
 from .rule import StepRule
 
-STEP, THINK_START, THINK_END = reference.EVENT_STEP, reference.EVENT_THINK_START, reference.EVENT_THINK_END
-_NO_TOKEN = reference.NO_TOKEN
 _STEP_OPS = ("decode_candidates", "head_logits_masked", "decode_record")
 
 
@@ -68,7 +67,7 @@ class DecodeScorer:
         self._logits = torch.zeros(num_slots, capacity + 1, dtype=torch.float32, device=device)
         self._counts = torch.zeros(num_slots, dtype=torch.int64, device=device)
         # The token at each slot's next position: the step scored at position i needs token i.
-        self._last_token = torch.full((num_slots,), _NO_TOKEN, dtype=torch.int64, device=device)
+        self._last_token = torch.full((num_slots,), semantics.NO_TOKEN, dtype=torch.int64, device=device)
 
     # ----- recording (device only, no host sync) ------------------------------------------------
 
@@ -126,16 +125,16 @@ class DecodeScorer:
         ids = input_ids.long()
         token_positions = torch.arange(n + 1, device=self.device) + start_position
 
-        is_step = reference.opens_step(ids[:-1], ids[1:], self._step_table, self.rule.think_start_id)
+        is_step = semantics.opens_step(ids[:-1], ids[1:], self._step_table, self.rule.think_start_id)
         logits = self._logits_of(hidden, is_step)
-        marker = reference.marker_kind(ids, self.rule.think_start_id, self.rule.think_end_id)
+        marker = semantics.marker_kind(ids, self.rule.think_start_id, self.rule.think_end_id)
         has_event = torch.cat([is_step, marker != 0])
-        kinds = torch.cat([torch.full_like(marker[:-1], STEP), marker])
+        kinds = torch.cat([torch.full_like(marker[:-1], semantics.EVENT_STEP), marker])
         event_positions = torch.cat([token_positions[:-1], token_positions])
         event_logits = torch.cat([logits, torch.zeros(n + 1, dtype=torch.float32, device=self.device)])
         offsets = torch.cumsum(has_event.long(), 0) - has_event.long()
         slots = torch.full_like(offsets, int(slot))
-        reference.append_events(
+        semantics.append_events(
             self._events, self._logits, self._counts, slots, offsets, has_event, kinds, event_positions, event_logits
         )
         self._counts[int(slot)] += has_event.sum()
@@ -145,12 +144,12 @@ class DecodeScorer:
         """Free ``slots`` (an int, a list of ints or an int tensor) for new trajectories."""
         slots = torch.as_tensor(slots, dtype=torch.int64, device=self.device).reshape(-1)
         self._counts[slots] = 0
-        self._last_token[slots] = _NO_TOKEN
+        self._last_token[slots] = semantics.NO_TOKEN
 
     # ----- reading (synchronizes) ----------------------------------------------------------------
 
     def result(self, slot: int, num_tokens: int | None = None) -> SlotResult:
-        """Apply SPEC's rule to what ``slot`` recorded.
+        """Apply the scoring rule (the thinking region, de-duplication) to what ``slot`` recorded.
 
         ``num_tokens``, the final trajectory length (prompt + completion), drops events past the end
         (tokens a stop string trimmed); without it every recorded event counts.
@@ -161,33 +160,8 @@ class DecodeScorer:
                 f"DecodeScorer: slot {slot} recorded {count} events but capacity is {self.capacity}; "
                 f"construct the scorer with a larger capacity"
             )
-        events = self._events[slot, :count].cpu()
-        positions, kinds = events >> 2, events & 3
-        logits = self._logits[slot, :count].cpu()
-        if num_tokens is not None:
-            # A step at i needs its step token i+1 inside the trajectory; a marker needs itself inside.
-            last_needed = positions + (kinds == STEP).long()
-            inside = last_needed < num_tokens
-            positions, kinds, logits = positions[inside], kinds[inside], logits[inside]
-
-        latest: dict[tuple[int, int], float] = {}
-        for kind, position, logit in zip(kinds.tolist(), positions.tolist(), logits.tolist()):
-            latest[(kind, position)] = logit  # a recomputed position overrides, never adds
-
-        def exactly_once(kind: int) -> int | None:
-            found = [p for (k, p) in latest if k == kind]
-            return found[0] if len(found) == 1 else None
-
-        start = exactly_once(THINK_START)
-        end = exactly_once(THINK_END)
-        start = 0 if start is None else start
-        steps = sorted(
-            (p, logit)
-            for (k, p), logit in latest.items()
-            if k == STEP and p > start and (end is None or p < end)
+        positions, logits = semantics.scored_events(
+            self._events[slot, :count].cpu(), self._logits[slot, :count].cpu(), num_tokens
         )
-        step_positions = torch.tensor([p for p, _ in steps], dtype=torch.int64)
-        step_logits = torch.tensor([logit for _, logit in steps], dtype=torch.float32)
-        step_scores = torch.sigmoid(step_logits)
-        score = reference.segment_geomean(step_scores, torch.zeros_like(step_positions), 1)
-        return SlotResult(step_positions, step_logits, step_scores, float(score))
+        step_scores = torch.sigmoid(logits)
+        return SlotResult(positions, logits, step_scores, float(semantics.trajectory_score(step_scores)))

@@ -1,4 +1,4 @@
-"""SPEC's SPR training loss: on given logits (``sprm_loss``) and fused with the head (``sprm_head_loss``)."""
+"""The SPR training loss: on given logits (``sprm_loss``) and fused with the head (``sprm_head_loss``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import torch
 
 from ._validate import FLOAT_DTYPES, check_tensor
 from .head import DROPOUT_P, SPRMHead
-from .ops import dispatch, reference
+from . import semantics
+from .ops import dispatch
 
 
 def _check_rewards(where: str, rewards, mask_shape: torch.Size, device) -> torch.Tensor:
@@ -24,19 +25,13 @@ def _check_rewards(where: str, rewards, mask_shape: torch.Size, device) -> torch
     return per_position.float()
 
 
-def _outcome(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    correct = rewards > reference.CORRECT_THRESHOLD
-    valid = rewards != torch.tensor(reference.IGNORE_REWARD, dtype=torch.float32)
-    return correct, valid
-
-
 def sprm_loss(
     logits: torch.Tensor,
     rewards: torch.Tensor,
     step_mask: torch.Tensor | None = None,
     process_group=None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """SPEC's SPR loss on per-position head logits.
+    """The SPR loss on per-position head logits (docs/semantics.md).
 
     logits float [B, T] (0 at positions that are not steps, as the released code has them),
     rewards float [B] (> 0.5 correct, == 0.1 ignored), step_mask bool [B, T] (default: every
@@ -51,11 +46,11 @@ def sprm_loss(
     check_tensor("sprm_loss", "step_mask", step_mask, dtypes=(torch.bool,), device=logits.device)
     if step_mask.shape != logits.shape:
         raise ValueError(f"sprm_loss: step_mask has shape {tuple(step_mask.shape)}, logits {tuple(logits.shape)}")
-    correct, valid = _outcome(_check_rewards("sprm_loss", rewards, logits.shape, logits.device))
-    loss, stats = reference.spr_loss(logits, correct, valid, step_mask, process_group)
+    correct, valid = semantics.reward_outcome(_check_rewards("sprm_loss", rewards, logits.shape, logits.device))
+    loss, stats = semantics.spr_loss(logits, correct, valid, step_mask, process_group)
     # The released monitor reports 0 for ignored samples (reward 0.1).
     masked = torch.where(step_mask & valid, logits.detach().float(), 0.0)
-    stats["step_score_geomean"] = reference.step_score_geomean(masked)
+    stats["step_score_geomean"] = semantics.nonzero_logit_geomean(masked)
     return loss, stats
 
 
@@ -71,9 +66,9 @@ def sprm_head_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Head forward (with dropout) + SPR loss, differentiable in the head and in ``hidden``.
 
-    hidden [..., d] (``h``; any float dtype), step_mask bool [...] (SPEC's training positions),
+    hidden [..., d] (``h``; any float dtype), step_mask bool [...] (the training positions),
     rewards float [B] (one per leading row) or [...] (one per position). The gradient reaching
-    ``hidden`` is scaled by ``backbone_grad_scale`` (SPEC); the head's own gradients are full.
+    ``hidden`` is scaled by ``backbone_grad_scale``; the head's own gradients are full.
     Synchronizes once with the host to count the step rows. Returns (loss, stats) as
     ``sprm_loss`` does, plus ``logits`` (float32, same shape as ``step_mask``, 0 off the steps).
     """
@@ -92,7 +87,7 @@ def sprm_head_loss(
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"sprm_head_loss: dropout_p must be in [0, 1), got {dropout_p}")
     per_position = _check_rewards("sprm_head_loss", rewards, step_mask.shape, hidden.device)
-    correct, valid = _outcome(per_position.expand(step_mask.shape))
+    correct, valid = semantics.reward_outcome(per_position.expand(step_mask.shape))
 
     flat_mask = step_mask.reshape(-1)
     rows = flat_mask.nonzero().squeeze(-1)
@@ -114,5 +109,5 @@ def sprm_head_loss(
     stats = dict(stats)
     stats["logits"] = logits
     monitored = torch.where(valid, logits, 0.0).reshape(logits.shape[0], -1)
-    stats["step_score_geomean"] = reference.step_score_geomean(monitored)
+    stats["step_score_geomean"] = semantics.nonzero_logit_geomean(monitored)
     return loss, stats

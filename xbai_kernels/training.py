@@ -14,7 +14,7 @@ import torch
 from ._validate import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
 from .head import SPRMHead
 from .loss import sprm_head_loss
-from .ops import reference
+from . import semantics
 
 # SPEC: the gradient reaching the backbone through h is scaled by this factor.
 BACKBONE_GRAD_SCALE = 1e-4
@@ -123,14 +123,13 @@ def sequence_spr_loss(
             generator=generator,
         )
     logits = stats["logits"]
-    valid = rewards != torch.tensor(reference.IGNORE_REWARD, dtype=torch.float32)
+    correct, valid = semantics.reward_outcome(rewards)
     # The released monitor averages over the non-zero logits of valid sequences; every other token
     # goes to an extra segment that is dropped.
     monitored = (logits != 0) & valid[sequence_index]
     segment = torch.where(monitored, sequence_index, num_sequences)
-    geomean = reference.segment_geomean(torch.sigmoid(logits), segment, num_sequences + 1)[:num_sequences]
+    geomean = semantics.segment_geomean(torch.sigmoid(logits), segment, num_sequences + 1)[:num_sequences]
 
-    correct = rewards > reference.CORRECT_THRESHOLD
     wrong = rewards == WRONG_REWARD
     # The released actor reports all four as 0 when no position of this rank is a step.
     any_step = step_mask.any().float()

@@ -31,9 +31,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from . import semantics
 from ._validate import FLOAT_DTYPES, INDEX_DTYPES, check_cu_seqlens, check_tensor
 from .head import SPRMHead
-from .ops import reference
 from .rule import StepRule
 from .training import BACKBONE_GRAD_SCALE, next_token_step_mask, sequence_spr_loss
 
@@ -260,7 +260,7 @@ def _packed_sequence_index(where, batch, length, num_rewards, position_ids, cu_s
     if cu_seqlens is not None:
         check_cu_seqlens(where, cu_seqlens, length, device)
         num_sequences = cu_seqlens.numel() - 1
-        sequence_index = reference.sequence_index(cu_seqlens, length)
+        sequence_index = semantics.sequence_index(cu_seqlens, length)
     elif isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2 and position_ids.shape == (1, length):
         positions = position_ids[0]
         starts = torch.nn.functional.pad(positions[1:] - positions[:-1] != 1, (1, 0), value=False)

@@ -1,29 +1,34 @@
 """Plain-PyTorch SPRM ops: the oracle every backend is tested against, and the path that runs anywhere.
 
-Every function here is the backend contract: a Triton or CUDA backend exposes the same names with
-the same signatures and results (up to floating-point tolerance), and ``dispatch`` picks one.
-All head math accumulates in float32 whatever the input dtype (DESIGN: "fp32 accumulation
-everywhere"), so the hidden activation relu(W1 h + b1) is never rounded to bf16.
+Every public function here is an op of the backend contract: a Triton or CUDA backend exposes the
+same names with the same signatures and results (up to floating-point tolerance), and ``dispatch``
+picks one. The rules the ops apply (which positions are scored, the geometric mean, the loss) are
+not restated here: the ops compose ``xbai_kernels.semantics``, their one implementation. All head
+math accumulates in float32 whatever the input dtype, so relu(W1 h + b1) is never rounded to bf16.
 """
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from .. import semantics
 from .._validate import check_cu_seqlens_values
 
-# SPEC: the geometric mean clamps step scores here before the log.
-SCORE_CLAMP_MIN = 1e-10
-# SPEC: rewards equal to this mark a sample the loss ignores; above this threshold the answer is correct.
-IGNORE_REWARD = 0.1
-CORRECT_THRESHOLD = 0.5
-# SPEC: positives are up-weighted by this factor; EPS keeps the weights finite on an empty batch.
-POSITIVE_WEIGHT = 1.5
-LOSS_EPS = 1e-5
+# The encoding and constants the fast backends share with this oracle (decode_record's events, the
+# score clamp), and the loss the Triton training op reuses: defined once, in ``semantics``.
+from ..semantics import (  # noqa: F401
+    EVENT_STEP,
+    EVENT_THINK_END,
+    EVENT_THINK_START,
+    NO_TOKEN,
+    SCORE_CLAMP_MIN,
+    is_step_token,
+    opens_step,
+    spr_loss,
+)
 
 
 def head_logits(hidden: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
@@ -68,57 +73,16 @@ def head_logits_masked(
     return out.copy_(logits)
 
 
-# DecodeScorer's event encoding: one int64 per event, (position << 2) | kind, in a [slots, capacity + 1]
-# buffer whose last column is a trash column (rows with nothing to record write there).
-EVENT_STEP, EVENT_THINK_START, EVENT_THINK_END = 0, 1, 2
-NO_TOKEN = -1
-
-
-def is_step_token(tokens: torch.Tensor, step_table: torch.Tensor) -> torch.Tensor:
-    """bool, the shape of ``tokens``: whether each id is in S, by ``step_table`` (``StepRule.step_table``);
-    ids outside the table, NO_TOKEN included, are not step tokens."""
-    inside = (tokens >= 0) & (tokens < step_table.numel())
-    return inside & step_table[tokens.clamp(0, step_table.numel() - 1)]
-
-
-def opens_step(current: torch.Tensor, following: torch.Tensor, step_table: torch.Tensor, think_start_id: int) -> torch.Tensor:
-    """SPEC rules 1 and 2, elementwise: position i opens a step when token i+1 (``following``) is a step
-    token and token i (``current``) is neither a step token, ``<think>``, nor unknown (NO_TOKEN)."""
-    return (
-        is_step_token(following, step_table)
-        & ~is_step_token(current, step_table)
-        & (current != think_start_id)
-        & (current != NO_TOKEN)
-    )
-
-
-def marker_kind(tokens: torch.Tensor, think_start_id: int, think_end_id: int) -> torch.Tensor:
-    """int64, same shape: EVENT_THINK_START / EVENT_THINK_END where the token is a marker, else 0."""
-    kind = torch.where(tokens == think_start_id, EVENT_THINK_START, 0)
-    return torch.where(tokens == think_end_id, EVENT_THINK_END, kind)
-
-
-def append_events(events, event_logits, counts, slots, offsets, has_event, kinds, positions, logits) -> None:
-    """Write events at column ``counts[slot] + offset`` of their slot; events past capacity (and rows
-    with nothing to record) go to the trash column. Does not advance ``counts``."""
-    capacity = events.shape[1] - 1
-    index = counts[slots] + offsets
-    column = torch.where(has_event & (index < capacity), index, capacity)
-    flat = slots * (capacity + 1) + column
-    events.view(-1).index_put_((flat,), positions * 4 + kinds.long())
-    event_logits.view(-1).index_put_((flat,), logits.float())
-
-
 def decode_candidates(
     last_token: torch.Tensor, sampled: torch.Tensor, slots: torch.Tensor, step_table: torch.Tensor, think_start_id: int
 ) -> torch.Tensor:
-    """SPEC rules 1 and 2 for one decode step: bool [B], True where the row's position opens a step.
+    """The step-candidate rule for one decode step: bool [B], True where the row's position opens a step.
 
     last_token int64 [num_slots] (the token at each slot's position being decoded, NO_TOKEN if
     unknown), sampled int64 [B] (the token after it), slots int64 [B], step_table bool [V]
     (``StepRule.step_table``).
     """
-    return opens_step(last_token[slots], sampled, step_table, think_start_id)
+    return semantics.opens_step(last_token[slots], sampled, step_table, think_start_id)
 
 
 def decode_record(
@@ -141,21 +105,14 @@ def decode_record(
     events int64 / event_logits float32 [num_slots, capacity + 1], counts and last_token int64
     [num_slots]. Events past capacity go to the trash column but are counted.
     """
-    marker = marker_kind(sampled, think_start_id, think_end_id)
+    marker = semantics.marker_kind(sampled, think_start_id, think_end_id)
     # A step token is never a marker (StepRule forbids it), so a row records at most one event.
     kind = torch.where(is_step, EVENT_STEP, marker)
     event_position = torch.where(is_step, positions, positions + 1)
     has_event = is_step | (marker != 0)
-    append_events(events, event_logits, counts, slots, torch.zeros_like(slots), has_event, kind, event_position, logits)
+    semantics.append_events(events, event_logits, counts, slots, torch.zeros_like(slots), has_event, kind, event_position, logits)
     counts.index_add_(0, slots, has_event.long())
     last_token.index_put_((slots,), sampled)
-
-
-def sequence_index(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """int64 [total]: which sequence of the packed batch each token belongs to."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    seq_ids = torch.arange(lengths.numel(), device=cu_seqlens.device)
-    return torch.repeat_interleave(seq_ids, lengths, output_size=total)
 
 
 def step_mask(
@@ -165,39 +122,9 @@ def step_mask(
     think_end_id: int,
     cu_seqlens: torch.Tensor,
 ) -> torch.Tensor:
-    """SPEC's inference rule on packed ids. input_ids int [T], step_table bool [V]
-    (``StepRule.step_table``), cu_seqlens int [S+1] -> bool [T].
-
-    Position i of a sequence is scored when token i+1 is a step token, token i is neither a step
-    token nor ``<think>``, and start < i < end (the thinking region of its own sequence).
-    """
-    total = input_ids.numel()
-    device = input_ids.device
-    ids = input_ids.long()
-    seq = sequence_index(cu_seqlens, total)
-    num_seqs = cu_seqlens.numel() - 1
-    starts = cu_seqlens[:-1].long()
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    local = torch.arange(total, device=device) - starts[seq]
-
-    is_step = is_step_token(ids, step_table)
-    # The next token must belong to the same sequence: the last token of a sequence opens no step.
-    next_is_step = torch.zeros_like(is_step)
-    next_is_step[:-1] = is_step[1:] & (seq[1:] == seq[:-1])
-    candidate = next_is_step & ~is_step & (ids != think_start_id)
-
-    region_start = _marker_index(ids == think_start_id, seq, local, num_seqs, default=torch.zeros_like(lengths))
-    region_end = _marker_index(ids == think_end_id, seq, local, num_seqs, default=lengths)
-    return candidate & (local > region_start[seq]) & (local < region_end[seq])
-
-
-def _marker_index(is_marker, seq, local, num_seqs, default):
-    """Per sequence: the local index of the marker if it occurs exactly once, else ``default``."""
-    counts = torch.zeros(num_seqs, dtype=torch.int64, device=seq.device).index_add_(0, seq, is_marker.long())
-    index = torch.zeros(num_seqs, dtype=torch.int64, device=seq.device).index_add_(
-        0, seq, torch.where(is_marker, local, 0)
-    )
-    return torch.where(counts == 1, index, default)
+    """The inference rule on packed ids (``semantics.scored_mask``). input_ids int [T], step_table
+    bool [V] (``StepRule.step_table``), cu_seqlens int [S+1] -> bool [T]."""
+    return semantics.scored_mask(input_ids, step_table, think_start_id, think_end_id, cu_seqlens)
 
 
 class PackedSteps(NamedTuple):
@@ -237,7 +164,7 @@ def find_steps(
         # Before any op that trusts it (this oracle reads it apart from the count it syncs on).
         check_cu_seqlens_values("find_steps", cu_seqlens.tolist(), total)
     mask = step_mask(input_ids, step_table, think_start_id, think_end_id, cu_seqlens)
-    token_seq = sequence_index(cu_seqlens, total)
+    token_seq = semantics.sequence_index(cu_seqlens, total)
     num_seqs = cu_seqlens.numel() - 1
     per_seq = torch.zeros(num_seqs, dtype=torch.int64, device=device).index_add_(0, token_seq, mask.long())
     cu_all = torch.zeros(num_seqs + 1, dtype=torch.int64, device=device)
@@ -265,7 +192,7 @@ def trajectory_scores(logits: torch.Tensor, cu_steps: torch.Tensor, complete: to
     """(step_scores float32 [m], scores float32 [S]) of ``find_steps``' slots, given their logits [m].
 
     step_scores = sigmoid(logit) on the live slots ``[0, cu_steps[-1])``, 0.0 on padding; scores are
-    SPEC's geometric mean per trajectory (0.0 without a step, NaN where ``complete`` is False: the
+    the geometric mean per trajectory (0.0 without a step, NaN where ``complete`` is False: the
     trajectory lost steps to the capacity, so its mean would be a wrong number).
     """
     slots = torch.arange(logits.numel(), device=logits.device)
@@ -273,73 +200,8 @@ def trajectory_scores(logits: torch.Tensor, cu_steps: torch.Tensor, complete: to
     num_seqs = complete.numel()
     step_scores = torch.where(live, torch.sigmoid(logits.float()), 0.0)
     segment = torch.where(live, torch.searchsorted(cu_steps[1:], slots, right=True), num_seqs)
-    scores = segment_geomean(step_scores, segment, num_seqs + 1)[:num_seqs]
+    scores = semantics.segment_geomean(step_scores, segment, num_seqs + 1)[:num_seqs]
     return step_scores, torch.where(complete, scores, float("nan"))
-
-
-def segment_geomean(scores: torch.Tensor, segment: torch.Tensor, num_segments: int) -> torch.Tensor:
-    """SPEC's trajectory score per segment: exp(mean(log(clamp(p, 1e-10)))), 0.0 for an empty one.
-
-    scores float [n], segment int64 [n] in [0, num_segments) -> float32 [num_segments].
-    """
-    log_p = torch.log(scores.float().clamp_min(SCORE_CLAMP_MIN))
-    sums = torch.zeros(num_segments, dtype=torch.float32, device=scores.device).index_add_(0, segment, log_p)
-    counts = torch.zeros(num_segments, dtype=torch.float32, device=scores.device).index_add_(
-        0, segment, torch.ones_like(log_p)
-    )
-    return torch.where(counts > 0, torch.exp(sums / counts.clamp_min(1)), 0.0)
-
-
-def spr_loss(
-    logits: torch.Tensor,
-    correct: torch.Tensor,
-    valid: torch.Tensor,
-    step_mask: torch.Tensor,
-    process_group=None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """SPEC's SPR loss over elementwise-broadcast inputs of any shape.
-
-    logits float32, correct/valid/step_mask bool, all broadcastable to logits' shape. Positions
-    outside ``step_mask`` behave as logit 0: never kept. The positive/negative counts are summed
-    over ``process_group`` (SPEC: over all data-parallel ranks); the loss normalizer is local.
-    """
-    logits = logits.float()
-    correct = correct.expand_as(logits)
-    target = correct.float()
-    # SPEC's self-supervised filter: keep a position only where the head already agrees with the
-    # outcome; logit == 0 satisfies neither side.
-    keep = ((logits > 0) & correct) | ((logits < 0) & ~correct)
-    m = (keep & valid & step_mask).float()
-    counts = torch.stack([(m * target).sum(), (m * (1 - target)).sum()])
-    if process_group is not None:
-        counts = _all_reduce_sum(counts, process_group)
-    pos, neg = counts[0], counts[1]
-    w_pos = POSITIVE_WEIGHT * neg / (pos + neg + LOSS_EPS)
-    w_neg = pos / (pos + neg + LOSS_EPS)
-    w = m * torch.where(correct, w_pos, w_neg)
-    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    loss = (bce * w).sum() / (w.sum() + LOSS_EPS)
-    return loss, {"num_positive": pos.detach(), "num_negative": neg.detach()}
-
-
-def _all_reduce_sum(tensor: torch.Tensor, process_group) -> torch.Tensor:
-    import torch.distributed as dist
-
-    group = None if process_group is True else process_group
-    # The counts carry no gradient (they come from a boolean mask), so a plain all_reduce is exact.
-    tensor = tensor.clone()
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
-    return tensor
-
-
-def step_score_geomean(logits: torch.Tensor) -> torch.Tensor:
-    """Monitoring number of the released actor: per row, the geometric mean of sigmoid(logit) over
-    its non-zero logits (0.0 for a row with none). logits float [B, T] -> float32 [B]."""
-    logits = logits.detach().float()
-    nonzero = logits != 0
-    log_p = torch.where(nonzero, F.logsigmoid(logits).clamp_min(math.log(SCORE_CLAMP_MIN)), 0.0)
-    counts = nonzero.sum(-1)
-    return torch.where(counts > 0, torch.exp(log_p.sum(-1) / counts.clamp_min(1)), 0.0)
 
 
 def dropout_keep_mask(shape, p: float, device, generator: torch.Generator | None) -> torch.Tensor | None:
@@ -383,5 +245,5 @@ def sprm_head_loss(
             activation = activation * keep
         logits = F.linear(activation, w2.float(), b2.float()).squeeze(-1)
     all_rows = torch.ones_like(correct)
-    loss, stats = spr_loss(logits, correct, valid, all_rows, process_group)
+    loss, stats = semantics.spr_loss(logits, correct, valid, all_rows, process_group)
     return loss, logits, stats

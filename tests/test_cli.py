@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -142,3 +143,95 @@ def test_command_line_entry_points(tmp_path):
     done = subprocess.run([script, "make-tiny-model", str(tmp_path / "m")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "m" / "sprm_head.safetensors").is_file()
+
+
+# ----- the rough edges a first user hit: each error is one clear line, and nothing is half-written -----
+
+
+def _model_with_head(tiny_model_dir, target: Path, head_size: int | None) -> Path:
+    """A copy of the tiny model whose head is of ``head_size`` (None: no head at all)."""
+    shutil.copytree(tiny_model_dir, target)
+    (target / "sprm_head.safetensors").unlink()
+    if head_size is not None:
+        SPRMHead(head_size).save_pretrained(target)
+    return target
+
+
+def test_convert_refuses_a_model_directory_whose_head_does_not_fit(tiny_model_dir, tmp_path, capsys):
+    model = _model_with_head(tiny_model_dir, tmp_path / "model", head_size=64)
+    assert cli.main(["convert", str(model), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "hidden size 64" in err and "model's hidden size is 128" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_to_a_pt_name_refuses_instead_of_making_a_directory(tiny_model_dir, tmp_path, capsys):
+    assert cli.main(["convert", str(tiny_model_dir), str(tmp_path / "x.pt")]) == 1
+    assert "convert writes safetensors" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_convert_to_a_safetensors_path_leaves_a_head_beside_it_alone(tiny_model_dir, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    before = (model / "sprm_head.safetensors").read_bytes()
+    SPRMHead(128).save_file(tmp_path / "other.safetensors")
+    assert cli.main(["convert", str(tmp_path / "other.safetensors"), str(model / "copy.safetensors")]) == 0
+    assert (model / "sprm_head.safetensors").read_bytes() == before
+    assert (model / "copy.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing", "does not exist"),
+        ("no-head", "no SPRM head in"),
+        ("wrong-size", "the head has hidden size 64 but the model's hidden size is 128"),
+    ],
+)
+def test_demo_on_a_bad_model_directory_fails_in_one_line_before_loading(tiny_model_dir, tmp_path, case, expected):
+    model = {
+        "missing": lambda: tmp_path / "nowhere",
+        "no-head": lambda: _model_with_head(tiny_model_dir, tmp_path / "model", None),
+        "wrong-size": lambda: _model_with_head(tiny_model_dir, tmp_path / "model", 64),
+    }[case]()
+    done = subprocess.run(
+        [sys.executable, "-m", "xbai_kernels.cli", "demo", "--model", str(model), "-n", "1", "--max-new-tokens", "4"],
+        capture_output=True, text=True, env={**os.environ, "XBAI_DEMO_ENGINE": "hf"},
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().count("\n") == 0 and expected in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and "trajectory" not in done.stdout
+
+
+def test_make_tiny_model_on_an_existing_file_says_so(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    assert cli.main(["make-tiny-model", str(afile)]) == 1
+    assert "exists and is not a directory" in capsys.readouterr().err
+    assert afile.read_text() == "keep me"
+
+
+def test_a_refused_pickle_gives_no_advice_to_load_unrestricted(tmp_path):
+    """Not in the message, and not in the traceback a Python caller sees (torch's own error ends with it)."""
+    import traceback
+
+    from xbai_kernels.head import CheckpointError
+
+    torch.save(torch.nn.Sequential(torch.nn.Linear(4, 8)), tmp_path / "score_module.pt")
+    with pytest.raises(CheckpointError) as refused:
+        SPRMHead.from_pretrained(tmp_path / "score_module.pt")
+    shown = "".join(traceback.format_exception(refused.value))
+    assert "Unsupported global" in shown and "weights_only" not in shown
+
+
+def test_demo_output_explains_its_numbers(tiny_model_dir, capsys):
+    assert cli.main(["demo", "--model", str(tiny_model_dir), "-n", "2", "--max-new-tokens", "24"]) == 0
+    out = capsys.readouterr().out
+    assert "geometric mean of the step scores" in out
+    if not torch.cuda.is_available():
+        assert "on a CPU only the reference path runs" in out
+    lines = re.findall(r"^trajectory \d+: (\d+) tokens \((\d+) prompt \+ (\d+) generated\), (\d+) step tokens, (\d+) scored", out, re.M)
+    assert len(lines) == 2
+    for total, prompt, generated, step_tokens, scored in (map(int, line) for line in lines):
+        assert total == prompt + generated and scored <= step_tokens

@@ -52,8 +52,10 @@ def test_step_mask_bad_cu_seqlens(cu_seqlens, error, words):
 
 @pytest.mark.parametrize("cu_seqlens, error, words", BAD_CU_SEQLENS)
 def test_score_trajectories_bad_cu_seqlens(head, cu_seqlens, error, words):
-    with pytest.raises(error, match=words):
+    with pytest.raises(error, match=words) as raised:
         xk.score_trajectories(torch.randn(6, D), _ids(), head, RULE, cu_seqlens)
+    # The user called score_trajectories: the message names it, not the op that found the problem.
+    assert str(raised.value).startswith("score_trajectories: ")
 
 
 # ----- step_mask ----------------------------------------------------------------------------------

@@ -64,14 +64,25 @@ def check_cu_seqlens_layout(where: str, cu_seqlens, device: torch.device) -> Non
         raise ValueError(f"{where}: cu_seqlens must hold at least 2 entries [0, ..., total], got {cu_seqlens.numel()}")
 
 
+class CuSeqlensError(ValueError):
+    """``cu_seqlens`` holds values that do not describe a packed batch. ``reason`` is the message
+    without the name of the function that found it, so a public entry can report it as its own."""
+
+    def __init__(self, where: str, reason: str) -> None:
+        super().__init__(f"{where}: {reason}")
+        self.reason = reason
+
+
 def check_cu_seqlens_values(where: str, host: list[int], total: int) -> None:
     """The values of ``cu_seqlens``, read on the host: start at 0, non-decreasing, end at ``total``."""
     if host[0] != 0:
-        raise ValueError(f"{where}: cu_seqlens must start at 0, got {host[0]}")
+        raise CuSeqlensError(where, f"cu_seqlens (the offsets of the packed sequences) must start at 0, got {host[0]}")
     if any(b < a for a, b in zip(host, host[1:])):
-        raise ValueError(f"{where}: cu_seqlens must be non-decreasing, got {host}")
+        raise CuSeqlensError(where, f"cu_seqlens (the offsets of the packed sequences) must be non-decreasing, got {host}")
     if host[-1] != total:
-        raise ValueError(f"{where}: cu_seqlens must end at the number of tokens {total}, got {host[-1]}")
+        raise CuSeqlensError(
+            where, f"cu_seqlens (the offsets of the packed sequences) must end at the number of tokens {total}, got {host[-1]}"
+        )
 
 
 def check_row_count(where: str, num_rows, device: torch.device) -> None:

@@ -11,7 +11,11 @@ from pathlib import Path
 def _make_tiny_model(args: argparse.Namespace) -> int:
     from .tiny import make_tiny_model
 
-    directory = make_tiny_model(args.directory, arch=args.arch, seed=args.seed, head_file=args.head_format)
+    try:
+        directory = make_tiny_model(args.directory, arch=args.arch, seed=args.seed, head_file=args.head_format)
+    except OSError as exc:
+        print(f"xbai-kernels make-tiny-model: {exc}", file=sys.stderr)
+        return 1
     print(f"wrote a tiny {args.arch} model (seed {args.seed}) to {directory}:")
     for path in sorted(directory.iterdir()):
         print(f"  {path.name}")
@@ -36,7 +40,13 @@ def _demo(args: argparse.Namespace) -> int:
     if args.num_samples < 1 or args.max_new_tokens < 1:
         print("xbai-kernels demo: -n and --max-new-tokens must be at least 1", file=sys.stderr)
         return 2
-    run_demo(args.model, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    from .head import CheckpointError
+
+    try:
+        run_demo(args.model, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    except CheckpointError as exc:
+        print(f"xbai-kernels demo: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -20,7 +20,8 @@ from typing import Callable
 
 import torch
 
-from .head import SAFETENSORS_FILENAME, SPRMHead
+from .head import SAFETENSORS_FILENAME, SPRMHead, check_model_directory
+from . import semantics
 from .rule import StepRule
 from .scoring import TrajectoryScores, score_trajectories
 
@@ -67,7 +68,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu"):
 def hidden_states_for_scoring(model, input_ids: torch.Tensor) -> torch.Tensor:
     """``h`` of one trajectory by a full forward: HF ``hidden_states[-2]``. input_ids int [L] -> [L, d].
 
-    SPEC: ``h`` is the input of the last decoder layer, i.e. ``output_hidden_states[-2]``.
+    ``h`` is the input of the last decoder layer, i.e. ``output_hidden_states[-2]``.
     """
     out = model(input_ids=input_ids[None].to(model.device), output_hidden_states=True)
     return out.hidden_states[-2][0]
@@ -87,12 +88,9 @@ def sample_trajectories(
     model, tokenizer, prompt: str, num_samples: int, max_new_tokens: int, seed: int
 ) -> list[torch.Tensor]:
     """N sampled trajectories (prompt + completion ids, int64 [L_s]), cut at the first end-of-sequence."""
-    messages = [{"role": "user", "content": prompt}]
-    prompt_ids = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )["input_ids"].to(model.device)
+    prompt_ids = _chat_prompt_ids(tokenizer, prompt).to(model.device)
     torch.manual_seed(seed)
-    # SPEC: the released pipeline sampled at temperature 0.6-0.8 with top_p 0.95.
+    # The released pipeline sampled at temperature 0.6-0.8 with top_p 0.95.
     generated = model.generate(
         prompt_ids,
         do_sample=True,
@@ -112,6 +110,14 @@ def sample_trajectories(
             completion = completion[: int(ends[0])]
         trajectories.append(torch.cat([row[:prompt_length], completion]))
     return trajectories
+
+
+def _chat_prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
+    """int64 [1, P]: the prompt as one user turn of the tokenizer's chat template, ready for generation."""
+    messages = [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)[
+        "input_ids"
+    ]
 
 
 @dataclass
@@ -148,7 +154,11 @@ def run_demo(
 
     ``engine``: ``"vllm"`` (one engine pass, see ``_run_demo_vllm``), ``"hf"`` (generate, then a
     second forward to score) or ``"auto"``/None (``XBAI_DEMO_ENGINE``, else vLLM when installed).
+    A ``model_dir`` that is missing, has no head, or a head of another size raises ``CheckpointError``
+    before any model loads.
     """
+    if model_dir is not None:
+        check_model_directory(model_dir)
     if demo_engine(engine) == "vllm":
         return _run_demo_vllm_in_process(model_dir, num_samples, max_new_tokens, seed, prompt, echo)
     return _run_demo_hf(model_dir, num_samples, max_new_tokens, seed, prompt, device, echo)
@@ -171,21 +181,55 @@ def _run_demo_hf(model_dir, num_samples, max_new_tokens, seed, prompt, device, e
 
     echo(f"prompt: {prompt!r}; {num_samples} samples, up to {max_new_tokens} new tokens each\n")
     texts = [tokenizer.decode(ids) for ids in trajectories]
-    best = _report(scores, [ids.numel() for ids in trajectories], num_samples, echo)
+    echo(_backend_line())
+    prompt_length = _chat_prompt_ids(tokenizer, prompt).shape[1]
+    best = _report(scores, trajectories, prompt_length, rule, num_samples, echo)
     echo("  " + _snippet(tokenizer.decode(trajectories[best][-48:])))
     return DemoResult(texts, scores, best)
 
 
-def _report(scores: TrajectoryScores, lengths: list[int], num_samples: int, echo) -> int:
-    """Print every trajectory's step scores and the pick; return the pick's index."""
-    for s, length in enumerate(lengths):
+def _report(
+    scores: TrajectoryScores, sequences: list[torch.Tensor], prompt_length: int, rule: StepRule, num_samples: int, echo
+) -> int:
+    """Print every trajectory's step scores, how its step tokens were counted, and the pick; return the pick."""
+    echo(
+        "Each trajectory: its tokens (prompt + completion), the step tokens in it and how many scored, then\n"
+        "its score, the geometric mean of the step scores. A step token scores the position before it, and\n"
+        "only inside <think>...</think>, and not right after another step token or <think>.\n"
+    )
+    for s, ids in enumerate(sequences):
         one = scores[s]
         step_scores = " ".join(f"{p:.4f}" for p in one.step_scores.tolist()) or "(no step)"
-        echo(f"trajectory {s}: {length} tokens, {one.positions.numel()} steps, score {one.score:.4f}")
+        echo(
+            f"trajectory {s}: {ids.numel()} tokens ({prompt_length} prompt + {ids.numel() - prompt_length} "
+            f"generated), {_step_count(ids, rule, one.positions.numel())}, score {one.score:.4f}"
+        )
         echo(f"  step scores: {step_scores}")
     best = int(torch.argmax(scores.scores)) if len(scores) else 0
     echo(f"\nBest-of-{num_samples} pick: trajectory {best} (score {float(scores.scores[best]):.4f})")
     return best
+
+
+def _step_count(ids: torch.Tensor, rule: StepRule, scored: int) -> str:
+    """'k step tokens, n scored' and, when they differ, why the others were not (the rules of semantics)."""
+    ids = ids.long()
+    table = rule.step_table()
+    step_tokens = int(semantics.is_step_token(ids, table).sum())
+    following = torch.cat([ids[1:], torch.tensor([semantics.NO_TOKEN])])
+    candidates = int(semantics.opens_step(ids, following, table, rule.think_start_id).sum())
+    reasons = []
+    if step_tokens > candidates:
+        reasons.append(f"{step_tokens - candidates} follow a step token or <think>")
+    if candidates > scored:
+        reasons.append(f"{candidates - scored} outside the thinking region")
+    why = f" ({'; '.join(reasons)})" if reasons else ""
+    return f"{step_tokens} step tokens, {scored} scored{why}"
+
+
+def _backend_line() -> str:
+    if torch.cuda.is_available():
+        return "backend: chosen per op on the GPU (Triton or CUDA; XBAI_KERNELS_BACKEND forces one)"
+    return "backend: reference (plain PyTorch): on a CPU only the reference path runs; the kernels need a GPU"
 
 
 def _as_trajectory_scores(candidates) -> TrajectoryScores:
@@ -243,8 +287,9 @@ def _run_demo_vllm(model_dir, num_samples, max_new_tokens, seed, prompt, echo) -
         chat = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
-        # SPEC: the released pipeline sampled at temperature 0.6-0.8 with top_p 0.95.
+        # The released pipeline sampled at temperature 0.6-0.8 with top_p 0.95.
         (result,) = best_of_n(llm, [chat], n=num_samples, temperature=0.7, top_p=0.95, max_tokens=max_new_tokens)
+        rule = StepRule.from_tokenizer(tokenizer)
     finally:
         _shutdown(llm)
     candidates = result.candidates
@@ -252,11 +297,12 @@ def _run_demo_vllm(model_dir, num_samples, max_new_tokens, seed, prompt, echo) -
     prompt_length = len(result.prompt_token_ids)
 
     echo(f"prompt: {prompt!r}; {num_samples} candidates from one engine pass, up to {max_new_tokens} new tokens each\n")
-    best = _report(scores, [prompt_length + len(c.token_ids) for c in candidates], num_samples, echo)
+    echo(_backend_line())
+    sequences = [torch.tensor(result.prompt_token_ids + list(c.token_ids)) for c in candidates]
+    best = _report(scores, sequences, prompt_length, rule, num_samples, echo)
     echo("  " + _snippet(candidates[best].text))
     if tiny:
         model, _, head, rule = load_model(model_dir)
-        sequences = [torch.tensor(result.prompt_token_ids + c.token_ids) for c in candidates]
         again = score_sequences_hf(model, head, rule, sequences)
         same_positions = torch.equal(again.positions, scores.positions)
         difference = float((again.step_scores - scores.step_scores).abs().max()) if scores.step_scores.numel() else 0.0

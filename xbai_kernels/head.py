@@ -15,7 +15,7 @@ from .ops import dispatch
 RELEASED_FILENAME = "score_module.pt"
 SAFETENSORS_FILENAME = "sprm_head.safetensors"
 HEAD_KEYS = ("0.weight", "0.bias", "3.weight", "3.bias")
-# SPEC: dropout between the ReLU and W2, active in training only.
+# The released head's dropout, between the ReLU and W2, active in training only.
 DROPOUT_P = 0.5
 _FORMAT = "xbai-sprm-head"
 
@@ -92,11 +92,15 @@ class SPRMHead(nn.Sequential):
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write ``sprm_head.safetensors`` (hidden size in its metadata) into ``directory``."""
-        from safetensors.torch import save
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        target = directory / SAFETENSORS_FILENAME
+        return self.save_file(directory / SAFETENSORS_FILENAME)
+
+    def save_file(self, path: str | os.PathLike) -> Path:
+        """Write the head to the safetensors file ``path`` (hidden size in its metadata)."""
+        from safetensors.torch import save
+
+        target = Path(path)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         data = save(state, metadata={"format": _FORMAT, "hidden_size": str(self.hidden_size)})
         target.write_bytes(_sorted_metadata(data))
@@ -150,13 +154,13 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{file} is not a readable safetensors file ({exc})") from exc
     else:
         try:
-            # SPEC: a .pt file is a pickle; anything but tensors and plain containers is refused.
+            # A .pt file is a pickle, which can run code: anything but tensors and plain containers is refused.
             state = torch.load(file, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
             raise CheckpointError(
                 f"{file} is not a plain tensor checkpoint: it is corrupt, or it asks to unpickle something "
                 f"other than tensors, which is refused ({_unpickler_finding(exc)})"
-            ) from exc
+            ) from None  # torch's own message ends in advice to load unrestricted, which we never give
         except (RuntimeError, EOFError, OSError, ValueError) as exc:
             raise CheckpointError(f"{file} is not a readable torch checkpoint (truncated or corrupt?): {exc}") from exc
         if not isinstance(state, dict):
@@ -200,14 +204,69 @@ def validate_state_dict(state: dict, hidden_size: int | None = None, source: str
     return d
 
 
-def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    """Validate ``src`` (a released ``score_module.pt``, or any head checkpoint) and write safetensors.
+def model_hidden_size(directory: str | os.PathLike) -> int | None:
+    """The backbone's hidden size from a HuggingFace model directory's ``config.json`` (None without one)."""
+    import json
 
-    ``dst`` is a directory (gets ``sprm_head.safetensors``) or a ``.safetensors`` file path.
+    config_file = Path(directory) / "config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{config_file} is not readable JSON ({exc})") from exc
+    # Multimodal configs nest the language model's sizes under text_config.
+    size = config.get("hidden_size", config.get("text_config", {}).get("hidden_size"))
+    if not isinstance(size, int):
+        raise CheckpointError(f"{config_file} names no integer hidden_size")
+    return size
+
+
+def check_model_directory(directory: str | os.PathLike) -> tuple[Path, int]:
+    """Check that ``directory`` is a HuggingFace model directory whose SPRM head fits its backbone.
+
+    Returns (the head file, the hidden size). Raises ``CheckpointError`` with a one-line reason: the
+    directory is missing, has no ``config.json``, has no head, or the head's size differs from the model's.
+    Reads only the head and the config, so it is cheap enough to run before loading the model.
     """
-    head = SPRMHead.from_pretrained(src)
-    dst = Path(dst)
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"model directory {directory} does not exist" if not directory.exists()
+                              else f"{directory} is a file, expected a model directory")
+    hidden_size = model_hidden_size(directory)
+    if hidden_size is None:
+        raise CheckpointError(f"{directory} holds no config.json: it is not a HuggingFace model directory")
+    head_file = find_checkpoint(directory)
+    validate_state_dict(load_state_dict(head_file), hidden_size, source=str(head_file))
+    return head_file, hidden_size
+
+
+# Output names that say "a file in another format": convert writes safetensors only.
+_NOT_SAFETENSORS = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
+
+
+def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, hidden_size: int | None = None) -> Path:
+    """Validate a head checkpoint and write it as safetensors; return the file written.
+
+    ``src`` is a released ``score_module.pt``, any head checkpoint, or a model directory (then the
+    head must fit the hidden size in its ``config.json``). ``hidden_size``, when given, must match too.
+    ``dst`` is a directory (gets ``sprm_head.safetensors``) or a ``.safetensors`` file path; a path
+    naming another file format, or an existing file of another kind, is refused.
+    """
+    src, dst = Path(src), Path(dst)
+    if src.is_dir():
+        _, model_size = check_model_directory(src)
+        if hidden_size is not None and hidden_size != model_size:
+            raise CheckpointError(f"{src}: the model's hidden size is {model_size}, not {hidden_size}")
+        hidden_size = model_size
+    if dst.suffix != ".safetensors":
+        if dst.suffix.lower() in _NOT_SAFETENSORS or dst.is_file():
+            raise CheckpointError(
+                f"{dst}: convert writes safetensors; give a directory (it gets {SAFETENSORS_FILENAME}) "
+                f"or a path ending in .safetensors"
+            )
+    head = SPRMHead.from_pretrained(src, hidden_size=hidden_size)
     if dst.suffix == ".safetensors":
-        written = head.save_pretrained(dst.parent)
-        return written.rename(dst) if written != dst else written
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        return head.save_file(dst)
     return head.save_pretrained(dst)

@@ -1,4 +1,4 @@
-"""Scoring finished trajectories: the inference step mask and per-trajectory scores (SPEC.md)."""
+"""Scoring finished trajectories: the inference step mask and per-trajectory scores (docs/semantics.md)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 
 from ._validate import (
     FLOAT_DTYPES,
+    CuSeqlensError,
     INDEX_DTYPES,
     check_cu_seqlens,
     check_cu_seqlens_layout,
@@ -27,7 +28,7 @@ def _packed_layout(where: str, input_ids, cu_seqlens) -> torch.Tensor:
 
 
 def step_mask(input_ids: torch.Tensor, rule: StepRule, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-    """SPEC's inference rule: bool [T], True at the positions whose hidden state scores a step.
+    """The inference rule: bool [T], True at the positions whose hidden state scores a step.
 
     input_ids int32/int64 [T]: one trajectory, or several packed back to back with ``cu_seqlens``
     (int32 [S+1], flash-attn varlen layout); every sequence gets its own thinking region.
@@ -56,7 +57,7 @@ class TrajectoryScores:
 
     positions int64 [n] (index within its own trajectory), sequence_index int64 [n],
     logits / step_scores float32 [n], cu_steps int64 [S+1] (steps of trajectory s are
-    ``cu_steps[s]:cu_steps[s+1]``), scores float32 [S] (SPEC's geometric mean, 0.0 with no step).
+    ``cu_steps[s]:cu_steps[s+1]``), scores float32 [S] (the geometric mean, 0.0 with no step).
     """
 
     positions: torch.Tensor
@@ -115,10 +116,14 @@ def score_trajectories(
         hidden = hidden.contiguous()
 
     find_steps, head_logits_rows, trajectory_scores = dispatch.implementations(_PACKED_OPS, device)
-    steps = find_steps(
-        input_ids.contiguous(), _step_table(rule, device), rule.think_start_id, rule.think_end_id,
-        cu_seqlens.contiguous(), capacity,
-    )
+    try:
+        steps = find_steps(
+            input_ids.contiguous(), _step_table(rule, device), rule.think_start_id, rule.think_end_id,
+            cu_seqlens.contiguous(), capacity,
+        )
+    except CuSeqlensError as exc:
+        # The op checks the values in the host read it makes anyway; the user called this function.
+        raise ValueError(f"{where}: {exc.reason}") from None
     # With a capacity, the padding slots past cu_steps[-1] cost no head work (counted on the device).
     live = None if capacity is None else steps.cu_steps[-1:]
     logits = head_logits_rows(hidden, steps.rows, *head.weights, num_rows=live)

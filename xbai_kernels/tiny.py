@@ -156,6 +156,8 @@ def make_tiny_model(directory: str | Path, arch: str = "qwen3", seed: int = 0, h
     from transformers import AutoModelForCausalLM
 
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{directory} exists and is not a directory; name a new or existing directory")
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(seed=seed)
     config = build_config(arch, len(tokenizer), tokenizer.eos_token_id)

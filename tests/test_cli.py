@@ -103,22 +103,30 @@ def test_demo_rejects_bad_counts(capsys):
     assert "must be at least 1" in capsys.readouterr().err
 
 
-def test_bench_runs_the_benchmarks_package_with_the_remaining_args(tmp_path, monkeypatch):
-    package = tmp_path / "benchmarks"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    (package / "__main__.py").write_text(
-        "import json, sys, pathlib\npathlib.Path('argv.json').write_text(json.dumps(sys.argv[1:]))\n"
-    )
+def test_bench_writes_under_the_working_directory_and_says_what_a_cpu_measures(tmp_path, monkeypatch, capsys):
+    """From any directory (no checkout needed): results in ./xbai-kernels-bench, never in the package."""
+    import xbai_kernels
+
     monkeypatch.chdir(tmp_path)
-    assert cli.main(["bench", "--quick", "--only", "decode"]) == 0
-    assert json.loads((tmp_path / "argv.json").read_text()) == ["--quick", "--only", "decode"]
+    package_files = sorted(Path(xbai_kernels.__file__).parent.rglob("*.json"))
+    assert cli.main(["bench", "--quick", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "only the reference path" in out and "need an NVIDIA GPU" in out and "spread" in out
+    (written,) = (tmp_path / "xbai-kernels-bench").glob("ops-cpu-*.json")
+    result = json.loads(written.read_text())
+    cases = {row["case"] for row in result["rows"]}
+    assert len(cases) == 4 and all(row["backend"] == "reference" for row in result["rows"])
+    assert all(row["min_us"] <= row["median_us"] <= row["max_us"] for row in result["rows"])
+    assert sorted(Path(xbai_kernels.__file__).parent.rglob("*.json")) == package_files
 
 
-def test_bench_without_benchmarks_says_so(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "find_benchmarks", lambda: None)
-    assert cli.main(["bench"]) == 2
-    assert "benchmarks package" in capsys.readouterr().err
+def test_bench_writes_where_the_user_says(tmp_path, monkeypatch):
+    from xbai_kernels import bench
+
+    monkeypatch.setattr(bench, "cases", lambda device, d, quick: {"noop": lambda: None})
+    assert cli.main(["bench", "--quick", "--device", "cpu", "--out", str(tmp_path / "mine")]) == 0
+    (written,) = (tmp_path / "mine").glob("ops-cpu-*.json")
+    assert json.loads(written.read_text())["rows"][0]["case"] == "noop"
 
 
 def test_usage_errors_exit_nonzero(capsys):

@@ -139,3 +139,65 @@ def test_scorer_step_in_cuda_graph_matches_cpu_reference(monkeypatch, backend):
         ours, expected = gpu.result(slot), cpu.result(slot)
         assert torch.equal(ours.positions, expected.positions), slot
         torch.testing.assert_close(ours.logits, expected.logits, atol=1e-4, rtol=1e-4)
+
+
+STEP_IDS = (5, 6)
+
+
+def _engine_step(generator, device, max_requests=6, slots_total=8, columns=48, vocab=12):
+    """A random Model Runner V2 step: requests of 1-5 rows at random positions of random slots, the
+    token table holding each request's tokens (the one after its last row included), padding rows."""
+    live = int(torch.randint(1, max_requests + 1, (1,), generator=generator))
+    lengths = torch.randint(1, 6, (live,), generator=generator)
+    slots = torch.randperm(slots_total, generator=generator)[:live]
+    token_ids = torch.randint(0, vocab, (slots_total, columns), generator=generator, dtype=torch.int32)
+    token_ids[token_ids == 7] = THINK_START  # markers occur too
+    firsts = [int(torch.randint(0, columns - int(n) - 1, (1,), generator=generator)) for n in lengths]
+    input_ids, positions = [], []
+    for slot, first, n in zip(slots.tolist(), firsts, lengths.tolist()):
+        input_ids += token_ids[slot, first : first + n].tolist()
+        positions += list(range(first, first + n))
+    padding = int(torch.randint(0, 4, (1,), generator=generator))
+    input_ids += torch.randint(0, vocab, (padding,), generator=generator).tolist()
+    positions += [0] * padding
+    bounds = [0] + torch.cumsum(lengths, 0).tolist()
+    query_start_loc = bounds + [bounds[-1]] * (max_requests - live)
+    all_slots = slots.tolist() + [0] * (max_requests - live)
+    as_int32 = lambda values: torch.tensor(values, dtype=torch.int32, device=device)  # noqa: E731
+    tensors = dict(
+        input_ids=as_int32(input_ids), positions=torch.tensor(positions, device=device),
+        query_start_loc=as_int32(query_start_loc), slots=as_int32(all_slots), token_ids=token_ids.to(device),
+    )
+    # SPEC rules 1 and 2, row by row, from the token table.
+    expected = [-1] * len(input_ids)
+    for r, (slot, first, n) in enumerate(zip(slots.tolist(), firsts, lengths.tolist())):
+        for k in range(n):
+            current, following = token_ids[slot, first + k].item(), token_ids[slot, first + k + 1].item()
+            if following in STEP_IDS and current not in STEP_IDS and current != THINK_START:
+                expected[bounds[r] + k] = first + k
+    return tensors, expected
+
+
+def test_engine_step_rows_matches_the_rule_row_by_row(record_env):
+    backend, device = record_env
+    generator = torch.Generator().manual_seed(7)
+    table = torch.zeros(12, dtype=torch.bool)
+    table[list(STEP_IDS)] = True
+    for _ in range(40):
+        tensors, expected = _engine_step(generator, device)
+        rows = tensors["input_ids"].shape[0]
+        for ops in (reference, backend):
+            is_step = torch.ones(rows, dtype=torch.bool, device=device)
+            step_positions = torch.zeros(rows, dtype=torch.int32, device=device)
+            ops.engine_step_rows(*tensors.values(), table.to(device), THINK_START, is_step, step_positions)
+            assert step_positions.cpu().tolist() == expected, ops.__name__
+            assert is_step.cpu().tolist() == [p >= 0 for p in expected]
+
+
+def test_engine_step_rows_rejects_mismatched_buffers(env):
+    backend, device = env
+    ids = torch.zeros(4, dtype=torch.int32, device=device)
+    table = torch.zeros(12, dtype=torch.bool, device=device)
+    with pytest.raises(ValueError, match="engine_step_rows: query_start_loc must be a contiguous \\[3\\] tensor"):
+        backend.engine_step_rows(ids, ids.long(), ids[:2], ids[:2], ids.view(2, 2), table, THINK_START,
+                                 ids.bool(), ids)

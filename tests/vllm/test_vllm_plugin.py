@@ -21,23 +21,55 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_version_range():
     from xbai_kernels.vllm import check_vllm_version
 
-    check_vllm_version("0.32.0")
-    check_vllm_version("0.32.7.dev3+gabc")
-    for outside in ("0.31.2", "0.33.0", "1.0.0"):
-        with pytest.raises(RuntimeError, match=r"supports vLLM 0\.32\.x .*found vLLM " + outside.replace(".", r"\.")):
+    for inside in ("0.26.0", "0.26.3", "0.32.0", "0.32.7.dev3+gabc"):
+        check_vllm_version(inside)
+    for outside in ("0.25.2", "0.27.0", "0.31.2", "0.33.0", "1.0.0"):
+        with pytest.raises(RuntimeError, match=r"supports vLLM 0\.26\.x and 0\.32\.x .*found vLLM " + outside.replace(".", r"\.")):
             check_vllm_version(outside)
+
+
+def test_patch_table_names_real_vllm_internals():
+    """Every patched attribute exists in the installed vLLM, and each wrapper keeps the original's name."""
+    from xbai_kernels.vllm import patches
+
+    for patch in patches.PATCHES:
+        owner, attribute = patches._owner(patch.target)
+        original = owner.__dict__[attribute]
+        replacement = patches._resolve(patch.wrapper)(original)
+        assert getattr(replacement, "__name__", attribute) == getattr(original, "__name__", attribute), patch
+        assert patch.checked, patch
+
+
+def test_patch_groups_apply_once_and_revert():
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner
+
+    from xbai_kernels.vllm import patches
+
+    original = GPUModelRunner.__dict__["sample_tokens"]
+    already = "runner_v2" in patches.applied()
+    patches.revert("runner_v2")
+    try:
+        assert patches.apply("runner_v2") is True
+        patched = GPUModelRunner.__dict__["sample_tokens"]
+        assert patched is not original and patches.apply("runner_v2") is False
+        patches.revert("runner_v2")
+        assert GPUModelRunner.__dict__["sample_tokens"] is original
+    finally:
+        if already:
+            patches.apply("runner_v2")
 
 
 def test_register_is_idempotent_and_by_string():
     from vllm import ModelRegistry
 
     import xbai_kernels.vllm as plugin
-    from xbai_kernels.vllm import engine, frontend
+    from xbai_kernels.vllm import frontend, patches
 
     plugin.register()
-    patched = (dict(engine._PATCHED), dict(frontend._PATCHED))
+    patched = (patches.applied(), dict(frontend._PATCHED))
     plugin.register()
-    assert (engine._PATCHED, frontend._PATCHED) == patched
+    assert (patches.applied(), frontend._PATCHED) == patched
+    assert "scheduler" in patches.applied()
     for architecture, target in plugin.MODEL_CLASSES.items():
         registered = ModelRegistry.models[architecture]
         assert (registered.module_name, registered.class_name) == tuple(target.split(":"))

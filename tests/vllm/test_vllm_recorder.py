@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from xbai_kernels import SPRMHead, StepRule
+from xbai_kernels.ops import reference
 from xbai_kernels.vllm.recorder import StepLogitRecorder
 from xbai_kernels.vllm.runtime import SPRMRuntime
-from xbai_kernels.vllm.worker import _host_records, _run_update, _StepLayout
+from xbai_kernels.vllm.runner_v1 import _host_records, _run_update, _StepLayout
 
 STEP, THINK, END_THINK = 5, 1, 2
 RULE = StepRule((STEP, 6), THINK, END_THINK)
@@ -134,3 +135,85 @@ def test_step_update_has_no_host_sync_and_replays_in_a_cuda_graph():
     torch.cuda.synchronize()
     layout.host_copy = (host.is_step[:num_tokens], host.logits[:num_tokens], None)
     _check(runtime, _host_records(layout))
+
+
+# The same step under Model Runner V2: the token table holds each request's tokens by slot (the
+# next prompt token of the partial chunk, and the sampled ones, included); rows past the step's
+# 11 tokens are graph padding, and the layout is padded to 5 requests.
+SLOTS = [2, 0, 1]
+PADDED_ROWS = 16
+
+
+def _engine_step(device: str):
+    from xbai_kernels.vllm.recorder import EngineStepRecorder
+
+    torch.manual_seed(0)
+    head = SPRMHead(HIDDEN).to(device).eval()
+    recorder = EngineStepRecorder(head, RULE, VOCAB, max_tokens=32, max_requests=5)
+    token_ids = torch.full((4, 64), 9, dtype=torch.int32)
+    for row, slot in enumerate(SLOTS):
+        lo, hi = QUERY_START_LOC[row], QUERY_START_LOC[row + 1]
+        first = FIRST_POSITIONS[row]
+        token_ids[slot, first : first + hi - lo] = torch.tensor(INPUT_IDS[lo:hi])
+        token_ids[slot, first + hi - lo] = NEXT_PROMPT_IDS[row] if DISCARD[row] else SAMPLED[row]
+    positions = [FIRST_POSITIONS[row] + k for row in range(3) for k in range(QUERY_START_LOC[row + 1] - QUERY_START_LOC[row])]
+    padding = PADDED_ROWS - len(INPUT_IDS)
+    inputs = dict(
+        hidden=torch.randn(PADDED_ROWS, HIDDEN, device=device),
+        input_ids=torch.tensor(INPUT_IDS + [STEP] * padding, dtype=torch.int32, device=device),
+        positions=torch.tensor(positions + [0] * padding, device=device),
+        token_ids=token_ids.to(device),
+    )
+    return recorder, inputs
+
+
+def _records_of(step) -> dict:
+    from xbai_kernels.vllm.records import by_request
+
+    rows, positions, logits = step.scored()
+    return by_request(rows, positions, logits, np.array(QUERY_START_LOC), ["a", "b", "c"])
+
+
+def _check_engine(recorder, inputs, records) -> None:
+    expected = _expected()
+    assert {req_id: positions for req_id, (positions, _) in records.items()} == expected
+    rows = {"a": 0, "b": 6, "c": 7}
+    first = dict(zip("abc", FIRST_POSITIONS))
+    for req_id, (positions, logits) in records.items():
+        hidden = inputs["hidden"][[rows[req_id] + p - first[req_id] for p in positions]]
+        want = reference.head_logits(hidden, *recorder.weights).cpu()
+        torch.testing.assert_close(torch.tensor(logits), want, atol=1e-5, rtol=1e-5)
+
+
+def test_engine_step_records_on_cpu():
+    recorder, inputs = _engine_step("cpu")
+    step = recorder.record(**inputs, query_start_loc=np.array(QUERY_START_LOC), slots=np.array(SLOTS),
+                           num_rows=len(INPUT_IDS), num_padded_rows=PADDED_ROWS)
+    _check_engine(recorder, inputs, _records_of(step))
+
+
+def test_engine_recorder_rejects_oversized_steps():
+    recorder, inputs = _engine_step("cpu")
+    with pytest.raises(ValueError, match="a step of 40 rows / 3 requests exceeds the buffers \\(32 / 5\\)"):
+        recorder.record(**inputs, query_start_loc=np.array(QUERY_START_LOC), slots=np.array(SLOTS),
+                        num_rows=40, num_padded_rows=40)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_engine_step_replays_a_captured_graph_without_host_sync():
+    recorder, inputs = _engine_step("cuda")
+    assert recorder.capture([8, PADDED_ROWS, 64], **inputs) == 2  # 64 exceeds the buffers
+    layout = dict(query_start_loc=np.array(QUERY_START_LOC), slots=np.array(SLOTS), num_rows=len(INPUT_IDS))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        replayed = recorder.record(**inputs, **layout, num_padded_rows=PADDED_ROWS)
+        eager = recorder.record(**inputs, **layout, num_padded_rows=12)  # no graph for 12 rows: eager
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    _check_engine(recorder, inputs, _records_of(replayed))
+    _check_engine(recorder, inputs, _records_of(eager))
+    # A graph never runs on buffers other than those it captured.
+    moved = {**inputs, "input_ids": inputs["input_ids"].clone()}
+    _check_engine(recorder, inputs, _records_of(recorder.record(**moved, **layout, num_padded_rows=PADDED_ROWS)))

@@ -115,6 +115,49 @@ def decode_record(
     last_token.index_put_((slots,), sampled)
 
 
+def engine_step_rows(
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    slots: torch.Tensor,
+    token_ids: torch.Tensor,
+    step_table: torch.Tensor,
+    think_start_id: int,
+    is_step: torch.Tensor,
+    step_positions: torch.Tensor,
+) -> None:
+    """The step-candidate rule over one serving-engine step of packed requests, in place, no host sync.
+
+    input_ids int [T] and positions int [T]: each scheduled row's token and its position in its
+    request. query_start_loc int32 [R + 1]: request r owns rows ``qsl[r]:qsl[r + 1]``; entries past
+    the live requests repeat the live row count, so rows from ``qsl[-1]`` on are padding. slots int32
+    [R]: each request's row of token_ids int32 [S, L], which holds every request's tokens by
+    position, including the token sampled after its last scheduled row (or, for a partial prefill
+    chunk, the next prompt token). The token after a row is the next row's token, except for a
+    request's last row, where token_ids supplies it.
+
+    Writes is_step bool [T] (the row's position opens a step) and step_positions int32 [T] (that
+    position where is_step, else -1).
+    """
+    num_rows = input_ids.shape[0]
+    device = input_ids.device
+    rows = torch.arange(num_rows, device=device)
+    bounds = query_start_loc.long()
+    request = (torch.searchsorted(bounds, rows, right=True) - 1).clamp(0, slots.numel() - 1)
+    live = rows < bounds[-1]
+    is_last = rows + 1 == bounds[request + 1]
+    current = input_ids.long()
+    following = torch.full_like(current, NO_TOKEN)
+    following[:-1] = current[1:]
+    position = positions.long()
+    column = (position + 1).clamp(0, token_ids.shape[1] - 1)
+    from_table = token_ids[slots[request].long(), column].long()
+    following = torch.where(is_last, from_table, following)
+    opens = live & semantics.opens_step(current, following, step_table, think_start_id)
+    is_step.copy_(opens)
+    step_positions.copy_(torch.where(opens, position, -1))
+
+
 def step_mask(
     input_ids: torch.Tensor,
     step_table: torch.Tensor,

@@ -1,8 +1,9 @@
 """vLLM integration: SPRM step scores from the same decoding pass, in ``LLM.generate`` and the OpenAI server.
 
 Installing xbai-kernels registers ``register`` as a ``vllm.general_plugins`` entry point, which
-vLLM calls in every process it starts. Supported: vLLM 0.32.x (``SUPPORTED_VLLM``), V1 model
-runner, no speculative decoding, no pipeline parallelism. Importing this package imports no vLLM
+vLLM calls in every process it starts. Supported: vLLM 0.26.x and 0.32.x (``SUPPORTED_VLLM``; every
+patched internal is listed in ``patches``), Model Runner V2 (the GPU default) and the V1 runner
+(the CPU engine's), no speculative decoding, no pipeline parallelism. Importing this package imports no vLLM
 and touches no CUDA; ``register`` imports vLLM modules but initializes no device.
 
 Switches (see ``config``): ``XBAI_SPRM=0`` turns everything off, ``XBAI_SPRM_HEAD=PATH`` points at
@@ -13,13 +14,12 @@ a head elsewhere, ``XBAI_SPRM_LANG=zh`` picks the Chinese step set; the same per
 from __future__ import annotations
 
 import logging
-import os
 
 from .best_of_n import MODES, BestOfN, Candidate, best_of_n
+from .patches import SUPPORTED_VLLM, check_vllm_version
 
 logger = logging.getLogger("xbai_kernels.vllm")
 
-SUPPORTED_VLLM = ((0, 32), (0, 33))  # [low, high): the 0.32 line
 MODEL_CLASSES = {
     "Qwen2ForCausalLM": "xbai_kernels.vllm.model:Qwen2SPRMForCausalLM",
     "Qwen3ForCausalLM": "xbai_kernels.vllm.model:Qwen3SPRMForCausalLM",
@@ -33,21 +33,6 @@ _registered = False
 __all__ = ["MODES", "BestOfN", "Candidate", "SUPPORTED_VLLM", "best_of_n", "check_vllm_version", "register"]
 
 
-def check_vllm_version(version: str) -> None:
-    """Raise ``RuntimeError`` unless ``version`` is in the supported range."""
-    try:
-        major, minor = (int(part) for part in version.split(".")[:2])
-    except ValueError as exc:
-        raise RuntimeError(f"xbai_kernels.vllm: cannot parse the vLLM version {version!r}") from exc
-    (low, high) = SUPPORTED_VLLM
-    if not low <= (major, minor) < high:
-        raise RuntimeError(
-            f"xbai_kernels.vllm supports vLLM {low[0]}.{low[1]}.x (>= {low[0]}.{low[1]}, < {high[0]}.{high[1]}); "
-            f"found vLLM {version}. Install a supported vLLM (pip install 'xbai-kernels[vllm]'), "
-            f"or set XBAI_SPRM=0 to run vLLM without the SPRM plugin."
-        )
-
-
 def register() -> None:
     """The ``vllm.general_plugins`` entry point: idempotent, models registered by string, no CUDA.
 
@@ -56,7 +41,7 @@ def register() -> None:
     score nothing, and no vLLM default is changed.
     """
     global _registered
-    from . import config
+    from . import config, patches
 
     if _registered:
         return
@@ -69,19 +54,15 @@ def register() -> None:
         if scoring:
             raise
         return  # XBAI_SPRM=0 on an unsupported vLLM: leave vLLM entirely alone
-    if scoring:
-        # Scoring hooks the V1 model runner; CUDA builds of 0.32 default to Model Runner V2.
-        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     from vllm import ModelRegistry
 
     for architecture, target in MODEL_CLASSES.items():
         ModelRegistry.register_model(architecture, target)
     if scoring:
-        from .engine import patch_scheduler
         from .frontend import patch_output_processor
         from .server import install_server_patch
 
-        patch_scheduler()
+        patches.apply("scheduler")
         patch_output_processor()
         install_server_patch()
     _registered = True

@@ -1,68 +1,70 @@
 """Engine-core side: carry the worker's step records from ``ModelRunnerOutput`` to the front end.
 
-``EngineCoreOutput`` cannot grow fields, but its ``kv_transfer_params`` dict reaches the front
-end's output processor. Records travel there under the namespaced key ``PAYLOAD_KEY``; a KV
-connector's own entries are kept as they are (the dict is copied, never replaced), and the front
-end removes the key again before anything else reads the dict.
+``EngineCoreOutputs`` (one batch per front-end client and step) cannot grow fields, but the
+``kv_transfer_params`` dict of its outputs reaches the front end's output processor. A step's
+records for one client travel as one payload, ``{"records": {request id: (positions, logits)}}``,
+in the first output of that client's batch, under the namespaced key ``PAYLOAD_KEY``; the first
+payload to a client also carries the step rule (``"rule"``), which the front end has no config to
+build. A KV connector's own entries are kept (the dict is copied, never replaced), and the front
+end removes the key before anything else reads the dict. So the per-step cost is a dict merge over
+the step's scored rows, never a pass over the batch's requests.
 
-Partial prefill chunks emit no output, so records wait in the scheduler until the request's next
-output. Scored requests never read the prefix cache: a cached prompt position is never
-computed, so its hidden state (needed when a step of the prompt falls in the thinking region)
-would be missing.
+A batch without outputs for a client (every request of it in a partial prefill chunk) leaves its
+records pending until the client's next batch. Scored requests never read the prefix cache: a
+cached prompt position is never computed, so its hidden state (needed when a step of the prompt
+falls in the thinking region) would be missing.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import time
 
 from ..rule import StepRule
 from . import config as sprm_config
+from . import profile
+from .records import RECORDS_ATTRIBUTE, Records
 
 logger = logging.getLogger("xbai_kernels.vllm")
 
 PAYLOAD_KEY = "xbai_sprm"
-_PATCHED: dict[str, object] = {}
 
 
 class _PendingRecords:
-    """Per-scheduler buffers: records not yet sent, and the requests announced as scored."""
+    """Per-scheduler state: records not yet sent, by client, and the clients already sent the rule."""
 
     def __init__(self, rule: StepRule) -> None:
-        self.by_request: dict[str, tuple[list[int], list[float]]] = {}
-        self.announced: set[str] = set()
-        # The front end has no model config: the first payload of a request tells it the rule.
+        self.by_client: dict[int, Records] = {}
+        self.announced: set[int] = set()
         self.rule_payload = [list(rule.step_token_ids), rule.think_start_id, rule.think_end_id]
 
-    def add(self, records: dict) -> None:
+    def add(self, records: Records, requests) -> None:
+        """Queue a step's records under each request's client (looked up before the step's finished
+        requests leave ``requests``; records of requests already gone are dropped)."""
         for req_id, (positions, logits) in records.items():
-            entry = self.by_request.setdefault(req_id, ([], []))
-            entry[0].extend(positions)
-            entry[1].extend(logits)
+            request = requests.get(req_id)
+            if request is None:
+                continue
+            queued = self.by_client.setdefault(request.client_index, {})
+            entry = queued.get(req_id)
+            if entry is None:
+                queued[req_id] = (positions, logits)
+            else:
+                entry[0].extend(positions)
+                entry[1].extend(logits)
 
-    def attach(self, engine_core_output) -> None:
-        req_id = engine_core_output.request_id
-        positions, logits = self.by_request.pop(req_id, ((), ()))
-        first = req_id not in self.announced
-        finished = engine_core_output.finish_reason is not None
-        if not (positions or first or finished):
+    def attach(self, client: int, engine_core_outputs) -> None:
+        """Put this client's queued records (and, the first time, the rule) on the batch's first output."""
+        if not engine_core_outputs.outputs or (client in self.announced and client not in self.by_client):
             return
-        payload = {"positions": list(positions), "logits": list(logits)}
-        if first:
+        payload = {"records": self.by_client.pop(client, {})}
+        if client not in self.announced:
             payload["rule"] = self.rule_payload
-        params = engine_core_output.kv_transfer_params
-        engine_core_output.kv_transfer_params = {**params, PAYLOAD_KEY: payload} if params else {PAYLOAD_KEY: payload}
-        if finished:
-            self.announced.discard(req_id)
-        else:
-            self.announced.add(req_id)
-
-    def forget_missing(self, live_requests) -> None:
-        """Drop state of requests the scheduler no longer holds (aborted, e.g. by a stop string)."""
-        for req_id in [r for r in self.announced if r not in live_requests]:
-            self.announced.discard(req_id)
-        for req_id in [r for r in self.by_request if r not in live_requests]:
-            del self.by_request[req_id]
+            self.announced.add(client)
+        carrier = engine_core_outputs.outputs[0]
+        params = carrier.kv_transfer_params
+        carrier.kv_transfer_params = {**params, PAYLOAD_KEY: payload} if params else {PAYLOAD_KEY: payload}
 
 
 def _pending(scheduler) -> _PendingRecords:
@@ -86,52 +88,34 @@ def _scoring_on(scheduler) -> bool:
     return cached
 
 
-def _patched_add_request(original):
+def add_request(original):
     @functools.wraps(original)
-    def add_request(self, request, *args, **kwargs):
+    def wrapper(self, request, *args, **kwargs):
         if _scoring_on(self) and request.sampling_params is not None:
             request.skip_reading_prefix_cache = True
         return original(self, request, *args, **kwargs)
 
-    return add_request
+    return wrapper
 
 
-def _patched_update_from_output(original):
+def update_from_output(original):
     @functools.wraps(original)
-    def update_from_output(self, scheduler_output, model_runner_output, *args, **kwargs):
-        records = getattr(model_runner_output, PAYLOAD_KEY, None)
+    def wrapper(self, scheduler_output, model_runner_output, *args, **kwargs):
+        records = getattr(model_runner_output, RECORDS_ATTRIBUTE, None)
         if records is None:
             return original(self, scheduler_output, model_runner_output, *args, **kwargs)
+        start = time.perf_counter_ns() if profile.ENABLED else 0
         pending = _pending(self)
-        pending.add(records)
+        if records:
+            pending.add(records, self.requests)
+        if profile.ENABLED:
+            profile.add("scheduler", time.perf_counter_ns() - start)
         outputs = original(self, scheduler_output, model_runner_output, *args, **kwargs)
-        for engine_core_outputs in outputs.values():
-            for engine_core_output in engine_core_outputs.outputs:
-                pending.attach(engine_core_output)
-        pending.forget_missing(self.requests)
+        start = time.perf_counter_ns() if profile.ENABLED else 0
+        for client, engine_core_outputs in outputs.items():
+            pending.attach(client, engine_core_outputs)
+        if profile.ENABLED:
+            profile.add("scheduler", time.perf_counter_ns() - start, calls=0)
         return outputs
 
-    return update_from_output
-
-
-def patch_scheduler() -> bool:
-    """Patch vLLM's V1 ``Scheduler`` once per process; True when this call installed it."""
-    if _PATCHED:
-        return False
-    from vllm.v1.core.sched.scheduler import Scheduler
-
-    for name, factory in (("add_request", _patched_add_request), ("update_from_output", _patched_update_from_output)):
-        original = getattr(Scheduler, name)
-        _PATCHED[name] = original
-        setattr(Scheduler, name, factory(original))
-    return True
-
-
-def revert_scheduler() -> None:
-    if not _PATCHED:
-        return
-    from vllm.v1.core.sched.scheduler import Scheduler
-
-    for name, original in _PATCHED.items():
-        setattr(Scheduler, name, original)
-    _PATCHED.clear()
+    return wrapper

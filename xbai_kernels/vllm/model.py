@@ -23,7 +23,9 @@ from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 from ..head import HEAD_KEYS, SPRMHead
 from ..rule import StepRule
+from ..ops import dispatch
 from . import config as sprm_config
+from . import patches
 from .runtime import SPRMRuntime
 
 logger = logging.getLogger("xbai_kernels.vllm")
@@ -41,11 +43,6 @@ def _refuse_unsupported(vllm_config) -> None:
         raise ValueError(
             "xbai_kernels SPRM scoring supports pipeline_parallel_size=1 only (the scored hidden state lives "
             "on the last stage); use tensor parallelism, or XBAI_SPRM=0."
-        )
-    if getattr(vllm_config, "use_v2_model_runner", False):
-        raise ValueError(
-            "xbai_kernels SPRM scoring hooks vLLM's V1 model runner; this engine uses Model Runner V2. "
-            "Start it with VLLM_USE_V2_MODEL_RUNNER=0 (the plugin sets this default when the variable is unset)."
         )
 
 
@@ -69,20 +66,28 @@ def _build_runtime(vllm_config, hf_config) -> SPRMRuntime | None:
     ).eval()
     scheduler = vllm_config.scheduler_config
     max_tokens = max(scheduler.max_num_batched_tokens, vllm_config.compilation_config.max_cudagraph_capture_size or 0)
+    runner = _model_runner(vllm_config)
     runtime = SPRMRuntime(
-        head, rule, hf_config.vocab_size, max_tokens, scheduler.max_num_seqs, dtype=model_config.dtype
+        head, rule, hf_config.vocab_size, max_tokens, scheduler.max_num_seqs, dtype=model_config.dtype, runner=runner
     )
-    from .worker import patch_model_runner
-
-    patch_model_runner()
+    patches.apply(f"runner_{runner}")
     logger.info(
-        "xbai_kernels: SPRM scoring on for %s (head %s, d=%d, %d step token(s))",
+        "xbai_kernels: SPRM scoring on for %s (head %s, d=%d, %d step token(s), model runner %s, backend %s)",
         model_config.model,
         location,
         head.hidden_size,
         len(rule.step_token_ids),
+        runner.upper(),
+        dispatch.resolve("head_logits_masked", head[0].weight.device)[0],
     )
     return runtime
+
+
+def _model_runner(vllm_config) -> str:
+    """"v2" when this engine runs Model Runner V2 (vLLM's GPU default), else "v1" (the CPU runner
+    subclasses V1's)."""
+    on_gpu = vllm_config.device_config.device.type == "cuda"
+    return "v2" if on_gpu and getattr(vllm_config, "use_v2_model_runner", False) else "v1"
 
 
 class _SPRMScoring:

@@ -7,21 +7,184 @@ trajectory and is applied when the request finishes, see ``results``). Token i+1
 packed token, except for the last token of each request, where it is the token just sampled, or,
 for a partial prefill chunk (whose sample vLLM throws away), the next prompt token.
 
-Everything here is fixed-shape device work with no host synchronization, so it can run on the
-GPU path between sampling and vLLM's own host copy, and inside a captured CUDA graph.
+Two recorders, one per vLLM model runner, both fixed-shape device work with no host sync:
+
+* ``EngineStepRecorder`` (Model Runner V2, the GPU default): V2 keeps every request's tokens, the
+  one just sampled included, in a table by slot, so the token after a request's last row is read
+  there, on the device. The step's layout (row boundaries and slots, a few hundred bytes) goes up
+  in one copy, the work runs as a CUDA graph captured once per padded batch size (two kernels),
+  and one copy brings back, per row, the scored position (or -1) and its logit.
+* ``StepLogitRecorder`` (the V1 runner, which the CPU engine uses): V1 hands over the sampled ids
+  and the partial-prefill flags as device tensors, so the token after each request's last row is
+  assembled from those.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..head import SPRMHead
-from ..ops import dispatch, reference
+from .. import semantics
+from ..ops import dispatch
 from ..rule import StepRule
+
+# With async scheduling the engine runs a step ahead of reading the previous one's output; a ring
+# of host buffers keeps a step's copies intact until they are read.
+HOST_RING = 3
+
+
+def _step_table(rule: StepRule, vocab_size: int, device) -> torch.Tensor:
+    # Ids up to the vocabulary and both markers fit, so every id the engine can produce is looked up.
+    size = max(vocab_size, rule.think_start_id + 1, rule.think_end_id + 1)
+    return rule.step_table(device, size=size)
+
+
+class StepRows:
+    """One step's scored rows on the host: ``step_positions`` int32 [T] (-1 where the row scores
+    nothing) and ``logits`` float32 [T], valid once ``ready`` (a CUDA event, or None) has completed.
+
+    Views into a ring buffer: read them (``scored``) before ``HOST_RING`` further steps are recorded.
+    """
+
+    __slots__ = ("step_positions", "logits", "ready")
+
+    def __init__(self, step_positions: np.ndarray, logits: np.ndarray, ready) -> None:
+        self.step_positions = step_positions
+        self.logits = logits
+        self.ready = ready
+
+    def scored(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, positions, logits) of the rows that score a position; waits for the copy."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        rows = np.flatnonzero(self.step_positions >= 0)
+        return rows, self.step_positions[rows], self.logits[rows]
+
+
+class EngineStepRecorder:
+    """Model Runner V2's per-step scoring: plan once (buffers, backends, graphs), then one replay a step.
+
+    ``max_tokens`` bounds the rows of one step (T, padding included) and ``max_requests`` the
+    requests (R). Device buffers: ``layout`` int32 [2, R + 1] (row 0: ``query_start_loc``, padded
+    with the row count; row 1: each request's slot in the token table), ``is_step`` bool [T] and
+    ``output`` int32 [2 T] (for a step of n rows: the scored position or -1 in ``[:n]``, the logit's
+    float32 bits in ``[n:2n]``, so one contiguous copy brings both back).
+    """
+
+    def __init__(self, head: SPRMHead, rule: StepRule, vocab_size: int, max_tokens: int, max_requests: int) -> None:
+        device = head[0].weight.device
+        self.device = device
+        self.weights = head.weights
+        self.think_start_id = rule.think_start_id
+        self.step_table = _step_table(rule, vocab_size, device)
+        self.max_tokens = max_tokens
+        self.max_requests = max_requests
+        self.layout = torch.zeros(2, max_requests + 1, dtype=torch.int32, device=device)
+        self.is_step = torch.zeros(max_tokens, dtype=torch.bool, device=device)
+        self.output = torch.zeros(2 * max_tokens, dtype=torch.int32, device=device)
+        on_cuda = device.type == "cuda"
+        self._host_layout = [torch.zeros(2, max_requests + 1, dtype=torch.int32, pin_memory=on_cuda) for _ in range(HOST_RING)]
+        self._host_output = [torch.zeros(2 * max_tokens, dtype=torch.int32, pin_memory=on_cuda) for _ in range(HOST_RING)]
+        self._ready = [torch.cuda.Event() if on_cuda else None for _ in range(HOST_RING)]
+        self._turn = 0
+        # Backends are chosen once: the hot path does no lookups.
+        self._rows_op, self._head_op = dispatch.implementations(("engine_step_rows", "head_logits_masked"), device)
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._graph_inputs: tuple[int, ...] | None = None
+
+    def _run(self, num_rows: int, hidden, input_ids, positions, token_ids) -> None:
+        """The device work over rows [0, num_rows) (padding rows included): two launches."""
+        logits = self.output[num_rows : 2 * num_rows].view(torch.float32)
+        self._rows_op(
+            input_ids[:num_rows],
+            positions[:num_rows],
+            self.layout[0],
+            self.layout[1, :-1],
+            token_ids,
+            self.step_table,
+            self.think_start_id,
+            self.is_step[:num_rows],
+            self.output[:num_rows],
+        )
+        self._head_op(hidden[:num_rows], self.is_step[:num_rows], *self.weights, out=logits)
+
+    @staticmethod
+    def _addresses(*tensors) -> tuple[int, ...]:
+        return tuple(t.data_ptr() for t in tensors)
+
+    @torch.inference_mode()
+    def capture(self, sizes, hidden, input_ids, positions, token_ids) -> int:
+        """Capture one CUDA graph per padded step size in ``sizes`` (vLLM's own capture sizes, so a
+        padded decode step always finds its graph). The inputs are the engine's persistent buffers:
+        their addresses are baked in, and ``record`` checks they did not move. Returns the count."""
+        if self.device.type != "cuda":
+            return 0
+        self.layout.zero_()  # no request owns a row: the warm-up and capture runs score nothing
+        sizes = sorted({int(s) for s in sizes if 0 < int(s) <= min(self.max_tokens, hidden.shape[0])})
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.stream(stream):
+            for size in sizes:  # warm-up: compilation and backend state, outside any capture
+                self._run(size, hidden, input_ids, positions, token_ids)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        for size in sizes:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+                self._run(size, hidden, input_ids, positions, token_ids)
+            self._graphs[size] = graph
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self._graph_inputs = self._addresses(hidden, input_ids, positions, token_ids)
+        return len(sizes)
+
+    def record(
+        self,
+        hidden: torch.Tensor,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        token_ids: torch.Tensor,
+        query_start_loc: np.ndarray,
+        slots: np.ndarray,
+        num_rows: int,
+        num_padded_rows: int,
+    ) -> StepRows:
+        """Record one step: hidden [>= n, d] (model dtype), input_ids int [>= n] and positions int
+        [>= n] of the scheduled rows, token_ids int32 [S, L] (every request's tokens by slot, the
+        sampled one included), query_start_loc int [R + 1] and slots int [R] on the host; n is
+        ``num_padded_rows`` when a graph was captured for it, else ``num_rows``. Asynchronous."""
+        num_requests = slots.shape[0]
+        if num_padded_rows > self.max_tokens or num_requests > self.max_requests:
+            raise ValueError(
+                f"EngineStepRecorder: a step of {num_padded_rows} rows / {num_requests} requests exceeds "
+                f"the buffers ({self.max_tokens} / {self.max_requests})"
+            )
+        turn = self._turn = (self._turn + 1) % HOST_RING
+        ready = self._ready[turn]
+        if ready is not None:
+            ready.synchronize()  # the step that used this ring entry HOST_RING steps ago was read long since
+        host_layout = self._host_layout[turn].numpy()
+        host_layout[0, : num_requests + 1] = query_start_loc[: num_requests + 1]
+        host_layout[0, num_requests + 1 :] = num_rows
+        host_layout[1, :num_requests] = slots
+        self.layout.copy_(self._host_layout[turn], non_blocking=True)
+        graph = self._graphs.get(num_padded_rows)
+        if graph is not None and self._addresses(hidden, input_ids, positions, token_ids) == self._graph_inputs:
+            graph.replay()
+            rows = num_padded_rows
+        else:
+            self._run(num_rows, hidden, input_ids, positions, token_ids)
+            rows = num_rows
+        host_output = self._host_output[turn][: 2 * rows]
+        host_output.copy_(self.output[: 2 * rows], non_blocking=True)
+        if ready is not None:
+            ready.record()
+        values = host_output.numpy()
+        return StepRows(values[:num_rows], values[rows : rows + num_rows].view(np.float32), ready)
 
 
 class StepLogitRecorder:
-    """Persistent buffers and the per-step update: ``is_step`` bool [T] and ``logits`` float32 [T].
+    """V1 runner's per-step update: ``is_step`` bool [T] and ``logits`` float32 [T].
 
     ``vocab_size`` sizes the step-token lookup table (membership by gather: no sort, no sync);
     ``max_tokens`` and ``max_requests`` bound T and R of one step.
@@ -34,16 +197,13 @@ class StepLogitRecorder:
         self.head = head
         self.rule = rule
         self.device = device
-        table_size = max(vocab_size, rule.think_start_id + 1, rule.think_end_id + 1)
-        self.is_step_token = rule.step_table(device, size=table_size)
+        self.is_step_token = _step_table(rule, vocab_size, device)
         self.next_ids = torch.zeros(max_tokens, dtype=torch.int64, device=device)
         self.is_step = torch.zeros(max_tokens, dtype=torch.bool, device=device)
         self.logits = torch.zeros(max_tokens, dtype=torch.float32, device=device)
         self.max_tokens = max_tokens
         self.max_requests = max_requests
-
-    def _lookup(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return reference.is_step_token(token_ids, self.is_step_token)
+        self._head_op = dispatch.implementations(("head_logits_masked",), device)[0]
 
     @torch.no_grad()
     def update(
@@ -72,13 +232,12 @@ class StepLogitRecorder:
         current = input_ids.long()
         following = self.next_ids[:num_tokens]
         following[:-1].copy_(current[1:])
-        following[-1:].fill_(-1)
+        following[-1:].fill_(semantics.NO_TOKEN)
         last_next = torch.where(discard, next_prompt_ids.long(), sampled_ids.long())
         following.index_copy_(0, last_rows.long(), last_next)
 
         is_step = self.is_step[:num_tokens]
-        torch.logical_and(self._lookup(following), ~self._lookup(current), out=is_step)
-        is_step &= current != self.rule.think_start_id
+        is_step.copy_(semantics.opens_step(current, following, self.is_step_token, self.rule.think_start_id))
         logits = self.logits[:num_tokens]
-        dispatch.call("head_logits_masked", hidden.device, hidden, is_step, *self.head.weights, out=logits)
+        self._head_op(hidden, is_step, *self.head.weights, out=logits)
         return is_step, logits

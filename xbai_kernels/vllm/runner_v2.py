@@ -1,0 +1,89 @@
+"""Worker side under Model Runner V2 (vLLM's GPU default): record each step's scored rows.
+
+V2 keeps, per request slot, every token id the request has (``req_states.all_token_ids``, the
+sampled one written there by ``postprocess_sampled``), and its input buffers (``input_ids``,
+``positions``) sit at fixed addresses. So one step's scoring needs from the host only the row
+boundaries and the slots, and runs as one replay of a CUDA graph that ``capture_model`` captured
+beside vLLM's own (``EngineStepRecorder``). Patched:
+
+* ``capture_model``: after vLLM's graphs, capture ours for the same padded sizes;
+* ``sample_tokens``: after vLLM's sampling and state update, record the step and attach
+  ``{request id: (positions, logits)}`` to the output when vLLM resolves it (async scheduling
+  resolves it a step later, after its own copy, so the host never waits inside the step).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+
+import torch
+
+from . import profile, records
+
+logger = logging.getLogger("xbai_kernels.vllm")
+
+
+def _runtime(runner):
+    model = getattr(runner, "model", None)
+    runtime = getattr(model, "sprm", None) if model is not None else None
+    return runtime if runtime is not None and runtime.engine is not None and runtime.active else None
+
+
+def _engine_inputs(runner) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    buffers = runner.input_buffers
+    return buffers.input_ids, buffers.positions, runner.req_states.all_token_ids.gpu
+
+
+def capture_model(original):
+    @functools.wraps(original)
+    def wrapper(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        runtime = _runtime(self)
+        if runtime is not None:
+            sizes = self.vllm_config.compilation_config.cudagraph_capture_sizes or ()
+            count = runtime.engine.capture(sizes, runtime.hidden, *_engine_inputs(self))
+            logger.info("xbai_kernels: SPRM step recording captured for %d padded batch sizes", count)
+        return result
+
+    return wrapper
+
+
+def sample_tokens(original):
+    @functools.wraps(original)
+    def wrapper(self, *args, **kwargs):
+        state = self.execute_model_state
+        output = original(self, *args, **kwargs)
+        runtime = _runtime(self)
+        if runtime is None or state is None or output is None:
+            return output
+        batch = state.input_batch
+        if not batch.req_ids:
+            return output
+        start = time.perf_counter_ns() if profile.ENABLED else 0
+        num_requests = batch.num_reqs
+        step = runtime.engine.record(
+            runtime.hidden,
+            *_engine_inputs(self),
+            batch.query_start_loc_np,
+            batch.idx_mapping_np[:num_requests],
+            batch.num_tokens,
+            batch.num_tokens_after_padding,
+        )
+        query_start_loc, req_ids = batch.query_start_loc_np, batch.req_ids
+
+        def build() -> records.Records:
+            start = time.perf_counter_ns() if profile.ENABLED else 0
+            rows, positions, logits = step.scored()
+            built = records.by_request(rows, positions, logits, query_start_loc, req_ids)
+            if profile.ENABLED:
+                profile.add("worker.read", time.perf_counter_ns() - start)
+            return built
+
+        records.attach(output, build)
+        if profile.ENABLED:
+            profile.add("worker.record", time.perf_counter_ns() - start)
+        return output
+
+    return wrapper

@@ -21,13 +21,13 @@
 // accumulation) multiply them. Two schedules hand out items:
 //   balanced (decode): a persistent grid of one CTA per SM; CTA c owns slices
 //     [c S / G, (c + 1) S / G), so every SM streams the same number of W1 bytes to within one slice
-//     (at d = 5120 on 132 SMs: 4 or 5 slices). On the H200 this loop is bound by instruction issue,
-//     not by the balance (benchmarks/NOTES.md, v3);
+//     (at d = 5120 on 132 SMs: 4 or 5 slices). This loop is bound by instruction issue (the
+//     address arithmetic of per-thread copies), not by the balance;
 //   grouped (packed, many row chunks): 4-slice tiles, kTileGroup tiles times every chunk in a row,
 //     so W1 and the rows both stay in L2 while many chunks reuse them.
 // On sm_90 the decode scorer and calls of one chunk of <= 64 rows take head_stream_kernel instead
-// (sprm_head_stream.cuh): the balanced schedule with W1 streamed by TMA (per-thread cp.async spent
-// more issue slots than the copies took, NOTES v3-v5).
+// (sprm_head_stream.cuh): the balanced schedule with W1 streamed by TMA (per-thread cp.async spends
+// more issue slots on its addresses than the copies take; docs/kernels.md).
 //
 // Determinism. Every (unit, row) pre-activation is summed in one fixed order: warp k of the CTA's
 // kWarpsK warps takes the 16-column blocks with index = k mod kWarpsK in increasing order, and the
@@ -557,7 +557,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) head_items_kernel(const Head
 template <typename T>
 __global__ void head_reduce_kernel(const HeadParams p) {
   // The next grid on the stream may start launching now (under PDL it waits for this one before
-  // reading anything): the next decode step's W1 prefetch overlaps this sum (NOTES, session 5).
+  // reading anything): the next decode step's W1 prefetch then overlaps this sum.
   allow_next_grid();
   wait_for_prior_grids();
   const int lane = threadIdx.x & 31;

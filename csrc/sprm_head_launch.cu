@@ -52,10 +52,10 @@ Layout layout_for(int32_t source, int64_t num_rows, int64_t d) {
 // Tile configurations: TileConfig<chunk rows, BlockK, stages, warps along rows>, one CTA per SM.
 // "wide" reads 256 contiguous bytes of each W1 row per stage, 5-6 stages (up to 196 KB of shared
 // memory: Hopper, A100); "deep" reads 128 bytes per row in at most 83 KB, so it also fits GPUs with
-// 99 KB per block (sm_86/sm_89). H200, d = 5120 (benchmarks/NOTES.md): wide 41/46/64 us at
-// B = 1/16/256, deep 55/56/64, and a 512-byte "long" family (3-4 stages) 42/46/66, so auto takes
-// wide where it fits, after the sm_90 streaming kernel (below) where that applies. All give the same
-// bits (sprm_head.cuh: the K split among warps and every sum order are fixed).
+// 99 KB per block (sm_86/sm_89). Deep has twice the stages per byte, so twice the loop overhead of an
+// issue-bound loop per byte: auto takes wide where it fits, after the sm_90 streaming kernel (below)
+// where that applies. All give the same bits (sprm_head.cuh: the K split among warps and every sum
+// order are fixed).
 using Wide8 = xbai::TileConfig<8, 128, 6, 1>;
 using Wide16 = xbai::TileConfig<16, 128, 6, 1>;
 using Wide32 = xbai::TileConfig<32, 128, 5, 2>;
@@ -65,10 +65,11 @@ using Deep16 = xbai::TileConfig<16, 64, 6, 1>;
 using Deep32 = xbai::TileConfig<32, 64, 5, 2>;
 using Deep64 = xbai::TileConfig<64, 64, 4, 2>;
 // Streaming-kernel configurations, xbai::StreamConfig<chunk rows, warps along rows, stage columns,
-// copy warps, warpgroup MMA>. H200 (NOTES, v5): 256-column stages up to 16 rows (d = 1536, B = 1: 7.6
-// against 8.6 us with 128), 128-column ones at 32-64 rows, whose 36 KB stages already leave only 6 in
-// the ring (B = 256: 40 against 42 us); four copy warps carry 64 rows' copies, and at 64 rows the two
-// math warpgroups multiply by wgmma (session 6: 1 us faster at B = 64-256, the same bits).
+// copy warps, warpgroup MMA>. Up to 16 rows a stage is 256 columns (fewer, larger TMA boxes per
+// byte of W1); at 32-64 rows it is 128 columns, because the rows' share of a stage grows with them
+// and 36 KB stages already leave only 6 in the ring, the fewest that cover the latency. Four copy
+// warps carry 64 rows' copies, and at 64 rows the two math warpgroups multiply by wgmma (no ldmatrix
+// per fragment; the same bits as mma.sync).
 using Stream8 = xbai::StreamConfig<8, 1, 256, 1>;
 using Stream16 = xbai::StreamConfig<16, 1, 256, 1>;
 using Stream32 = xbai::StreamConfig<32, 2, 128, 2>;
@@ -274,7 +275,8 @@ cudaError_t launch_stream(xbai::HeadParams p, const DeviceInfo& info, int tail, 
   p.fused_tail = p.source == XBAI_ROWS_MASKED &&
                  (tail == XBAI_TAIL_FUSED || (tail == XBAI_TAIL_AUTO && p.num_rows <= 32));
   // W1 as a [2d, d] tensor of box_slices * 16 rows x 64 columns boxes, 128-byte swizzled. No L2
-  // promotion: with 256-byte promotion the stream ran 1.4 us slower at d = 5120 (NOTES, v5 call 8).
+  // promotion: W1 is read once per call, and promoting its sectors only displaced other data (the
+  // stream measured slower with 256-byte promotion).
   CUtensorMap map;
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(p.d), static_cast<cuuint64_t>(p.num_slices) * xbai::kSliceUnits};
   const cuuint64_t strides[1] = {static_cast<cuuint64_t>(p.d) * sizeof(T)};
@@ -288,8 +290,8 @@ cudaError_t launch_stream(xbai::HeadParams p, const DeviceInfo& info, int tail, 
   err = launch_kernel(kernel, split.grid, Cfg::kThreads, smem, dependent, stream, p, map);
   if (err != cudaSuccess || p.fused_tail) return err;
   // The reduction under PDL, let in by each CTA only once its items are done: its CTAs then take
-  // the SMs as they free and wait there for the partials. (Let in at this kernel's start, it cost
-  // 3.6 us at B = 256 in v5; let in late, it saves 0.6 us against a plain launch. NOTES, session 5.)
+  // the SMs as they free and wait there for the partials. (Let in at this kernel's start, its CTAs
+  // would take SMs the items still need.)
   return launch_reduce<T>(p, dependent, stream);
 }
 

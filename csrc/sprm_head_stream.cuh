@@ -2,12 +2,12 @@
 // rows by 16-byte cp.async beside it, both into one mbarrier ring; optionally the deterministic sum
 // of the slices by the last CTA to finish (no second launch).
 //
-// Why this shape (benchmarks/NOTES.md, CUDA v3-v5): a W1 stream fed by per-thread copies is bound by
-// instruction issue (v3), and one cp.async.bulk costs an SM ~37 ns whatever its size (v4), so W1
-// must arrive in few, large copies. A 2-D TMA box of [box units x 64 columns] is one instruction for
+// Why this shape (docs/kernels.md): a W1 stream fed by per-thread copies is bound by instruction
+// issue, and one cp.async.bulk has a fixed cost whatever its size, so W1 must arrive in few, large
+// copies. A 2-D TMA box of [box units x 64 columns] is one instruction for
 // up to 10 KB; a stage is two or four boxes (128 or 256 columns). The boxes land 128-byte swizzled
 // (16-byte chunk c of row r at chunk c ^ (r % 8)), so ldmatrix's eight row reads hit distinct banks;
-// the tensor map asks for no L2 promotion, which streamed 1.4 us faster at d = 5120. The scored rows
+// the tensor map asks for no L2 promotion (W1 is read once per call). The scored rows
 // cannot come by TMA (they are gathered: hidden rows named by a mask or an index); 1-4 copy warps
 // copy their 256-512 bytes per row and stage, from addresses computed once per item, and they
 // stream with W1 instead of being copied whole before the first multiply, so up to 64 rows fit.
@@ -17,14 +17,14 @@
 // CTA but the last streams the same bytes and all TMA boxes have one shape. The math is the one of
 // head_items_kernel, with the same K split and the same sum orders: the logits have the same bits as
 // every other schedule of this module. The math warps' loop is straight-line on purpose: it is on the
-// critical path (v5: runtime guards in it cost 3-12 us). At 64 rows the math warps are two
+// critical path, where every runtime guard costs time on each stage. At 64 rows the math warps are two
 // warpgroups that multiply by wgmma straight from the ring (warpgroup_mma.cuh), each K residue in its
-// own accumulators: the same sums in the same order, so the same bits as mma.sync (session 6).
+// own accumulators: the same sums in the same order, so the same bits as mma.sync.
 //
-// What bounds it (H200, d = 5120, back to back): at B <= 16 the W1 stream (27-28 us against a 25 us
-// floor). At B = 256 (64 rows, ~32 us) a per-CTA trace puts the excess over B = 16 in the item (the
-// stream from its first stage to its last MMA ~1.2 us longer, the epilogue) and in the gap between
-// calls (the 256-row ranking and the second kernel's reduction, ~1.5 us; NOTES, sessions 6-7).
+// What bounds it: at B <= 16 the W1 stream itself, close to W1's copy floor. At B = 256 (64 rows) the
+// item is longer (the rows' copies share the ring, and the epilogue grows) and the gap between calls
+// holds the 256-row ranking and the second kernel's reduction; the ring depth 64 rows need is all the
+// shared memory holds.
 #pragma once
 
 #include <cuda.h>
@@ -47,15 +47,15 @@ constexpr int kTailLoads = 24;
 
 // Floats of padding per unit in the epilogue's pre-activation layout, so its stores spread over the
 // banks. A warpgroup store puts four units (two apart) and eight rows in one instruction: with 64
-// floats per unit the four units shared a bank, a 4-way conflict on every store (1.4 us of a 2.3 us
-// epilogue at 64 rows; NOTES, session 7), and 68 put the 32 lanes on 32 banks. An mma.sync warp's
+// floats per unit the four units shared a bank, a 4-way conflict on every store (most of the
+// epilogue's time at 64 rows), and 68 put the 32 lanes on 32 banks. An mma.sync warp's
 // float2 stores put four units one apart in each half-warp: rows + 8 floats per unit spread them at
 // 16 and 32 rows.
 template <bool GroupMma>
 constexpr int kStreamPrePad = GroupMma && kGroupMmaCompiled ? 4 : 8;
 
 // ProducerWarps warps issue the copies (the first also issues W1's boxes): one carries a few rows,
-// 64 rows need four (v5: one warp alone spent ~1000 cycles issuing a stage at 64 rows, about the
+// 64 rows need four (one warp alone spends about a stage's whole time budget issuing 64 rows' copies,
 // whole budget).
 // GroupMma: the math warps multiply by warpgroup MMA (64 rows, sm_90a; warpgroup_mma.cuh), each
 // warpgroup taking kWarpsK / warpgroups of the K residues, so the K split and every sum stay those of
@@ -143,9 +143,9 @@ __device__ __forceinline__ void copy_16_async(uint32_t dst, const void* src) {
 // The math warps of a warpgroup-MMA configuration over one item's stages: warpgroup g multiplies
 // the 16-column blocks j * kWarpsK + g * kGroupResidues + q of each stage's boxes j into acc[q], so
 // every K residue takes its blocks in increasing order, as the mma.sync warps do. A stage is
-// released as soon as the MMAs that read it are done: they take ~0.1 of a stage's ~0.6 us, and
+// released as soon as the MMAs that read it are done: they take about a tenth of a stage's time, and
 // holding each stage until the next one's MMAs were issued kept one of the six stages from the
-// producer (NOTES, session 7: 2-3 us when every row is a step).
+// producer, which shows most when every row is a step.
 template <typename T, class Cfg>
 __device__ void multiply_item_by_warpgroups(const Ring& ring, uint32_t iteration, int k_chunks,
                                             float (&acc)[Cfg::kGroupResidues][kGroupMmaUnits / 2]);
@@ -262,8 +262,8 @@ __device__ void stream_item(const HeadParams& p, const CUtensorMap* w1_map, cons
 
   if (warp >= Cfg::kMathWarps) {
     // Producers. Thread x copies 16-byte piece x % kPiecesPerRow of rows x / kPiecesPerRow + i *
-    // kRowsPerRound. Each copy must cost few instructions (v5: a loop that re-derived its addresses
-    // ran at ~19 cycles per instruction and took 140 us at 64 rows): the sources are computed once
+    // kRowsPerRound. Each copy must cost few instructions (a loop that re-derives its addresses per
+    // stage is issue-bound at 64 rows and runs several times slower): the sources are computed once
     // per item, and a stage only adds its column offset.
     const int x = threadIdx.x - 32 * Cfg::kMathWarps;
     const uint64_t policy = evict_first_policy();
@@ -329,7 +329,7 @@ __device__ void stream_item(const HeadParams& p, const CUtensorMap* w1_map, cons
       const unsigned char* base = ring.base + stage * ring.stage_bytes;
       // Column block j * kWarpsK + warp_k of the stage lies in box j, at chunks 2 warp_k and 2 warp_k + 1:
       // this warp's blocks in increasing order, the fixed K split of every kernel. (Straight-line code:
-      // this loop's speed is on the critical path; v5 call 5 lost 3-12 us to runtime guards in it.)
+      // this loop's speed is on the critical path, and a runtime guard here costs time on every stage.)
 #pragma unroll
       for (int j = 0; j < kBoxes; ++j) {
         const unsigned char* a_box = base + j * w1_box_bytes;
@@ -459,8 +459,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     prefetch_tensor_map(&w1_map);
     // W1 is a weight, which the grids before this one do not write: L2 may fetch a ring's worth of
     // it before griddepcontrol.wait and the mask ranking, whose latency then overlaps the first DRAM
-    // reads (NOTES, session 5: 2 us faster at B = 1 and 16; a call without a step row pays ~0.5 us
-    // for the unused fetch, and fetching 2 stages instead of the ring gave back 0.7 us of the gain).
+    // reads; this matters most at small batches, where that latency is a large share of the call. A
+    // whole ring's worth is fetched: only the first stages gave back part of the gain.
     if (count > 0) {
       const int stages = min(static_cast<int>(ring.stages), k_chunks);
       for (int box = 0; box < stages * (Cfg::kBlockK / kBoxColumns); ++box)

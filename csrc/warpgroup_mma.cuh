@@ -1,7 +1,7 @@
 // Hopper warpgroup MMA (wgmma, sm_90a only): both operands read from shared memory by the tensor
 // cores, fp32 accumulators in registers. The streaming kernel's 64-row configuration uses it
 // (sprm_head_stream.cuh): mma.sync there needed an ldmatrix per fragment and kept the tensor pipe
-// only 36% busy (NOTES, session 5), while one m64n80k16 here multiplies a whole [64 rows x 16
+// about a third busy, while one m64n80k16 here multiplies a whole [64 rows x 16
 // columns] row tile by an 80-unit W1 box.
 //
 // Operand layout (both): K-major tiles of 64 bf16/fp16 columns (128 bytes per row), 128-byte

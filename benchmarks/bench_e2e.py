@@ -354,8 +354,6 @@ def _host(case: dict, mode: str, kind: str) -> str:
 
 def markdown_table(result: dict) -> str:
     """README table: tokens/s without scoring, each mode's overhead and the released/ours ratio."""
-    if result["cases"] and "decode" not in result["cases"][0]:
-        return _legacy_markdown_table(result)
     env = result["environment"]
     lines = [
         f"End to end on {env['device']} (torch {env['torch']}, {result['config']['dtype']}; {env['date'][:10]}). "
@@ -385,25 +383,6 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _legacy_markdown_table(result: dict) -> str:
-    """Results written before the graph mode (per-step sync-bracketed scoring times)."""
-    env = result["environment"]
-    lines = [
-        f"End to end on {env['device']} (torch {env['torch']}, {result['config']['dtype']}, "
-        f"{result['config']['decode_loop']}; {env['date'][:10]}):",
-        "",
-        "| model | B | new tokens | tok/s, no scoring | ours | ours, us/step | eager head hooked in | released (re-forward) | released / ours scoring cost |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for c in result["cases"]:
-        lines.append(
-            f"| {c['model']} | {c['batch']} | {c['new_tokens']} | {c['off_tokens_per_s']:.0f} | "
-            f"{c['ours_overhead_pct']:.2f}% | {c['ours_scoring_us_per_step']:.0f} | {c['eager_hook_overhead_pct']:.2f}% | "
-            f"{c['released_overhead_pct']:.1f}% | {c['released_scoring_cost_over_ours']:.0f}x |"
-        )
-    return "\n".join(lines)
-
-
 def plot(result: dict, path) -> None:
     """Overhead of each way of scoring, in % of generation time, against the batch size."""
     import matplotlib
@@ -412,19 +391,18 @@ def plot(result: dict, path) -> None:
     import matplotlib.pyplot as plt
 
     cases = result["cases"]
-    legacy = bool(cases) and "decode" not in cases[0]
     models = sorted({c["model"] for c in cases})
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 3.8), squeeze=False)
     for ax, model in zip(axes[0], models):
-        for decode in sorted({c.get("decode", "eager") for c in cases if c["model"] == model}):
-            rows = [c for c in cases if c["model"] == model and c.get("decode", "eager") == decode]
+        for decode in sorted({c["decode"] for c in cases if c["model"] == model}):
+            rows = [c for c in cases if c["model"] == model and c["decode"] == decode]
             batches = [c["batch"] for c in rows]
             style = "-" if decode == "cuda_graph" else "--"
             for mode, label in (("ours", "ours"), ("eager_hook", "head hooked in"), ("released", "released re-forward")):
                 values = [c.get(f"{mode}_overhead_pct") for c in rows]
                 # Overheads within the noise can be negative: drawn at the axis floor.
                 ax.plot(batches, [max(v, 1e-3) if v is not None else float("nan") for v in values],
-                        style, marker="o", label=f"{label}, {'legacy' if legacy else decode}")
+                        style, marker="o", label=f"{label}, {decode}")
         ax.axhline(1.0, color="gray", linestyle=":", label="1% goal")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")

@@ -1,11 +1,12 @@
 """The benchmark suites' own logic: shape plans, the progress log, the end-to-end quick path on a
 CPU (tiny model: StaticCache loop without graphs and the eager loop, scores checked against the
-re-forward), and the README rendering of old and new result layouts. Timings are never asserted."""
+re-forward), and the report that renders docs/benchmarks.md and the README's numbers. Timings are never asserted."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 
 import pytest
 import torch
@@ -77,12 +78,22 @@ def test_report_renders_graph_and_eager_rows_of_the_new_layout(e2e_quick_cpu):
     assert all(" | yes | " in row for row in rows)
 
 
-def test_report_still_renders_the_results_written_before_the_graph_mode():
-    legacy = json.loads((_common.RESULTS_DIR / "nvidia-h200-e2e.json").read_text())
-    if "decode" in legacy["cases"][0]:
-        pytest.skip("the results file already has the new layout")
-    table = bench_e2e.markdown_table(legacy)
-    assert table.count("\n| 1.5b |") == sum(c["model"] == "1.5b" for c in legacy["cases"])
+def test_docs_benchmarks_page_and_readme_headline_match_the_results():
+    """The generated page and the README's numbers are what the report makes of the current results."""
+    page = report.BENCHMARKS_DOC.read_text()
+    assert page == f"{report.INTRO}\n{report.render_all(plots=False)}\n", "rerun `python -m benchmarks report`"
+    readme = report.README.read_text()
+    assert report.replace_between(readme, report.BEGIN, report.END, report.headline(), "README") == readme
+    assert "% of decode time" in report.headline()
+
+
+def test_results_hold_one_current_file_per_suite_and_device():
+    files = sorted(_common.RESULTS_DIR.glob("*.json"))
+    # Every file is shown in docs/benchmarks.md: none is kept only as history.
+    assert {f.name for f in files} == {path.name for path, _ in report.load_results()}
+    assert len(list(_common.RESULTS_DIR.iterdir())) <= 30
+    experiment_names = [f.name for f in files if re.search(r"-v\d|call\d|session|sweep|run\d", f.name)]
+    assert not experiment_names
 
 
 @pytest.mark.cuda

@@ -3,8 +3,8 @@
 The task: every trajectory is a prompt and a response of reasoning steps, each step some words, a
 "verdict" token and ".\\n\\n". Correct trajectories mostly use verdict tokens of one set, wrong ones
 of another (``--noise`` of the steps use the other set), so the hidden state at the position that
-produces the step token (SPEC's training position) tells them apart, learnably. Training uses
-``xbai_kernels.transformers.apply_sprm`` and SPEC's SPR loss; the step-score AUC between correct and
+produces the step token (the training position) tells them apart, learnably. Training uses
+``xbai_kernels.transformers.apply_sprm`` and the SPR loss; the step-score AUC between correct and
 wrong trajectories (trajectory score = geometric mean of its step scores) is printed before and after.
 
     python python/train_sprm_tiny.py                       # plain loop, head only

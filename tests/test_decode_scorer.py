@@ -1,4 +1,4 @@
-"""DecodeScorer fed the way an engine feeds it gives exactly SPEC's rule on the finished trajectory.
+"""DecodeScorer fed the way an engine feeds it gives exactly the released rule on the finished trajectory.
 
 An engine prefills a prompt (in chunks), then decodes one token per step for many trajectories at
 once, reuses slots after a trajectory ends, sometimes recomputes positions (preemption) and may

@@ -11,7 +11,7 @@ import torch
 import xbai_kernels as xk
 
 GOLDEN_PATH = Path(__file__).parent / "data" / "sprm_reference.safetensors"
-# SPEC / golden README: an fp32 path lands within 1e-5 of the released numbers.
+# docs/semantics.md / the golden vectors: an fp32 path lands within 1e-5 of the released numbers.
 ATOL = 1e-5
 RTOL = 1e-5
 
@@ -52,7 +52,7 @@ def test_scores_one_trajectory(golden, trajectory_index, d):
     assert torch.equal(one.positions, result.positions)
     assert one.score == pytest.approx(case.value[d], abs=ATOL, rel=RTOL)
     if case.mask.sum() == 0:
-        assert one.score == 0.0  # SPEC: a trajectory with no scored step gets 0.0
+        assert one.score == 0.0  # a trajectory with no scored step gets 0.0
 
 
 @pytest.mark.parametrize("d", [64, 96])
@@ -99,7 +99,7 @@ def test_loss_single_rank(golden, loss_index):
 
 
 def test_loss_case3_only_correct_answers(golden):
-    """Only positives: w_pos = 1.5 * 0 / (...) = 0, so the loss is exactly 0 (SPEC's weights)."""
+    """Only positives: w_pos = 1.5 * 0 / (...) = 0, so the loss is exactly 0 (the released weights)."""
     case = golden.losses[3]
     assert bool((case.rewards > 0.5).all())
     loss, stats = xk.sprm_loss(case.logits, case.rewards)

@@ -31,7 +31,7 @@ def _released_state(d: int, dtype=torch.float32, seed: int = 0) -> dict[str, tor
 
 
 def _formula(hidden: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
-    """SPEC: logit = W2 relu(W1 h + b1) + b2, in float64 as the yardstick."""
+    """logit = W2 relu(W1 h + b1) + b2, in float64 as the yardstick."""
     w1, b1, w2, b2 = (state[k].double() for k in HEAD_KEYS)
     return (torch.relu(hidden.double() @ w1.T + b1) @ w2.T + b2).squeeze(-1)
 

@@ -1,4 +1,4 @@
-"""The h that apply_sprm captures is HuggingFace's output_hidden_states[-2] (SPEC: the input of the last layer)."""
+"""The h that apply_sprm captures is HuggingFace's output_hidden_states[-2] (the input of the last layer)."""
 
 from __future__ import annotations
 

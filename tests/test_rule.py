@@ -1,4 +1,4 @@
-"""StepRule: construction checks and SPEC's English and Chinese step-token sets."""
+"""StepRule: construction checks and the released English and Chinese step-token sets."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ class VocabTokenizer:
 def test_ids_are_deduplicated_and_sorted():
     rule = StepRule((9, 7, 9, 8), 3, 4)
     assert rule.step_token_ids == (7, 8, 9)
-    assert rule.step_token_id == 7  # SPEC training rule: the first id of the step encoding
+    assert rule.step_token_id == 7  # training rule: the first id of the step encoding
     assert torch.equal(rule.step_ids_tensor(), torch.tensor([7, 8, 9]))
     assert rule.step_ids_tensor().dtype == torch.int64
 
@@ -82,7 +82,7 @@ def test_from_tokenizer_english_uses_the_encoding_of_period_newlines():
 
 
 def test_from_tokenizer_english_multi_token_encoding():
-    # A tokenizer without a '.\n\n' token: S is every id of its encoding (SPEC).
+    # A tokenizer without a '.\n\n' token: S is every id of its encoding.
     tok = VocabTokenizer(["a", ".", "\n\n", "<think>", "</think>"])
     assert StepRule.from_tokenizer(tok).step_token_ids == (1, 2)
 

@@ -1,4 +1,4 @@
-"""step_mask against a direct, loop-based restatement of SPEC's inference rule (property tests)."""
+"""step_mask against a direct, loop-based restatement of the released inference rule (property tests)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ VOCAB = 12
 
 
 def spec_mask(ids: list[int], step_ids: set[int], think_start: int, think_end: int) -> list[bool]:
-    """SPEC.md, 'Which positions are scored', written as plainly as possible."""
+    """docs/semantics.md, 'Which positions are scored', written as plainly as possible."""
     n = len(ids)
     start = ids.index(think_start) if ids.count(think_start) == 1 else 0
     end = ids.index(think_end) if ids.count(think_end) == 1 else n

@@ -300,7 +300,7 @@ def _distributed_worker(rank: int, world: int, port: int) -> None:
         for layout in ("padded", "packed_position_ids"):
             model.zero_grad(set_to_none=True)
             out = compare_to_released(model, batch, rewards, layout, all_reduce=True, head_batch=full)
-            # SPEC: the counts are summed over the ranks, so every rank sees the global numbers.
+            # the counts are summed over the ranks, so every rank sees the global numbers.
             counts = torch.stack([out.sprm_stats["num_positive"], out.sprm_stats["num_negative"]])
             gathered = [torch.zeros_like(counts) for _ in range(world)]
             dist.all_gather(gathered, counts)

@@ -1,4 +1,7 @@
-"""StepRule: which tokens end a reasoning step, and where the thinking region lies (SPEC.md)."""
+"""StepRule: the step-token set and the thinking markers of a tokenizer (docs/semantics.md).
+
+The rules that use them (which positions are scored) live in ``xbai_kernels.semantics``.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-# SPEC, Chinese step tokens: the decoded text holds one of these marks...
+# Chinese step tokens: the decoded text holds one of these marks...
 _ZH_MARKS = ("\n", "\u3002")
 # ...is at most this long, and has at most this many characters besides the marks.
 _ZH_MAX_CHARS = 3
@@ -19,7 +22,7 @@ class StepRule:
 
     ``step_token_ids`` is the set S (a token id in it ends a step); ``think_start_id`` and
     ``think_end_id`` are the ids of ``<think>`` and ``</think>``. The markers may not be step
-    tokens: SPEC treats them as distinct roles, and the decode scorer relies on it.
+    tokens: the rules give them distinct roles, and the decode scorer relies on it.
     """
 
     step_token_ids: tuple[int, ...]
@@ -44,7 +47,7 @@ class StepRule:
 
     @property
     def step_token_id(self) -> int:
-        """The training rule's step id: the first id of the step set (SPEC, Training)."""
+        """The training rule's step id: the first id of the step set (docs/semantics.md, the training loss)."""
         return self.step_token_ids[0]
 
     def step_ids_tensor(self, device: torch.device | str | None = None) -> torch.Tensor:
@@ -63,7 +66,7 @@ class StepRule:
 
     @classmethod
     def from_tokenizer(cls, tokenizer, lang: str = "en") -> "StepRule":
-        """Build SPEC's rule from a HuggingFace tokenizer.
+        """Build the released rule's vocabulary from a HuggingFace tokenizer.
 
         ``lang="en"``: S = the ids of ``".\\n\\n"``. ``lang="zh"``: S = every vocabulary token whose
         decoded text contains ``\\n`` or ``。``, is at most 3 characters long and has at most one

@@ -1,4 +1,4 @@
-"""SPEC's training rule and SPR loss over packed tokens: the core shared by the HuggingFace patch
+"""The training rule and SPR loss over packed tokens: the core shared by the HuggingFace patch
 (``xbai_kernels.transformers``) and the verl one-call (``xbai_kernels.verl``).
 
 Both integrations flatten their batch (padded, or packed sequences in one row) into tokens with a
@@ -16,7 +16,7 @@ from .head import SPRMHead
 from .loss import sprm_head_loss
 from . import semantics
 
-# SPEC: the gradient reaching the backbone through h is scaled by this factor.
+# The released actor scales the gradient reaching the backbone through h by this factor.
 BACKBONE_GRAD_SCALE = 1e-4
 # The released monitor counts a sequence as wrong only when its reward is exactly 0
 # (an ignored sample, reward 0.1, is neither correct nor wrong).
@@ -29,7 +29,7 @@ def next_token_step_mask(
     next_is_response: torch.Tensor | None,
     same_sequence_as_next: torch.Tensor | None,
 ) -> torch.Tensor:
-    """SPEC's training positions along the last axis: bool, same shape as ``input_ids``.
+    """The training positions along the last axis: bool, same shape as ``input_ids``.
 
     Position t is trained when token t+1 is the step id, token t+1 is a response token
     (``next_is_response[..., t+1]``, the released actor tests the response mask of the NEXT token)
@@ -46,7 +46,7 @@ def next_token_step_mask(
 
 
 def head_dropout_p(head: SPRMHead) -> float:
-    """The head's own dropout (SPEC: p = 0.5 between ReLU and W2) when it is in training mode, else 0."""
+    """The head's own dropout (p = 0.5 between ReLU and W2) when it is in training mode, else 0."""
     return float(head[2].p) if head.training else 0.0
 
 

@@ -1,9 +1,9 @@
 """SPRM training inside HuggingFace causal LMs (Qwen2, Qwen3, Llama), patched from the outside.
 
-``apply_sprm(model)`` makes the model capture ``h`` (SPEC: the hidden state entering the LAST
+``apply_sprm(model)`` makes the model capture ``h`` (the hidden state entering the LAST
 decoder layer, HuggingFace's ``output_hidden_states[-2]``) while it runs, without
 ``output_hidden_states``, and gives it an SPRM head. A forward call that receives
-``sprm_rewards`` then also returns SPEC's SPR loss::
+``sprm_rewards`` then also returns the SPR loss (docs/semantics.md)::
 
     out = model(input_ids, attention_mask=mask, sprm_rewards=rewards, sprm_response_mask=response)
     (out.loss + out.sprm_loss).backward()      # out.sprm_stats: counts, logits, monitoring numbers

@@ -3,7 +3,7 @@
 The released XBai o4 actor (``DataParallelPPOActor._forward_micro_batch_with_score``) runs the
 backbone with ``output_hidden_states=True``, scales every row of ``hidden_states[-2]`` by
 ``h * 1e-4 + h.detach() * (1 - 1e-4)``, gathers the step rows with a boolean index, runs an eager
-``nn.Sequential`` head, pads the logits back to ``[batch, seqlen]`` and computes SPEC's SPR loss
+``nn.Sequential`` head, pads the logits back to ``[batch, seqlen]`` and computes the SPR loss
 with all-reduced counts and a per-sequence monitoring geometric mean. ``sprm_score_loss`` takes the
 inputs that code has at that point and returns the same loss and monitoring numbers through
 ``xbai_kernels.sprm_head_loss`` (the fused op). ``python/verl_actor_patch.md`` shows the patch.

@@ -20,7 +20,7 @@ from torch import nn
 
 from ._validate import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
 from .head import SPRMHead
-from .training import BACKBONE_GRAD_SCALE, next_token_step_mask, sequence_spr_loss
+from .training import next_token_step_mask, sequence_spr_loss
 
 RELEASED_METRICS = ("correct_prob", "correct_num", "false_prob", "false_num")
 
@@ -105,11 +105,7 @@ def sprm_score_loss(
     seqlen: int,
     head: nn.Module,
     step_token_id: int,
-    *,
-    dropout_p: float | None = None,
-    backbone_grad_scale: float = BACKBONE_GRAD_SCALE,
-    process_group="auto",
-    generator: torch.Generator | None = None,
+    **loss_options,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The released actor's score loss on the remove-padding layout, as one call.
 
@@ -119,8 +115,10 @@ def sprm_score_loss(
     response_mask_rmpad [1, nnz] or [nnz] (unrolled: 1 on response tokens), rewards float [batch]
     (the released ``rollout_level_scores.max(dim=1)[0]``), indices int64 [nnz] (from ``unpad_input``),
     head an ``SPRMHead`` or the released ``nn.Sequential`` score module, step_token_id the first id
-    of ``".\\n\\n"``. ``dropout_p=None``: the head's dropout in training mode, none in eval mode.
-    ``process_group="auto"`` all-reduces the counts over the default group when one is initialized.
+    of ``".\\n\\n"``. ``loss_options`` go to ``training.sequence_spr_loss`` as they are: ``dropout_p``
+    (default None: the head's dropout in training mode, none in eval mode), ``backbone_grad_scale``
+    (default 1e-4), ``process_group`` (default ``"auto"``: the counts are all-reduced over the default
+    group when one is initialized) and ``generator`` (the dropout's).
 
     Returns (loss, stats): stats as ``sequence_spr_loss`` (per-sequence ``step_score_geomean``
     [batch], the four released monitoring numbers, listed in ``RELEASED_METRICS``, as 0-d tensors)
@@ -155,10 +153,7 @@ def sprm_score_loss(
         sequence_index,
         rewards,
         head,
-        dropout_p=dropout_p,
-        backbone_grad_scale=backbone_grad_scale,
-        process_group=process_group,
-        generator=generator,
+        **loss_options,
     )
     stats["logits"] = pad_input(stats["logits"], indices.long(), batch_size, seqlen)
     return loss, stats

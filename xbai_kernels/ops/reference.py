@@ -158,16 +158,9 @@ def engine_step_rows(
     step_positions.copy_(torch.where(opens, position, -1))
 
 
-def step_mask(
-    input_ids: torch.Tensor,
-    step_table: torch.Tensor,
-    think_start_id: int,
-    think_end_id: int,
-    cu_seqlens: torch.Tensor,
-) -> torch.Tensor:
-    """The inference rule on packed ids (``semantics.scored_mask``). input_ids int [T], step_table
-    bool [V] (``StepRule.step_table``), cu_seqlens int [S+1] -> bool [T]."""
-    return semantics.scored_mask(input_ids, step_table, think_start_id, think_end_id, cu_seqlens)
+# The inference rule on packed ids is the oracle's op as it stands: input_ids int [T], step_table bool
+# [V] (``StepRule.step_table``), cu_seqlens int [S+1] -> bool [T].
+step_mask = semantics.scored_mask
 
 
 class PackedSteps(NamedTuple):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -35,14 +37,15 @@ def _post(url: str, body: dict, timeout: float = 120):
         return response.read().decode()
 
 
-@pytest.fixture(scope="module")
-def server(tiny_qwen3, tmp_path_factory):
+@contextlib.contextmanager
+def serve(model, log: Path, *extra_args: str):
+    """``vllm serve MODEL`` on a free loopback port, healthy; yields (base URL, server process).
+    Stops the server's whole process group (its engine core runs in a child process) on exit."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "vllm-serve.log"
     command = [
-        *_serve_command(), str(tiny_qwen3), "--host", "127.0.0.1", "--port", str(port),
+        *_serve_command(), str(model), "--host", "127.0.0.1", "--port", str(port),
         "--dtype", "float32", "--block-size", "32", "--gpu-memory-utilization", "0.3",
-        "--max-model-len", "512", "--enforce-eager", "--seed", "0",
+        "--max-model-len", "512", "--enforce-eager", "--seed", "0", *extra_args,
     ]
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     with open(log, "w") as sink:
@@ -60,9 +63,8 @@ def server(tiny_qwen3, tmp_path_factory):
                 if time.monotonic() > deadline:
                     pytest.fail(f"vllm serve not healthy after {STARTUP_TIMEOUT_S}s:\n{log.read_text()[-4000:]}")
                 time.sleep(1)
-        yield base
+        yield base, process
     finally:
-        # The server's engine core runs in a child process: stop the whole session we started.
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)
             try:
@@ -70,6 +72,12 @@ def server(tiny_qwen3, tmp_path_factory):
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_qwen3, tmp_path_factory):
+    with serve(tiny_qwen3, tmp_path_factory.mktemp("server") / "vllm-serve.log") as (base, _):
+        yield base
 
 
 def _serve_command() -> list[str]:
@@ -160,3 +168,60 @@ def test_best_of_n_example_script(server):
     assert len(scores) == 2
     best = next(line for line in lines if line.startswith("best of 2"))
     assert f"score {max(scores):.4f}" in best
+
+
+def _post_status(url: str, body: dict) -> tuple[int, dict | str]:
+    """(HTTP status, JSON body or the raw text of a stream) of one request."""
+    try:
+        text = _post(url, body)
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read().decode())
+    return 200, text
+
+
+def _endpoint_body(server: str, endpoint: str, model: str, xargs: dict, **extra) -> tuple[str, dict]:
+    body = {"model": model, "max_tokens": 8, "vllm_xargs": xargs, **extra}
+    if endpoint == "chat":
+        return f"{server}/v1/chat/completions", {**body, "messages": [{"role": "user", "content": "two plus two"}]}
+    return f"{server}/v1/completions", {**body, "prompt": "<think>\nwe compute the sum"}
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_bad_option_values_are_400(server, tiny_qwen3, endpoint, stream):
+    # vLLM's protocol would turn JSON true into 1 and pass "false" on as a truthy string.
+    for value, shown in (("false", '"false" (string)'), ("no", '"no" (string)'), (2.5, "2.5 (number)"),
+                         (1, "1 (integer)"), (0, "0 (integer)"), ([True], "[true] (array)")):
+        url, body = _endpoint_body(server, endpoint, str(tiny_qwen3), {"sprm_score_prompt": value}, stream=stream)
+        status, answer = _post_status(url, body)
+        assert status == 400, (value, answer)
+        error = answer["error"]
+        assert error["code"] == 400 and error["param"] == "vllm_xargs.sprm_score_prompt", error
+        assert "'sprm_score_prompt'" in error["message"] and "takes a JSON boolean" in error["message"], error
+        assert shown in error["message"], error
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_unknown_option_is_400(server, tiny_qwen3, endpoint):
+    url, body = _endpoint_body(server, endpoint, str(tiny_qwen3), {"sprm_score_promt": True})
+    status, answer = _post_status(url, body)
+    assert status == 400, answer
+    assert "unknown SPRM option 'sprm_score_promt'" in answer["error"]["message"]
+    assert "did you mean 'sprm_score_prompt'" in answer["error"]["message"]
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_score_prompt_takes_json_booleans(server, tiny_qwen3, endpoint):
+    for value in (True, False):
+        url, body = _endpoint_body(server, endpoint, str(tiny_qwen3), {"sprm_score_prompt": value, "other": "kept"},
+                                   return_token_ids=True)
+        status, text = _post_status(url, body)
+        assert status == 200, text
+        response = json.loads(text)
+        (choice,) = response["choices"]
+        assert "sprm_score" in choice
+        assert ("sprm_prompt_score" in choice) is value, choice
+        if value:
+            prompt_ids = response.get("prompt_token_ids") or choice.get("prompt_token_ids")
+            check_scores(tiny_qwen3, prompt_ids, choice["sprm_prompt_step_positions"],
+                         choice["sprm_prompt_step_scores"], choice["sprm_prompt_score"])

@@ -1,4 +1,5 @@
-"""OpenAI server: the SPRM fields of each ``CompletionOutput`` copied onto the response choices.
+"""OpenAI server: the SPRM fields of each ``CompletionOutput`` copied onto the response choices, and
+the SPRM request options checked before a request starts.
 
 ``/v1/completions`` and ``/v1/chat/completions`` choices carry ``sprm_score``,
 ``sprm_step_scores`` and ``sprm_step_positions`` (plus ``sprm_error`` when a score could not be
@@ -7,32 +8,33 @@ computed and the ``sprm_prompt_*`` fields when the request set ``vllm_xargs:
 choice's ``finish_reason`` (the scores need the final tokens), and on no earlier chunk.
 
 vLLM's choice models allow extra fields, so the fields serialize like the stock ones.
+
+Options: vLLM's request models type ``vllm_xargs`` values as ``str | int | float | list``, so a JSON
+``true`` reaches the request object as the integer 1. A JSON boolean is told from a number by the
+request body as the client sent it (kept by Starlette after FastAPI parsed it); the checked value
+is written back into ``vllm_xargs``, so the engine sees a Python bool. A bad option is answered
+like vLLM's own request errors: an HTTP 400 ``ErrorResponse`` from the handler, before anything
+is scheduled or streamed.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.abc
 import inspect
 import json
+import re
 import sys
 
-SPRM_FIELDS = (
-    "sprm_score",
-    "sprm_step_scores",
-    "sprm_step_positions",
-    "sprm_error",
-    "sprm_prompt_score",
-    "sprm_prompt_step_scores",
-    "sprm_prompt_step_positions",
-    "sprm_prompt_error",
-)
-_PATCHED: dict[str, tuple[type, object]] = {}
+from . import options as sprm_options
+from .results import SPRM_FIELDS, sprm_fields
 
+__all__ = ["SPRM_FIELDS", "install_server_patch", "patch_openai_server", "revert_openai_server", "sprm_fields"]
 
-def sprm_fields(completion_output) -> dict:
-    """The SPRM attributes a finished ``CompletionOutput`` carries (empty for an unscored one)."""
-    return {name: getattr(completion_output, name) for name in SPRM_FIELDS if hasattr(completion_output, name)}
+# Only an SSE chunk in which some choice finishes is parsed: vLLM writes ``"finish_reason":null``
+# on every other chunk, and parsing each chunk of every stream would cost the event loop.
+_FINISHED = re.compile(r'"finish_reason"\s*:\s*"')
 
 
 def _set_fields(choice, fields: dict) -> None:
@@ -49,26 +51,29 @@ class _ScoreTap:
         self.choices_per_prompt = choices_per_prompt
         self.indexed = indexed
         self.by_choice: dict[int, dict] = {}
-        self.final = None
 
-    async def __aiter__(self):
-        async for item in self.source:
-            prompt_idx, result = item if self.indexed else (0, item)
-            self.final = result
-            for output in result.outputs:
-                fields = sprm_fields(output)
-                if fields:
-                    self.by_choice[output.index + prompt_idx * self.choices_per_prompt] = fields
-            yield item
+    async def stream(self):
+        try:
+            async for item in self.source:
+                prompt_idx, result = item if self.indexed else (0, item)
+                for output in result.outputs:
+                    fields = sprm_fields(output)
+                    if fields:
+                        self.by_choice[output.index + prompt_idx * self.choices_per_prompt] = fields
+                yield item
+        finally:
+            # Closing the engine's generator now (not when it is garbage-collected) aborts the
+            # request of a client that went away.
+            aclose = getattr(self.source, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
 
 def _annotate_chunk(chunk: str, tap: _ScoreTap, sent: set[int]) -> str:
     """Add the SPRM fields to the choices of an SSE chunk that finish in it."""
-    if not chunk.startswith("data: ") or len(sent) == len(tap.by_choice):
+    if len(sent) == len(tap.by_choice) or not chunk.startswith("data: ") or not _FINISHED.search(chunk):
         return chunk
     body = chunk[len("data: ") :].strip()
-    if body == "[DONE]":
-        return chunk
     try:
         data = json.loads(body)
     except json.JSONDecodeError:
@@ -80,73 +85,172 @@ def _annotate_chunk(chunk: str, tap: _ScoreTap, sent: set[int]) -> str:
             choice.update(tap.by_choice[index])
             sent.add(index)
             changed = True
-    return f"data: {json.dumps(data)}\n\n" if changed else chunk
+    if not changed:
+        return chunk
+    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
 def _choices_per_prompt(request) -> int:
     return 1 if getattr(request, "n", None) is None else request.n
 
 
-def _patched_stream(original, indexed: bool):
+# ----- request options ----------------------------------------------------------------------------
+
+
+async def _sent_xargs(raw_request) -> dict | None:
+    """``vllm_xargs`` of the request body as the client sent it, or None when it cannot be read."""
+    if raw_request is None:
+        return None
+    try:
+        body = await raw_request.json()
+    except Exception:  # noqa: BLE001 - no readable body: fall back to the parsed request
+        return None
+    xargs = body.get("vllm_xargs") if isinstance(body, dict) else None
+    return xargs if isinstance(xargs, dict) else None
+
+
+async def _check_options(request, raw_request) -> sprm_options.SPRMOptionError | None:
+    """Check the request's SPRM options, writing each checked value back; the error, if any."""
+    xargs = getattr(request, "vllm_xargs", None)
+    keys = sprm_options.sprm_keys(xargs)
+    if not keys:
+        return None
+    sent = await _sent_xargs(raw_request)
+    try:
+        for key in keys:
+            if sent is not None and key in sent:
+                value = sent[key]
+            elif type(xargs[key]) is int and xargs[key] in (0, 1):
+                # No body to read (vLLM's batch runner): vLLM's protocol turned true/false into 1/0.
+                value = bool(xargs[key])
+            else:
+                value = xargs[key]
+            xargs[key] = sprm_options.parse_option(key, value, "vllm_xargs")
+    except sprm_options.SPRMOptionError as exc:
+        return exc
+    return None
+
+
+def _checking_options(original):
     signature = inspect.signature(original)
 
     @functools.wraps(original)
-    async def stream_generator(self, *args, **kwargs):
+    async def wrapper(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        error = await _check_options(bound.arguments["request"], bound.arguments.get("raw_request"))
+        if error is not None:
+            return self.create_error_response(str(error), param=f"vllm_xargs.{error.option}")
+        return await original(*bound.args, **bound.kwargs)
+
+    return wrapper
+
+
+# ----- the patches: each takes vLLM's original and returns the replacement -------------------------
+
+
+def create_completion(original):
+    """``OpenAIServingCompletion.create_completion``: a bad SPRM option is a 400 before anything runs."""
+    return _checking_options(original)
+
+
+def create_chat_completion(original):
+    """``OpenAIServingChat.create_chat_completion``: a bad SPRM option is a 400 before anything runs."""
+    return _checking_options(original)
+
+
+def _stream(original, indexed: bool):
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    async def wrapper(self, *args, **kwargs):
         bound = signature.bind(self, *args, **kwargs)
         tap = _ScoreTap(bound.arguments["result_generator"], _choices_per_prompt(bound.arguments["request"]), indexed)
-        bound.arguments["result_generator"] = tap.__aiter__()
+        bound.arguments["result_generator"] = tap.stream()
         sent: set[int] = set()
-        async for chunk in original(*bound.args, **bound.kwargs):
-            yield _annotate_chunk(chunk, tap, sent) if isinstance(chunk, str) else chunk
+        chunks = original(*bound.args, **bound.kwargs)
+        try:
+            async for chunk in chunks:
+                yield _annotate_chunk(chunk, tap, sent) if isinstance(chunk, str) else chunk
+        finally:
+            await chunks.aclose()
 
-    return stream_generator
+    return wrapper
 
 
-def _patched_chat_full(original):
+def completion_stream_generator(original):
+    """``OpenAIServingCompletion.completion_stream_generator``: fields on each choice's finishing chunk."""
+    return _stream(original, indexed=True)
+
+
+def chat_completion_stream_generator(original):
+    """``OpenAIServingChat.chat_completion_stream_generator``: fields on each choice's finishing chunk."""
+    return _stream(original, indexed=False)
+
+
+def chat_completion_full_generator(original):
+    """``OpenAIServingChat.chat_completion_full_generator``: fields on each choice of the response."""
     signature = inspect.signature(original)
 
     @functools.wraps(original)
-    async def chat_completion_full_generator(self, *args, **kwargs):
+    async def wrapper(self, *args, **kwargs):
         bound = signature.bind(self, *args, **kwargs)
         tap = _ScoreTap(bound.arguments["result_generator"], _choices_per_prompt(bound.arguments["request"]), False)
-        bound.arguments["result_generator"] = tap.__aiter__()
+        bound.arguments["result_generator"] = tap.stream()
         response = await original(*bound.args, **bound.kwargs)
         for choice in getattr(response, "choices", None) or ():
             _set_fields(choice, tap.by_choice.get(choice.index, {}))
         return response
 
-    return chat_completion_full_generator
+    return wrapper
 
 
-def _patched_completion_response(original):
+def request_output_to_completion_response(original):
+    """``OpenAIServingCompletion.request_output_to_completion_response``: fields on each choice."""
+
     @functools.wraps(original)
-    def request_output_to_completion_response(self, final_res_batch, *args, **kwargs):
+    def wrapper(self, final_res_batch, *args, **kwargs):
         response = original(self, final_res_batch, *args, **kwargs)
         outputs = [output for result in final_res_batch for output in result.outputs]
         for choice, output in zip(response.choices, outputs):
             _set_fields(choice, sprm_fields(output))
         return response
 
-    return request_output_to_completion_response
+    return wrapper
+
+
+_COMPLETION = "vllm.entrypoints.openai.completion.serving:OpenAIServingCompletion"
+_CHAT = "vllm.entrypoints.openai.chat_completion.serving:OpenAIServingChat"
+# (target "module:Class.attribute", wrapper): every vLLM internal this module patches. Checked
+# against the source of vLLM 0.26.0 and 0.32.0 (same signatures and parameter names in both).
+PATCHES = (
+    (f"{_COMPLETION}.create_completion", create_completion),
+    (f"{_COMPLETION}.request_output_to_completion_response", request_output_to_completion_response),
+    (f"{_COMPLETION}.completion_stream_generator", completion_stream_generator),
+    (f"{_CHAT}.create_chat_completion", create_chat_completion),
+    (f"{_CHAT}.chat_completion_full_generator", chat_completion_full_generator),
+    (f"{_CHAT}.chat_completion_stream_generator", chat_completion_stream_generator),
+)
+_PATCHED: dict[str, tuple[type, str, object]] = {}
+
+
+def _owner(target: str) -> tuple[type, str]:
+    module_name, _, qualname = target.partition(":")
+    class_name, _, attribute = qualname.rpartition(".")
+    owner = importlib.import_module(module_name)
+    for part in class_name.split("."):
+        owner = getattr(owner, part)
+    return owner, attribute
 
 
 def patch_openai_server() -> bool:
-    """Patch the completion and chat serving classes once per process (front end only uses them)."""
+    """Apply ``PATCHES`` once per process (only the API server process imports the serving classes)."""
     if _PATCHED:
         return False
-    from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
-    from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
-
-    targets = (
-        (OpenAIServingCompletion, "request_output_to_completion_response", _patched_completion_response),
-        (OpenAIServingCompletion, "completion_stream_generator", lambda f: _patched_stream(f, indexed=True)),
-        (OpenAIServingChat, "chat_completion_full_generator", _patched_chat_full),
-        (OpenAIServingChat, "chat_completion_stream_generator", lambda f: _patched_stream(f, indexed=False)),
-    )
-    for owner, name, factory in targets:
-        original = owner.__dict__[name]
-        _PATCHED[name] = (owner, original)
-        setattr(owner, name, factory(original))
+    for target, wrapper in PATCHES:
+        owner, attribute = _owner(target)
+        original = owner.__dict__[attribute]
+        _PATCHED[target] = (owner, attribute, original)
+        setattr(owner, attribute, wrapper(original))
     return True
 
 
@@ -198,6 +302,7 @@ def install_server_patch() -> None:
 
 
 def revert_openai_server() -> None:
-    for name, (owner, original) in _PATCHED.items():
-        setattr(owner, name, original)
+    """Put vLLM's originals back."""
+    for owner, attribute, original in reversed(list(_PATCHED.values())):
+        setattr(owner, attribute, original)
     _PATCHED.clear()

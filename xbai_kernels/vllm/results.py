@@ -5,13 +5,16 @@ exactly: a preempted request recomputes positions (same key, the latest record w
 trims tokens (the rule runs on the final token ids only), the n children of a request each have
 their own records. The thinking-region rule needs the final trajectory, hence it runs at the end.
 
-The rules themselves live in ``xbai_kernels.semantics`` (the one owner of the step-candidate rule,
-the thinking-region rule and the trajectory score); this module only decides when to call them.
-Finishing a request runs on the server's event loop, which serves every other client, so the work
-is split: ``StepScan`` applies the step-candidate rule to the token ids while they arrive, a chunk
-at a time (converting a 32k-token Python list to an array alone costs about 0.5 ms), and finishing
-applies the region rule to the few candidates and markers found, reads their logits and scores
-them: O(steps + one chunk), not O(tokens).
+The rules are owned by ``xbai_kernels.semantics`` (step candidate, thinking region, trajectory
+score). Finishing a request runs on the server's event loop, which serves every other client, so the
+work is split: ``StepScan`` applies the step-candidate rule to the token ids while they arrive, a
+chunk at a time (converting a 32k-token Python list to an array alone costs about 0.5 ms), and
+finishing applies the region rule to the few candidates and markers found, reads their logits and
+scores them: O(steps + one chunk), not O(tokens). The candidate and region rules run here as a
+numpy mirror of ``semantics.opens_step`` / ``semantics.in_thinking_region``: on a few hundred
+tokens, each of the ~30 small torch ops they take costs microseconds of dispatch, about 0.3 ms per
+finished request in all. The mirror is tested against ``scoring.step_mask`` (which calls
+``semantics``) on random and adversarial trajectories; the score itself is ``semantics.trajectory_score``.
 """
 
 from __future__ import annotations
@@ -73,13 +76,16 @@ class StepLogits:
         """(logits float32 [n], found bool [n]) at ``positions`` int64 [n]; a missing position reads 0."""
         if not self._positions:
             return np.zeros(positions.size, dtype=np.float32), np.zeros(positions.size, dtype=bool)
-        recorded = np.asarray(self._positions, dtype=np.int64)[::-1]
-        values = np.asarray(self._logits, dtype=np.float32)[::-1]
-        # Over the reversed records, np.unique's first index of each position is its latest record.
-        keys, latest = np.unique(recorded, return_index=True)
+        keys = np.asarray(self._positions, dtype=np.int64)
+        values = np.asarray(self._logits, dtype=np.float32)
+        if keys.size > 1 and not (keys[1:] > keys[:-1]).all():
+            # Out of order or recorded twice (preemption recomputes positions): over the reversed
+            # records, np.unique's first index of each position is its latest record.
+            keys, latest = np.unique(keys[::-1], return_index=True)
+            values = values[::-1][latest]
         slots = np.minimum(np.searchsorted(keys, positions), keys.size - 1)
         found = keys[slots] == positions
-        return np.where(found, values[latest[slots]], np.float32(0)), found
+        return np.where(found, values[slots], np.float32(0)), found
 
 
 @dataclass
@@ -94,60 +100,57 @@ class SPRMResult:
     error: str | None = None
 
 
-@dataclass(frozen=True)
-class _RuleTables:
-    step_table: torch.Tensor  # bool [V]: StepRule.step_table on the CPU
-    think_start_id: int
-    think_end_id: int
+_STEP_TABLES: dict[StepRule, np.ndarray] = {}
 
 
-_TABLES: dict[StepRule, _RuleTables] = {}
-
-
-def _tables(rule: StepRule) -> _RuleTables:
-    tables = _TABLES.get(rule)
-    if tables is None:
-        tables = _TABLES[rule] = _RuleTables(rule.step_table("cpu"), rule.think_start_id, rule.think_end_id)
-    return tables
+def _step_table(rule: StepRule) -> np.ndarray:
+    """bool [max(S) + 2]: ``StepRule.step_table`` with one more entry, False, that every id past
+    the table reads (``semantics.is_step_token``: ids outside the table are not step tokens)."""
+    table = _STEP_TABLES.get(rule)
+    if table is None:
+        table = _STEP_TABLES[rule] = np.append(rule.step_table("cpu").numpy(), False)
+    return table
 
 
 class StepScan:
     """The step candidates and thinking markers of one growing trajectory (prompt, then completion).
 
-    ``extend`` scans the next token ids with ``semantics.opens_step`` (the step-candidate rule, which
-    needs only a token and its successor) and notes where ``<think>`` / ``</think>`` occur; the
-    region rule needs the whole trajectory, so ``positions(length)`` applies it, with
-    ``semantics.in_thinking_region``, to the first ``length`` tokens. Token ids are non-negative ints.
+    ``extend`` scans the next token ids with the step-candidate rule (it needs only a token and its
+    successor) and notes where ``<think>`` / ``</think>`` occur; the region rule needs the whole
+    trajectory, so ``positions(length)`` applies it to the first ``length`` tokens. Token ids are
+    non-negative ints.
     """
 
     def __init__(self, rule: StepRule) -> None:
         self.rule = rule
-        self._tables = _tables(rule)
+        self._table = _step_table(rule)
         self.length = 0  # tokens scanned
         self._last_token = semantics.NO_TOKEN  # the token before the next chunk: opens no step
         self._candidates: list[np.ndarray] = []  # int64, increasing across the list
-        self._markers: list[np.ndarray] = []  # int64 positions of <think> and </think>, increasing
-        self._marker_kinds: list[np.ndarray] = []  # int64 semantics.EVENT_THINK_START / _END
+        self._starts: list[np.ndarray] = []  # int64 positions of <think>, increasing
+        self._ends: list[np.ndarray] = []  # int64 positions of </think>, increasing
 
     def extend(self, token_ids) -> None:
         """Scan the next ``len(token_ids)`` tokens (a list or an int array)."""
         if len(token_ids) == 0:
             return
-        ids = torch.from_numpy(np.asarray(token_ids, dtype=np.int64))
-        tables = self._tables
-        # The chunk's first token is the successor of the previous chunk's last one.
-        current = torch.cat((ids.new_tensor([self._last_token]), ids[:-1]))
-        opens = semantics.opens_step(current, ids, tables.step_table, tables.think_start_id)
-        candidates = opens.nonzero().squeeze(-1).numpy() + (self.length - 1)
+        rule, table = self.rule, self._table
+        following = np.asarray(token_ids, dtype=np.int64)
+        current = np.concatenate(([self._last_token], following[:-1]))
+        # semantics.opens_step: token i+1 is a step token; token i is not, nor <think>, nor NO_TOKEN.
+        next_is_step = table[np.minimum(following, table.size - 1)]
+        last_is_step = self._last_token != semantics.NO_TOKEN and bool(table[min(self._last_token, table.size - 1)])
+        is_step = np.concatenate(([last_is_step], next_is_step[:-1]))
+        opens = next_is_step & ~is_step & (current != rule.think_start_id) & (current != semantics.NO_TOKEN)
+        candidates = np.flatnonzero(opens) + (self.length - 1)
         if candidates.size:
             self._candidates.append(candidates)
-        kinds = semantics.marker_kind(ids, tables.think_start_id, tables.think_end_id)
-        markers = kinds.nonzero().squeeze(-1)
-        if markers.numel():
-            self._markers.append(markers.numpy() + self.length)
-            self._marker_kinds.append(kinds[markers].numpy())
-        self._last_token = int(ids[-1])
-        self.length += ids.numel()
+        for markers, marker_id in ((self._starts, rule.think_start_id), (self._ends, rule.think_end_id)):
+            found = np.flatnonzero(following == marker_id)
+            if found.size:
+                markers.append(found + self.length)
+        self._last_token = int(following[-1])
+        self.length += following.size
 
     def positions(self, length: int | None = None) -> np.ndarray:
         """SPEC's scored positions of the first ``length`` scanned tokens (default: all): int64 [n], increasing.
@@ -160,21 +163,15 @@ class StepScan:
             raise ValueError(f"StepScan.positions: length {length} outside the {self.length} scanned tokens")
         candidates = _concat(self._candidates)
         candidates = candidates[: np.searchsorted(candidates, length - 1)]  # i + 1 < length
-        if candidates.size == 0:
-            return candidates
-        markers = _concat(self._markers)
-        kept = np.searchsorted(markers, length)
-        if kept == 0:
-            # No marker: the region is 0 < i < length (the i + 1 < length side is already applied).
-            return candidates[candidates > 0]
-        kinds = torch.from_numpy(_concat(self._marker_kinds)[:kept])
-        positions = torch.from_numpy(np.concatenate((candidates, markers[:kept])))
-        is_start = torch.cat((torch.zeros(candidates.size, dtype=torch.bool), kinds == semantics.EVENT_THINK_START))
-        is_end = torch.cat((torch.zeros(candidates.size, dtype=torch.bool), kinds == semantics.EVENT_THINK_END))
-        inside = semantics.in_thinking_region(
-            positions, torch.zeros_like(positions), is_start, is_end, torch.tensor([length], dtype=torch.int64)
-        )
-        return candidates[inside[: candidates.size].numpy()]
+        # semantics.in_thinking_region: start < i < end, where a marker that occurs exactly once
+        # bounds the region and any other count leaves the default (0 / the trajectory's length).
+        starts = _concat(self._starts)
+        starts = starts[: np.searchsorted(starts, length)]
+        ends = _concat(self._ends)
+        ends = ends[: np.searchsorted(ends, length)]
+        start = starts[0] if starts.size == 1 else 0
+        end = ends[0] if ends.size == 1 else length
+        return candidates[np.searchsorted(candidates, start, side="right") : np.searchsorted(candidates, end)]
 
 
 def _concat(parts: list[np.ndarray]) -> np.ndarray:

@@ -201,3 +201,20 @@ def test_engine_step_rows_rejects_mismatched_buffers(env):
     with pytest.raises(ValueError, match="engine_step_rows: query_start_loc must be a contiguous \\[3\\] tensor"):
         backend.engine_step_rows(ids, ids.long(), ids[:2], ids[:2], ids.view(2, 2), table, THINK_START,
                                  ids.bool(), ids)
+
+
+def test_staging_copy_moves_int32_both_ways(env):
+    """The recorder's kernel copy (pinned host <-> device on a GPU; CPU tensors under the interpreter)."""
+    from xbai_kernels.ops.triton.staging import copy_int32
+
+    _, device = env
+    host = torch.arange(2500, dtype=torch.int32).pin_memory() if device.type == "cuda" else torch.arange(2500, dtype=torch.int32)
+    on_device = torch.zeros(2500, dtype=torch.int32, device=device)
+    copy_int32(host, on_device)
+    back = torch.zeros_like(host)
+    copy_int32(on_device * 2, back)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    assert torch.equal(back, host * 2)
+    with pytest.raises(ValueError, match="copy_int32: needs two int32 tensors of one size"):
+        copy_int32(host, on_device[:10])

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 
 from ..rule import StepRule
 from . import config as sprm_config
@@ -104,18 +103,18 @@ def update_from_output(original):
         records = getattr(model_runner_output, RECORDS_ATTRIBUTE, None)
         if records is None:
             return original(self, scheduler_output, model_runner_output, *args, **kwargs)
-        start = time.perf_counter_ns() if profile.ENABLED else 0
+        start = profile.now() if profile.ENABLED else 0
         pending = _pending(self)
         if records:
             pending.add(records, self.requests)
         if profile.ENABLED:
-            profile.add("scheduler", time.perf_counter_ns() - start)
+            profile.add("scheduler", profile.now() - start)
         outputs = original(self, scheduler_output, model_runner_output, *args, **kwargs)
-        start = time.perf_counter_ns() if profile.ENABLED else 0
+        start = profile.now() if profile.ENABLED else 0
         for client, engine_core_outputs in outputs.items():
             pending.attach(client, engine_core_outputs)
         if profile.ENABLED:
-            profile.add("scheduler", time.perf_counter_ns() - start, calls=0)
+            profile.add("scheduler", profile.now() - start, calls=0)
         return outputs
 
     return wrapper

@@ -29,7 +29,6 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
-import time
 
 from ..rule import StepRule
 from . import options as sprm_options
@@ -170,7 +169,7 @@ def process_outputs(original):
     def wrapper(self, engine_core_outputs, *args, **kwargs):
         payload = _take_payload(engine_core_outputs)
         if payload is not None:
-            start = time.perf_counter_ns() if profile.ENABLED else 0
+            start = profile.now() if profile.ENABLED else 0
             if "rule" in payload:
                 step_ids, think_start, think_end = payload["rule"]
                 _engine_scoring(self).rule = _rule(tuple(step_ids), int(think_start), int(think_end))
@@ -180,7 +179,7 @@ def process_outputs(original):
                 if request_state is not None:
                     _collect(request_state, positions, logits)
             if profile.ENABLED:
-                profile.add("frontend.collect", time.perf_counter_ns() - start)
+                profile.add("frontend.collect", profile.now() - start)
         return original(self, engine_core_outputs, *args, **kwargs)
 
     return wrapper

@@ -1,13 +1,19 @@
 """Benchmark mode: the plugin's own host time, by stage, in each vLLM process (``XBAI_SPRM_PROFILE=1``).
 
 Off by default; the hooks then cost one module-attribute read. On, each stage adds its wall time and
-call count, and ``snapshot`` reads them (``benchmarks/bench_vllm.py`` fetches the engine core's
+call count (thread CPU time, ``now``), and ``snapshot`` reads them (``benchmarks/bench_vllm.py`` fetches the engine core's
 through ``collective_rpc``, which runs in the process that holds the scheduler and the worker).
 """
 
 from __future__ import annotations
 
 import os
+import time
+
+# CPU time of the calling thread: a wall clock would also count the time another thread of the
+# process holds the GIL in the middle of a stage (the engine's output thread, the front end's
+# socket thread), which is not the plugin's cost.
+now = time.thread_time_ns
 
 ENABLED = os.environ.get("XBAI_SPRM_PROFILE", "0").strip() not in ("", "0")
 _totals: dict[str, list[int]] = {}

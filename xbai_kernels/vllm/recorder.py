@@ -21,6 +21,8 @@ Two recorders, one per vLLM model runner, both fixed-shape device work with no h
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
@@ -28,6 +30,18 @@ from ..head import SPRMHead
 from .. import semantics
 from ..ops import dispatch
 from ..rule import StepRule
+
+logger = logging.getLogger("xbai_kernels.vllm")
+
+
+def _engine_copy(src: torch.Tensor, dst: torch.Tensor) -> None:
+    dst.copy_(src, non_blocking=True)
+
+
+try:  # a kernel moves the staging bytes on a GPU (see ops.triton.staging), the copy engine elsewhere
+    from ..ops.triton.staging import copy_int32 as _kernel_copy
+except Exception:  # no Triton: the copy engine
+    _kernel_copy = None
 
 # With async scheduling the engine runs a step ahead of reading the previous one's output; a ring
 # of host buffers keeps a step's copies intact until they are read.
@@ -69,7 +83,10 @@ class EngineStepRecorder:
     requests (R). Device buffers: ``layout`` int32 [2, R + 1] (row 0: ``query_start_loc``, padded
     with the row count; row 1: each request's slot in the token table), ``is_step`` bool [T] and
     ``output`` int32 [2 T] (for a step of n rows: the scored position or -1 in ``[:n]``, the logit's
-    float32 bits in ``[n:2n]``, so one contiguous copy brings both back).
+    float32 bits in ``[n:2n]``, so one contiguous copy brings both back). Host side: a ring of
+    ``HOST_RING`` pinned layout and output buffers, and per (padded size, ring turn) a captured graph
+    of the whole step (upload, two kernels, download), so a step costs the host one numpy fill, one
+    graph launch and one event record.
     """
 
     def __init__(self, head: SPRMHead, rule: StepRule, vocab_size: int, max_tokens: int, max_requests: int) -> None:
@@ -84,17 +101,31 @@ class EngineStepRecorder:
         self.is_step = torch.zeros(max_tokens, dtype=torch.bool, device=device)
         self.output = torch.zeros(2 * max_tokens, dtype=torch.int32, device=device)
         on_cuda = device.type == "cuda"
-        self._host_layout = [torch.zeros(2, max_requests + 1, dtype=torch.int32, pin_memory=on_cuda) for _ in range(HOST_RING)]
-        self._host_output = [torch.zeros(2 * max_tokens, dtype=torch.int32, pin_memory=on_cuda) for _ in range(HOST_RING)]
-        self._ready = [torch.cuda.Event() if on_cuda else None for _ in range(HOST_RING)]
+        # Host staging, pinned so that the copies are asynchronous and can sit inside a CUDA graph.
+        # (Explicitly on the CPU: vLLM builds the model under a CUDA default device.)
+        self._host_layout = [
+            torch.zeros(2, max_requests + 1, dtype=torch.int32, device="cpu", pin_memory=on_cuda) for _ in range(HOST_RING)
+        ]
+        self._host_output = [
+            torch.zeros(2 * max_tokens, dtype=torch.int32, device="cpu", pin_memory=on_cuda) for _ in range(HOST_RING)
+        ]
+        # Recorded inside each graph (an external event record node) when the runtime allows it,
+        # else after the launch: waiting on it tells the host that its turn's buffers are final.
+        self._ready = [torch.cuda.Event(external=True) if on_cuda else None for _ in range(HOST_RING)]
+        self._event_in_graph = False
         self._turn = 0
+        self._copy = _kernel_copy if on_cuda and _kernel_copy is not None else _engine_copy
         # Backends are chosen once: the hot path does no lookups.
         self._rows_op, self._head_op = dispatch.implementations(("engine_step_rows", "head_logits_masked"), device)
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        # (padded rows, ring turn) -> a graph holding the layout's upload, the two kernels and the
+        # results' download into that turn's host buffers: one launch a step.
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._graph_inputs: tuple[int, ...] | None = None
 
-    def _run(self, num_rows: int, hidden, input_ids, positions, token_ids) -> None:
-        """The device work over rows [0, num_rows) (padding rows included): two launches."""
+    def _run(self, turn: int, num_rows: int, hidden, input_ids, positions, token_ids) -> None:
+        """Upload the layout of ring ``turn``, run the two kernels over rows [0, num_rows) (padding
+        rows included), download positions and logits into that turn's host buffer."""
+        self._copy(self._host_layout[turn].view(-1), self.layout.view(-1))
         logits = self.output[num_rows : 2 * num_rows].view(torch.float32)
         self._rows_op(
             input_ids[:num_rows],
@@ -108,6 +139,7 @@ class EngineStepRecorder:
             self.output[:num_rows],
         )
         self._head_op(hidden[:num_rows], self.is_step[:num_rows], *self.weights, out=logits)
+        self._copy(self.output[: 2 * num_rows], self._host_output[turn][: 2 * num_rows])
 
     @staticmethod
     def _addresses(*tensors) -> tuple[int, ...]:
@@ -120,23 +152,39 @@ class EngineStepRecorder:
         their addresses are baked in, and ``record`` checks they did not move. Returns the count."""
         if self.device.type != "cuda":
             return 0
-        self.layout.zero_()  # no request owns a row: the warm-up and capture runs score nothing
+        for host_layout in self._host_layout:
+            host_layout.zero_()  # no request owns a row: the warm-up and capture runs score nothing
         sizes = sorted({int(s) for s in sizes if 0 < int(s) <= min(self.max_tokens, hidden.shape[0])})
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         pool = torch.cuda.graph_pool_handle()
         with torch.cuda.stream(stream):
             for size in sizes:  # warm-up: compilation and backend state, outside any capture
-                self._run(size, hidden, input_ids, positions, token_ids)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
+                self._run(0, size, hidden, input_ids, positions, token_ids)
+        stream.synchronize()
+        self._event_in_graph = True
         for size in sizes:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
-                self._run(size, hidden, input_ids, positions, token_ids)
-            self._graphs[size] = graph
+            for turn in range(HOST_RING):
+                self._graphs[(size, turn)] = self._capture_one(pool, stream, turn, size, hidden, input_ids, positions, token_ids)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         self._graph_inputs = self._addresses(hidden, input_ids, positions, token_ids)
         return len(sizes)
+
+    def _capture_one(self, pool, stream, turn, size, *inputs) -> torch.cuda.CUDAGraph:
+        graph = torch.cuda.CUDAGraph()
+        if self._event_in_graph:
+            try:
+                with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+                    self._run(turn, size, *inputs)
+                    self._ready[turn].record(stream)
+                return graph
+            except RuntimeError as exc:  # a runtime without event record nodes: record after the launch
+                logger.info("xbai_kernels: CUDA graph event nodes unavailable (%s); recording events after replay", exc)
+                self._event_in_graph = False
+                graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+            self._run(turn, size, *inputs)
+        return graph
 
     def record(
         self,
@@ -167,19 +215,18 @@ class EngineStepRecorder:
         host_layout[0, : num_requests + 1] = query_start_loc[: num_requests + 1]
         host_layout[0, num_requests + 1 :] = num_rows
         host_layout[1, :num_requests] = slots
-        self.layout.copy_(self._host_layout[turn], non_blocking=True)
-        graph = self._graphs.get(num_padded_rows)
+        graph = self._graphs.get((num_padded_rows, turn))
         if graph is not None and self._addresses(hidden, input_ids, positions, token_ids) == self._graph_inputs:
             graph.replay()
             rows = num_padded_rows
+            if ready is not None and not self._event_in_graph:
+                ready.record()
         else:
-            self._run(num_rows, hidden, input_ids, positions, token_ids)
+            self._run(turn, num_rows, hidden, input_ids, positions, token_ids)
             rows = num_rows
-        host_output = self._host_output[turn][: 2 * rows]
-        host_output.copy_(self.output[: 2 * rows], non_blocking=True)
-        if ready is not None:
-            ready.record()
-        values = host_output.numpy()
+            if ready is not None:
+                ready.record()
+        values = self._host_output[turn].numpy()
         return StepRows(values[:num_rows], values[rows : rows + num_rows].view(np.float32), ready)
 
 

@@ -97,7 +97,7 @@ def _run_update(runner, runtime, layout: _StepLayout, sampled_token_ids: torch.T
 
 def _host_records(layout: _StepLayout) -> records.Records:
     """{request id: (positions, logits)} of this step's candidate positions (waits for the copy)."""
-    start = time.perf_counter_ns() if profile.ENABLED else 0
+    start = profile.now() if profile.ENABLED else 0
     is_step, logits, ready = layout.host_copy
     if ready is not None:
         ready.synchronize()
@@ -106,7 +106,7 @@ def _host_records(layout: _StepLayout) -> records.Records:
     positions = layout.first_positions[request_rows] + rows - layout.query_start_loc[request_rows]
     built = records.by_request(rows, positions, logits.numpy()[rows], layout.query_start_loc, layout.req_ids)
     if profile.ENABLED:
-        profile.add("worker.read", time.perf_counter_ns() - start)
+        profile.add("worker.read", profile.now() - start)
     return built
 
 
@@ -116,10 +116,10 @@ def execute_model(original):
         output = original(self, scheduler_output, *args, **kwargs)
         runtime = _runtime(self)
         if runtime is not None:
-            start = time.perf_counter_ns() if profile.ENABLED else 0
+            start = profile.now() if profile.ENABLED else 0
             runtime.layout = _capture_layout(self) if self.execute_model_state is not None else None
             if profile.ENABLED:
-                profile.add("worker.record", time.perf_counter_ns() - start, calls=0)
+                profile.add("worker.record", profile.now() - start, calls=0)
         return output
 
     return wrapper
@@ -131,10 +131,10 @@ def update_states_after_model_execute(original):
         original(self, output_token_ids, scheduler_output, *args, **kwargs)
         runtime = _runtime(self)
         if runtime is not None and runtime.layout is not None:
-            start = time.perf_counter_ns() if profile.ENABLED else 0
+            start = profile.now() if profile.ENABLED else 0
             _run_update(self, runtime, runtime.layout, output_token_ids)
             if profile.ENABLED:
-                profile.add("worker.record", time.perf_counter_ns() - start)
+                profile.add("worker.record", profile.now() - start)
 
     return wrapper
 

@@ -61,7 +61,7 @@ def sample_tokens(original):
         batch = state.input_batch
         if not batch.req_ids:
             return output
-        start = time.perf_counter_ns() if profile.ENABLED else 0
+        start = profile.now() if profile.ENABLED else 0
         num_requests = batch.num_reqs
         step = runtime.engine.record(
             runtime.hidden,
@@ -74,16 +74,16 @@ def sample_tokens(original):
         query_start_loc, req_ids = batch.query_start_loc_np, batch.req_ids
 
         def build() -> records.Records:
-            start = time.perf_counter_ns() if profile.ENABLED else 0
+            start = profile.now() if profile.ENABLED else 0
             rows, positions, logits = step.scored()
             built = records.by_request(rows, positions, logits, query_start_loc, req_ids)
             if profile.ENABLED:
-                profile.add("worker.read", time.perf_counter_ns() - start)
+                profile.add("worker.read", profile.now() - start)
             return built
 
         records.attach(output, build)
         if profile.ENABLED:
-            profile.add("worker.record", time.perf_counter_ns() - start)
+            profile.add("worker.record", profile.now() - start)
         return output
 
     return wrapper

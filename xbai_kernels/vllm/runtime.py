@@ -63,6 +63,7 @@ class HostBuffers:
     """Host side of one V1 step's copies: next prompt ids to the device, (is_step, logits) back."""
 
     def __init__(self, max_tokens: int, max_requests: int, pinned: bool) -> None:
-        self.next_prompt_ids = torch.zeros(max_requests, dtype=torch.int64, pin_memory=pinned)
-        self.is_step = torch.zeros(max_tokens, dtype=torch.bool, pin_memory=pinned)
-        self.logits = torch.zeros(max_tokens, dtype=torch.float32, pin_memory=pinned)
+        # Explicitly on the CPU: vLLM builds the model under a CUDA default device.
+        self.next_prompt_ids = torch.zeros(max_requests, dtype=torch.int64, device="cpu", pin_memory=pinned)
+        self.is_step = torch.zeros(max_tokens, dtype=torch.bool, device="cpu", pin_memory=pinned)
+        self.logits = torch.zeros(max_tokens, dtype=torch.float32, device="cpu", pin_memory=pinned)

@@ -1,0 +1,419 @@
+"""vLLM with SPRM scoring: what the plugin costs a decode step, and what one-engine Best-of-N saves.
+
+    python -m benchmarks vllm [--parts recorder,throughput,best-of-n] [--models 1.5b,7b] [--quick] [--out PATH]
+
+Random-weight Qwen2 models at the released shapes (no hub: the config, a tokenizer made on the spot
+and a random head are written to a temporary directory; throughput uses vLLM's dummy weights).
+
+* ``recorder`` (GPU): the plugin's per-step work alone, as it runs under Model Runner V2: the
+  ``EngineStepRecorder`` graph replay with its two copies, GPU time by CUDA events and host time by
+  the wall clock, per decode batch size.
+* ``throughput``: decode tokens/s of vLLM's default engine without the plugin (``stock``) and of
+  one engine with the plugin whose recording is switched on and off in turn (``on``, ``off``:
+  the same engine, so engine-to-engine variance cancels out of on/off), repetitions interleaved;
+  with ``XBAI_SPRM_PROFILE=1``, the plugin's host time per engine step by stage.
+* ``best-of-n`` (GPU): N candidates per prompt, scored in the generating engine, against the
+  released pipeline: generation in a stock engine, then a HuggingFace forward over every
+  candidate to read ``h`` and score it. Same prompts, same seeds.
+
+A step token is made about ``STEP_FRACTION`` of the sampled tokens by a logit bias (random weights
+would almost never sample it). Results: JSON (device, versions, date, shapes, medians and spreads)
+and a plot; the README's vLLM table is generated from them (``benchmarks/report.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("XBAI_SPRM_PROFILE", "1")  # before vLLM starts its processes, which inherit it
+# The benchmark sends two functions of this package to the engine (switch recording, read the
+# counters): vLLM serializes callables only when allowed.
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+
+import torch  # noqa: E402
+
+from ._common import environment, write_result  # noqa: E402
+
+MODEL_SHAPES = {
+    # Qwen2 shapes of the released 1.5B and 7B models, and a tiny one for the CPU.
+    "1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                 intermediate_size=8960, vocab_size=151936),
+    "7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+               intermediate_size=18944, vocab_size=152064),
+    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=256, vocab_size=1024),
+}
+STEP_FRACTION = 0.025
+PROMPT_TOKENS = 32
+
+
+# ----- models ---------------------------------------------------------------------------------------
+
+
+def write_model(directory: Path, shape: str, weights: bool, device: str = "cuda", seed: int = 0) -> dict:
+    """A Qwen2 checkpoint directory of ``shape``: config, the tiny tokenizer, a random SPRM head and,
+    with ``weights``, random bf16 weights (else vLLM's dummy loader makes them). Returns facts about it."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from xbai_kernels import SPRMHead, StepRule
+    from xbai_kernels.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer(seed=seed)
+    config = Qwen2Config(**MODEL_SHAPES[shape], max_position_embeddings=32768, tie_word_embeddings=False,
+                         eos_token_id=tokenizer.eos_token_id, torch_dtype="bfloat16")
+    config.architectures = ["Qwen2ForCausalLM"]
+    directory.mkdir(parents=True, exist_ok=True)
+    if weights:
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model.save_pretrained(directory, safe_serialization=True)
+        del model
+        torch.cuda.empty_cache() if device == "cuda" else None
+    else:
+        config.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    torch.manual_seed(seed + 1)
+    head = SPRMHead(config.hidden_size)
+    with torch.no_grad():  # logits of order one, so step scores spread over (0, 1)
+        head[0].weight.mul_(3.0)
+        head[-1].weight.mul_(3.0)
+    head.save_pretrained(directory)
+    rule = StepRule.from_tokenizer(tokenizer)
+    # Near-uniform sampling over V ids draws the step token with probability p when its odds are raised
+    # to p / (1 - p) * (V - 1).
+    vocab = config.vocab_size
+    bias = math.log(STEP_FRACTION / (1 - STEP_FRACTION) * (vocab - 1))
+    return {"dir": str(directory), "shape": shape, "d": config.hidden_size, "vocab": vocab,
+            "step_token": rule.step_token_id, "step_bias": bias, "tokenizer_vocab": len(tokenizer)}
+
+
+def prompts(count: int, tokenizer_vocab: int, seed: int) -> list[dict]:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(10, tokenizer_vocab - 10, (count, PROMPT_TOKENS), generator=generator)
+    return [{"prompt_token_ids": row.tolist()} for row in ids]
+
+
+def engine(model: dict, scoring: bool, memory: float, quick: bool = False, **extra):
+    from vllm import LLM
+
+    kwargs = dict(model=model["dir"], dtype="bfloat16", gpu_memory_utilization=memory, max_model_len=4096,
+                  seed=0, hf_overrides={"xbai_sprm": scoring})
+    if torch.cuda.is_available():
+        kwargs["attention_backend"] = "TRITON_ATTN"  # the carried vLLM has neither FlashAttention nor FlashInfer
+    else:
+        kwargs.update(block_size=32, enforce_eager=True)
+    if not model.get("weights"):
+        kwargs["load_format"] = "dummy"
+    kwargs.update(extra)
+    return LLM(**kwargs)
+
+
+def shutdown(llm) -> None:
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+def sampling(model: dict, max_tokens: int, n: int = 1, seed: int | None = None):
+    from vllm import SamplingParams
+
+    return SamplingParams(n=n, max_tokens=max_tokens, ignore_eos=True, temperature=1.0, seed=seed,
+                          logit_bias={model["step_token"]: model["step_bias"]}, detokenize=False)
+
+
+def runner_name(llm) -> str:
+    """Which model runner the engine's worker runs (``GPUModelRunner`` of V2's package or V1's module)."""
+    def name(worker):
+        runner = worker.model_runner
+        return f"{type(runner).__module__}.{type(runner).__name__}"
+    return llm.collective_rpc(name)[0]
+
+
+def spread(values: list[float]) -> dict:
+    ordered = sorted(values)
+    return {"median": statistics.median(ordered), "min": ordered[0], "max": ordered[-1], "n": len(ordered)}
+
+
+# ----- recorder: the per-step work alone ------------------------------------------------------------
+
+
+def recorder_part(args) -> list[dict]:
+    """GPU and host time of one ``EngineStepRecorder.record`` per decode step, graph replay included."""
+    import numpy as np
+
+    from xbai_kernels import SPRMHead, StepRule
+    from xbai_kernels.vllm.recorder import EngineStepRecorder
+
+    device = torch.device("cuda")
+    rows_out = []
+    rule = StepRule((5,), 3, 4)
+    for shape in args.models.split(","):
+        d, vocab = MODEL_SHAPES[shape]["hidden_size"], MODEL_SHAPES[shape]["vocab_size"]
+        head = SPRMHead(d, device=device, dtype=torch.bfloat16).eval()
+        max_requests, max_tokens = 1024, 8192
+        recorder = EngineStepRecorder(head, rule, vocab, max_tokens, max_requests)
+        hidden = torch.randn(max_tokens, d, device=device, dtype=torch.bfloat16)
+        token_ids = torch.randint(0, vocab, (max_requests, 4096), dtype=torch.int32, device=device)
+        input_ids = torch.randint(0, vocab, (max_tokens,), dtype=torch.int32, device=device)
+        positions = torch.randint(0, 4000, (max_tokens,), device=device)
+        sizes = (1, 16, 64, 256)
+        recorder.capture(sizes, hidden, input_ids, positions, token_ids)
+        for batch in sizes:
+            # A quarter of the rows open a step (the sampled token after each is the step token).
+            slots = np.arange(batch, dtype=np.int32)
+            token_ids[:batch].view(-1)[:] = 7
+            positions[:batch] = torch.arange(batch, device=device) % 4000
+            token_ids[torch.arange(0, batch, 4, device=device), positions[:batch:4] + 1] = 5
+            query_start_loc = np.arange(batch + 1, dtype=np.int32)
+            step = None
+            for _ in range(20):  # warm-up
+                step = recorder.record(hidden, input_ids, positions, token_ids, query_start_loc, slots, batch, batch)
+            step.scored()
+            torch.cuda.synchronize()
+            # Host: a step's record() and the read of its rows, as the engine does them.
+            host = []
+            for _ in range(args.recorder_reps):
+                begin = time.perf_counter_ns()
+                step = recorder.record(hidden, input_ids, positions, token_ids, query_start_loc, slots, batch, batch)
+                rows, _, _ = step.scored()
+                host.append((time.perf_counter_ns() - begin) / 1e3)
+            # GPU: the graphs enqueued behind a sleeping kernel, so the host never starves the GPU.
+            gpu = []
+            for _ in range(5):
+                start_event, end_event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda._sleep(50_000_000)
+                start_event.record()
+                for k in range(100):
+                    recorder._graphs[(batch, k % 3)].replay()
+                end_event.record()
+                end_event.synchronize()
+                gpu.append(start_event.elapsed_time(end_event) * 1e3 / 100)
+            assert rows.size == len(range(0, batch, 4)), (batch, rows.size)
+            rows_out.append({"shape": shape, "d": d, "batch": batch, "step_rows": int(rows.size),
+                             "gpu_us": spread(gpu), "host_us": spread(host)})
+            print(f"recorder {shape} B={batch}: GPU {statistics.median(gpu):.1f} us, host {statistics.median(host):.1f} us",
+                  flush=True)
+    return rows_out
+
+
+# ----- throughput: stock / on / off, interleaved ----------------------------------------------------
+
+
+def _generate_timed(llm, batch_prompts, params) -> tuple[float, int]:
+    start = time.perf_counter()
+    outputs = llm.generate(batch_prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    return seconds, sum(len(c.token_ids) for o in outputs for c in o.outputs)
+
+
+def _profile(llm) -> dict:
+    from xbai_kernels.vllm import profile
+
+    stages = dict(llm.collective_rpc(profile.snapshot, kwargs={"reset": True})[0])
+    stages.update(profile.snapshot(reset=True))  # the front end runs in this process
+    return stages
+
+
+def throughput_part(args, model: dict) -> dict:
+    from xbai_kernels.vllm import runtime
+
+    memory = args.memory
+    stock = engine(model, scoring=False, memory=memory)
+    scored = engine(model, scoring=True, memory=memory)
+    result = {"runner": {"stock": runner_name(stock), "scored": runner_name(scored)}, "batches": []}
+    for batch in [int(b) for b in args.batch.split(",")]:
+        batch_prompts = prompts(batch, model["tokenizer_vocab"], seed=batch)
+        params = sampling(model, args.new_tokens)
+        tokens_per_s = {"stock": [], "on": [], "off": []}
+        host = {}
+        steps = 0
+        for rep in range(args.reps + 1):  # the first round warms up and is not counted
+            order = ("stock", "on", "off") if rep % 2 == 0 else ("off", "on", "stock")
+            for mode in order:
+                llm = stock if mode == "stock" else scored
+                if mode != "stock":
+                    scored.collective_rpc(runtime.set_recording, args=(mode == "on",))
+                    _profile(scored)  # reset the counters
+                seconds, tokens = _generate_timed(llm, batch_prompts, params)
+                if rep > 0:
+                    tokens_per_s[mode].append(tokens / seconds)
+                if rep > 0 and mode == "on":
+                    stages = _profile(scored)
+                    steps += stages.get("worker.record", (0, 0))[1]
+                    for stage, (ns, _) in stages.items():
+                        host[stage] = host.get(stage, 0) + ns
+        scored.collective_rpc(runtime.set_recording, args=(True,))
+        row = {"batch": batch, "new_tokens": args.new_tokens, "tokens_per_s": {m: spread(v) for m, v in tokens_per_s.items()}}
+        median = {m: statistics.median(v) for m, v in tokens_per_s.items()}
+        row["overhead_on_vs_stock"] = median["stock"] / median["on"] - 1
+        row["overhead_on_vs_off"] = median["off"] / median["on"] - 1
+        row["engine_steps"] = steps
+        row["host_us_per_step"] = {stage: ns / 1e3 / max(steps, 1) for stage, ns in host.items()}
+        row["host_us_per_step"]["total"] = sum(row["host_us_per_step"].values())
+        result["batches"].append(row)
+        print(f"throughput {model['shape']} B={batch}: stock {median['stock']:.0f} on {median['on']:.0f} off {median['off']:.0f} "
+              f"tok/s; on/stock {row['overhead_on_vs_stock']:+.2%}, on/off {row['overhead_on_vs_off']:+.2%}; "
+              f"plugin host {row['host_us_per_step']['total']:.1f} us/step "
+              f"({', '.join(f'{k} {v:.1f}' for k, v in row['host_us_per_step'].items() if k != 'total')})", flush=True)
+    shutdown(scored)
+    shutdown(stock)
+    return result
+
+
+# ----- Best-of-N: one engine against generate-then-rescore ------------------------------------------
+
+
+def best_of_n_part(args, model: dict) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from xbai_kernels import SPRMHead, StepRule, score_trajectories
+    from xbai_kernels.tiny import build_tokenizer
+
+    result = {"cases": []}
+    num_prompts = args.bon_prompts
+    ns = [int(n) for n in args.bon_n.split(",")]
+    outputs = {}
+    for scoring in (True, False):
+        llm = engine(model, scoring=scoring, memory=args.memory)
+        for n in ns:
+            batch_prompts = prompts(num_prompts, model["tokenizer_vocab"], seed=1000 + n)
+            params = sampling(model, args.bon_tokens, n=n, seed=n)
+            llm.generate(batch_prompts[:1], sampling(model, 16, n=n), use_tqdm=False)  # warm-up
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            outs = llm.generate(batch_prompts, params, use_tqdm=False)
+            outputs[(scoring, n)] = (time.perf_counter() - start, outs)
+        shutdown(llm)
+    hf = AutoModelForCausalLM.from_pretrained(model["dir"], dtype=torch.bfloat16).cuda().eval()
+    head = SPRMHead.from_pretrained(model["dir"], device="cuda", dtype=torch.bfloat16).eval()
+    rule = StepRule.from_tokenizer(build_tokenizer(seed=0))
+    for n in ns:
+        ours_s, ours = outputs[(True, n)]
+        gen_s, plain = outputs[(False, n)]
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        rescored = []
+        with torch.inference_mode():
+            for request in plain:
+                for completion in request.outputs:
+                    ids = torch.tensor(list(request.prompt_token_ids) + list(completion.token_ids), device="cuda")
+                    hidden = hf(input_ids=ids[None], output_hidden_states=True).hidden_states[-2][0]
+                    rescored.append(score_trajectories(hidden, ids, head, rule)[0])
+        torch.cuda.synchronize()
+        rescore_s = time.perf_counter() - start
+        # The ids of our run re-forwarded the same way: positions, step-score differences, the pick.
+        same_positions, max_diff, picks_agree, trajectories = True, 0.0, 0, 0
+        with torch.inference_mode():
+            for request in ours:
+                ours_scores, ref_scores = [], []
+                for completion in request.outputs:
+                    ids = torch.tensor(list(request.prompt_token_ids) + list(completion.token_ids), device="cuda")
+                    hidden = hf(input_ids=ids[None], output_hidden_states=True).hidden_states[-2][0]
+                    ref = score_trajectories(hidden, ids, head, rule)[0]
+                    same_positions &= completion.sprm_step_positions == ref.positions.tolist()
+                    if ref.positions.numel():
+                        max_diff = max(max_diff, float((torch.tensor(completion.sprm_step_scores) - ref.step_scores.cpu()).abs().max()))
+                    ours_scores.append(completion.sprm_score)
+                    ref_scores.append(ref.score)
+                    trajectories += 1
+                picks_agree += int(max(range(n), key=ours_scores.__getitem__) == max(range(n), key=ref_scores.__getitem__))
+        steps = sum(len(c.sprm_step_positions) for r in ours for c in r.outputs)
+        tokens = sum(len(c.token_ids) for r in ours for c in r.outputs)
+        case = {"n": n, "prompts": num_prompts, "new_tokens": args.bon_tokens, "ours_s": ours_s,
+                "released_s": gen_s + rescore_s, "released_generate_s": gen_s, "released_rescore_s": rescore_s,
+                "speedup": (gen_s + rescore_s) / ours_s, "trajectories": trajectories,
+                "step_fraction": steps / max(tokens, 1), "positions_equal": bool(same_positions),
+                "max_step_score_diff": max_diff, "best_of_n_pick_agreement": picks_agree / num_prompts}
+        result["cases"].append(case)
+        print(f"best-of-n N={n}: ours {ours_s:.1f} s, released {gen_s:.1f} + {rescore_s:.1f} s "
+              f"({case['speedup']:.2f}x); positions equal {same_positions}, max |diff| {max_diff:.4f}, "
+              f"picks agree {picks_agree}/{num_prompts}", flush=True)
+    del hf
+    torch.cuda.empty_cache()
+    return result
+
+
+# ----- plot and entry point -------------------------------------------------------------------------
+
+
+def plot(result: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = result.get("throughput", {})
+    if not runs:
+        return
+    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4), squeeze=False)
+    for ax, (shape, run) in zip(axes[0], runs.items()):
+        batches = [row["batch"] for row in run["batches"]]
+        for offset, mode in zip((-0.25, 0, 0.25), ("stock", "on", "off")):
+            values = [row["tokens_per_s"][mode]["median"] for row in run["batches"]]
+            ax.bar([i + offset for i in range(len(batches))], values, width=0.25, label=mode)
+        for i, row in enumerate(run["batches"]):
+            ax.annotate(f"{row['overhead_on_vs_stock']:+.1%}", (i, row["tokens_per_s"]["on"]["median"]),
+                        ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(batches)), [f"B={b}" for b in batches])
+        ax.set_ylabel("decode tokens/s")
+        ax.set_title(f"{shape}: vLLM, stock vs SPRM plugin (on/off)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks vllm", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parts", default="recorder,throughput,best-of-n")
+    parser.add_argument("--models", default="1.5b", help="comma list of: " + ", ".join(MODEL_SHAPES))
+    parser.add_argument("--batch", default="1,16,64,256")
+    parser.add_argument("--new-tokens", type=int, default=512)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--recorder-reps", type=int, default=200)
+    parser.add_argument("--bon-n", default="8,32")
+    parser.add_argument("--bon-prompts", type=int, default=8)
+    parser.add_argument("--bon-tokens", type=int, default=512)
+    parser.add_argument("--memory", type=float, default=0.4, help="gpu_memory_utilization of each engine")
+    parser.add_argument("--quick", action="store_true", help="tiny model on a CPU, B 16, 64 tokens, 2 repetitions")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    on_gpu = torch.cuda.is_available()
+    if args.quick or not on_gpu:
+        args.models, args.batch, args.new_tokens, args.reps = ("1.5b" if on_gpu else "tiny"), "16", 64, 2
+    parts = args.parts.split(",")
+    import vllm
+
+    result = {"environment": {**environment(torch.device("cuda" if on_gpu else "cpu")), "vllm": vllm.__version__},
+              "settings": {k: v for k, v in vars(args).items() if k not in ("out",)}, "step_fraction_target": STEP_FRACTION}
+    if "recorder" in parts and on_gpu:
+        result["recorder"] = recorder_part(args)
+    with tempfile.TemporaryDirectory() as scratch:
+        if "throughput" in parts:
+            result["throughput"] = {}
+            for shape in args.models.split(","):
+                model = write_model(Path(scratch) / f"dummy-{shape}", shape, weights=False)
+                result["throughput"][shape] = {"model": model, **throughput_part(args, model)}
+        if "best-of-n" in parts and on_gpu:
+            shape = args.models.split(",")[0]
+            model = {**write_model(Path(scratch) / f"weights-{shape}", shape, weights=True), "weights": True}
+            result["best_of_n"] = {"model": model, **best_of_n_part(args, model)}
+    slug = result["environment"]["device_slug"]
+    write_result(result, args.out, f"{slug}-vllm.json", plot=plot)
+    print(json.dumps({k: v for k, v in result.items() if k != "environment"}, default=str)[:2000])
+    return result
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])

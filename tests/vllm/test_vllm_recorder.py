@@ -59,7 +59,7 @@ def _step(device: str):
     runner = SimpleNamespace(
         input_ids=SimpleNamespace(gpu=torch.tensor(INPUT_IDS, dtype=torch.int32, device=device)),
         query_start_loc=SimpleNamespace(gpu=torch.tensor(QUERY_START_LOC, dtype=torch.int32, device=device)),
-        discard_request_mask=SimpleNamespace(gpu=torch.tensor(DISCARD, device=device)),
+        discard_request_mask=SimpleNamespace(gpu=torch.tensor(DISCARD, device=device), np=np.array(DISCARD)),
     )
     layout = _StepLayout(
         req_ids=["a", "b", "c"],

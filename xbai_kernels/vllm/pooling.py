@@ -24,7 +24,8 @@ from vllm.model_executor.models.qwen3 import Qwen3Model
 from vllm.model_executor.models.utils import AutoWeightsLoader, maybe_prefix
 
 from ..head import HEAD_KEYS, CheckpointError, SPRMHead
-from ..ops import dispatch, reference
+from .. import semantics
+from ..ops import dispatch
 from ..rule import StepRule
 from ..scoring import step_mask
 from . import config as sprm_config
@@ -39,7 +40,7 @@ def score_token_probabilities(token_ids, probabilities: torch.Tensor, rule: Step
         raise ValueError(f"score_token_probabilities: {probabilities.numel()} probabilities for {ids.numel()} tokens")
     positions = step_mask(ids, rule).nonzero().squeeze(-1)
     step_scores = probabilities[positions]
-    score = reference.segment_geomean(step_scores, torch.zeros_like(positions), 1)[0]
+    score = semantics.trajectory_score(step_scores)
     return SPRMResult(float(score), step_scores.tolist(), positions.tolist())
 
 

@@ -250,7 +250,14 @@ class StepLogitRecorder:
         self.logits = torch.zeros(max_tokens, dtype=torch.float32, device=device)
         self.max_tokens = max_tokens
         self.max_requests = max_requests
-        self._head_op = dispatch.implementations(("head_logits_masked",), device)[0]
+        self._head_op, self._rows_head_op = dispatch.implementations(("head_logits_masked", "head_logits_rows"), device)
+        # The CPU engine applies the rule to numpy views (see ``runner_v1._record_on_host``).
+        self.step_table_host = self.is_step_token.numpy() if device.type == "cpu" else None
+
+    def head_rows(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Logits of the selected rows: hidden [T, d], rows int64 [m] -> float32 [m]."""
+        with torch.no_grad():
+            return self._rows_head_op(hidden, rows, *self.head.weights)
 
     @torch.no_grad()
     def update(

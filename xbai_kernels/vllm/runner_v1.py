@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import semantics
 from . import profile, records
 
 logger = logging.getLogger("xbai_kernels.vllm")
@@ -41,7 +42,8 @@ class _StepLayout:
     first_positions: np.ndarray  # int [R]: position of each request's first scheduled token
     num_tokens: int
     next_prompt_ids: np.ndarray  # int64 [R]: next prompt token of partial-prefill rows, else 0
-    host_copy: tuple | None = None  # (is_step, logits, ready event or None) once the update ran
+    host_copy: tuple | None = None  # device path: (is_step, logits, ready event or None) once the update ran
+    host_rows: tuple | None = None  # CPU path: (rows int [m], logits float32 [m]) once the update ran
 
 
 def _runtime(runner):
@@ -69,14 +71,16 @@ def _capture_layout(runner) -> _StepLayout:
 
 
 def _run_update(runner, runtime, layout: _StepLayout, sampled_token_ids: torch.Tensor) -> None:
+    if runtime.recorder.device.type == "cpu":
+        _record_on_host(runner, runtime, layout, sampled_token_ids)
+        return
     num_reqs, num_tokens = len(layout.req_ids), layout.num_tokens
-    on_cuda = runtime.recorder.device.type == "cuda"
     host = runtime.next_host_buffers()
     # Staged through pinned memory: asynchronous copies both ways, no wait on the host.
     staged = host.next_prompt_ids[:num_reqs]
     staged.numpy()[:] = layout.next_prompt_ids
     next_prompt = runtime.next_prompt_ids[:num_reqs]
-    next_prompt.copy_(staged, non_blocking=on_cuda)
+    next_prompt.copy_(staged, non_blocking=True)
     is_step, logits = runtime.recorder.update(
         runtime.hidden[:num_tokens],
         runner.input_ids.gpu[:num_tokens],
@@ -86,25 +90,49 @@ def _run_update(runner, runtime, layout: _StepLayout, sampled_token_ids: torch.T
         next_prompt,
     )
     host_is_step, host_logits = host.is_step[:num_tokens], host.logits[:num_tokens]
-    host_is_step.copy_(is_step, non_blocking=on_cuda)
-    host_logits.copy_(logits, non_blocking=on_cuda)
-    ready = None
-    if on_cuda:
-        ready = torch.cuda.Event()
-        ready.record()
+    host_is_step.copy_(is_step, non_blocking=True)
+    host_logits.copy_(logits, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
     layout.host_copy = (host_is_step, host_logits, ready)
+
+
+def _record_on_host(runner, runtime, layout: _StepLayout, sampled_token_ids: torch.Tensor) -> None:
+    """The CPU engine's step: every tensor is host memory, so the rule runs on numpy views (a dozen
+    torch ops would cost more than the step's model work on a small model) and the head only on
+    the rows that open a step, usually none."""
+    num_reqs, num_tokens = len(layout.req_ids), layout.num_tokens
+    recorder = runtime.recorder
+    current = runner.input_ids.gpu[:num_tokens].numpy().astype(np.int64)
+    following = np.empty_like(current)
+    following[:-1] = current[1:]
+    following[-1] = semantics.NO_TOKEN
+    sampled = sampled_token_ids[:num_reqs, 0].numpy()
+    discard = runner.discard_request_mask.np[:num_reqs]
+    following[layout.query_start_loc[1:] - 1] = np.where(discard, layout.next_prompt_ids, sampled)
+    is_step = semantics.opens_step(current, following, recorder.step_table_host, recorder.rule.think_start_id)
+    rows = np.flatnonzero(is_step)
+    logits = np.zeros(0, dtype=np.float32)
+    if rows.size:
+        hidden = runtime.hidden[:num_tokens]
+        logits = recorder.head_rows(hidden, torch.from_numpy(rows)).numpy()
+    layout.host_rows = (rows, logits)
 
 
 def _host_records(layout: _StepLayout) -> records.Records:
     """{request id: (positions, logits)} of this step's candidate positions (waits for the copy)."""
     start = profile.now() if profile.ENABLED else 0
-    is_step, logits, ready = layout.host_copy
-    if ready is not None:
-        ready.synchronize()
-    rows = np.flatnonzero(is_step.numpy())
+    if layout.host_rows is not None:
+        rows, logits = layout.host_rows
+    else:
+        is_step, logits, ready = layout.host_copy
+        if ready is not None:
+            ready.synchronize()
+        rows = np.flatnonzero(is_step.numpy())
+        logits = logits.numpy()[rows]
     request_rows = np.searchsorted(layout.query_start_loc, rows, side="right") - 1
     positions = layout.first_positions[request_rows] + rows - layout.query_start_loc[request_rows]
-    built = records.by_request(rows, positions, logits.numpy()[rows], layout.query_start_loc, layout.req_ids)
+    built = records.by_request(rows, positions, logits, layout.query_start_loc, layout.req_ids)
     if profile.ENABLED:
         profile.add("worker.read", profile.now() - start)
     return built
@@ -147,7 +175,7 @@ def sample_tokens(original):
         if runtime is None:
             return output
         layout, runtime.layout = runtime.layout, None
-        if layout is not None and layout.host_copy is not None and output is not None:
+        if layout is not None and (layout.host_copy is not None or layout.host_rows is not None) and output is not None:
             records.attach(output, functools.partial(_host_records, layout))
         return output
 

@@ -227,17 +227,20 @@ def throughput_part(args, model: dict) -> dict:
     from xbai_kernels.vllm import runtime
 
     memory = args.memory
-    stock = engine(model, scoring=False, memory=memory)
+    modes = tuple(args.modes.split(","))
+    stock = engine(model, scoring=False, memory=memory) if "stock" in modes else None
     scored = engine(model, scoring=True, memory=memory)
-    result = {"runner": {"stock": runner_name(stock), "scored": runner_name(scored)}, "batches": []}
+    result = {"runner": {"scored": runner_name(scored)}, "modes": list(modes), "batches": []}
+    if stock is not None:
+        result["runner"]["stock"] = runner_name(stock)
     for batch in [int(b) for b in args.batch.split(",")]:
         batch_prompts = prompts(batch, model["tokenizer_vocab"], seed=batch)
         params = sampling(model, args.new_tokens)
-        tokens_per_s = {"stock": [], "on": [], "off": []}
+        tokens_per_s = {mode: [] for mode in modes}
         host = {}
         steps = 0
         for rep in range(args.reps + 1):  # the first round warms up and is not counted
-            order = ("stock", "on", "off") if rep % 2 == 0 else ("off", "on", "stock")
+            order = modes if rep % 2 == 0 else modes[::-1]
             for mode in order:
                 llm = stock if mode == "stock" else scored
                 if mode != "stock":
@@ -254,18 +257,20 @@ def throughput_part(args, model: dict) -> dict:
         scored.collective_rpc(runtime.set_recording, args=(True,))
         row = {"batch": batch, "new_tokens": args.new_tokens, "tokens_per_s": {m: spread(v) for m, v in tokens_per_s.items()}}
         median = {m: statistics.median(v) for m, v in tokens_per_s.items()}
-        row["overhead_on_vs_stock"] = median["stock"] / median["on"] - 1
+        if "stock" in median:
+            row["overhead_on_vs_stock"] = median["stock"] / median["on"] - 1
         row["overhead_on_vs_off"] = median["off"] / median["on"] - 1
         row["engine_steps"] = steps
         row["host_us_per_step"] = {stage: ns / 1e3 / max(steps, 1) for stage, ns in host.items()}
         row["host_us_per_step"]["total"] = sum(row["host_us_per_step"].values())
         result["batches"].append(row)
-        print(f"throughput {model['shape']} B={batch}: stock {median['stock']:.0f} on {median['on']:.0f} off {median['off']:.0f} "
-              f"tok/s; on/stock {row['overhead_on_vs_stock']:+.2%}, on/off {row['overhead_on_vs_off']:+.2%}; "
+        print(f"throughput {model['shape']} B={batch}: " + ", ".join(f"{m} {v:.0f}" for m, v in median.items())
+              + f" tok/s; on/stock {row.get('overhead_on_vs_stock', float('nan')):+.2%}, on/off {row['overhead_on_vs_off']:+.2%}; "
               f"plugin host {row['host_us_per_step']['total']:.1f} us/step "
               f"({', '.join(f'{k} {v:.1f}' for k, v in row['host_us_per_step'].items() if k != 'total')})", flush=True)
     shutdown(scored)
-    shutdown(stock)
+    if stock is not None:
+        shutdown(stock)
     return result
 
 
@@ -357,12 +362,14 @@ def plot(result: dict, path) -> None:
     fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4), squeeze=False)
     for ax, (shape, run) in zip(axes[0], runs.items()):
         batches = [row["batch"] for row in run["batches"]]
-        for offset, mode in zip((-0.25, 0, 0.25), ("stock", "on", "off")):
+        modes = run.get("modes", ["stock", "on", "off"])
+        width = 0.8 / len(modes)
+        for k, mode in enumerate(modes):
             values = [row["tokens_per_s"][mode]["median"] for row in run["batches"]]
-            ax.bar([i + offset for i in range(len(batches))], values, width=0.25, label=mode)
+            ax.bar([i + (k - (len(modes) - 1) / 2) * width for i in range(len(batches))], values, width=width, label=mode)
         for i, row in enumerate(run["batches"]):
-            ax.annotate(f"{row['overhead_on_vs_stock']:+.1%}", (i, row["tokens_per_s"]["on"]["median"]),
-                        ha="center", va="bottom", fontsize=8)
+            overhead = row.get("overhead_on_vs_stock", row["overhead_on_vs_off"])
+            ax.annotate(f"{overhead:+.1%}", (i, row["tokens_per_s"]["on"]["median"]), ha="center", va="bottom", fontsize=8)
         ax.set_xticks(range(len(batches)), [f"B={b}" for b in batches])
         ax.set_ylabel("decode tokens/s")
         ax.set_title(f"{shape}: vLLM, stock vs SPRM plugin (on/off)")
@@ -379,15 +386,20 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", default="1,16,64,256")
     parser.add_argument("--new-tokens", type=int, default=512)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--modes", default="stock,on,off",
+                        help="stock (an engine without the plugin), on / off (one plugin engine, recording switched)")
     parser.add_argument("--recorder-reps", type=int, default=200)
     parser.add_argument("--bon-n", default="8,32")
     parser.add_argument("--bon-prompts", type=int, default=8)
     parser.add_argument("--bon-tokens", type=int, default=512)
-    parser.add_argument("--memory", type=float, default=0.4, help="gpu_memory_utilization of each engine")
+    parser.add_argument("--memory", type=float, default=None,
+                        help="gpu_memory_utilization of each of the two engines (default 0.4 on a GPU, 0.15 on a CPU)")
     parser.add_argument("--quick", action="store_true", help="tiny model on a CPU, B 16, 64 tokens, 2 repetitions")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     on_gpu = torch.cuda.is_available()
+    if args.memory is None:
+        args.memory = 0.4 if on_gpu else 0.15
     if args.quick or not on_gpu:
         args.models, args.batch, args.new_tokens, args.reps = ("1.5b" if on_gpu else "tiny"), "16", 64, 2
     parts = args.parts.split(",")

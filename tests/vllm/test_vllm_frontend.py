@@ -167,12 +167,12 @@ def _candidate_logits(ids: list[int]) -> dict[int, float]:
 
 @pytest.fixture
 def frontend_patched():
-    from xbai_kernels.vllm import frontend
+    from xbai_kernels.vllm import frontend, patches
 
-    applied = frontend.patch_output_processor()
+    applied = patches.apply("frontend")
     yield frontend
     if applied:
-        frontend.revert_output_processor()
+        patches.revert("frontend")
 
 
 def _engine_request(request_id: str, n: int, output_kind, extra_args=None):
@@ -338,13 +338,15 @@ def test_long_completion_is_scanned_while_it_arrives(frontend_patched):
 def test_revert_restores_vllm(frontend_patched):
     from vllm.outputs import RequestOutput
 
+    from xbai_kernels.vllm import patches
+
     patched = RequestOutput.__dict__["add"]
-    frontend_patched.revert_output_processor()
+    patches.revert("frontend")
     try:
         assert RequestOutput.__dict__["add"] is not patched
         assert not hasattr(RequestOutput.__dict__["add"], "__wrapped__")
     finally:
-        frontend_patched.patch_output_processor()
+        patches.apply("frontend")
 
 
 @requires_vllm

@@ -59,11 +59,10 @@ def register() -> None:
     for architecture, target in MODEL_CLASSES.items():
         ModelRegistry.register_model(architecture, target)
     if scoring:
-        from .frontend import patch_output_processor
         from .server import install_server_patch
 
         patches.apply("scheduler")
-        patch_output_processor()
+        patches.apply("frontend")
         install_server_patch()
     _registered = True
     logger.debug("xbai_kernels: vLLM plugin registered (scoring %s)", "on" if scoring else "off")

@@ -21,13 +21,13 @@ into the first one (``RequestOutputCollector.put`` -> ``RequestOutput.add(aggreg
 copying its own fields only; ``request_output_add`` carries the SPRM fields over, so they reach the
 consumer with the choice's ``finish_reason`` whatever the load.
 
-Every vLLM internal patched here is in ``PATCHES`` (target, wrapper), applied and reverted together.
+The wrappers here are applied through ``patches`` (group ``frontend``), with every other vLLM internal the
+plugin patches.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
 import logging
 
 from ..rule import StepRule
@@ -268,45 +268,3 @@ def validate_params(original):
         return result
 
     return wrapper
-
-
-_OUTPUT_PROCESSOR = "vllm.v1.engine.output_processor"
-# (target "module:Class.attribute", wrapper): every vLLM internal this module patches. Checked
-# against the source of vLLM 0.26.0 and 0.32.0 (same signatures and call sites in both).
-PATCHES = (
-    (f"{_OUTPUT_PROCESSOR}:OutputProcessor.process_outputs", process_outputs),
-    (f"{_OUTPUT_PROCESSOR}:OutputProcessor.add_request", add_request),
-    (f"{_OUTPUT_PROCESSOR}:RequestState._new_completion_output", new_completion_output),
-    (f"{_OUTPUT_PROCESSOR}:RequestState.from_new_request", from_new_request),
-    ("vllm.outputs:RequestOutput.add", request_output_add),
-    ("vllm.v1.engine.input_processor:InputProcessor._validate_params", validate_params),
-)
-_PATCHED: dict[str, tuple[type, str, object]] = {}
-
-
-def _owner(target: str) -> tuple[type, str]:
-    module_name, _, qualname = target.partition(":")
-    class_name, _, attribute = qualname.rpartition(".")
-    owner = importlib.import_module(module_name)
-    for part in class_name.split("."):
-        owner = getattr(owner, part)
-    return owner, attribute
-
-
-def patch_output_processor() -> bool:
-    """Apply ``PATCHES`` once per process; True when this call applied them."""
-    if _PATCHED:
-        return False
-    for target, wrapper in PATCHES:
-        owner, attribute = _owner(target)
-        original = owner.__dict__[attribute]  # the raw attribute: a classmethod stays a classmethod
-        _PATCHED[target] = (owner, attribute, original)
-        setattr(owner, attribute, wrapper(original))
-    return True
-
-
-def revert_output_processor() -> None:
-    """Put vLLM's originals back (tests; a live engine would stop scoring)."""
-    for owner, attribute, original in reversed(list(_PATCHED.values())):
-        setattr(owner, attribute, original)
-    _PATCHED.clear()

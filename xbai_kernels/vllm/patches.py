@@ -34,6 +34,9 @@ class Patch:
 
 _V1 = "vllm.v1.worker.gpu_model_runner:GPUModelRunner"
 _V2 = "vllm.v1.worker.gpu.model_runner:GPUModelRunner"
+_OUTPUT = "vllm.v1.engine.output_processor"
+_COMPLETION = "vllm.entrypoints.openai.completion.serving:OpenAIServingCompletion"
+_CHAT = "vllm.entrypoints.openai.chat_completion.serving:OpenAIServingChat"
 
 PATCHES: tuple[Patch, ...] = (
     # Worker, V1 runner: note the step's layout, run the recorder, attach the records.
@@ -46,6 +49,22 @@ PATCHES: tuple[Patch, ...] = (
     # Engine core: carry records from the runner output to the front end.
     Patch("scheduler", "vllm.v1.core.sched.scheduler:Scheduler.update_from_output", "xbai_kernels.vllm.engine:update_from_output"),
     Patch("scheduler", "vllm.v1.core.sched.scheduler:Scheduler.add_request", "xbai_kernels.vllm.engine:add_request"),
+    # Front end: file the records, score finished requests, keep the fields through merged deltas,
+    # refuse bad SPRM options before a request starts.
+    Patch("frontend", f"{_OUTPUT}:OutputProcessor.process_outputs", "xbai_kernels.vllm.frontend:process_outputs"),
+    Patch("frontend", f"{_OUTPUT}:OutputProcessor.add_request", "xbai_kernels.vllm.frontend:add_request"),
+    Patch("frontend", f"{_OUTPUT}:RequestState._new_completion_output", "xbai_kernels.vllm.frontend:new_completion_output"),
+    Patch("frontend", f"{_OUTPUT}:RequestState.from_new_request", "xbai_kernels.vllm.frontend:from_new_request"),
+    Patch("frontend", "vllm.outputs:RequestOutput.add", "xbai_kernels.vllm.frontend:request_output_add"),
+    Patch("frontend", "vllm.v1.engine.input_processor:InputProcessor._validate_params", "xbai_kernels.vllm.frontend:validate_params"),
+    # OpenAI server (applied when its modules are first imported, see ``server.install_server_patch``):
+    # options checked on the raw request body, fields copied onto the response choices.
+    Patch("server", f"{_COMPLETION}.create_completion", "xbai_kernels.vllm.server:create_completion"),
+    Patch("server", f"{_COMPLETION}.request_output_to_completion_response", "xbai_kernels.vllm.server:request_output_to_completion_response"),
+    Patch("server", f"{_COMPLETION}.completion_stream_generator", "xbai_kernels.vllm.server:completion_stream_generator"),
+    Patch("server", f"{_CHAT}.create_chat_completion", "xbai_kernels.vllm.server:create_chat_completion"),
+    Patch("server", f"{_CHAT}.chat_completion_full_generator", "xbai_kernels.vllm.server:chat_completion_full_generator"),
+    Patch("server", f"{_CHAT}.chat_completion_stream_generator", "xbai_kernels.vllm.server:chat_completion_stream_generator"),
 )
 
 _applied: dict[str, list[tuple[type, str, object]]] = {}

@@ -28,9 +28,10 @@ import re
 import sys
 
 from . import options as sprm_options
+from . import patches
 from .results import SPRM_FIELDS, sprm_fields
 
-__all__ = ["SPRM_FIELDS", "install_server_patch", "patch_openai_server", "revert_openai_server", "sprm_fields"]
+__all__ = ["SPRM_FIELDS", "install_server_patch", "sprm_fields"]
 
 # Only an SSE chunk in which some choice finishes is parsed: vLLM writes ``"finish_reason":null``
 # on every other chunk, and parsing each chunk of every stream would cost the event loop.
@@ -218,44 +219,8 @@ def request_output_to_completion_response(original):
     return wrapper
 
 
-_COMPLETION = "vllm.entrypoints.openai.completion.serving:OpenAIServingCompletion"
-_CHAT = "vllm.entrypoints.openai.chat_completion.serving:OpenAIServingChat"
-# (target "module:Class.attribute", wrapper): every vLLM internal this module patches. Checked
-# against the source of vLLM 0.26.0 and 0.32.0 (same signatures and parameter names in both).
-PATCHES = (
-    (f"{_COMPLETION}.create_completion", create_completion),
-    (f"{_COMPLETION}.request_output_to_completion_response", request_output_to_completion_response),
-    (f"{_COMPLETION}.completion_stream_generator", completion_stream_generator),
-    (f"{_CHAT}.create_chat_completion", create_chat_completion),
-    (f"{_CHAT}.chat_completion_full_generator", chat_completion_full_generator),
-    (f"{_CHAT}.chat_completion_stream_generator", chat_completion_stream_generator),
-)
-_PATCHED: dict[str, tuple[type, str, object]] = {}
-
-
-def _owner(target: str) -> tuple[type, str]:
-    module_name, _, qualname = target.partition(":")
-    class_name, _, attribute = qualname.rpartition(".")
-    owner = importlib.import_module(module_name)
-    for part in class_name.split("."):
-        owner = getattr(owner, part)
-    return owner, attribute
-
-
-def patch_openai_server() -> bool:
-    """Apply ``PATCHES`` once per process (only the API server process imports the serving classes)."""
-    if _PATCHED:
-        return False
-    for target, wrapper in PATCHES:
-        owner, attribute = _owner(target)
-        original = owner.__dict__[attribute]
-        _PATCHED[target] = (owner, attribute, original)
-        setattr(owner, attribute, wrapper(original))
-    return True
-
-
 class _PatchAfterImport(importlib.abc.MetaPathFinder):
-    """Applies ``patch_openai_server`` right after vLLM's serving modules are first imported.
+    """Applies the ``server`` patch group right after vLLM's serving modules are first imported.
 
     Only the API server process imports them, and it may do so after loading plugins; engine-core
     and worker processes never pay for importing the server.
@@ -284,7 +249,7 @@ class _PatchingLoader(importlib.abc.Loader):
     def exec_module(self, module) -> None:
         self.loader.exec_module(module)
         if all(name in sys.modules for name in _SERVING_MODULES):
-            patch_openai_server()
+            patches.apply("server")
 
 
 _SERVING_MODULES = (
@@ -296,13 +261,6 @@ _SERVING_MODULES = (
 def install_server_patch() -> None:
     """Patch the server now if its modules are loaded, else as soon as they are (idempotent)."""
     if all(name in sys.modules for name in _SERVING_MODULES):
-        patch_openai_server()
+        patches.apply("server")
     elif not any(isinstance(finder, _PatchAfterImport) for finder in sys.meta_path):
         sys.meta_path.insert(0, _PatchAfterImport())
-
-
-def revert_openai_server() -> None:
-    """Put vLLM's originals back."""
-    for owner, attribute, original in reversed(list(_PATCHED.values())):
-        setattr(owner, attribute, original)
-    _PATCHED.clear()

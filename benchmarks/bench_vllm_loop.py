@@ -189,6 +189,21 @@ def _environment() -> dict:
     }
 
 
+def markdown_table(result: dict) -> str:
+    """docs/benchmarks.md: what finishing a scored request costs the server's event loop."""
+    env = result["environment"]
+    lines = [f"vLLM {env['vllm']} front end on {env['machine']} ({env['date'][:10]}): the `process_outputs` call that "
+             f"finishes a request, scored against stock; medians of {result['repeats']} (p10/p90 in the JSON).", "",
+             "| completion tokens | a step every | steps | finish, scored us | finish, stock us | plugin's share us | per earlier step, scored / stock us |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in result["rows"]:
+        lines.append(f"| {row['completion_tokens']} | {row['step_every']} | {row['scored_steps']} | "
+                     f"{row['finish_scored']['median_us']:.0f} | {row['finish_stock']['median_us']:.0f} | "
+                     f"{row['finish_plugin_median_us']:.0f} | {row['per_step_scored']['median_us']:.1f} / "
+                     f"{row['per_step_stock']['median_us']:.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=15)

@@ -25,7 +25,8 @@ RENDERERS = {
     "decode_step": "benchmarks.bench_decode_step",
     "kernels": "benchmarks.bench_kernels",
     "train_memory": "benchmarks.bench_train_memory",
-    "vllm_cpu": "benchmarks.bench_vllm_cpu",
+    "vllm": "benchmarks.bench_vllm",
+    "vllm_loop": "benchmarks.bench_vllm_loop",
 }
 INTRO = """# Benchmarks
 
@@ -114,6 +115,17 @@ def headline(results_dir: Path = RESULTS_DIR) -> str:
                 f"- **Fused training op** (n = {r['n']}, d = {r['d']}): {r['triton']:.0f} us against {r['eager_released']:.0f} us "
                 f"for the released eager head + loss, with {100 * (1 - r['triton_peak_MB'] / r['eager_released_peak_MB']):.0f}% "
                 f"less peak memory."
+            )
+    vllm = results.get("vllm")
+    if vllm and vllm.get("throughput"):
+        for shape, run in vllm["throughput"].items():
+            rows = run["batches"]
+            lines.append(
+                f"- **In vLLM {vllm['environment']['vllm']}** (Model Runner V2, CUDA graphs, {shape} shape, "
+                f"{vllm['environment']['device']}): decode throughput with step recording on is "
+                f"{_span([100 * r['overhead_on_vs_off'] for r in rows], '.1f')}% below the same engine with it off at "
+                f"B = {', '.join(str(r['batch']) for r in rows)}; the plugin's host time is "
+                f"{_span([r['host_us_per_step']['total'] for r in rows], '.0f')} us per engine step."
             )
     return "\n".join(lines) if lines else "No GPU results yet."
 

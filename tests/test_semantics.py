@@ -2,7 +2,7 @@
 by calling ``xbai_kernels.semantics``, never a copy of their own; and the owner's event form of the
 rule (``scored_events``) agrees with its token form (``scored_mask``).
 
-The vLLM path extends ``RULE_CALLERS`` below with its own callers."""
+The vLLM plugin's path (its recorder, then its front end at finish) is one of ``RULE_CALLERS``."""
 
 from __future__ import annotations
 
@@ -39,7 +39,28 @@ def _public_step_mask():
     return step_mask(torch.tensor(IDS), RULE)
 
 
+def _vllm_path():
+    """The vLLM plugin: the V2 recorder over one prefill of the trajectory (the oracle backend on the
+    CPU), then the front end's scoring of the recorded logits at finish."""
+    import numpy as np
+
+    from xbai_kernels.vllm.recorder import EngineStepRecorder
+    from xbai_kernels.vllm.results import StepLogits, score_from_records
+
+    torch.manual_seed(0)
+    recorder = EngineStepRecorder(SPRMHead(8).eval(), RULE, vocab_size=16, max_tokens=32, max_requests=2)
+    rows = len(IDS) - 1  # every token but the last is scheduled; the last is the one sampled after it
+    table = torch.tensor([IDS], dtype=torch.int32)
+    step = recorder.record(torch.randn(rows, 8), table[0, :rows], torch.arange(rows), table,
+                           np.array([0, rows]), np.array([0]), rows, rows)
+    _, positions, logits = step.scored()
+    records = StepLogits()
+    records.add(positions.tolist(), logits.tolist())
+    return score_from_records(IDS, records, RULE).step_positions
+
+
 RULE_CALLERS = {
+    "vLLM recorder and front end": (_vllm_path, list),
     "oracle step_mask": (_oracle_step_mask, lambda mask: mask.nonzero().squeeze(-1).tolist()),
     "DecodeScorer": (_decode_scorer_result, lambda positions: positions.tolist()),
     "public step_mask on the CPU": (_public_step_mask, lambda mask: mask.nonzero().squeeze(-1).tolist()),
@@ -64,7 +85,7 @@ def test_each_path_calls_the_rule_owner(monkeypatch, caller, rule_function):
 
 def test_a_path_that_bypassed_the_owner_would_be_caught(monkeypatch):
     """The owner's answer decides the result: a changed rule changes what every caller scores."""
-    monkeypatch.setattr(semantics, "in_thinking_region", lambda positions, *rest: torch.ones_like(positions, dtype=torch.bool))
+    monkeypatch.setattr(semantics, "in_thinking_region", lambda positions, *rest: positions == positions)
     for name, (run, positions_of) in RULE_CALLERS.items():
         assert positions_of(run()) != EXPECTED, name
 

@@ -16,13 +16,15 @@ kernels and are tested against the oracle, hence against this module.
   0.1 marks a sample to ignore, and the self-filtered, class-balanced BCE of the released actor.
 
 All functions are plain PyTorch on any device, free of host synchronization, and leaf code: they
-import nothing from the rest of the package.
+import nothing from the rest of the package. The two selection rules (``opens_step``,
+``in_thinking_region``) also take numpy arrays, which the vLLM front end scans on the host.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -85,19 +87,32 @@ def in_thinking_region(
     ``start < position < end``: start is the position of ``<think>`` if it occurs exactly once, else 0;
     end is the position of ``</think>`` if it occurs exactly once, else its length.
     """
-    num_seqs = lengths.numel()
-    start = _lone_marker_position(is_think_start, positions, sequence, num_seqs, torch.zeros_like(lengths))
+    num_seqs = lengths.shape[0]
+    start = _lone_marker_position(is_think_start, positions, sequence, num_seqs, lengths * 0)
     end = _lone_marker_position(is_think_end, positions, sequence, num_seqs, lengths)
     return (positions > start[sequence]) & (positions < end[sequence])
 
 
 def _lone_marker_position(is_marker, positions, sequence, num_seqs, default):
     """int64 [S]: per trajectory, the position of the marker if it occurs exactly once, else ``default``."""
-    counts = torch.zeros(num_seqs, dtype=torch.int64, device=sequence.device).index_add_(0, sequence, is_marker.long())
-    where = torch.zeros(num_seqs, dtype=torch.int64, device=sequence.device).index_add_(
-        0, sequence, torch.where(is_marker, positions.long(), 0)
-    )
-    return torch.where(counts == 1, where, default.long())
+    counts = _sum_by(sequence, is_marker * 1, num_seqs)
+    where = _sum_by(sequence, positions * is_marker, num_seqs)
+    return _array_module(counts).where(counts == 1, where, default)
+
+
+def _array_module(array):
+    return torch if isinstance(array, torch.Tensor) else np
+
+
+def _sum_by(segment, values, num_segments: int):
+    """int64 [num_segments]: the sum of integer ``values`` [n] per ``segment`` [n] (torch: index_add_,
+    no host sync; numpy: add.at). The one place the rules need more than operations both share, so
+    the front end of the vLLM plugin applies them to numpy arrays on the host."""
+    if isinstance(values, torch.Tensor):
+        return torch.zeros(num_segments, dtype=torch.int64, device=values.device).index_add_(0, segment, values.long())
+    out = np.zeros(num_segments, dtype=np.int64)
+    np.add.at(out, segment, values)
+    return out
 
 
 def sequence_index(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:

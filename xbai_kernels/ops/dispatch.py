@@ -4,7 +4,7 @@ Backends are modules exposing the op names of ``ops.reference`` (the contract). 
 
 * ``XBAI_KERNELS_BACKEND=reference|triton|cuda`` forces one; a forced backend that cannot run
   on the tensor's device, or lacks the op, is an error naming why.
-* Otherwise a CUDA tensor takes the fastest backend measured for the op (benchmarks/NOTES.md):
+* Otherwise a CUDA tensor takes the fastest backend measured for the op (docs/kernels.md):
   ``triton`` first, except the decode scorer's per-token ops, where the compiled module's lower
   launch cost wins; a CPU tensor takes ``reference``. A fast backend that is missing on a CUDA
   tensor falls back to the next one, the last being ``reference``, and says so once in the log;
@@ -34,7 +34,7 @@ _AUTO_ORDER_CUDA = ("triton", "cuda", "reference")
 # The decode scorer's three per-token ops prefer the compiled module: called from Python, its launch
 # costs a few microseconds against Triton's tens (H200: the decode head's eager call 6 us without step
 # rows against Triton's 63-147 us), and in graph replay its decode head is as fast as Triton's up to
-# 16 rows (benchmarks/NOTES.md). Elsewhere Triton is faster (the packed CUDA kernel is 4x slower).
+# 16 rows (docs/kernels.md). Elsewhere Triton is faster (the packed CUDA kernel is 4x slower).
 _DECODE_ORDER = ("cuda", "triton", "reference")
 _AUTO_ORDER_BY_OP = {op: _DECODE_ORDER for op in ("head_logits_masked", "decode_candidates", "decode_record")}
 

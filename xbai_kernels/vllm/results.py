@@ -10,12 +10,10 @@ score). Finishing a request runs on the server's event loop, which serves every 
 work is split: ``StepScan`` applies the step-candidate rule to the token ids while they arrive, a
 chunk at a time (converting a 32k-token Python list to an array alone costs about 0.5 ms), and
 finishing applies the region rule to the few candidates and markers found, reads their logits and
-scores them: O(steps + one chunk), not O(tokens). The rules run here as a numpy mirror of
-``semantics.opens_step`` / ``semantics.in_thinking_region`` / ``semantics.trajectory_score``: each
-of the ~45 small torch ops they take costs microseconds of dispatch (more on a server whose caches
-the rest of the request traffic keeps cold), about 0.6 ms per finished request in all. The mirror is
-tested against ``scoring.step_mask`` (which calls ``semantics``) and the torch scores on random and
-adversarial trajectories.
+scores them: O(steps + one chunk), not O(tokens). The two selection rules are ``semantics``'s own,
+called on numpy arrays (as torch tensors, their ~45 small ops would cost about 0.6 ms of dispatch per
+finished request on a server whose caches the rest of the traffic keeps cold); the score is
+``semantics.trajectory_score``'s formula in numpy (see ``score_positions``).
 """
 
 from __future__ import annotations
@@ -104,11 +102,10 @@ _STEP_TABLES: dict[StepRule, np.ndarray] = {}
 
 
 def _step_table(rule: StepRule) -> np.ndarray:
-    """bool [max(S) + 2]: ``StepRule.step_table`` with one more entry, False, that every id past
-    the table reads (``semantics.is_step_token``: ids outside the table are not step tokens)."""
+    """``StepRule.step_table`` as a numpy bool array, built once per rule."""
     table = _STEP_TABLES.get(rule)
     if table is None:
-        table = _STEP_TABLES[rule] = np.append(rule.step_table("cpu").numpy(), False)
+        table = _STEP_TABLES[rule] = rule.step_table("cpu").numpy()
     return table
 
 
@@ -134,14 +131,10 @@ class StepScan:
         """Scan the next ``len(token_ids)`` tokens (a list or an int array)."""
         if len(token_ids) == 0:
             return
-        rule, table = self.rule, self._table
+        rule = self.rule
         following = np.asarray(token_ids, dtype=np.int64)
         current = np.concatenate(([self._last_token], following[:-1]))
-        # semantics.opens_step: token i+1 is a step token; token i is not, nor <think>, nor NO_TOKEN.
-        next_is_step = table[np.minimum(following, table.size - 1)]
-        last_is_step = self._last_token != semantics.NO_TOKEN and bool(table[min(self._last_token, table.size - 1)])
-        is_step = np.concatenate(([last_is_step], next_is_step[:-1]))
-        opens = next_is_step & ~is_step & (current != rule.think_start_id) & (current != semantics.NO_TOKEN)
+        opens = semantics.opens_step(current, following, self._table, rule.think_start_id)
         candidates = np.flatnonzero(opens) + (self.length - 1)
         if candidates.size:
             self._candidates.append(candidates)
@@ -163,15 +156,17 @@ class StepScan:
             raise ValueError(f"StepScan.positions: length {length} outside the {self.length} scanned tokens")
         candidates = _concat(self._candidates)
         candidates = candidates[: np.searchsorted(candidates, length - 1)]  # i + 1 < length
-        # semantics.in_thinking_region: start < i < end, where a marker that occurs exactly once
-        # bounds the region and any other count leaves the default (0 / the trajectory's length).
         starts = _concat(self._starts)
         starts = starts[: np.searchsorted(starts, length)]
         ends = _concat(self._ends)
         ends = ends[: np.searchsorted(ends, length)]
-        start = starts[0] if starts.size == 1 else 0
-        end = ends[0] if ends.size == 1 else length
-        return candidates[np.searchsorted(candidates, start, side="right") : np.searchsorted(candidates, end)]
+        # The region rule over the candidates and the markers alone: O(steps), not O(tokens).
+        entries = np.concatenate((candidates, starts, ends))
+        kind = np.repeat(np.arange(3), (candidates.size, starts.size, ends.size))
+        inside = semantics.in_thinking_region(
+            entries, np.zeros(entries.size, dtype=np.int64), kind == 1, kind == 2, np.array([length], dtype=np.int64)
+        )
+        return candidates[inside[: candidates.size]]
 
 
 def _concat(parts: list[np.ndarray]) -> np.ndarray:

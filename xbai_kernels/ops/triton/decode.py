@@ -188,7 +188,7 @@ class DecodeConfig:
 @functools.cache  # a pure function of its arguments, asked again after every decoded token
 def default_config(batch: int, d: int, device: torch.device, operand_bytes: int = 2) -> DecodeConfig:
     """Block sizes: small under the interpreter (several tiles on tiny test shapes), GPU-tuned otherwise
-    (H200 sweeps in benchmarks/NOTES.md, ``results/nvidia-h200-triton-decode-sweep*.json``)."""
+    (by sweeps of block shapes on an H200; docs/kernels.md summarises them)."""
     if device.type != "cuda":
         return DecodeConfig(block_m=16, block_n=16, block_k=32, num_warps=4, num_stages=1)
     # A quarter of a decode batch samples a step token in the issue's workload; one pass over W1
@@ -223,8 +223,7 @@ def default_config(batch: int, d: int, device: torch.device, operand_bytes: int 
 def _sum_tiles(num_tiles: int, out_block: int, fused: bool) -> int:
     """Tiles the sum loads at once. The fused tail is one program's serial work after every other
     program finished, so it loads all tiles at once where registers allow (up to 8192 partials):
-    H200, d = 5120, 80 tiles: 32.5 / 33.3 us at B = 1 / 16 against 32.7 / 33.9 in chunks of 32
-    (``results/nvidia-h200-triton-decode-sweep-4.json``)."""
+    on an H200 at d = 5120 (80 tiles), 32.5 / 33.3 us at B = 1 / 16 against 32.7 / 33.9 in chunks of 32."""
     if not fused:
         return _launch.sum_block(num_tiles)
     return max(2, min(_launch.next_pow2(num_tiles, minimum=2), 8192 // out_block))

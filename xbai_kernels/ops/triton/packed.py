@@ -115,7 +115,7 @@ class RowsConfig:
 def default_config(n: int, d: int, device: torch.device, operand_bytes: int = 2) -> RowsConfig:
     """Small tiles under the interpreter (several tiles on tiny shapes); Hopper tensor-core tiles on GPU.
 
-    Measured on an H200, 2% of 65536 rows, graph replay (``results/nvidia-h200-triton-packed-sweep.json``):
+    Measured on an H200, 2% of 65536 rows, graph replay:
     TMA-fed W1 with 128x256x64 tiles, 3 stages: 237.8 us at d = 5120 (277.5 with pointer loads),
     122.9 at d = 3584 (141.4); at d = 1536 (3072 units, fewer tiles) 128x128x64, 4 stages: 26.2 (32.1).
     Without a TMA unit (before Hopper) the same tiles take pointer loads.

@@ -16,6 +16,16 @@ import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
+MODEL_SHAPES = {
+    # Qwen2 shapes of the released 1.5B and 7B models, and a tiny one for CPU runs.
+    "1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                 intermediate_size=8960, vocab_size=151936),
+    "7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+               intermediate_size=18944, vocab_size=152064),
+    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=256, vocab_size=1024),
+}
+
 
 def _driver_version() -> str | None:
     try:

@@ -48,18 +48,9 @@ from torch import nn
 from xbai_kernels import DecodeScorer, SPRMHead, StepRule, score_trajectories
 from xbai_kernels.ops import reference
 
-from ._common import copy_bandwidth, environment, progress, write_result
+from ._common import MODEL_SHAPES, copy_bandwidth, environment, progress, write_result
 from .decode_loops import TEMPERATURE, LastLayerInput, StaticDecoder, generate, sync
 
-MODEL_SHAPES = {
-    # Qwen2 shapes of the released 1.5B and 7B models.
-    "1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                 intermediate_size=8960, vocab_size=151936),
-    "7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-               intermediate_size=18944, vocab_size=152064),
-    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=256, vocab_size=1024),
-}
 MODES = ("off", "ours", "eager_hook")
 # Largest |step score| difference between in-decode scoring and the re-forward that still counts as a
 # match: decode and the whole-sequence forward compute h with different kernels, which round bf16

@@ -40,17 +40,8 @@ os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
 import torch  # noqa: E402
 
-from ._common import environment, write_result  # noqa: E402
+from ._common import MODEL_SHAPES, environment, write_result  # noqa: E402
 
-MODEL_SHAPES = {
-    # Qwen2 shapes of the released 1.5B and 7B models, and a tiny one for the CPU.
-    "1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                 intermediate_size=8960, vocab_size=151936),
-    "7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-               intermediate_size=18944, vocab_size=152064),
-    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=256, vocab_size=1024),
-}
 STEP_FRACTION = 0.025
 PROMPT_TOKENS = 32
 

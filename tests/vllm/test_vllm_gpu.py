@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from vllm_helpers import shutdown
+from vllm_helpers import counting_preemptions, shutdown
 from vllm_reference import compare
 
 
@@ -94,22 +94,10 @@ def test_runs_under_model_runner_v2_with_graphs(gpu_engine):
 def test_scores_match_a_reforward_under_preemption(gpu_engine, tiny_qwen3):
     from vllm import SamplingParams
 
-    core = _core(gpu_engine)
-    scheduler = core.scheduler
-    original = scheduler._preempt_request
-    preemptions = [0]
-
-    def counting(*args, **kwargs):
-        preemptions[0] += 1
-        return original(*args, **kwargs)
-
-    scheduler._preempt_request = counting
-    try:
+    with counting_preemptions(gpu_engine) as preemptions:
         outputs = gpu_engine.generate(
             _prompts(6, 40), SamplingParams(n=8, max_tokens=160, temperature=1.0), use_tqdm=False
         )
-    finally:
-        del scheduler._preempt_request
     pairs = [(o.prompt_token_ids, c) for o in outputs for c in o.outputs]
     trajectories, steps = compare(tiny_qwen3, pairs)
     assert trajectories >= 32 and steps > trajectories

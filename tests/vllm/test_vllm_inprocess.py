@@ -16,7 +16,7 @@ import os
 
 import pytest
 
-from vllm_helpers import ENGINE_DEFAULTS, requires_vllm, shutdown
+from vllm_helpers import ENGINE_DEFAULTS, counting_preemptions, requires_vllm, shutdown
 from vllm_reference import check_scores, compare
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, requires_vllm]
@@ -63,17 +63,8 @@ def engine(tiny_qwen3):
 @pytest.fixture
 def preemptions(engine):
     """Counts the scheduler's preemptions during one test."""
-    scheduler = engine.llm_engine.engine_core.engine_core.scheduler
-    original = scheduler._preempt_request
-    count = [0]
-
-    def counting(*args, **kwargs):
-        count[0] += 1
-        return original(*args, **kwargs)
-
-    scheduler._preempt_request = counting
-    yield count
-    del scheduler._preempt_request
+    with counting_preemptions(engine) as count:
+        yield count
 
 
 def _generate(engine, prompts, **sampling):

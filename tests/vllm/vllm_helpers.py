@@ -6,6 +6,7 @@ ambiguous.)
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib.util
 
@@ -26,3 +27,21 @@ def shutdown(llm) -> None:
     del llm
     gc.collect()
     cleanup_dist_env_and_memory()
+
+
+@contextlib.contextmanager
+def counting_preemptions(llm):
+    """Count the preemptions of an in-process engine's scheduler while the block runs: yields [count]."""
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    original = scheduler._preempt_request
+    count = [0]
+
+    def counting(*args, **kwargs):
+        count[0] += 1
+        return original(*args, **kwargs)
+
+    scheduler._preempt_request = counting
+    try:
+        yield count
+    finally:
+        del scheduler._preempt_request

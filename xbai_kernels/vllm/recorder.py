@@ -38,10 +38,17 @@ def _engine_copy(src: torch.Tensor, dst: torch.Tensor) -> None:
     dst.copy_(src, non_blocking=True)
 
 
-try:  # a kernel moves the staging bytes on a GPU (see ops.triton.staging), the copy engine elsewhere
-    from ..ops.triton.staging import copy_int32 as _kernel_copy
-except Exception:  # no Triton: the copy engine
-    _kernel_copy = None
+def _staging_copy(device: torch.device):
+    """How the staging bytes move: by a kernel on a GPU (``ops.triton.staging``), else by the copy
+    engine. Imported only for a GPU, so a CPU process never builds the Triton kernel."""
+    if device.type == "cuda":
+        try:
+            from ..ops.triton.staging import copy_int32
+
+            return copy_int32
+        except Exception as exc:  # no usable Triton: the copy engine
+            logger.info("xbai_kernels: staging copies by the copy engine (%s)", exc)
+    return _engine_copy
 
 # With async scheduling the engine runs a step ahead of reading the previous one's output; a ring
 # of host buffers keeps a step's copies intact until they are read.
@@ -114,7 +121,7 @@ class EngineStepRecorder:
         self._ready = [torch.cuda.Event(external=True) if on_cuda else None for _ in range(HOST_RING)]
         self._event_in_graph = False
         self._turn = 0
-        self._copy = _kernel_copy if on_cuda and _kernel_copy is not None else _engine_copy
+        self._copy = _staging_copy(device)
         # Backends are chosen once: the hot path does no lookups.
         self._rows_op, self._head_op = dispatch.implementations(("engine_step_rows", "head_logits_masked"), device)
         # (padded rows, ring turn) -> a graph holding the layout's upload, the two kernels and the

@@ -412,16 +412,17 @@ def plot(result: dict, path) -> None:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks vllm", description=__doc__.split("\n\n")[0])
     parser.add_argument("--parts", default="recorder,throughput,best-of-n")
-    parser.add_argument("--models", default="1.5b", help="comma list of: " + ", ".join(MODEL_SHAPES))
-    parser.add_argument("--batch", default="1,16,64,256")
+    parser.add_argument("--models", default=None, help="comma list of: " + ", ".join(MODEL_SHAPES)
+                        + " (default 1.5b on a GPU, tiny on a CPU)")
+    parser.add_argument("--batch", default=None, help="comma list (default 1,16,64,256 on a GPU, 1,16,64 on a CPU)")
     parser.add_argument("--new-tokens", type=int, default=512)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--modes", default="stock,on,off",
                         help="stock (an engine without the plugin), on / off (one plugin engine, recording switched)")
     parser.add_argument("--recorder-reps", type=int, default=200)
-    parser.add_argument("--bon-n", default="8,32")
+    parser.add_argument("--bon-n", default=None, help="comma list (default 8,32 on a GPU, 8 on a CPU)")
     parser.add_argument("--bon-prompts", type=int, default=8)
-    parser.add_argument("--bon-tokens", type=int, default=512)
+    parser.add_argument("--bon-tokens", type=int, default=None, help="default 512 on a GPU, 256 on a CPU")
     parser.add_argument("--memory", type=float, default=None,
                         help="gpu_memory_utilization of each of the two engines (default 0.4 on a GPU, 0.15 on a CPU)")
     parser.add_argument("--quick", action="store_true", help="tiny model on a CPU, B 16, 64 tokens, 2 repetitions")
@@ -430,9 +431,12 @@ def main(argv=None) -> dict:
     on_gpu = torch.cuda.is_available()
     if args.memory is None:
         args.memory = 0.4 if on_gpu else 0.15
-    if not on_gpu:  # the tiny model: the backbone is small, so the plugin's host share is the largest it gets
-        args.models, args.batch = "tiny", "1,16,64"
-        args.bon_n, args.bon_tokens = "8", 256
+    # On a CPU the tiny model: its backbone is small, so the plugin's host share is the largest it gets.
+    defaults = dict(models="1.5b", batch="1,16,64,256", bon_n="8,32", bon_tokens=512) if on_gpu else \
+        dict(models="tiny", batch="1,16,64", bon_n="8", bon_tokens=256)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.quick:
         args.batch, args.new_tokens, args.reps, args.bon_n, args.bon_prompts, args.bon_tokens = "16", 64, 2, "8", 4, 64
     parts = args.parts.split(",")

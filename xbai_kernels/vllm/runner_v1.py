@@ -147,7 +147,7 @@ def execute_model(original):
             start = profile.now() if profile.ENABLED else 0
             runtime.layout = _capture_layout(self) if self.execute_model_state is not None else None
             if profile.ENABLED:
-                profile.add("worker.record", profile.now() - start, calls=0)
+                profile.add("worker.layout", profile.now() - start, calls=0)
         return output
 
     return wrapper

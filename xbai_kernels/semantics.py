@@ -50,7 +50,7 @@ def is_step_token(tokens: torch.Tensor, step_table: torch.Tensor) -> torch.Tenso
     recorder applies the same rule to numpy arrays (``opens_step`` likewise)."""
     size = step_table.shape[0]
     inside = (tokens >= 0) & (tokens < size)
-    return inside & step_table[tokens.clip(0, size - 1)]
+    return inside & step_table[tokens * inside]  # ids outside read entry 0 and are masked off
 
 
 def opens_step(

@@ -258,13 +258,17 @@ class StepLogitRecorder:
         self.max_tokens = max_tokens
         self.max_requests = max_requests
         self._head_op, self._rows_head_op = dispatch.implementations(("head_logits_masked", "head_logits_rows"), device)
-        # The CPU engine applies the rule to numpy views (see ``runner_v1._record_on_host``).
-        self.step_table_host = self.is_step_token.numpy() if device.type == "cpu" else None
+        # The CPU engine applies the rule to numpy views (see ``runner_v1._record_on_host``), and its
+        # head (the reference path, which computes in float32) takes float32 weights made once
+        # instead of converting the model-dtype ones at every step.
+        on_cpu = device.type == "cpu"
+        self.step_table_host = self.is_step_token.numpy() if on_cpu else None
+        self._rows_weights = tuple(w.float() for w in head.weights) if on_cpu else head.weights
 
     def head_rows(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Logits of the selected rows: hidden [T, d], rows int64 [m] -> float32 [m]."""
         with torch.no_grad():
-            return self._rows_head_op(hidden, rows, *self.head.weights)
+            return self._rows_head_op(hidden, rows, *self._rows_weights)
 
     @torch.no_grad()
     def update(

@@ -152,3 +152,14 @@ def test_best_of_n(engine):
         scores = [c.score for c in result.candidates]
         assert result.best.score == max(scores)
         assert all(len(c.step_scores) == len(c.step_positions) for c in result.candidates)
+
+
+@pytest.mark.parametrize(("extra_args", "message"), [
+    ({"sprm_score_prompt": "yes"}, "sprm_score_prompt"),
+    ({"sprm_score_promt": True}, "sprm_score_promt"),
+])
+def test_bad_sprm_option_is_refused_before_the_request_runs(engine, extra_args, message):
+    with pytest.raises(ValueError, match=message):
+        _generate(engine, _prompts(1), max_tokens=4, extra_args=extra_args)
+    # The engine still serves the next request.
+    assert _generate(engine, _prompts(1), max_tokens=4)[0].outputs[0].sprm_score is not None

@@ -32,39 +32,40 @@ class Patch:
     checked: tuple[str, ...] = CHECKED  # vLLM versions whose source this patch was checked against
 
 
-_V1 = "vllm.v1.worker.gpu_model_runner:GPUModelRunner"
-_V2 = "vllm.v1.worker.gpu.model_runner:GPUModelRunner"
+def _group(group: str, owner: str, module: str, *attributes) -> tuple[Patch, ...]:
+    """The patches of ``group`` on class ``owner`` ("module:Class"): each attribute is wrapped by the
+    function of ``xbai_kernels.vllm.<module>`` of the same name without its leading underscore, or,
+    given as (attribute, wrapper), by that function."""
+    patches = []
+    for attribute in attributes:
+        attribute, wrapper = attribute if isinstance(attribute, tuple) else (attribute, attribute.lstrip("_"))
+        patches.append(Patch(group, f"{owner}.{attribute}", f"xbai_kernels.vllm.{module}:{wrapper}"))
+    return tuple(patches)
+
+
 _OUTPUT = "vllm.v1.engine.output_processor"
-_COMPLETION = "vllm.entrypoints.openai.completion.serving:OpenAIServingCompletion"
-_CHAT = "vllm.entrypoints.openai.chat_completion.serving:OpenAIServingChat"
+_SERVING = "vllm.entrypoints.openai"
 
 PATCHES: tuple[Patch, ...] = (
-    # Worker, V1 runner: note the step's layout, run the recorder, attach the records.
-    Patch("runner_v1", f"{_V1}.execute_model", "xbai_kernels.vllm.runner_v1:execute_model"),
-    Patch("runner_v1", f"{_V1}._update_states_after_model_execute", "xbai_kernels.vllm.runner_v1:update_states_after_model_execute"),
-    Patch("runner_v1", f"{_V1}.sample_tokens", "xbai_kernels.vllm.runner_v1:sample_tokens"),
-    # Worker, Model Runner V2: capture the recorder's graphs, record after sampling.
-    Patch("runner_v2", f"{_V2}.capture_model", "xbai_kernels.vllm.runner_v2:capture_model"),
-    Patch("runner_v2", f"{_V2}.sample_tokens", "xbai_kernels.vllm.runner_v2:sample_tokens"),
-    # Engine core: carry records from the runner output to the front end.
-    Patch("scheduler", "vllm.v1.core.sched.scheduler:Scheduler.update_from_output", "xbai_kernels.vllm.engine:update_from_output"),
-    Patch("scheduler", "vllm.v1.core.sched.scheduler:Scheduler.add_request", "xbai_kernels.vllm.engine:add_request"),
+    # Worker, V1 runner (the CPU runner's base): note the step's layout, record, attach the records.
+    *_group("runner_v1", "vllm.v1.worker.gpu_model_runner:GPUModelRunner", "runner_v1",
+            "execute_model", "_update_states_after_model_execute", "sample_tokens"),
+    # Worker, Model Runner V2: capture the recorder's graphs beside vLLM's, record after sampling.
+    *_group("runner_v2", "vllm.v1.worker.gpu.model_runner:GPUModelRunner", "runner_v2", "capture_model", "sample_tokens"),
+    # Engine core: carry the records from the runner output to the front end.
+    *_group("scheduler", "vllm.v1.core.sched.scheduler:Scheduler", "engine", "update_from_output", "add_request"),
     # Front end: file the records, score finished requests, keep the fields through merged deltas,
     # refuse bad SPRM options before a request starts.
-    Patch("frontend", f"{_OUTPUT}:OutputProcessor.process_outputs", "xbai_kernels.vllm.frontend:process_outputs"),
-    Patch("frontend", f"{_OUTPUT}:OutputProcessor.add_request", "xbai_kernels.vllm.frontend:add_request"),
-    Patch("frontend", f"{_OUTPUT}:RequestState._new_completion_output", "xbai_kernels.vllm.frontend:new_completion_output"),
-    Patch("frontend", f"{_OUTPUT}:RequestState.from_new_request", "xbai_kernels.vllm.frontend:from_new_request"),
-    Patch("frontend", "vllm.outputs:RequestOutput.add", "xbai_kernels.vllm.frontend:request_output_add"),
-    Patch("frontend", "vllm.v1.engine.input_processor:InputProcessor._validate_params", "xbai_kernels.vllm.frontend:validate_params"),
+    *_group("frontend", f"{_OUTPUT}:OutputProcessor", "frontend", "process_outputs", "add_request"),
+    *_group("frontend", f"{_OUTPUT}:RequestState", "frontend", "_new_completion_output", "from_new_request"),
+    *_group("frontend", "vllm.outputs:RequestOutput", "frontend", ("add", "request_output_add")),
+    *_group("frontend", "vllm.v1.engine.input_processor:InputProcessor", "frontend", "_validate_params"),
     # OpenAI server (applied when its modules are first imported, see ``server.install_server_patch``):
     # options checked on the raw request body, fields copied onto the response choices.
-    Patch("server", f"{_COMPLETION}.create_completion", "xbai_kernels.vllm.server:create_completion"),
-    Patch("server", f"{_COMPLETION}.request_output_to_completion_response", "xbai_kernels.vllm.server:request_output_to_completion_response"),
-    Patch("server", f"{_COMPLETION}.completion_stream_generator", "xbai_kernels.vllm.server:completion_stream_generator"),
-    Patch("server", f"{_CHAT}.create_chat_completion", "xbai_kernels.vllm.server:create_chat_completion"),
-    Patch("server", f"{_CHAT}.chat_completion_full_generator", "xbai_kernels.vllm.server:chat_completion_full_generator"),
-    Patch("server", f"{_CHAT}.chat_completion_stream_generator", "xbai_kernels.vllm.server:chat_completion_stream_generator"),
+    *_group("server", f"{_SERVING}.completion.serving:OpenAIServingCompletion", "server",
+            "create_completion", "request_output_to_completion_response", "completion_stream_generator"),
+    *_group("server", f"{_SERVING}.chat_completion.serving:OpenAIServingChat", "server",
+            "create_chat_completion", "chat_completion_full_generator", "chat_completion_stream_generator"),
 )
 
 _applied: dict[str, list[tuple[type, str, object]]] = {}

@@ -11,9 +11,9 @@ Two recorders, one per vLLM model runner, both fixed-shape device work with no h
 
 * ``EngineStepRecorder`` (Model Runner V2, the GPU default): V2 keeps every request's tokens, the
   one just sampled included, in a table by slot, so the token after a request's last row is read
-  there, on the device. The step's layout (row boundaries and slots, a few hundred bytes) goes up
-  in one copy, the work runs as a CUDA graph captured once per padded batch size (two kernels),
-  and one copy brings back, per row, the scored position (or -1) and its logit.
+  there, on the device. A step is one replay of a CUDA graph captured per padded batch size: the
+  layout (row boundaries and slots, a few hundred bytes) goes up, the rule and the head run (two
+  kernels), and per row the scored position (or -1) and its logit come back to pinned memory.
 * ``StepLogitRecorder`` (the V1 runner, which the CPU engine uses): V1 hands over the sampled ids
   and the partial-prefill flags as device tensors, so the token after each request's last row is
   assembled from those.
@@ -26,8 +26,8 @@ import logging
 import numpy as np
 import torch
 
-from ..head import SPRMHead
 from .. import semantics
+from ..head import SPRMHead
 from ..ops import dispatch
 from ..rule import StepRule
 
@@ -49,6 +49,7 @@ def _staging_copy(device: torch.device):
         except Exception as exc:  # no usable Triton: the copy engine
             logger.info("xbai_kernels: staging copies by the copy engine (%s)", exc)
     return _engine_copy
+
 
 # With async scheduling the engine runs a step ahead of reading the previous one's output; a ring
 # of host buffers keeps a step's copies intact until they are read.
@@ -92,8 +93,8 @@ class EngineStepRecorder:
     ``output`` int32 [2 T] (for a step of n rows: the scored position or -1 in ``[:n]``, the logit's
     float32 bits in ``[n:2n]``, so one contiguous copy brings both back). Host side: a ring of
     ``HOST_RING`` pinned layout and output buffers, and per (padded size, ring turn) a captured graph
-    of the whole step (upload, two kernels, download), so a step costs the host one numpy fill, one
-    graph launch and one event record.
+    of the whole step (upload, two kernels, download, the turn's event), so a step costs the host one
+    numpy fill and one graph launch.
     """
 
     def __init__(self, head: SPRMHead, rule: StepRule, vocab_size: int, max_tokens: int, max_requests: int) -> None:
@@ -170,9 +171,10 @@ class EngineStepRecorder:
                 self._run(0, size, hidden, input_ids, positions, token_ids)
         stream.synchronize()
         self._event_in_graph = True
+        inputs = (hidden, input_ids, positions, token_ids)
         for size in sizes:
             for turn in range(HOST_RING):
-                self._graphs[(size, turn)] = self._capture_one(pool, stream, turn, size, hidden, input_ids, positions, token_ids)
+                self._graphs[(size, turn)] = self._capture_one(pool, stream, turn, size, *inputs)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         self._graph_inputs = self._addresses(hidden, input_ids, positions, token_ids)
         return len(sizes)

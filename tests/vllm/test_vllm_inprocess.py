@@ -104,10 +104,25 @@ def test_prefix_caching(engine, tiny_qwen3):
     shared = " ".join(_prompts(1, length=48))  # several KV blocks, the same for every request
     first = _generate(engine, [shared] * 16, max_tokens=64)
     second = _generate(engine, [shared] * 16, max_tokens=64)
-    # Scored requests never read the prefix cache: prompt positions must be computed to be scored.
-    assert all(output.num_cached_tokens == 0 for output in second)
+    # Scored requests read the prefix cache like any other: the repeat is served from it, and the
+    # logits of its cached positions come from the requests that computed them.
+    assert all(output.num_cached_tokens > 0 for output in second)
     trajectories, steps = compare(tiny_qwen3, _pairs(first + second))
     assert trajectories == 32 and steps >= 32
+
+
+def test_n_children_share_a_prompt_with_steps_in_its_thinking_region(engine, tiny_qwen3):
+    # A prompt whose steps lie in the thinking region, sampled 8 ways: the children after the first
+    # read its blocks from the cache, and their prompt scores still equal the re-forward's.
+    (output,) = _generate(engine, [_prompt_with_steps(7)], n=8, max_tokens=32, extra_args={"sprm_score_prompt": True})
+    assert output.num_cached_tokens > 0
+    prompt = list(output.prompt_token_ids)
+    for completion in output.outputs:
+        prompt_steps = check_scores(tiny_qwen3, prompt, completion.sprm_prompt_step_positions,
+                                    completion.sprm_prompt_step_scores, completion.sprm_prompt_score)
+        assert prompt_steps >= 10
+    trajectories, _ = compare(tiny_qwen3, _pairs([output]))
+    assert trajectories == 8
 
 
 def _prompt_with_steps(index: int) -> str:

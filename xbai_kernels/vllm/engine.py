@@ -10,9 +10,10 @@ end removes the key before anything else reads the dict. So the per-step cost is
 the step's scored rows, never a pass over the batch's requests.
 
 A batch without outputs for a client (every request of it in a partial prefill chunk) leaves its
-records pending until the client's next batch. Scored requests never read the prefix cache: a
-cached prompt position is never computed, so its hidden state (needed when a step of the prompt
-falls in the thinking region) would be missing.
+records pending until the client's next batch. Scored requests read the prefix cache: a cached
+position is never computed again, so the scheduler keeps the recorded logits by KV block and hands
+a request that hits the cache the logits of the hit (``prefix_cache``), shortening the hit where a
+needed logit is not kept.
 """
 
 from __future__ import annotations
@@ -23,28 +24,36 @@ import logging
 from ..rule import StepRule
 from . import config as sprm_config
 from . import profile
+from .prefix_cache import PrefixLogits
 from .records import RECORDS_ATTRIBUTE, Records
 
 logger = logging.getLogger("xbai_kernels.vllm")
 
 PAYLOAD_KEY = "xbai_sprm"
+# Every this many steps the prefix store drops what it waits to keep for requests that are gone.
+_SWEEP_STEPS = 64
 
 
 class _PendingRecords:
     """Per-scheduler state: records not yet sent, by client, and the clients already sent the rule."""
 
-    def __init__(self, rule: StepRule) -> None:
+    def __init__(self, rule: StepRule, prefix: PrefixLogits | None = None) -> None:
         self.by_client: dict[int, Records] = {}
         self.announced: set[int] = set()
         self.rule_payload = [list(rule.step_token_ids), rule.think_start_id, rule.think_end_id]
+        self.prefix = prefix  # None: scored requests do not read the prefix cache
+        self.steps = 0
 
     def add(self, records: Records, requests) -> None:
         """Queue a step's records under each request's client (looked up before the step's finished
-        requests leave ``requests``; records of requests already gone are dropped)."""
+        requests leave ``requests``; records of requests already gone are dropped), and keep them
+        for later prefix-cache hits."""
         for req_id, (positions, logits) in records.items():
             request = requests.get(req_id)
             if request is None:
                 continue
+            if self.prefix is not None:
+                self.prefix.store(request, positions, logits)
             queued = self.by_client.setdefault(request.client_index, {})
             entry = queued.get(req_id)
             if entry is None:
@@ -52,6 +61,13 @@ class _PendingRecords:
             else:
                 entry[0].extend(positions)
                 entry[1].extend(logits)
+
+    def queue(self, request, positions: list[int], logits: list[float]) -> None:
+        """Queue records that did not come from the worker (a prefix-cache hit's kept logits)."""
+        queued = self.by_client.setdefault(request.client_index, {})
+        entry = queued.setdefault(request.request_id, ([], []))
+        entry[0].extend(positions)
+        entry[1].extend(logits)
 
     def attach(self, client: int, engine_core_outputs) -> None:
         """Put this client's queued records (and, the first time, the rule) on the batch's first output."""
@@ -74,8 +90,23 @@ def _pending(scheduler) -> _PendingRecords:
         model_config = scheduler.vllm_config.model_config
         tokenizer = cached_tokenizer_from_config(model_config)
         rule = StepRule.from_tokenizer(tokenizer, lang=sprm_config.step_language(model_config))
-        pending = scheduler.__dict__["_xbai_sprm_pending"] = _PendingRecords(rule)
+        pending = scheduler.__dict__["_xbai_sprm_pending"] = _PendingRecords(rule, _prefix_logits(scheduler, rule))
+        # The KV cache manager's patched lookup reaches the records through it.
+        scheduler.kv_cache_manager._xbai_sprm_pending = pending
     return pending
+
+
+def _prefix_logits(scheduler, rule: StepRule) -> PrefixLogits | None:
+    """A logit store for prefix-cache hits, when the cache is on and one full-attention group whose
+    block size is the hash's makes a block hash name a block of the request's positions."""
+    if not scheduler.cache_config.enable_prefix_caching:
+        return None
+    groups = scheduler.kv_cache_manager.kv_cache_config.kv_cache_groups
+    block_size = scheduler.cache_config.block_size
+    if len(groups) != 1 or getattr(groups[0].kv_cache_spec, "block_size", None) != block_size:
+        logger.info("xbai_kernels: this KV cache layout keeps scored requests off the prefix cache")
+        return None
+    return PrefixLogits(rule, block_size)
 
 
 def _scoring_on(scheduler) -> bool:
@@ -90,9 +121,32 @@ def _scoring_on(scheduler) -> bool:
 def add_request(original):
     @functools.wraps(original)
     def wrapper(self, request, *args, **kwargs):
-        if _scoring_on(self) and request.sampling_params is not None:
+        if _scoring_on(self) and request.sampling_params is not None and _pending(self).prefix is None:
             request.skip_reading_prefix_cache = True
         return original(self, request, *args, **kwargs)
+
+    return wrapper
+
+
+def get_computed_blocks(original):
+    """``KVCacheManager.get_computed_blocks``: a scored request reads as much of its prefix-cache hit as
+    the kept logits can score, and gets those logits as records (``prefix_cache``)."""
+
+    @functools.wraps(original)
+    def wrapper(self, request, *args, **kwargs):
+        result = original(self, request, *args, **kwargs)
+        pending = self.__dict__.get("_xbai_sprm_pending")
+        blocks, num_tokens = result[0], result[1]
+        if pending is None or pending.prefix is None or num_tokens == 0 or request.sampling_params is None:
+            return result
+        usable, positions, logits = pending.prefix.serve(request, num_tokens)
+        if positions:
+            pending.queue(request, positions, logits)
+        if usable == num_tokens:
+            return result
+        kept = usable // pending.prefix.block_size
+        trimmed = type(blocks)(tuple(list(group[:kept]) for group in blocks.blocks))
+        return (trimmed, usable, *result[2:])
 
     return wrapper
 
@@ -113,6 +167,9 @@ def update_from_output(original):
         start = profile.now() if profile.ENABLED else 0
         for client, engine_core_outputs in outputs.items():
             pending.attach(client, engine_core_outputs)
+        pending.steps += 1
+        if pending.prefix is not None and pending.steps % _SWEEP_STEPS == 0:
+            pending.prefix.forget_gone(self.requests)
         if profile.ENABLED:
             profile.add("scheduler", profile.now() - start, calls=0)
         return outputs

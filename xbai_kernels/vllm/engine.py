@@ -53,7 +53,8 @@ class _PendingRecords:
             if request is None:
                 continue
             if self.prefix is not None:
-                self.prefix.store(request, positions, logits)
+                for reader, position, logit in self.prefix.store(request, positions, logits):
+                    self.queue(reader, [position], [logit])
             queued = self.by_client.setdefault(request.client_index, {})
             entry = queued.get(req_id)
             if entry is None:
@@ -137,7 +138,7 @@ def get_computed_blocks(original):
         result = original(self, request, *args, **kwargs)
         pending = self.__dict__.get("_xbai_sprm_pending")
         blocks, num_tokens = result[0], result[1]
-        if pending is None or pending.prefix is None or num_tokens == 0 or request.sampling_params is None:
+        if pending is None or pending.prefix is None or request.sampling_params is None:
             return result
         usable, positions, logits = pending.prefix.serve(request, num_tokens)
         if positions:

@@ -8,12 +8,11 @@ Skipped where vLLM is not a CUDA build or there is no GPU (the CPU CI runs vllm-
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
 
-from vllm_helpers import counting_preemptions, shutdown
+from vllm_helpers import counting_preemptions, in_process_llm, shutdown
 from vllm_reference import compare
 
 
@@ -38,42 +37,29 @@ def _prompts(count: int, length: int) -> list[str]:
     return [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(length)) for i in range(count)]
 
 
-_ENVIRONMENT = {
-    # In process: the test reads the scheduler and the model runner.
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    # vLLM's Triton attention takes Triton's default precision for fp32 dots, TF32 (a 10-bit
-    # mantissa): its h would differ from the fp32 re-forward by far more than the 1e-4 checked here.
-    "TRITON_F32_DEFAULT": "ieee",
-}
+# vLLM's Triton attention takes Triton's default precision for fp32 dots, TF32 (a 10-bit mantissa):
+# its h would differ from the fp32 re-forward by far more than the 1e-4 checked here.
+_ENVIRONMENT = {"TRITON_F32_DEFAULT": "ieee"}
 
 
 @pytest.fixture(scope="module")
 def gpu_engine(tiny_qwen3):
-    from vllm import LLM
-
-    previous = {name: os.environ.get(name) for name in _ENVIRONMENT}
-    os.environ.update(_ENVIRONMENT)
-    try:
-        llm = LLM(
-            str(tiny_qwen3),
-            dtype="float32",
-            attention_backend="TRITON_ATTN",
-            enable_prefix_caching=True,
-            enable_chunked_prefill=True,
-            max_num_batched_tokens=64,
-            max_num_seqs=32,
-            block_size=16,
-            num_gpu_blocks_override=64,
-            max_model_len=512,
-            gpu_memory_utilization=0.3,
-            seed=0,
-        )
-    finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    # In process: the test reads the scheduler and the model runner.
+    llm = in_process_llm(
+        tiny_qwen3,
+        _ENVIRONMENT,
+        dtype="float32",
+        attention_backend="TRITON_ATTN",
+        enable_prefix_caching=True,
+        enable_chunked_prefill=True,
+        max_num_batched_tokens=64,
+        max_num_seqs=32,
+        block_size=16,
+        num_gpu_blocks_override=64,
+        max_model_len=512,
+        gpu_memory_utilization=0.3,
+        seed=0,
+    )
     yield llm
     shutdown(llm)
 

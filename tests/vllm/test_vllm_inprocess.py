@@ -12,11 +12,10 @@ makes the runs repeatable instead.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 
-from vllm_helpers import ENGINE_DEFAULTS, counting_preemptions, requires_vllm, shutdown
+from vllm_helpers import ENGINE_DEFAULTS, counting_preemptions, in_process_llm, requires_vllm, shutdown
 from vllm_reference import check_scores, compare
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, requires_vllm]
@@ -36,26 +35,16 @@ def _pairs(outputs):
 
 @pytest.fixture(scope="module")
 def engine(tiny_qwen3):
-    from vllm import LLM
-
-    previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    try:
-        llm = LLM(
-            str(tiny_qwen3),
-            enforce_eager=True,
-            enable_prefix_caching=True,
-            enable_chunked_prefill=True,
-            max_num_batched_tokens=CHUNK_TOKENS,
-            max_num_seqs=16,
-            num_gpu_blocks_override=KV_BLOCKS,
-            **{**ENGINE_DEFAULTS, "dtype": "float32"},
-        )
-    finally:
-        if previous is None:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous
+    llm = in_process_llm(
+        tiny_qwen3,
+        enforce_eager=True,
+        enable_prefix_caching=True,
+        enable_chunked_prefill=True,
+        max_num_batched_tokens=CHUNK_TOKENS,
+        max_num_seqs=16,
+        num_gpu_blocks_override=KV_BLOCKS,
+        **{**ENGINE_DEFAULTS, "dtype": "float32"},
+    )
     yield llm
     shutdown(llm)
 

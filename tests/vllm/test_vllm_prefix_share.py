@@ -5,11 +5,9 @@ steps inside its thinking region included."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-from vllm_helpers import ENGINE_DEFAULTS, requires_vllm, shutdown
+from vllm_helpers import ENGINE_DEFAULTS, in_process_llm, requires_vllm, shutdown
 from vllm_reference import check_scores, compare
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, requires_vllm]
@@ -27,18 +25,9 @@ def _long_prompt(salt: str) -> str:
 
 @pytest.fixture(scope="module")
 def engine(tiny_qwen3):
-    from vllm import LLM
-
-    previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in process: the test counts scheduled tokens
-    try:
-        llm = LLM(str(tiny_qwen3), enforce_eager=True, enable_prefix_caching=True, max_num_batched_tokens=2048,
-                  max_num_seqs=16, **{**ENGINE_DEFAULTS, "dtype": "float32", "max_model_len": 2048})
-    finally:
-        if previous is None:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous
+    # In process: the test counts the tokens the scheduler schedules.
+    llm = in_process_llm(tiny_qwen3, enforce_eager=True, enable_prefix_caching=True, max_num_batched_tokens=2048,
+                         max_num_seqs=16, **{**ENGINE_DEFAULTS, "dtype": "float32", "max_model_len": 2048})
     yield llm
     shutdown(llm)
 

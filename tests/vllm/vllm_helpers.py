@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import importlib.util
+import os
 
 import pytest
 
@@ -45,3 +46,21 @@ def counting_preemptions(llm):
         yield count
     finally:
         del scheduler._preempt_request
+
+
+def in_process_llm(model, environment: dict[str, str] | None = None, **kwargs):
+    """An ``LLM`` whose engine core runs in this process, so a test reaches its scheduler and model
+    runner; ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` and ``environment`` are set only while it starts."""
+    from vllm import LLM
+
+    settings = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(environment or {})}
+    previous = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    try:
+        return LLM(str(model), **kwargs)
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -9,6 +9,7 @@ math accumulates in float32 whatever the input dtype, so relu(W1 h + b1) is neve
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -39,8 +40,13 @@ def head_logits(hidden: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
 
 
 def _float32(tensor: torch.Tensor):
-    """The oracle computes in float32 even inside an autocast region, which would round to bf16."""
-    return torch.autocast(tensor.device.type, enabled=False)
+    """The oracle computes in float32 even inside an autocast region, which would round to bf16.
+    Outside one there is nothing to switch off (entering the context costs microseconds, and the
+    CPU engine's recorder calls this at every step that scores a row)."""
+    device_type = tensor.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
 
 
 def head_logits_rows(hidden: torch.Tensor, rows: torch.Tensor, w1, b1, w2, b2, num_rows=None) -> torch.Tensor:

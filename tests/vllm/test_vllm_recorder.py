@@ -168,10 +168,10 @@ def _engine_step(device: str):
 
 
 def _records_of(step) -> dict:
-    from xbai_kernels.vllm.records import by_request
+    from xbai_kernels.vllm.records import by_request, request_rows
 
     rows, positions, logits = step.scored()
-    return by_request(rows, positions, logits, np.array(QUERY_START_LOC), ["a", "b", "c"])
+    return by_request(request_rows(rows, np.array(QUERY_START_LOC), 3), positions, logits, ["a", "b", "c"])
 
 
 def _check_engine(recorder, inputs, records) -> None:

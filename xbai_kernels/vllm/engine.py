@@ -55,16 +55,11 @@ class _PendingRecords:
             if self.prefix is not None:
                 for reader, position, logit in self.prefix.store(request, positions, logits):
                     self.queue(reader, [position], [logit])
-            queued = self.by_client.setdefault(request.client_index, {})
-            entry = queued.get(req_id)
-            if entry is None:
-                queued[req_id] = (positions, logits)
-            else:
-                entry[0].extend(positions)
-                entry[1].extend(logits)
+            self.queue(request, positions, logits)
 
     def queue(self, request, positions: list[int], logits: list[float]) -> None:
-        """Queue records that did not come from the worker (a prefix-cache hit's kept logits)."""
+        """Queue one request's records for its client's next batch (from the worker, or a prefix-cache
+        hit's kept logits)."""
         queued = self.by_client.setdefault(request.client_index, {})
         entry = queued.setdefault(request.request_id, ([], []))
         entry[0].extend(positions)

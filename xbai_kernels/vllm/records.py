@@ -18,14 +18,15 @@ RECORDS_ATTRIBUTE = "xbai_sprm"
 Records = dict[str, tuple[list[int], list[float]]]
 
 
-def by_request(
-    rows: np.ndarray, positions: np.ndarray, logits: np.ndarray, query_start_loc: np.ndarray, req_ids: Sequence[str]
-) -> Records:
-    """Group scored rows by request: rows int [m] (packed row index, ascending), positions int [m],
-    logits float [m]; request r owns rows ``query_start_loc[r]:query_start_loc[r + 1]``."""
-    if rows.size == 0:
-        return {}
-    requests = np.searchsorted(query_start_loc[: len(req_ids) + 1], rows, side="right") - 1
+def request_rows(rows: np.ndarray, query_start_loc: np.ndarray, num_requests: int) -> np.ndarray:
+    """The request of each packed row: rows int [m] -> int [m]; request r owns rows
+    ``query_start_loc[r]:query_start_loc[r + 1]`` (entries past ``num_requests`` are ignored)."""
+    return np.searchsorted(query_start_loc[: num_requests + 1], rows, side="right") - 1
+
+
+def by_request(requests: np.ndarray, positions: np.ndarray, logits: np.ndarray, req_ids: Sequence[str]) -> Records:
+    """Group scored rows by request: requests int [m] (``request_rows`` of the rows), positions int
+    [m], logits float [m]."""
     records: Records = {}
     for request, position, logit in zip(requests.tolist(), positions.tolist(), logits.tolist()):
         entry = records.setdefault(req_ids[request], ([], []))

@@ -31,7 +31,6 @@ from . import profile, records
 logger = logging.getLogger("xbai_kernels.vllm")
 
 
-
 @dataclass
 class _StepLayout:
     """Host-side facts of one engine step, captured before the batch rows can move."""
@@ -129,9 +128,9 @@ def _host_records(layout: _StepLayout) -> records.Records:
             ready.synchronize()
         rows = np.flatnonzero(is_step.numpy())
         logits = logits.numpy()[rows]
-    request_rows = np.searchsorted(layout.query_start_loc, rows, side="right") - 1
-    positions = layout.first_positions[request_rows] + rows - layout.query_start_loc[request_rows]
-    built = records.by_request(rows, positions, logits, layout.query_start_loc, layout.req_ids)
+    requests = records.request_rows(rows, layout.query_start_loc, len(layout.req_ids))
+    positions = layout.first_positions[requests] + rows - layout.query_start_loc[requests]
+    built = records.by_request(requests, positions, logits, layout.req_ids)
     if profile.ENABLED:
         profile.add("worker.read", profile.now() - start)
     return built

@@ -75,7 +75,8 @@ def sample_tokens(original):
         def build() -> records.Records:
             start = profile.now() if profile.ENABLED else 0
             rows, positions, logits = step.scored()
-            built = records.by_request(rows, positions, logits, query_start_loc, req_ids)
+            requests = records.request_rows(rows, query_start_loc, len(req_ids))
+            built = records.by_request(requests, positions, logits, req_ids)
             if profile.ENABLED:
                 profile.add("worker.read", profile.now() - start)
             return built

@@ -6,6 +6,7 @@
 #   mkdir -p .vllm-gpu && cp ../shared/tools/vllm-gpu/vllm-0.26.0-sm90.tar.xz .vllm-gpu/vllm-gpu.tar.xz
 #   (device call, carry .vllm-gpu)  bash benchmarks/run_vllm_gpu.sh tests
 #   bash benchmarks/run_vllm_gpu.sh bench --parts recorder,throughput --models 1.5b
+#   bash benchmarks/run_vllm_gpu.sh python path/to/script.py ARGS
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT" /tmp/vb /tmp/xbai-site
@@ -25,5 +26,7 @@ case "$part" in
   tests) TRITON_F32_DEFAULT=ieee python3 -m pytest -q -ra -p no:cacheprovider tests/vllm/test_vllm_gpu.py tests/vllm/test_vllm_recorder.py \
            tests/test_triton_record.py "$@" 2>&1 | tee "$OUT/vllm-gpu-tests.log" ;;
   bench) python3 -m benchmarks vllm "$@" 2>&1 | tee "$OUT/vllm-gpu-bench.log" ;;
-  *) echo "usage: $0 tests|bench [ARGS]"; exit 2 ;;
+  # Any script under the same environment (a diagnosis, a profile).
+  python) python3 "$@" 2>&1 | tee "$OUT/vllm-gpu-python.log" ;;
+  *) echo "usage: $0 tests|bench|python [ARGS]"; exit 2 ;;
 esac

@@ -119,7 +119,8 @@ class EngineStepRecorder:
         ]
         # Recorded inside each graph (an external event record node) when the runtime allows it,
         # else after the launch: waiting on it tells the host that its turn's buffers are final.
-        self._ready = [torch.cuda.Event(external=True) if on_cuda else None for _ in range(HOST_RING)]
+        # Blocking, as vLLM's own output event: a reader that must wait sleeps instead of spinning a core.
+        self._ready = [torch.cuda.Event(blocking=True, external=True) if on_cuda else None for _ in range(HOST_RING)]
         self._event_in_graph = False
         self._turn = 0
         self._copy = _staging_copy(device)

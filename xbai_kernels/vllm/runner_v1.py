@@ -90,7 +90,7 @@ def _run_update(runner, runtime, layout: _StepLayout, sampled_token_ids: torch.T
     host_is_step, host_logits = host.is_step[:num_tokens], host.logits[:num_tokens]
     host_is_step.copy_(is_step, non_blocking=True)
     host_logits.copy_(logits, non_blocking=True)
-    ready = torch.cuda.Event()
+    ready = torch.cuda.Event(blocking=True)
     ready.record()
     layout.host_copy = (host_is_step, host_logits, ready)
 

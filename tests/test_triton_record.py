@@ -211,7 +211,7 @@ def test_staging_copy_moves_int32_both_ways(env):
     host = torch.arange(2500, dtype=torch.int32).pin_memory() if device.type == "cuda" else torch.arange(2500, dtype=torch.int32)
     on_device = torch.zeros(2500, dtype=torch.int32, device=device)
     copy_int32(host, on_device)
-    back = torch.zeros_like(host)
+    back = torch.zeros_like(host).pin_memory() if device.type == "cuda" else torch.zeros_like(host)
     copy_int32(on_device * 2, back)
     if device.type == "cuda":
         torch.cuda.synchronize()

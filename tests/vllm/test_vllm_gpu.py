@@ -38,16 +38,19 @@ def _prompts(count: int, length: int) -> list[str]:
 
 
 # vLLM's Triton attention takes Triton's default precision for fp32 dots, TF32 (a 10-bit mantissa):
-# its h would differ from the fp32 re-forward by far more than the 1e-4 checked here.
+# its h would differ from the fp32 re-forward by far more than the 1e-4 checked here. It compiles
+# kernels for new shapes while generating too, so IEEE stays set for the engine's whole life.
 _ENVIRONMENT = {"TRITON_F32_DEFAULT": "ieee"}
 
 
 @pytest.fixture(scope="module")
 def gpu_engine(tiny_qwen3):
+    monkeypatch = pytest.MonkeyPatch()
+    for name, value in _ENVIRONMENT.items():
+        monkeypatch.setenv(name, value)
     # In process: the test reads the scheduler and the model runner.
     llm = in_process_llm(
         tiny_qwen3,
-        _ENVIRONMENT,
         dtype="float32",
         attention_backend="TRITON_ATTN",
         enable_prefix_caching=True,
@@ -62,6 +65,7 @@ def gpu_engine(tiny_qwen3):
     )
     yield llm
     shutdown(llm)
+    monkeypatch.undo()
 
 
 def _core(llm):

@@ -151,31 +151,34 @@ def recorder_part(args) -> list[dict]:
         d, vocab = MODEL_SHAPES[shape]["hidden_size"], MODEL_SHAPES[shape]["vocab_size"]
         head = SPRMHead(d, device=device, dtype=torch.bfloat16).eval()
         max_requests, max_tokens = 1024, 8192
-        recorder = EngineStepRecorder(head, rule, vocab, max_tokens, max_requests)
+        block_size = 16
+        recorder = EngineStepRecorder(head, rule, vocab, max_tokens, max_requests, block_size)
         hidden = torch.randn(max_tokens, d, device=device, dtype=torch.bfloat16)
         token_ids = torch.randint(0, vocab, (max_requests, 4096), dtype=torch.int32, device=device)
         input_ids = torch.randint(0, vocab, (max_tokens,), dtype=torch.int32, device=device)
         positions = torch.randint(0, 4000, (max_tokens,), device=device)
+        cache_slots = torch.arange(max_tokens, device=device)
         sizes = (1, 16, 64, 256)
-        recorder.capture(sizes, hidden, input_ids, positions, token_ids)
+        recorder.capture(sizes, hidden, input_ids, positions, cache_slots, token_ids)
         for batch in sizes:
-            # A quarter of the rows open a step (the sampled token after each is the step token).
-            slots = np.arange(batch, dtype=np.int32)
+            # A quarter of the rows open a step (the sampled token after each is the step token);
+            # every block_size-th position ends a KV block and keeps its logit too.
+            table_rows = np.arange(batch, dtype=np.int32)
             token_ids[:batch].view(-1)[:] = 7
             positions[:batch] = torch.arange(batch, device=device) % 4000
             token_ids[torch.arange(0, batch, 4, device=device), positions[:batch:4] + 1] = 5
             query_start_loc = np.arange(batch + 1, dtype=np.int32)
             step = None
+            inputs = (hidden, input_ids, positions, cache_slots, token_ids, query_start_loc, table_rows, batch, batch)
             for _ in range(20):  # warm-up
-                step = recorder.record(hidden, input_ids, positions, token_ids, query_start_loc, slots, batch, batch)
-            step.scored()
+                step = recorder.record(*inputs)
+            step.rows()
             torch.cuda.synchronize()
             # Host: a step's record() and the read of its rows, as the engine does them.
             host = []
             for _ in range(args.recorder_reps):
                 begin = time.perf_counter_ns()
-                step = recorder.record(hidden, input_ids, positions, token_ids, query_start_loc, slots, batch, batch)
-                rows, _, _ = step.scored()
+                rows = recorder.record(*inputs).rows()
                 host.append((time.perf_counter_ns() - begin) / 1e3)
             # GPU: the graphs enqueued behind a sleeping kernel, so the host never starves the GPU.
             gpu = []
@@ -188,8 +191,9 @@ def recorder_part(args) -> list[dict]:
                 end_event.record()
                 end_event.synchronize()
                 gpu.append(start_event.elapsed_time(end_event) * 1e3 / 100)
-            assert rows.size == len(range(0, batch, 4)), (batch, rows.size)
-            rows_out.append({"shape": shape, "d": d, "batch": batch, "step_rows": int(rows.size),
+            kept = int((rows[0] >= 0).sum())
+            assert kept == sum(p % 4 == 0 or (p + 1) % block_size == 0 for p in range(batch)), (batch, kept)
+            rows_out.append({"shape": shape, "d": d, "batch": batch, "kept_rows": kept,
                              "gpu_us": spread(gpu), "host_us": spread(host)})
             print(f"recorder {shape} B={batch}: GPU {statistics.median(gpu):.1f} us, host {statistics.median(host):.1f} us",
                   flush=True)

@@ -1,13 +1,15 @@
-"""Event-loop cost of finishing a scored vLLM request: the front end's work when a completion of 1k, 8k
-or 32k tokens finishes, on the loop that also serves every other client.
+"""Cost of finishing a scored vLLM request of 1k, 8k or 32k tokens: on the API server's event loop
+(the front end, which serves every other client) and in the engine core (the scheduler).
 
 No engine runs: vLLM's own ``OutputProcessor`` (the object the API server's output handler calls) is
-fed scripted engine outputs, one token per step, with the step records the scheduler patch would
-send, and the ``process_outputs`` call that carries the finishing token is timed, with the plugin's
-front-end patches applied ("scored") and without them ("stock", vLLM's own cost). Their difference is
-the plugin's share of finishing. Also timed: the plugin's per-step cost while the request decodes
-(all ``process_outputs`` calls before the last, scored minus stock, per step), where the token scan
-now happens.
+fed scripted engine outputs, one token per step, the finishing one carrying the stopped request's
+logits as the scheduler patch sends them, and the ``process_outputs`` call that carries the
+finishing token is timed, with the plugin's front-end patches applied ("scored") and without them
+("stock", vLLM's own cost). Their difference is the plugin's share of finishing on the loop. Also
+timed: the plugin's per-step cost while the request decodes (all ``process_outputs`` calls before
+the last, scored minus stock, per step: nothing is sent then), and the engine core's work when the
+request stops (``CacheSlotLogits.finished_logits`` over the token ids as a Python list, as vLLM
+keeps them, and the block table).
 
 Trajectories: ``<think>`` in the prompt, ``</think>`` at 90 % of the completion, a step token after
 every ``step_every`` tokens (the tiny test model steps about every 20 tokens, XBai o4's English
@@ -46,27 +48,21 @@ def _trajectory(length: int, step_every: int, seed: int) -> list[int]:
     return tokens.tolist()
 
 
-def _requests(prompt: list[int], completion: list[int], rule):
-    """Per step: (token, records) where records hold the positions whose step token is this token."""
-    import torch
+def _stopped(prompt: list[int], completion: list[int], rule, block_size: int = 16):
+    """The scheduler's side: a store holding a logit at every position, the request's block table,
+    and its token ids as vLLM keeps them (a list)."""
+    from xbai_kernels.vllm.logit_store import CacheSlotLogits
 
-    from xbai_kernels import semantics
-
-    ids = torch.tensor(prompt + completion)
-    opens = semantics.opens_step(ids[:-1], ids[1:], rule.step_table(), rule.think_start_id)
-    candidates = opens.nonzero().squeeze(-1).tolist()
-    logits = np.random.default_rng(0).normal(size=len(candidates)).astype(np.float32).tolist()
-    by_step: dict[int, tuple[list[int], list[float]]] = {}
-    for position, logit in zip(candidates, logits):
-        step = max(position + 1 - len(prompt), 0)  # the prompt's candidates come with the first step
-        entry = by_step.setdefault(step, ([], []))
-        entry[0].append(position)
-        entry[1].append(logit)
-    return [(token, by_step.get(step)) for step, token in enumerate(completion)]
+    ids = prompt + completion
+    num_blocks = (len(ids) + block_size - 1) // block_size
+    store = CacheSlotLogits(num_blocks, block_size, rule)
+    store.values[:] = np.random.default_rng(0).normal(size=store.values.size).astype(np.float32)
+    block_ids = np.random.default_rng(1).permutation(num_blocks).tolist()
+    return store, block_ids, ids
 
 
-def _run_once(steps, prompt, rule, request_id: str) -> tuple[float, float]:
-    """(ns of the finishing process_outputs call, ns of all earlier calls) for one request."""
+def _run_once(completion, prompt, finished_payload, request_id: str) -> tuple[float, float, object]:
+    """(ns of the finishing process_outputs call, ns of all earlier calls, the finished output)."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
     from vllm.v1.engine import EngineCoreOutput, EngineCoreRequest, FinishReason
@@ -75,7 +71,7 @@ def _run_once(steps, prompt, rule, request_id: str) -> tuple[float, float]:
     from xbai_kernels.vllm.engine import PAYLOAD_KEY
 
     processor = OutputProcessor(None, log_stats=False)
-    params = SamplingParams(max_tokens=len(steps), detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY)
+    params = SamplingParams(max_tokens=len(completion), detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY)
     request = EngineCoreRequest(
         request_id=request_id, prompt_token_ids=list(prompt), mm_features=None, sampling_params=params,
         pooling_params=None, arrival_time=0.0, lora_request=None, cache_salt=None, data_parallel_rank=None,
@@ -83,15 +79,13 @@ def _run_once(steps, prompt, rule, request_id: str) -> tuple[float, float]:
     )
     processor.add_request(request, None, None, 0, None)
     decoding = 0
-    last = len(steps) - 1
-    for step, (token, records) in enumerate(steps):
+    last = len(completion) - 1
+    for step, token in enumerate(completion):
         output = EngineCoreOutput(
             request_id=request_id, new_token_ids=[token], finish_reason=FinishReason.LENGTH if step == last else None
         )
-        payload = {"records": {request_id: records} if records else {}}
-        if step == 0:
-            payload["rule"] = [list(rule.step_token_ids), rule.think_start_id, rule.think_end_id]
-        output.kv_transfer_params = {PAYLOAD_KEY: payload}
+        if step == last:
+            output.kv_transfer_params = {PAYLOAD_KEY: {"stopped": {request_id: finished_payload}, "chunks": {}}}
         start = time.perf_counter_ns()
         result = processor.process_outputs([output])
         elapsed = time.perf_counter_ns() - start
@@ -110,32 +104,39 @@ def _stats(values_ns: list[float]) -> dict:
 
 def measure(lengths, step_every_list, repeats: int) -> list[dict]:
     from xbai_kernels import StepRule
-    from xbai_kernels.vllm import frontend
+    from xbai_kernels.vllm import patches
 
     rule = StepRule((STEP,), THINK, END_THINK)
     prompt = [7, THINK, 5, 6, 4, 9, 8, 5, 6]
     rows = []
     for step_every in step_every_list:
         for length in lengths:
-            steps = _requests(prompt, _trajectory(length, step_every, seed=length), rule)
+            completion = _trajectory(length, step_every, seed=length)
+            store, block_ids, ids = _stopped(prompt, completion, rule)
+            engine_ns = []
+            for _ in range(repeats + 1):
+                start = time.perf_counter_ns()
+                finished = store.finished_logits(ids, block_ids)
+                engine_ns.append(time.perf_counter_ns() - start)
+            payload = finished.to_payload()
             timings = {}
             for mode in ("stock", "scored"):
                 if mode == "scored":
-                    frontend.patch_output_processor()
+                    patches.apply("frontend")
                 else:
-                    frontend.revert_output_processor()
+                    patches.revert("frontend")
                 finish, per_step = [], []
                 for repeat in range(repeats + 1):
-                    finish_ns, decoding_ns, output = _run_once(steps, prompt, rule, f"{mode}-{length}-{repeat}")
+                    finish_ns, decoding_ns, output = _run_once(completion, prompt, payload, f"{mode}-{length}-{repeat}")
                     if repeat == 0:
                         continue  # warm-up: first-call caches (rule tables, imports)
                     finish.append(finish_ns)
                     per_step.append(decoding_ns / max(length - 1, 1))
                 if mode == "scored":
-                    assert output.sprm_error is None if hasattr(output, "sprm_error") else True
+                    assert getattr(output, "sprm_error", None) is None, output.sprm_error
                     num_steps = len(output.sprm_step_positions)
                 timings[mode] = (finish, per_step)
-            frontend.revert_output_processor()
+            patches.revert("frontend")
             finish_diff = [s - b for s, b in zip(sorted(timings["scored"][0]), sorted(timings["stock"][0]))]
             row = {
                 "completion_tokens": length,
@@ -148,13 +149,15 @@ def measure(lengths, step_every_list, repeats: int) -> list[dict]:
                 "finish_plugin_spread_us": [min(finish_diff) / 1e3, max(finish_diff) / 1e3],
                 "per_step_scored": _stats(timings["scored"][1]),
                 "per_step_stock": _stats(timings["stock"][1]),
+                "engine_core_stop": _stats(engine_ns[1:]),
             }
             rows.append(row)
             print(
                 f"{length:>6} tokens, step every {step_every:>3}: {num_steps:>5} steps; finishing "
                 f"{row['finish_scored']['median_us']:8.1f} us scored vs {row['finish_stock']['median_us']:7.1f} us stock "
                 f"(plugin {row['finish_plugin_median_us']:7.1f} us); per step "
-                f"{row['per_step_scored']['median_us']:.2f} vs {row['per_step_stock']['median_us']:.2f} us"
+                f"{row['per_step_scored']['median_us']:.2f} vs {row['per_step_stock']['median_us']:.2f} us; "
+                f"engine core at stop {row['engine_core_stop']['median_us']:.1f} us"
             )
     return rows
 
@@ -193,14 +196,16 @@ def markdown_table(result: dict) -> str:
     """docs/benchmarks.md: what finishing a scored request costs the server's event loop."""
     env = result["environment"]
     lines = [f"vLLM {env['vllm']} front end on {env['machine']} ({env['date'][:10]}): the `process_outputs` call that "
-             f"finishes a request, scored against stock; medians of {result['repeats']} (p10/p90 in the JSON).", "",
-             "| completion tokens | a step every | steps | finish, scored us | finish, stock us | plugin's share us | per earlier step, scored / stock us |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+             f"finishes a request, scored against stock, and the engine core's work when the request stops; "
+             f"medians of {result['repeats']} (p10/p90 in the JSON).", "",
+             "| completion tokens | a step every | steps | finish, scored us | finish, stock us | plugin's share us "
+             "| per earlier step, scored / stock us | engine core at stop us |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in result["rows"]:
         lines.append(f"| {row['completion_tokens']} | {row['step_every']} | {row['scored_steps']} | "
                      f"{row['finish_scored']['median_us']:.0f} | {row['finish_stock']['median_us']:.0f} | "
                      f"{row['finish_plugin_median_us']:.0f} | {row['per_step_scored']['median_us']:.1f} / "
-                     f"{row['per_step_stock']['median_us']:.1f} |")
+                     f"{row['per_step_stock']['median_us']:.1f} | {row['engine_core_stop']['median_us']:.0f} |")
     return "\n".join(lines)
 
 
@@ -215,7 +220,8 @@ def main(argv=None) -> None:
         "benchmark": "vllm_loop",
         "what": "event-loop cost of OutputProcessor.process_outputs for the step that finishes a scored "
         "request (one request, FINAL_ONLY, detokenize off), scored (plugin front end) vs stock vLLM; "
-        "per_step_* is the mean cost of each earlier step",
+        "per_step_* is the mean cost of each earlier step; engine_core_stop is the scheduler's work "
+        "when the request stops (candidates over its token ids, logits through its block table)",
         "environment": _environment(),
         "repeats": args.repeats,
         "rows": measure(args.lengths, args.step_every, args.repeats),

@@ -41,22 +41,27 @@ def _public_step_mask():
 
 def _vllm_path():
     """The vLLM plugin: the V2 recorder over one prefill of the trajectory (the oracle backend on the
-    CPU), then the front end's scoring of the recorded logits at finish."""
+    CPU), the scheduler's store by KV-cache slot and its read at stop, then the front end's scoring."""
     import numpy as np
 
+    from xbai_kernels.vllm.logit_store import CacheSlotLogits
     from xbai_kernels.vllm.recorder import EngineStepRecorder
-    from xbai_kernels.vllm.results import StepLogits, score_from_records
+    from xbai_kernels.vllm.results import region_positions, score_steps
 
     torch.manual_seed(0)
-    recorder = EngineStepRecorder(SPRMHead(8).eval(), RULE, vocab_size=16, max_tokens=32, max_requests=2)
+    block_size = 4
+    recorder = EngineStepRecorder(SPRMHead(8).eval(), RULE, vocab_size=16, max_tokens=32, max_requests=2,
+                                  block_size=block_size)
     rows = len(IDS) - 1  # every token but the last is scheduled; the last is the one sampled after it
     table = torch.tensor([IDS], dtype=torch.int32)
-    step = recorder.record(torch.randn(rows, 8), table[0, :rows], torch.arange(rows), table,
+    block_ids = [5, 2, 7, 1]  # the request's block table: position p sits in slot block_ids[p // 4] * 4 + p % 4
+    cache_slots = torch.tensor([block_ids[p // block_size] * block_size + p % block_size for p in range(rows)])
+    step = recorder.record(torch.randn(rows, 8), table[0, :rows], torch.arange(rows), cache_slots, table,
                            np.array([0, rows]), np.array([0]), rows, rows)
-    _, positions, logits = step.scored()
-    records = StepLogits()
-    records.add(positions.tolist(), logits.tolist())
-    return score_from_records(IDS, records, RULE).step_positions
+    store = CacheSlotLogits(num_blocks=8, block_size=block_size, rule=RULE)
+    store.write(step.rows())
+    finished = store.finished_logits(IDS, block_ids)
+    return score_steps(*region_positions(finished, len(IDS))).step_positions
 
 
 RULE_CALLERS = {

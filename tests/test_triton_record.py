@@ -144,37 +144,46 @@ def test_scorer_step_in_cuda_graph_matches_cpu_reference(monkeypatch, backend):
 STEP_IDS = (5, 6)
 
 
+BLOCK_SIZE = 4
+
+
 def _engine_step(generator, device, max_requests=6, slots_total=8, columns=48, vocab=12):
-    """A random Model Runner V2 step: requests of 1-5 rows at random positions of random slots, the
-    token table holding each request's tokens (the one after its last row included), padding rows."""
+    """A random Model Runner V2 step: requests of 1-5 rows at random positions of random table rows,
+    the token table holding each request's tokens (the one after its last row included), each row's
+    KV-cache slot, padding rows (slot -1, as vLLM pads)."""
     live = int(torch.randint(1, max_requests + 1, (1,), generator=generator))
     lengths = torch.randint(1, 6, (live,), generator=generator)
-    slots = torch.randperm(slots_total, generator=generator)[:live]
+    table_rows = torch.randperm(slots_total, generator=generator)[:live]
     token_ids = torch.randint(0, vocab, (slots_total, columns), generator=generator, dtype=torch.int32)
     token_ids[token_ids == 7] = THINK_START  # markers occur too
     firsts = [int(torch.randint(0, columns - int(n) - 1, (1,), generator=generator)) for n in lengths]
-    input_ids, positions = [], []
-    for slot, first, n in zip(slots.tolist(), firsts, lengths.tolist()):
-        input_ids += token_ids[slot, first : first + n].tolist()
+    input_ids, positions, cache_slots = [], [], []
+    for row, first, n in zip(table_rows.tolist(), firsts, lengths.tolist()):
+        input_ids += token_ids[row, first : first + n].tolist()
         positions += list(range(first, first + n))
+        cache_slots += [1000 * row + p for p in range(first, first + n)]
     padding = int(torch.randint(0, 4, (1,), generator=generator))
     input_ids += torch.randint(0, vocab, (padding,), generator=generator).tolist()
     positions += [0] * padding
+    cache_slots += [-1] * padding
     bounds = [0] + torch.cumsum(lengths, 0).tolist()
     query_start_loc = bounds + [bounds[-1]] * (max_requests - live)
-    all_slots = slots.tolist() + [0] * (max_requests - live)
+    all_rows = table_rows.tolist() + [0] * (max_requests - live)
     as_int32 = lambda values: torch.tensor(values, dtype=torch.int32, device=device)  # noqa: E731
     tensors = dict(
         input_ids=as_int32(input_ids), positions=torch.tensor(positions, device=device),
-        query_start_loc=as_int32(query_start_loc), slots=as_int32(all_slots), token_ids=token_ids.to(device),
+        cache_slots=torch.tensor(cache_slots, device=device), query_start_loc=as_int32(query_start_loc),
+        table_rows=as_int32(all_rows), token_ids=token_ids.to(device),
     )
-    # SPEC rules 1 and 2, row by row, from the token table.
+    # SPEC rules 1 and 2, row by row, from the token table; block ends kept too.
     expected = [-1] * len(input_ids)
-    for r, (slot, first, n) in enumerate(zip(slots.tolist(), firsts, lengths.tolist())):
+    for r, (row, first, n) in enumerate(zip(table_rows.tolist(), firsts, lengths.tolist())):
         for k in range(n):
-            current, following = token_ids[slot, first + k].item(), token_ids[slot, first + k + 1].item()
-            if following in STEP_IDS and current not in STEP_IDS and current != THINK_START:
-                expected[bounds[r] + k] = first + k
+            position = first + k
+            current, following = token_ids[row, position].item(), token_ids[row, position + 1].item()
+            opens = following in STEP_IDS and current not in STEP_IDS and current != THINK_START
+            slot = cache_slots[bounds[r] + k]
+            expected[bounds[r] + k] = slot if opens or (position + 1) % BLOCK_SIZE == 0 else ~slot
     return tensors, expected
 
 
@@ -187,11 +196,11 @@ def test_engine_step_rows_matches_the_rule_row_by_row(record_env):
         tensors, expected = _engine_step(generator, device)
         rows = tensors["input_ids"].shape[0]
         for ops in (reference, backend):
-            is_step = torch.ones(rows, dtype=torch.bool, device=device)
-            step_positions = torch.zeros(rows, dtype=torch.int32, device=device)
-            ops.engine_step_rows(*tensors.values(), table.to(device), THINK_START, is_step, step_positions)
-            assert step_positions.cpu().tolist() == expected, ops.__name__
-            assert is_step.cpu().tolist() == [p >= 0 for p in expected]
+            keep = torch.ones(rows, dtype=torch.bool, device=device)
+            out_slots = torch.zeros(rows, dtype=torch.int32, device=device)
+            ops.engine_step_rows(*tensors.values(), table.to(device), THINK_START, BLOCK_SIZE, keep, out_slots)
+            assert out_slots.cpu().tolist() == expected, ops.__name__
+            assert keep.cpu().tolist() == [s >= 0 for s in expected]
 
 
 def test_engine_step_rows_rejects_mismatched_buffers(env):
@@ -199,8 +208,8 @@ def test_engine_step_rows_rejects_mismatched_buffers(env):
     ids = torch.zeros(4, dtype=torch.int32, device=device)
     table = torch.zeros(12, dtype=torch.bool, device=device)
     with pytest.raises(ValueError, match="engine_step_rows: query_start_loc must be a contiguous \\[3\\] tensor"):
-        backend.engine_step_rows(ids, ids.long(), ids[:2], ids[:2], ids.view(2, 2), table, THINK_START,
-                                 ids.bool(), ids)
+        backend.engine_step_rows(ids, ids.long(), ids.long(), ids[:2], ids[:2], ids.view(2, 2), table, THINK_START,
+                                 BLOCK_SIZE, ids.bool(), ids)
 
 
 def test_staging_copy_moves_int32_both_ways(env):

@@ -1,6 +1,7 @@
 """The front end without an engine: vLLM's real OutputProcessor and RequestOutputCollector fed scripted
-engine outputs (the merge path of streamed requests), the request options, and the finish-time
-scoring against SPEC's rule (``scoring.step_mask``) and the former whole-sequence implementation.
+engine outputs (the merge path of streamed requests, stop-string chunks), the request options, and
+the finish-time scoring against SPEC's rule (``scoring.step_mask``) and the former whole-sequence
+implementation.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from vllm_helpers import requires_vllm
 from xbai_kernels import StepRule, semantics
 from xbai_kernels.scoring import step_mask
 from xbai_kernels.vllm import options
-from xbai_kernels.vllm.results import SCAN_CHUNK_TOKENS, StepLogits, StepScan, score_from_records, score_positions
+from xbai_kernels.vllm.logit_store import CacheSlotLogits, FinishedLogits, finished_logits
+from xbai_kernels.vllm.results import region_positions, score_steps
 
 STEP, THINK, END_THINK = 3, 1, 2
 RULE = StepRule((STEP, 7), THINK, END_THINK)
@@ -38,7 +40,7 @@ def _former_score(ids: list[int], by_position: dict[int, float], rule: StepRule 
     return (score if math.isfinite(score) else None), step_scores.tolist(), positions
 
 
-# ----- the scan and the finish-time scoring (no vLLM needed) ---------------------------------------
+# ----- the engine's step candidates and the front end's finish-time scoring (no vLLM needed) ----
 
 
 def _adversarial(rng: random.Random, length: int) -> list[int]:
@@ -48,48 +50,48 @@ def _adversarial(rng: random.Random, length: int) -> list[int]:
     return [rng.choice(vocabulary) for _ in range(length)]
 
 
-def test_scan_matches_spec_rule_on_random_chunks_and_cuts():
+def _positions(finished: FinishedLogits, length: int) -> list[int]:
+    return region_positions(finished, length)[0].tolist()
+
+
+def test_candidates_and_region_match_spec_rule_on_random_trajectories_and_cuts():
     rng = random.Random(0)
     for _ in range(3000):
         ids = _adversarial(rng, rng.randrange(0, 70))
-        scan = StepScan(RULE)
-        start = 0
-        while start < len(ids):
-            size = rng.randrange(1, 9)
-            scan.extend(ids[start : start + size] if rng.random() < 0.5 else np.array(ids[start : start + size]))
-            start += size
+        finished = finished_logits(ids, RULE, np.zeros(max(len(ids) - 1, 0), dtype=np.float32))
         # The whole trajectory, and the trajectory a stop string would leave (any prefix).
         for length in {len(ids), rng.randrange(0, len(ids) + 1)}:
-            assert scan.positions(length).tolist() == _spec_positions(ids[:length]), (ids, length)
+            assert _positions(finished, length) == _spec_positions(ids[:length]), (ids, length)
 
 
-def test_scan_of_long_trajectories_in_engine_chunks():
+def test_stop_string_chunks_join_into_the_whole_trajectory():
+    """The engine's chunks of a stop-string request (``first_position``: the tokens from there on,
+    markers after it) join into what the whole trajectory gives, at every cut."""
     rng = random.Random(1)
-    for length in (1, SCAN_CHUNK_TOKENS - 1, SCAN_CHUNK_TOKENS, SCAN_CHUNK_TOKENS + 1, 5000):
-        ids = [rng.choice([4, 5, 6, 8, 9, STEP]) for _ in range(length)]
-        for at in sorted(rng.sample(range(length), min(3, length))):
-            ids[at] = rng.choice([THINK, END_THINK])
-        scan = StepScan(RULE)
-        for start in range(0, length, SCAN_CHUNK_TOKENS):
-            scan.extend(ids[start : start + SCAN_CHUNK_TOKENS])
-        assert scan.positions().tolist() == _spec_positions(ids)
+    block_size = 4
+    for _ in range(500):
+        ids = _adversarial(rng, rng.randrange(2, 90))
+        store = CacheSlotLogits(num_blocks=32, block_size=block_size, rule=RULE)
+        store.values[:] = rng.random()
+        block_ids = rng.sample(range(32), (len(ids) + block_size - 1) // block_size)
+        ends = sorted(rng.sample(range(1, len(ids)), rng.randrange(1, min(5, len(ids) - 1) + 1)))
+        parts, delivered = [], 0
+        for end in ends:
+            parts.append(store.finished_logits(ids[delivered : end + 1], block_ids, first_position=delivered))
+            delivered = end
+        joined, whole = FinishedLogits.join(parts), store.finished_logits(ids[: ends[-1] + 1], block_ids)
+        assert joined.length == whole.length == ends[-1] + 1
+        for name in ("candidates", "logits", "think_starts", "think_ends"):
+            assert np.array_equal(getattr(joined, name), getattr(whole, name)), name
 
 
-def test_scan_with_a_large_step_set():
+def test_with_a_large_step_set():
     # SPEC's Chinese set holds thousands of ids: membership by table, ids past it are no steps.
     rule = StepRule(tuple(range(1000, 4000, 3)), 10, 11)
     rng = random.Random(2)
     ids = [rng.choice([10, 11, 5, 1000, 1003, 3997, 3998, 5000, 2500]) for _ in range(4000)]
-    scan = StepScan(rule)
-    scan.extend(ids)
-    assert scan.positions().tolist() == _spec_positions(ids, rule)
-
-
-def test_scan_refuses_a_length_it_has_not_seen():
-    scan = StepScan(RULE)
-    scan.extend([4, STEP])
-    with pytest.raises(ValueError, match="outside the 2 scanned tokens"):
-        scan.positions(3)
+    finished = finished_logits(ids, rule, np.zeros(len(ids) - 1, dtype=np.float32))
+    assert _positions(finished, len(ids)) == _spec_positions(ids, rule)
 
 
 def test_scores_equal_the_former_torch_implementation():
@@ -97,15 +99,10 @@ def test_scores_equal_the_former_torch_implementation():
     checked = 0
     for _ in range(500):
         ids = _adversarial(rng, rng.randrange(0, 300))
-        by_position = {p: rng.gauss(0.0, 3.0) for p in range(len(ids))}
-        records = StepLogits()
-        # A recomputed position (preemption) is recorded again: the latest record must win.
-        stale = list(by_position)
-        records.add(stale, [99.0] * len(stale))
-        records.add(list(by_position), [np.float32(v).item() for v in by_position.values()])
-        by_position = {p: np.float32(v).item() for p, v in by_position.items()}
+        logits = np.array([rng.gauss(0.0, 3.0) for _ in range(len(ids))], dtype=np.float32)
+        by_position = {p: float(v) for p, v in enumerate(logits)}
         want_score, want_steps, want_positions = _former_score(ids, by_position)
-        got = score_from_records(ids, records, RULE)
+        got = score_steps(*region_positions(finished_logits(ids, RULE, logits), len(ids)))
         assert got.error is None
         assert got.step_positions == want_positions
         # float32 step scores: torch's float32 sigmoid is off by up to a few ulp (2^-24 near 0.5).
@@ -115,19 +112,18 @@ def test_scores_equal_the_former_torch_implementation():
     assert checked > 1000
 
 
-def test_missing_record_is_an_error_not_a_wrong_score():
+def test_missing_logit_is_an_error_not_a_wrong_score():
     ids = [4, THINK, 5, STEP, 6, STEP, END_THINK]
-    records = StepLogits()
-    records.add([2], [0.5])
-    result = score_from_records(ids, records, RULE)
+    logits = np.full(len(ids) - 1, np.nan, dtype=np.float32)
+    logits[2] = 0.5  # the logit of position 4 was never recorded
+    result = score_steps(*region_positions(finished_logits(ids, RULE, logits), len(ids)))
     assert result.score is None and result.step_positions == [2, 4]
     assert "1 scored position(s) (first: 4)" in result.error
 
 
 def test_no_step_scores_zero():
-    records = StepLogits()
-    assert score_positions(np.zeros(0, dtype=np.int64), records).score == 0.0
-    assert score_from_records([], records, RULE).score == 0.0
+    assert score_steps(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)).score == 0.0
+    assert score_steps(*region_positions(finished_logits([], RULE, np.zeros(0)), 0)).score == 0.0
 
 
 # ----- request options (no vLLM needed) ----------------------------------------------------------
@@ -156,13 +152,16 @@ PROMPT = [5, THINK, 6, 4, STEP, 8]
 COMPLETION = [9, 4, STEP, 6, 8, STEP, STEP, 9, 5, STEP, END_THINK, 4, STEP, 6]
 
 
-def _candidate_logits(ids: list[int]) -> dict[int, float]:
-    """What the worker records: a logit wherever SPEC rules 1-2 hold (the region rule comes later)."""
+def _candidate_logits(ids: list[int]) -> np.ndarray:
+    """What the engine keeps, by position: a logit wherever SPEC rules 1-2 hold (the region rule
+    comes later), NaN elsewhere. float32 [len(ids) - 1]."""
     rng = random.Random(len(ids))
-    table = RULE.step_table()
     t = torch.tensor(ids)
-    opens = semantics.opens_step(t[:-1], t[1:], table, THINK)
-    return {int(p): np.float32(rng.gauss(0, 2)).item() for p in opens.nonzero().squeeze(-1).tolist()}
+    opens = semantics.opens_step(t[:-1], t[1:], RULE.step_table(), THINK)
+    logits = np.full(len(ids) - 1, np.nan, dtype=np.float32)
+    for p in opens.nonzero().squeeze(-1).tolist():
+        logits[p] = rng.gauss(0, 2)
+    return logits
 
 
 @pytest.fixture
@@ -206,43 +205,43 @@ def _add(processor, request, queue) -> list[str]:
     return ids
 
 
-def _batch(records: dict, tokens: dict, finished: set, first: bool):
-    """One engine step as the scheduler patch sends it: every request's new token, and the step's
-    records (and, the first time, the rule) in the batch's first output."""
-    from vllm.v1.engine import EngineCoreOutput, FinishReason
+def _batch(tokens: dict, finished: dict, stopped: dict, chunks: dict):
+    """One engine step as the scheduler patch sends it: every request's new token (``finished``: the
+    finish reason of those that end), and the stopped requests' logits and stop-string chunks in
+    the batch's first output."""
+    from vllm.v1.engine import EngineCoreOutput
 
     from xbai_kernels.vllm.engine import PAYLOAD_KEY
 
-    payload = {"records": records}
-    if first:
-        payload["rule"] = [list(RULE.step_token_ids), THINK, END_THINK]
     batch = [
-        EngineCoreOutput(
-            request_id=request_id, new_token_ids=[token],
-            finish_reason=FinishReason.LENGTH if request_id in finished else None,
-        )
+        EngineCoreOutput(request_id=request_id, new_token_ids=[token], finish_reason=finished.get(request_id))
         for request_id, token in tokens.items()
     ]
-    batch[0].kv_transfer_params = {PAYLOAD_KEY: payload}
+    if stopped or chunks:
+        payload = {"stopped": {r: f.to_payload() for r, f in stopped.items()},
+                   "chunks": {r: c.to_payload() for r, c in chunks.items()}}
+        batch[0].kv_transfer_params = {PAYLOAD_KEY: payload}
     return batch
 
 
+LOGITS = _candidate_logits(PROMPT + COMPLETION)
+
+
 def _outputs(child_ids: list[str], lengths: list[int]):
-    """Engine steps: one token per unfinished child per step; a position's record comes with the
-    step that samples its step token (the prompt's with the first step)."""
-    logits = _candidate_logits(PROMPT + COMPLETION)
+    """Engine steps: one token per unfinished child per step; a child that stops (at its length)
+    brings its logits, found in its token ids."""
+    from vllm.v1.engine import FinishReason
+
     for step in range(max(lengths)):
-        position = len(PROMPT) + step  # of the token sampled now
-        recorded = [p for p in logits if (p + 1 <= position if step == 0 else p + 1 == position)]
         live = [(c, n) for c, n in zip(child_ids, lengths) if step < n]
-        records = {c: (list(recorded), [logits[p] for p in recorded]) for c, _ in live if recorded}
-        tokens = {c: COMPLETION[step] for c, _ in live}
-        yield _batch(records, tokens, {c for c, n in live if step == n - 1}, step == 0)
+        ending = {c: n for c, n in live if step == n - 1}
+        stopped = {c: finished_logits(PROMPT + COMPLETION[:n], RULE, LOGITS) for c, n in ending.items()}
+        yield _batch({c: COMPLETION[step] for c, _ in live}, dict.fromkeys(ending, FinishReason.LENGTH), stopped, {})
 
 
 def _expected(length: int, prompt_only: bool = False):
     ids = PROMPT if prompt_only else PROMPT + COMPLETION[:length]
-    return _former_score(ids, _candidate_logits(PROMPT + COMPLETION))
+    return _former_score(ids, {p: float(v) for p, v in enumerate(LOGITS) if not np.isnan(v)})
 
 
 @requires_vllm
@@ -296,41 +295,57 @@ def test_scores_ride_the_finishing_delta_when_read_every_step(frontend_patched):
     assert not hasattr(seen[-1], "sprm_prompt_score")
 
 
+def _stop_string_run(processor, child_id: str, lose_last_chunk: bool):
+    """A request the front end ends by a stop string after the last token (the engine never saw it
+    stop): its logits come as chunks, one per step, from the first decode step on."""
+    from vllm.v1.engine import FinishReason
+
+    ids = PROMPT + COMPLETION
+    # The scheduler's store, the request's positions in blocks 0, 1, ... in order.
+    store = CacheSlotLogits(num_blocks=len(ids), block_size=1, rule=RULE)
+    store.values[: LOGITS.size] = LOGITS
+    block_ids = list(range(len(ids)))
+    final = None
+    delivered = 0
+    for step, token in enumerate(COMPLETION):
+        end = len(PROMPT) + step  # the engine has tokens up to ``end`` once this step's is appended
+        chunk = store.finished_logits(ids[delivered : end + 1], block_ids, first_position=delivered)
+        delivered = end
+        done = step == len(COMPLETION) - 1
+        chunks = {} if done and lose_last_chunk else {child_id: chunk}
+        batch = _batch({child_id: token}, {child_id: FinishReason.STOP} if done else {}, {}, chunks)
+        final = processor.process_outputs(batch).request_outputs or final
+    (completion_output,) = final[0].outputs
+    return completion_output
+
+
 @requires_vllm
 @pytest.mark.vllm
-def test_long_completion_is_scanned_while_it_arrives(frontend_patched):
-    """The tokens are scanned as they come, on the steps that bring records; finishing scans the rest."""
+def test_stop_string_finish_scores_from_the_chunks(frontend_patched):
     from vllm.sampling_params import RequestOutputKind
     from vllm.v1.engine.output_processor import OutputProcessor
 
-    rng = random.Random(4)
-    completion = [rng.choice([4, 5, 6, 8, 9, STEP]) for _ in range(3 * SCAN_CHUNK_TOKENS + 17)]
-    ids = PROMPT + completion
-    logits = _candidate_logits(ids)
     processor = OutputProcessor(None, log_stats=False)
-    (child_id,) = _add(processor, _engine_request("long", 1, RequestOutputKind.FINAL_ONLY), None)
-    state = processor.request_states[child_id]
-    final = None
-    last_record_step = gap = 0
-    for step, token in enumerate(completion):
-        position = len(PROMPT) + step
-        recorded = [p for p in logits if (p + 1 <= position if step == 0 else p + 1 == position)]
-        records = {child_id: (recorded, [logits[p] for p in recorded])} if recorded else {}
-        if recorded:
-            gap, last_record_step = max(gap, step - last_record_step), step
-        done = step == len(completion) - 1
-        if done:
-            # Scans run on record steps once a chunk has gathered: at most a chunk plus the longest
-            # stretch without a record is left for the finishing step.
-            unscanned = len(PROMPT) + step - state.xbai_sprm_scan.length
-            assert 0 <= unscanned <= SCAN_CHUNK_TOKENS + max(gap, step - last_record_step)
-        batch = _batch(records, {child_id: token}, {child_id} if done else set(), step == 0)
-        final = processor.process_outputs(batch).request_outputs or final
-    (completion_output,) = final[0].outputs
-    score, step_scores, positions = _former_score(ids, logits)
-    assert completion_output.sprm_step_positions == positions and len(positions) > 100
+    (child_id,) = _add(processor, _engine_request("stop", 1, RequestOutputKind.FINAL_ONLY), None)
+    completion_output = _stop_string_run(processor, child_id, lose_last_chunk=False)
+    score, step_scores, positions = _expected(len(COMPLETION))
+    assert completion_output.sprm_step_positions == positions and positions
     assert np.allclose(completion_output.sprm_step_scores, step_scores, rtol=0, atol=2**-22)
     assert math.isclose(completion_output.sprm_score, score, rel_tol=1e-6)
+
+
+@requires_vllm
+@pytest.mark.vllm
+def test_chunks_that_fall_behind_are_an_error_not_a_wrong_score(frontend_patched):
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.v1.engine.output_processor import OutputProcessor
+
+    processor = OutputProcessor(None, log_stats=False)
+    (child_id,) = _add(processor, _engine_request("stop", 1, RequestOutputKind.FINAL_ONLY), None)
+    completion_output = _stop_string_run(processor, child_id, lose_last_chunk=True)
+    final_length = len(PROMPT + COMPLETION)
+    assert completion_output.sprm_score is None
+    assert completion_output.sprm_error == f"the engine sent step logits for {final_length - 1} of the {final_length} tokens"
 
 
 @requires_vllm

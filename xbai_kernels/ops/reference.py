@@ -124,32 +124,36 @@ def decode_record(
 def engine_step_rows(
     input_ids: torch.Tensor,
     positions: torch.Tensor,
+    cache_slots: torch.Tensor,
     query_start_loc: torch.Tensor,
-    slots: torch.Tensor,
+    table_rows: torch.Tensor,
     token_ids: torch.Tensor,
     step_table: torch.Tensor,
     think_start_id: int,
-    is_step: torch.Tensor,
-    step_positions: torch.Tensor,
+    block_size: int,
+    keep: torch.Tensor,
+    out_slots: torch.Tensor,
 ) -> None:
-    """The step-candidate rule over one serving-engine step of packed requests, in place, no host sync.
+    """Which rows of one serving-engine step keep their head logit, in place, no host sync.
 
-    input_ids int [T] and positions int [T]: each scheduled row's token and its position in its
-    request. query_start_loc int32 [R + 1]: request r owns rows ``qsl[r]:qsl[r + 1]``; entries past
-    the live requests repeat the live row count, so rows from ``qsl[-1]`` on are padding. slots int32
-    [R]: each request's row of token_ids int32 [S, L], which holds every request's tokens by
-    position, including the token sampled after its last scheduled row (or, for a partial prefill
-    chunk, the next prompt token). The token after a row is the next row's token, except for a
-    request's last row, where token_ids supplies it.
+    input_ids int [T], positions int [T] and cache_slots int [T]: each scheduled row's token, its
+    position in its request and its KV-cache slot. query_start_loc int32 [R + 1]: request r owns
+    rows ``qsl[r]:qsl[r + 1]``; entries past the live requests repeat the live row count, so rows
+    from ``qsl[-1]`` on are padding. table_rows int32 [R]: each request's row of token_ids int32
+    [S, L], which holds every request's tokens by position, including the token sampled after its
+    last scheduled row (or, for a partial prefill chunk, the next prompt token). The token after a
+    row is the next row's token, except for a request's last row, where token_ids supplies it.
 
-    Writes is_step bool [T] (the row's position opens a step) and step_positions int32 [T] (that
-    position where is_step, else -1).
+    A row keeps its logit when its position opens a step (SPEC's candidate rule) or is the last of
+    its KV block (``(position + 1) % block_size == 0``: a prefix-cache hit that ends there needs it
+    whatever token follows). Writes keep bool [T] and out_slots int32 [T]: the row's cache slot
+    where kept, ``~slot`` (negative) for a live row that keeps nothing, -1 for padding.
     """
     num_rows = input_ids.shape[0]
     device = input_ids.device
     rows = torch.arange(num_rows, device=device)
     bounds = query_start_loc.long()
-    request = (torch.searchsorted(bounds, rows, right=True) - 1).clamp(0, slots.numel() - 1)
+    request = (torch.searchsorted(bounds, rows, right=True) - 1).clamp(0, table_rows.numel() - 1)
     live = rows < bounds[-1]
     is_last = rows + 1 == bounds[request + 1]
     current = input_ids.long()
@@ -157,11 +161,13 @@ def engine_step_rows(
     following[:-1] = current[1:]
     position = positions.long()
     column = (position + 1).clamp(0, token_ids.shape[1] - 1)
-    from_table = token_ids[slots[request].long(), column].long()
+    from_table = token_ids[table_rows[request].long(), column].long()
     following = torch.where(is_last, from_table, following)
-    opens = live & semantics.opens_step(current, following, step_table, think_start_id)
-    is_step.copy_(opens)
-    step_positions.copy_(torch.where(opens, position, -1))
+    opens = semantics.opens_step(current, following, step_table, think_start_id)
+    kept = live & (opens | ((position + 1) % block_size == 0))
+    slot = cache_slots.long()
+    keep.copy_(kept)
+    out_slots.copy_(torch.where(kept, slot, torch.where(live, ~slot, -1)))
 
 
 # The inference rule on packed ids is the oracle's op as it stands: input_ids int [T], step_table bool

@@ -1,19 +1,21 @@
-"""Engine-core side: carry the worker's step records from ``ModelRunnerOutput`` to the front end.
+"""Engine-core side: file each step's rows by KV-cache slot; hand a stopping request its logits.
+
+Per step, the worker's rows (``records``) go into ``logit_store.CacheSlotLogits`` in one
+vectorised write: no work per request or per row. When a request stops
+(``Scheduler._handle_stopped_request``, called with its blocks still held and its token ids
+final), its step candidates and their logits are read back (``FinishedLogits``) and queued for its
+front-end client.
 
 ``EngineCoreOutputs`` (one batch per front-end client and step) cannot grow fields, but the
 ``kv_transfer_params`` dict of its outputs reaches the front end's output processor. A step's
-records for one client travel as one payload, ``{"records": {request id: (positions, logits)}}``,
-in the first output of that client's batch, under the namespaced key ``PAYLOAD_KEY``; the first
-payload to a client also carries the step rule (``"rule"``), which the front end has no config to
-build. A KV connector's own entries are kept (the dict is copied, never replaced), and the front
-end removes the key before anything else reads the dict. So the per-step cost is a dict merge over
-the step's scored rows, never a pass over the batch's requests.
+stopped requests of one client travel as one payload, ``{request id: FinishedLogits payload}``, in
+the first output of that client's batch (the batch holds the stopped requests' own outputs, so it
+is never empty), under the namespaced key ``PAYLOAD_KEY``. A KV connector's own entries are kept
+(the dict is copied, never replaced), and the front end removes the key before anything else
+reads the dict.
 
-A batch without outputs for a client (every request of it in a partial prefill chunk) leaves its
-records pending until the client's next batch. Scored requests read the prefix cache: a cached
-position is never computed again, so the scheduler keeps the recorded logits by KV block and hands
-a request that hits the cache the logits of the hit (``prefix_cache``), shortening the hit where a
-needed logit is not kept.
+Scored requests read the prefix cache like any other: a cached position's logit is in the slot
+that its block table points at (``logit_store`` says why that is exact).
 """
 
 from __future__ import annotations
@@ -24,125 +26,136 @@ import logging
 from ..rule import StepRule
 from . import config as sprm_config
 from . import profile
-from .prefix_cache import PrefixLogits
-from .records import RECORDS_ATTRIBUTE, Records
+from .logit_store import CacheSlotLogits
+from .records import RECORDS_ATTRIBUTE
 
 logger = logging.getLogger("xbai_kernels.vllm")
 
 PAYLOAD_KEY = "xbai_sprm"
-# Every this many steps the prefix store drops what it waits to keep for requests that are gone.
-_SWEEP_STEPS = 64
+# A preempted request's block table, noted when vLLM takes its blocks (see ``preempt_request``).
+_PREEMPTED_BLOCKS = "_xbai_sprm_preempted_blocks"
 
 
-class _PendingRecords:
-    """Per-scheduler state: records not yet sent, by client, and the clients already sent the rule."""
+class _SchedulerScoring:
+    """Per-scheduler state: the logit store, and the stopped requests' logits not yet sent, by client."""
 
-    def __init__(self, rule: StepRule, prefix: PrefixLogits | None = None) -> None:
-        self.by_client: dict[int, Records] = {}
-        self.announced: set[int] = set()
-        self.rule_payload = [list(rule.step_token_ids), rule.think_start_id, rule.think_end_id]
-        self.prefix = prefix  # None: scored requests do not read the prefix cache
-        self.steps = 0
+    def __init__(self, store: CacheSlotLogits) -> None:
+        self.store = store
+        self.stopped: dict[int, dict[str, list]] = {}
+        # Requests with stop strings: the front end may end them, unseen here, at any step, so
+        # their logits also go out as they are computed (positions delivered so far, by id).
+        self.streamed: dict[str, int] = {}
+        self.chunks: dict[int, dict[str, list]] = {}
 
-    def add(self, records: Records, requests) -> None:
-        """Queue a step's records under each request's client (looked up before the step's finished
-        requests leave ``requests``; records of requests already gone are dropped), and keep them
-        for later prefix-cache hits."""
-        for req_id, (positions, logits) in records.items():
+    def stop(self, request, block_ids) -> None:
+        self.streamed.pop(request.request_id, None)
+        finished = self.store.finished_logits(request.all_token_ids, block_ids)
+        self.stopped.setdefault(request.client_index, {})[request.request_id] = finished.to_payload()
+
+    def stream(self, requests, kv_cache_manager) -> None:
+        """Queue the newly computed logits of each live stop-string request (called once a step's
+        tokens are appended: positions below ``num_tokens - 1`` are computed and filed)."""
+        for req_id, delivered in list(self.streamed.items()):
             request = requests.get(req_id)
-            if request is None:
+            if request is None:  # aborted: the front end already ended it
+                del self.streamed[req_id]
                 continue
-            if self.prefix is not None:
-                for reader, position, logit in self.prefix.store(request, positions, logits):
-                    self.queue(reader, [position], [logit])
-            self.queue(request, positions, logits)
+            end = request.num_tokens - 1
+            if request.num_output_tokens == 0 or end <= delivered:
+                continue  # still prefilling, or nothing new
+            block_ids = kv_cache_manager.get_block_ids(req_id)[0]
+            if not block_ids:
+                continue  # preempted: its positions come back as it recomputes them
+            chunk = self.store.finished_logits(
+                request.all_token_ids[delivered : end + 1], block_ids, first_position=delivered
+            )
+            self.streamed[req_id] = end
+            self.chunks.setdefault(request.client_index, {})[req_id] = chunk.to_payload()
 
-    def queue(self, request, positions: list[int], logits: list[float]) -> None:
-        """Queue one request's records for its client's next batch (from the worker, or a prefix-cache
-        hit's kept logits)."""
-        queued = self.by_client.setdefault(request.client_index, {})
-        entry = queued.setdefault(request.request_id, ([], []))
-        entry[0].extend(positions)
-        entry[1].extend(logits)
-
-    def attach(self, client: int, engine_core_outputs) -> None:
-        """Put this client's queued records (and, the first time, the rule) on the batch's first output."""
-        if not engine_core_outputs.outputs or (client in self.announced and client not in self.by_client):
-            return
-        payload = {"records": self.by_client.pop(client, {})}
-        if client not in self.announced:
-            payload["rule"] = self.rule_payload
-            self.announced.add(client)
-        carrier = engine_core_outputs.outputs[0]
-        params = carrier.kv_transfer_params
-        carrier.kv_transfer_params = {**params, PAYLOAD_KEY: payload} if params else {PAYLOAD_KEY: payload}
-
-
-def _pending(scheduler) -> _PendingRecords:
-    pending = scheduler.__dict__.get("_xbai_sprm_pending")
-    if pending is None:
-        from vllm.tokenizers import cached_tokenizer_from_config
-
-        model_config = scheduler.vllm_config.model_config
-        tokenizer = cached_tokenizer_from_config(model_config)
-        rule = StepRule.from_tokenizer(tokenizer, lang=sprm_config.step_language(model_config))
-        pending = scheduler.__dict__["_xbai_sprm_pending"] = _PendingRecords(rule, _prefix_logits(scheduler, rule))
-        # The KV cache manager's patched lookup reaches the records through it.
-        scheduler.kv_cache_manager._xbai_sprm_pending = pending
-    return pending
+    def attach(self, outputs) -> None:
+        """Put each client's stopped requests (and stop-string chunks) on the first output of its
+        batch of this step."""
+        for client in self.stopped.keys() | self.chunks.keys():
+            batch = outputs.get(client)
+            if batch is None or not batch.outputs:  # the client is gone: nothing reads it
+                continue
+            payload = {"stopped": self.stopped.get(client, {}), "chunks": self.chunks.get(client, {})}
+            carrier = batch.outputs[0]
+            params = carrier.kv_transfer_params
+            carrier.kv_transfer_params = {**params, PAYLOAD_KEY: payload} if params else {PAYLOAD_KEY: payload}
+        self.stopped.clear()
+        self.chunks.clear()
 
 
-def _prefix_logits(scheduler, rule: StepRule) -> PrefixLogits | None:
-    """A logit store for prefix-cache hits, when the cache is on and one full-attention group whose
-    block size is the hash's makes a block hash name a block of the request's positions."""
-    if not scheduler.cache_config.enable_prefix_caching:
+def _scoring(scheduler) -> _SchedulerScoring | None:
+    """The scheduler's scoring state, built on first use; None when the engine scores nothing."""
+    state = scheduler.__dict__.get("_xbai_sprm")
+    if state is None:
+        state = scheduler.__dict__["_xbai_sprm"] = _build(scheduler) or False
+    return state or None
+
+
+def _build(scheduler) -> _SchedulerScoring | None:
+    model_config = scheduler.vllm_config.model_config
+    if model_config.runner_type != "generate" or sprm_config.head_location(model_config) is None:
         return None
-    groups = scheduler.kv_cache_manager.kv_cache_config.kv_cache_groups
-    block_size = scheduler.cache_config.block_size
-    if len(groups) != 1 or getattr(groups[0].kv_cache_spec, "block_size", None) != block_size:
-        logger.info("xbai_kernels: this KV cache layout keeps scored requests off the prefix cache")
-        return None
-    return PrefixLogits(rule, block_size)
+    from vllm.tokenizers import cached_tokenizer_from_config
 
-
-def _scoring_on(scheduler) -> bool:
-    cached = scheduler.__dict__.get("_xbai_sprm_on")
-    if cached is None:
-        model_config = scheduler.vllm_config.model_config
-        cached = model_config.runner_type == "generate" and sprm_config.head_location(model_config) is not None
-        scheduler.__dict__["_xbai_sprm_on"] = cached
-    return cached
+    kv_cache_config = scheduler.kv_cache_manager.kv_cache_config
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1:
+        raise ValueError(
+            f"xbai_kernels SPRM scoring keeps logits by KV-cache slot and needs one KV-cache group; this "
+            f"model has {len(groups)}. Turn scoring off with XBAI_SPRM=0 / hf_overrides={{'xbai_sprm': False}}."
+        )
+    tokenizer = cached_tokenizer_from_config(model_config)
+    rule = StepRule.from_tokenizer(tokenizer, lang=sprm_config.step_language(model_config))
+    block_size = groups[0].kv_cache_spec.block_size
+    return _SchedulerScoring(CacheSlotLogits(kv_cache_config.num_blocks, block_size, rule))
 
 
 def add_request(original):
+    """``Scheduler.add_request``: note a scored request with stop strings (see ``stream``)."""
+
     @functools.wraps(original)
     def wrapper(self, request, *args, **kwargs):
-        if _scoring_on(self) and request.sampling_params is not None and _pending(self).prefix is None:
-            request.skip_reading_prefix_cache = True
+        scoring = _scoring(self)
+        params = request.sampling_params
+        if scoring is not None and params is not None and params.stop:
+            scoring.streamed.setdefault(request.request_id, 0)
         return original(self, request, *args, **kwargs)
 
     return wrapper
 
 
-def get_computed_blocks(original):
-    """``KVCacheManager.get_computed_blocks``: a scored request reads as much of its prefix-cache hit as
-    the kept logits can score, and gets those logits as records (``prefix_cache``)."""
+def handle_stopped_request(original):
+    """``Scheduler._handle_stopped_request``: read the stopping request's logits while it still holds
+    its blocks (vLLM frees them right after, or keeps a resumable request going)."""
 
     @functools.wraps(original)
     def wrapper(self, request, *args, **kwargs):
-        result = original(self, request, *args, **kwargs)
-        pending = self.__dict__.get("_xbai_sprm_pending")
-        blocks, num_tokens = result[0], result[1]
-        if pending is None or pending.prefix is None or request.sampling_params is None:
-            return result
-        usable, positions, logits = pending.prefix.serve(request, num_tokens)
-        if positions:
-            pending.queue(request, positions, logits)
-        if usable == num_tokens:
-            return result
-        kept = usable // pending.prefix.block_size
-        trimmed = type(blocks)(tuple(list(group[:kept]) for group in blocks.blocks))
-        return (trimmed, usable, *result[2:])
+        scoring = _scoring(self)
+        if scoring is not None and request.sampling_params is not None:
+            start = profile.now() if profile.ENABLED else 0
+            block_ids = self.kv_cache_manager.get_block_ids(request.request_id)[0]
+            scoring.stop(request, block_ids or request.__dict__.get(_PREEMPTED_BLOCKS, ()))
+            if profile.ENABLED:
+                profile.add("scheduler.finish", profile.now() - start)
+        return original(self, request, *args, **kwargs)
+
+    return wrapper
+
+
+def preempt_request(original):
+    """``Scheduler._preempt_request``: note the block table vLLM takes away. With async scheduling a
+    request can stop on the output of a step that was in flight when it was preempted; vLLM holds
+    its blocks back from reuse until that output is processed, so its logits are still readable."""
+
+    @functools.wraps(original)
+    def wrapper(self, request, *args, **kwargs):
+        if _scoring(self) is not None:
+            request.__dict__[_PREEMPTED_BLOCKS] = self.kv_cache_manager.get_block_ids(request.request_id)[0]
+        return original(self, request, *args, **kwargs)
 
     return wrapper
 
@@ -150,24 +163,20 @@ def get_computed_blocks(original):
 def update_from_output(original):
     @functools.wraps(original)
     def wrapper(self, scheduler_output, model_runner_output, *args, **kwargs):
-        records = getattr(model_runner_output, RECORDS_ATTRIBUTE, None)
-        if records is None:
+        scoring = _scoring(self)
+        if scoring is None:
             return original(self, scheduler_output, model_runner_output, *args, **kwargs)
-        start = profile.now() if profile.ENABLED else 0
-        pending = _pending(self)
-        if records:
-            pending.add(records, self.requests)
-        if profile.ENABLED:
-            profile.add("scheduler", profile.now() - start)
+        rows = getattr(model_runner_output, RECORDS_ATTRIBUTE, None)
+        if rows is not None:
+            start = profile.now() if profile.ENABLED else 0
+            scoring.store.write(rows)
+            if profile.ENABLED:
+                profile.add("scheduler", profile.now() - start)
         outputs = original(self, scheduler_output, model_runner_output, *args, **kwargs)
-        start = profile.now() if profile.ENABLED else 0
-        for client, engine_core_outputs in outputs.items():
-            pending.attach(client, engine_core_outputs)
-        pending.steps += 1
-        if pending.prefix is not None and pending.steps % _SWEEP_STEPS == 0:
-            pending.prefix.forget_gone(self.requests)
-        if profile.ENABLED:
-            profile.add("scheduler", profile.now() - start, calls=0)
+        if scoring.streamed:
+            scoring.stream(self.requests, self.kv_cache_manager)
+        if scoring.stopped or scoring.chunks:
+            scoring.attach(outputs)
         return outputs
 
     return wrapper

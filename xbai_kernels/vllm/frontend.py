@@ -1,12 +1,10 @@
-"""Front-end side: collect each request's records and put the scores on its finished ``CompletionOutput``.
+"""Front-end side: put the scores on each scored request's finishing ``CompletionOutput``.
 
-The output processor is the one place that knows a request's final token ids: it trims the
-tokens after a stop string, which the engine already sampled and the worker already recorded.
-So the SPEC rule runs here, on ``prompt_token_ids + output token_ids``, and reads the recorded
-logits by position. The front end runs on the server's event loop, so it does no work per request
-and step: each step's records are filed under their requests (work per scored row only), and the
-rule's vectorised scan (``results.StepScan``) covers a request's tokens a chunk at a time on the
-steps that bring it records; finishing scans what is left and scores the steps.
+The scheduler sends, with the output that stops a request, its step candidates, their logits and
+its thinking markers (``logit_store.FinishedLogits``). The output processor is the one place that
+knows a request's final token ids: it trims the tokens after a stop string, which the engine
+already sampled. So the thinking-region rule runs here, over the tokens kept, and the steps are
+scored (``results``): O(steps) on the server's event loop, nothing per step or per token.
 
 Each finished ``CompletionOutput`` of a scored request gets ``sprm_score`` (float, or None when it
 could not be computed, with the reason in ``sprm_error``), ``sprm_step_scores`` (list of float)
@@ -30,33 +28,22 @@ from __future__ import annotations
 import functools
 import logging
 
-from ..rule import StepRule
 from . import options as sprm_options
 from . import profile
 from .engine import PAYLOAD_KEY
-from .results import SCAN_CHUNK_TOKENS, SPRMResult, StepLogits, StepScan, score_positions, sprm_fields
+from .logit_store import FinishedLogits
+from .results import SPRMResult, region_positions, score_steps, sprm_fields
 
 logger = logging.getLogger("xbai_kernels.vllm")
 
 SCORE_PROMPT_ARG = "sprm_score_prompt"
 
-_RECORDS, _ENGINE, _SCAN, _PROMPT_LEN, _OPTIONS = (
-    "xbai_sprm_records",
-    "xbai_sprm_engine",
-    "xbai_sprm_scan",
-    "xbai_sprm_prompt_len",
-    "xbai_sprm_options",
-)
-
-
-@functools.lru_cache(maxsize=8)
-def _rule(step_ids: tuple[int, ...], think_start: int, think_end: int) -> StepRule:
-    return StepRule(step_ids, think_start, think_end)
+_FINISHED, _CHUNKS, _ENGINE, _OPTIONS = "xbai_sprm_finished", "xbai_sprm_chunks", "xbai_sprm_engine", "xbai_sprm_options"
 
 
 def _take_payload(engine_core_outputs) -> dict | None:
     """The step's payload of one engine batch: the scheduler puts it on the batch's first output
-    (``engine._PendingRecords.attach``), so no other output is looked at."""
+    (``engine._SchedulerScoring.attach``), so no other output is looked at."""
     if not engine_core_outputs:
         return None
     carrier = engine_core_outputs[0]
@@ -70,14 +57,14 @@ def _take_payload(engine_core_outputs) -> dict | None:
 
 
 class _EngineScoring:
-    """Per output processor (one per engine): the engine's step rule, None until the engine
-    announces it. Each request state holds a reference, so a request scores with its own engine's
-    rule, and a request of an engine that scores nothing gets no fields."""
+    """Per output processor (one per engine): whether the engine scores, known from its first
+    payload. Each request state holds a reference, so a request of an engine that scores nothing
+    gets no fields, and one of a scoring engine that sent nothing for it gets an error."""
 
-    __slots__ = ("rule",)
+    __slots__ = ("scores",)
 
     def __init__(self) -> None:
-        self.rule: StepRule | None = None
+        self.scores = False
 
 
 def _engine_scoring(processor) -> _EngineScoring:
@@ -85,47 +72,6 @@ def _engine_scoring(processor) -> _EngineScoring:
     if scoring is None:
         scoring = processor.__dict__[_ENGINE] = _EngineScoring()
     return scoring
-
-
-def _prompt_ids(request_state) -> list[int]:
-    return request_state.prompt_token_ids or []
-
-
-def _start_scan(request_state, rule: StepRule) -> StepScan:
-    """A scan of the request's prompt; its completion tokens follow as they arrive."""
-    prompt = _prompt_ids(request_state)
-    scan = StepScan(rule)
-    scan.extend(prompt)
-    setattr(request_state, _SCAN, scan)
-    setattr(request_state, _PROMPT_LEN, len(prompt))
-    return scan
-
-
-def _collect(request_state, positions, logits) -> None:
-    state = request_state.__dict__
-    records = state.get(_RECORDS)
-    if records is None:
-        records = StepLogits()
-        setattr(request_state, _RECORDS, records)
-    records.add(positions, logits)
-    # A request that records steps has its tokens scanned a chunk at a time, on its record steps
-    # (still no work per request of the batch): finishing it then has at most a chunk, plus the
-    # tokens after its last step, left to scan instead of the whole trajectory (0.5 ms and more
-    # for 32k tokens, on the event loop).
-    scoring = state.get(_ENGINE)
-    if scoring is not None and scoring.rule is not None:
-        scan = state.get(_SCAN) or _start_scan(request_state, scoring.rule)
-        _scan_output_tokens(request_state, scan, minimum=SCAN_CHUNK_TOKENS)
-
-
-def _scan_output_tokens(request_state, scan: StepScan, minimum: int) -> None:
-    """Scan the output tokens that arrived since the last scan, if there are at least ``minimum``."""
-    detokenizer = request_state.detokenizer
-    if detokenizer is None:
-        return
-    done = scan.length - getattr(request_state, _PROMPT_LEN)
-    if detokenizer.num_output_tokens() - done >= max(minimum, 1):
-        scan.extend(detokenizer.output_token_ids[done:])
 
 
 def _set_result(output, prefix: str, result: SPRMResult) -> None:
@@ -137,49 +83,54 @@ def _set_result(output, prefix: str, result: SPRMResult) -> None:
         logger.warning("xbai_kernels: no SPRM score for a completion: %s", result.error)
 
 
-def _attach_scores(request_state, output) -> None:
+def _attach_scores(request_state, output, finish_reason) -> None:
     state = request_state.__dict__
     scoring = state.get(_ENGINE)
-    rule = scoring.rule if scoring is not None else None
-    if rule is None:
+    if scoring is None or not scoring.scores:
         return  # the engine scores nothing (no head, scoring off, or a pooling engine)
-    records = state.get(_RECORDS) or StepLogits()
-    scan = state.get(_SCAN) or _start_scan(request_state, rule)
-    prompt_len = state[_PROMPT_LEN]
-    if len(_prompt_ids(request_state)) != prompt_len:
-        # vLLM's streaming input extended the prompt after the scan began: scan it all again.
-        scan = _start_scan(request_state, rule)
-        prompt_len = state[_PROMPT_LEN]
-    _scan_output_tokens(request_state, scan, minimum=1)
-    # A stop string may have trimmed tokens the scan already saw: score the tokens kept.
+    finished, chunks = state.pop(_FINISHED, None), state.pop(_CHUNKS, None)
+    if finished is None and chunks:
+        finished = FinishedLogits.join(chunks)
+    if finished is None and str(finish_reason) == "abort":
+        return  # an aborted request has no scores to give
+    prompt_len = len(request_state.prompt_token_ids or ())
+    # A stop string may have trimmed tokens the engine sampled: score the tokens kept.
     final_length = prompt_len + request_state.detokenizer.num_output_tokens()
-    _set_result(output, "sprm", score_positions(scan.positions(min(final_length, scan.length)), records))
+    covered = 0 if finished is None else finished.length
+    if covered < final_length:  # nothing sent, or stop-string chunks that fell behind (preemption)
+        error = f"the engine sent step logits for {covered} of the {final_length} tokens"
+        _set_result(output, "sprm", SPRMResult(None, [], [], error=error))
+        return
+    _set_result(output, "sprm", score_steps(*region_positions(finished, final_length)))
     if (state.get(_OPTIONS) or {}).get(SCORE_PROMPT_ARG):
-        _set_result(output, "sprm_prompt", score_positions(scan.positions(prompt_len), records))
+        _set_result(output, "sprm_prompt", score_steps(*region_positions(finished, prompt_len)))
 
 
 # ----- the patches: each takes vLLM's original and returns the replacement -------------------------
 
 
 def process_outputs(original):
-    """``OutputProcessor.process_outputs``: take the step's records out of the batch and file them
-    under their requests (work per scored row, none per request of the batch)."""
+    """``OutputProcessor.process_outputs``: hand each stopping request of the batch its logits (work
+    per stopping request only, none per request of the batch)."""
 
     @functools.wraps(original)
     def wrapper(self, engine_core_outputs, *args, **kwargs):
         payload = _take_payload(engine_core_outputs)
         if payload is not None:
             start = profile.now() if profile.ENABLED else 0
-            if "rule" in payload:
-                step_ids, think_start, think_end = payload["rule"]
-                _engine_scoring(self).rule = _rule(tuple(step_ids), int(think_start), int(think_end))
+            _engine_scoring(self).scores = True
             request_states = self.request_states
-            for req_id, (positions, logits) in payload["records"].items():
+            for req_id, finished in payload["stopped"].items():
                 request_state = request_states.get(req_id)
                 if request_state is not None:
-                    _collect(request_state, positions, logits)
+                    setattr(request_state, _FINISHED, FinishedLogits.from_payload(finished))
+            # A stop-string request's logits so far: a stop string ends it here, unseen by the engine.
+            for req_id, chunk in payload["chunks"].items():
+                request_state = request_states.get(req_id)
+                if request_state is not None:
+                    request_state.__dict__.setdefault(_CHUNKS, []).append(FinishedLogits.from_payload(chunk))
             if profile.ENABLED:
-                profile.add("frontend.collect", profile.now() - start)
+                profile.add("frontend.finish", profile.now() - start)
         return original(self, engine_core_outputs, *args, **kwargs)
 
     return wrapper
@@ -206,7 +157,7 @@ def new_completion_output(original):
     def wrapper(self, token_ids, finish_reason, stop_reason, *args, **kwargs):
         output = original(self, token_ids, finish_reason, stop_reason, *args, **kwargs)
         if finish_reason is not None:
-            _attach_scores(self, output)
+            _attach_scores(self, output, finish_reason)
         return output
 
     return wrapper

@@ -68,7 +68,8 @@ def _build_runtime(vllm_config, hf_config) -> SPRMRuntime | None:
     max_tokens = max(scheduler.max_num_batched_tokens, vllm_config.compilation_config.max_cudagraph_capture_size or 0)
     runner = _model_runner(vllm_config)
     runtime = SPRMRuntime(
-        head, rule, hf_config.vocab_size, max_tokens, scheduler.max_num_seqs, dtype=model_config.dtype, runner=runner
+        head, rule, hf_config.vocab_size, max_tokens, scheduler.max_num_seqs, dtype=model_config.dtype, runner=runner,
+        block_size=vllm_config.cache_config.block_size,
     )
     patches.apply(f"runner_{runner}")
     logger.info(

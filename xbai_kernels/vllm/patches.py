@@ -52,9 +52,9 @@ PATCHES: tuple[Patch, ...] = (
             "execute_model", "_update_states_after_model_execute", "sample_tokens"),
     # Worker, Model Runner V2: capture the recorder's graphs beside vLLM's, record after sampling.
     *_group("runner_v2", "vllm.v1.worker.gpu.model_runner:GPUModelRunner", "runner_v2", "capture_model", "sample_tokens"),
-    # Engine core: carry the records from the runner output to the front end.
-    *_group("scheduler", "vllm.v1.core.sched.scheduler:Scheduler", "engine", "update_from_output", "add_request"),
-    *_group("scheduler", "vllm.v1.core.kv_cache_manager:KVCacheManager", "engine", "get_computed_blocks"),
+    # Engine core: file the rows by KV-cache slot, read a stopping request's logits, send them on.
+    *_group("scheduler", "vllm.v1.core.sched.scheduler:Scheduler", "engine",
+            "update_from_output", "add_request", "_handle_stopped_request", "_preempt_request"),
     # Front end: file the records, score finished requests, keep the fields through merged deltas,
     # refuse bad SPRM options before a request starts.
     *_group("frontend", f"{_OUTPUT}:OutputProcessor", "frontend", "process_outputs", "add_request"),

@@ -1,19 +1,21 @@
-"""The device-side work the plugin adds to one engine step: the head's logit at every candidate position.
+"""The device-side work the plugin adds to one engine step: which rows keep a logit, and the head's logit.
 
 One engine step runs T scheduled tokens of R requests packed back to back (``query_start_loc``).
 Token j sits at some position i of its request; SPEC scores i when token i+1 is a step token and
 token i is neither a step token nor ``<think>`` (the thinking-region rule needs the whole
-trajectory and is applied when the request finishes, see ``results``). Token i+1 is the next
-packed token, except for the last token of each request, where it is the token just sampled, or,
-for a partial prefill chunk (whose sample vLLM throws away), the next prompt token.
+trajectory and is applied when the request finishes). Token i+1 is the next packed token, except
+for the last token of each request, where it is the token just sampled, or, for a partial prefill
+chunk (whose sample vLLM throws away), the next prompt token. A row also keeps its logit when it
+is the last position of its KV block (``logit_store`` says why). Each row leaves the step as its
+KV-cache slot and logit (``records``).
 
 Two recorders, one per vLLM model runner, both fixed-shape device work with no host sync:
 
 * ``EngineStepRecorder`` (Model Runner V2, the GPU default): V2 keeps every request's tokens, the
-  one just sampled included, in a table by slot, so the token after a request's last row is read
-  there, on the device. A step is one replay of a CUDA graph captured per padded batch size: the
-  layout (row boundaries and slots, a few hundred bytes) goes up, the rule and the head run (two
-  kernels), and per row the scored position (or -1) and its logit come back to pinned memory.
+  one just sampled included, in a table by request, so the token after a request's last row is
+  read there, on the device. A step is one replay of a CUDA graph captured per padded batch size:
+  the layout (row boundaries and table rows, a few hundred bytes) goes up, the rule and the head
+  run (two kernels), and per row the coded cache slot and its logit come back to pinned memory.
 * ``StepLogitRecorder`` (the V1 runner, which the CPU engine uses): V1 hands over the sampled ids
   and the partial-prefill flags as device tensors, so the token after each request's last row is
   assembled from those.
@@ -63,41 +65,45 @@ def _step_table(rule: StepRule, vocab_size: int, device) -> torch.Tensor:
 
 
 class StepRows:
-    """One step's scored rows on the host: ``step_positions`` int32 [T] (-1 where the row scores
-    nothing) and ``logits`` float32 [T], valid once ``ready`` (a CUDA event, or None) has completed.
+    """One step's rows on the host, valid once ``ready`` (a CUDA event, or None) has completed: a view
+    of a ring buffer holding the coded cache slots of ``padded`` rows, then their logits' bits;
+    the first ``num_rows`` of each are the step's (``records``' layout once read).
 
-    Views into a ring buffer: read them (``scored``) before ``HOST_RING`` further steps are recorded.
+    Read it (``rows``) before ``HOST_RING`` further steps are recorded.
     """
 
-    __slots__ = ("step_positions", "logits", "ready")
+    __slots__ = ("values", "num_rows", "padded", "ready")
 
-    def __init__(self, step_positions: np.ndarray, logits: np.ndarray, ready) -> None:
-        self.step_positions = step_positions
-        self.logits = logits
+    def __init__(self, values: np.ndarray, num_rows: int, padded: int, ready) -> None:
+        self.values = values
+        self.num_rows = num_rows
+        self.padded = padded
         self.ready = ready
 
-    def scored(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(rows, positions, logits) of the rows that score a position; waits for the copy."""
+    def rows(self) -> np.ndarray:
+        """int32 [2, n], a copy (``records``' layout); waits for the step's download."""
         if self.ready is not None:
             self.ready.synchronize()
-        rows = np.flatnonzero(self.step_positions >= 0)
-        return rows, self.step_positions[rows], self.logits[rows]
+        n, padded = self.num_rows, self.padded
+        return self.values[: 2 * padded].reshape(2, padded)[:, :n].copy()
 
 
 class EngineStepRecorder:
     """Model Runner V2's per-step scoring: plan once (buffers, backends, graphs), then one replay a step.
 
-    ``max_tokens`` bounds the rows of one step (T, padding included) and ``max_requests`` the
-    requests (R). Device buffers: ``layout`` int32 [2, R + 1] (row 0: ``query_start_loc``, padded
-    with the row count; row 1: each request's slot in the token table), ``is_step`` bool [T] and
-    ``output`` int32 [2 T] (for a step of n rows: the scored position or -1 in ``[:n]``, the logit's
-    float32 bits in ``[n:2n]``, so one contiguous copy brings both back). Host side: a ring of
-    ``HOST_RING`` pinned layout and output buffers, and per (padded size, ring turn) a captured graph
-    of the whole step (upload, two kernels, download, the turn's event), so a step costs the host one
-    numpy fill and one graph launch.
+    ``max_tokens`` bounds the rows of one step (T, padding included), ``max_requests`` the
+    requests (R), ``block_size`` is the KV cache's. Device buffers: ``layout`` int32 [2, R + 1]
+    (row 0: ``query_start_loc``, padded with the row count; row 1: each request's row in the token
+    table), ``keep`` bool [T] and ``output`` int32 [2 T] (for a step of n rows: the coded cache
+    slots in ``[:n]``, the logits' float32 bits in ``[n:2n]``, so one contiguous copy brings both
+    back). Host side: a ring of ``HOST_RING`` pinned layout and output buffers, and per (padded
+    size, ring turn) a captured graph of the whole step (upload, two kernels, download, the turn's
+    event), so a step costs the host one numpy fill and one graph launch.
     """
 
-    def __init__(self, head: SPRMHead, rule: StepRule, vocab_size: int, max_tokens: int, max_requests: int) -> None:
+    def __init__(
+        self, head: SPRMHead, rule: StepRule, vocab_size: int, max_tokens: int, max_requests: int, block_size: int
+    ) -> None:
         device = head[0].weight.device
         self.device = device
         self.weights = head.weights
@@ -105,8 +111,9 @@ class EngineStepRecorder:
         self.step_table = _step_table(rule, vocab_size, device)
         self.max_tokens = max_tokens
         self.max_requests = max_requests
+        self.block_size = block_size
         self.layout = torch.zeros(2, max_requests + 1, dtype=torch.int32, device=device)
-        self.is_step = torch.zeros(max_tokens, dtype=torch.bool, device=device)
+        self.keep = torch.zeros(max_tokens, dtype=torch.bool, device=device)
         self.output = torch.zeros(2 * max_tokens, dtype=torch.int32, device=device)
         on_cuda = device.type == "cuda"
         # Host staging, pinned so that the copies are asynchronous and can sit inside a CUDA graph.
@@ -119,8 +126,8 @@ class EngineStepRecorder:
         ]
         # Recorded inside each graph (an external event record node) when the runtime allows it,
         # else after the launch: waiting on it tells the host that its turn's buffers are final.
-        # Blocking, as vLLM's own output event: a reader that must wait sleeps instead of spinning a core.
-        self._ready = [torch.cuda.Event(blocking=True, external=True) if on_cuda else None for _ in range(HOST_RING)]
+        # Blocking: the reader sleeps instead of spinning on a CPU core.
+        self._ready = [torch.cuda.Event(external=True) if on_cuda else None for _ in range(HOST_RING)]
         self._event_in_graph = False
         self._turn = 0
         self._copy = _staging_copy(device)
@@ -131,23 +138,25 @@ class EngineStepRecorder:
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._graph_inputs: tuple[int, ...] | None = None
 
-    def _run(self, turn: int, num_rows: int, hidden, input_ids, positions, token_ids) -> None:
+    def _run(self, turn: int, num_rows: int, hidden, input_ids, positions, cache_slots, token_ids) -> None:
         """Upload the layout of ring ``turn``, run the two kernels over rows [0, num_rows) (padding
-        rows included), download positions and logits into that turn's host buffer."""
+        rows included), download slots and logits into that turn's host buffer."""
         self._copy(self._host_layout[turn].view(-1), self.layout.view(-1))
         logits = self.output[num_rows : 2 * num_rows].view(torch.float32)
         self._rows_op(
             input_ids[:num_rows],
             positions[:num_rows],
+            cache_slots[:num_rows],
             self.layout[0],
             self.layout[1, :-1],
             token_ids,
             self.step_table,
             self.think_start_id,
-            self.is_step[:num_rows],
+            self.block_size,
+            self.keep[:num_rows],
             self.output[:num_rows],
         )
-        self._head_op(hidden[:num_rows], self.is_step[:num_rows], *self.weights, out=logits)
+        self._head_op(hidden[:num_rows], self.keep[:num_rows], *self.weights, out=logits)
         self._copy(self.output[: 2 * num_rows], self._host_output[turn][: 2 * num_rows])
 
     @staticmethod
@@ -155,29 +164,30 @@ class EngineStepRecorder:
         return tuple(t.data_ptr() for t in tensors)
 
     @torch.inference_mode()
-    def capture(self, sizes, hidden, input_ids, positions, token_ids) -> int:
+    def capture(self, sizes, hidden, input_ids, positions, cache_slots, token_ids) -> int:
         """Capture one CUDA graph per padded step size in ``sizes`` (vLLM's own capture sizes, so a
         padded decode step always finds its graph). The inputs are the engine's persistent buffers:
         their addresses are baked in, and ``record`` checks they did not move. Returns the count."""
         if self.device.type != "cuda":
             return 0
         for host_layout in self._host_layout:
-            host_layout.zero_()  # no request owns a row: the warm-up and capture runs score nothing
-        sizes = sorted({int(s) for s in sizes if 0 < int(s) <= min(self.max_tokens, hidden.shape[0])})
+            host_layout.zero_()  # no request owns a row: the warm-up and capture runs keep nothing
+        limit = min(self.max_tokens, hidden.shape[0], input_ids.shape[0], positions.shape[0], cache_slots.shape[0])
+        sizes = sorted({int(s) for s in sizes if 0 < int(s) <= limit})
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         pool = torch.cuda.graph_pool_handle()
+        inputs = (hidden, input_ids, positions, cache_slots, token_ids)
         with torch.cuda.stream(stream):
             for size in sizes:  # warm-up: compilation and backend state, outside any capture
-                self._run(0, size, hidden, input_ids, positions, token_ids)
+                self._run(0, size, *inputs)
         stream.synchronize()
         self._event_in_graph = True
-        inputs = (hidden, input_ids, positions, token_ids)
         for size in sizes:
             for turn in range(HOST_RING):
                 self._graphs[(size, turn)] = self._capture_one(pool, stream, turn, size, *inputs)
         torch.cuda.current_stream(self.device).wait_stream(stream)
-        self._graph_inputs = self._addresses(hidden, input_ids, positions, token_ids)
+        self._graph_inputs = self._addresses(*inputs)
         return len(sizes)
 
     def _capture_one(self, pool, stream, turn, size, *inputs) -> torch.cuda.CUDAGraph:
@@ -201,17 +211,19 @@ class EngineStepRecorder:
         hidden: torch.Tensor,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
+        cache_slots: torch.Tensor,
         token_ids: torch.Tensor,
         query_start_loc: np.ndarray,
-        slots: np.ndarray,
+        table_rows: np.ndarray,
         num_rows: int,
         num_padded_rows: int,
     ) -> StepRows:
-        """Record one step: hidden [>= n, d] (model dtype), input_ids int [>= n] and positions int
-        [>= n] of the scheduled rows, token_ids int32 [S, L] (every request's tokens by slot, the
-        sampled one included), query_start_loc int [R + 1] and slots int [R] on the host; n is
-        ``num_padded_rows`` when a graph was captured for it, else ``num_rows``. Asynchronous."""
-        num_requests = slots.shape[0]
+        """Record one step: hidden [>= n, d] (model dtype), input_ids int [>= n], positions int
+        [>= n] and cache_slots int64 [>= n] of the scheduled rows, token_ids int32 [S, L] (every
+        request's tokens by table row, the sampled one included), query_start_loc int [R + 1] and
+        table_rows int [R] on the host; n is ``num_padded_rows`` when a graph was captured for it,
+        else ``num_rows``. Asynchronous."""
+        num_requests = table_rows.shape[0]
         if num_padded_rows > self.max_tokens or num_requests > self.max_requests:
             raise ValueError(
                 f"EngineStepRecorder: a step of {num_padded_rows} rows / {num_requests} requests exceeds "
@@ -224,39 +236,40 @@ class EngineStepRecorder:
         host_layout = self._host_layout[turn].numpy()
         host_layout[0, : num_requests + 1] = query_start_loc[: num_requests + 1]
         host_layout[0, num_requests + 1 :] = num_rows
-        host_layout[1, :num_requests] = slots
+        host_layout[1, :num_requests] = table_rows
+        inputs = (hidden, input_ids, positions, cache_slots, token_ids)
         graph = self._graphs.get((num_padded_rows, turn))
-        if graph is not None and self._addresses(hidden, input_ids, positions, token_ids) == self._graph_inputs:
+        if graph is not None and self._addresses(*inputs) == self._graph_inputs:
             graph.replay()
             rows = num_padded_rows
             if ready is not None and not self._event_in_graph:
                 ready.record()
         else:
-            self._run(turn, num_rows, hidden, input_ids, positions, token_ids)
+            self._run(turn, num_rows, *inputs)
             rows = num_rows
             if ready is not None:
                 ready.record()
-        values = self._host_output[turn].numpy()
-        return StepRows(values[:num_rows], values[rows : rows + num_rows].view(np.float32), ready)
+        return StepRows(self._host_output[turn].numpy(), num_rows, rows, ready)
 
 
 class StepLogitRecorder:
-    """V1 runner's per-step update: ``is_step`` bool [T] and ``logits`` float32 [T].
+    """V1 runner's per-step update: ``keep`` bool [T] and ``logits`` float32 [T].
 
     ``vocab_size`` sizes the step-token lookup table (membership by gather: no sort, no sync);
-    ``max_tokens`` and ``max_requests`` bound T and R of one step.
+    ``max_tokens`` and ``max_requests`` bound T and R of one step; ``block_size`` is the KV cache's.
     """
 
     def __init__(
-        self, head: SPRMHead, rule: StepRule, vocab_size: int, max_tokens: int, max_requests: int
+        self, head: SPRMHead, rule: StepRule, vocab_size: int, max_tokens: int, max_requests: int, block_size: int
     ) -> None:
         device = head[0].weight.device
         self.head = head
         self.rule = rule
         self.device = device
+        self.block_size = block_size
         self.is_step_token = _step_table(rule, vocab_size, device)
         self.next_ids = torch.zeros(max_tokens, dtype=torch.int64, device=device)
-        self.is_step = torch.zeros(max_tokens, dtype=torch.bool, device=device)
+        self.keep = torch.zeros(max_tokens, dtype=torch.bool, device=device)
         self.logits = torch.zeros(max_tokens, dtype=torch.float32, device=device)
         self.max_tokens = max_tokens
         self.max_requests = max_requests
@@ -273,23 +286,29 @@ class StepLogitRecorder:
         with torch.no_grad():
             return self._rows_head_op(hidden, rows, *self._rows_weights)
 
+    def keeps(self, opens, positions):
+        """The rows that keep a logit (torch or numpy): those opening a step, and every KV block's
+        last position (``logit_store``)."""
+        return opens | ((positions + 1) % self.block_size == 0)
+
     @torch.no_grad()
     def update(
         self,
         hidden: torch.Tensor,
         input_ids: torch.Tensor,
+        positions: torch.Tensor,
         last_rows: torch.Tensor,
         sampled_ids: torch.Tensor,
         discard: torch.Tensor,
         next_prompt_ids: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Record one step of T tokens and R requests; returns views (is_step [T], logits [T]).
+        """Record one step of T tokens and R requests; returns views (keep [T], logits [T]).
 
-        hidden [T, d]: ``h`` of every scheduled token; input_ids int [T]: the tokens themselves;
-        last_rows int [R]: index of each request's last token (``query_start_loc[1:] - 1``);
-        sampled_ids int [R]: the token sampled after it; discard bool [R]: partial prefill rows,
-        whose sample is thrown away; next_prompt_ids int [R]: for those rows, the next prompt token.
-        The returned views are overwritten by the next call.
+        hidden [T, d]: ``h`` of every scheduled token; input_ids int [T] and positions int [T]: the
+        tokens themselves and their positions; last_rows int [R]: index of each request's last
+        token (``query_start_loc[1:] - 1``); sampled_ids int [R]: the token sampled after it;
+        discard bool [R]: partial prefill rows, whose sample is thrown away; next_prompt_ids int
+        [R]: for those rows, the next prompt token. The returned views are overwritten by the next call.
         """
         num_tokens = input_ids.shape[0]
         if num_tokens > self.max_tokens or last_rows.shape[0] > self.max_requests:
@@ -304,8 +323,9 @@ class StepLogitRecorder:
         last_next = torch.where(discard, next_prompt_ids.long(), sampled_ids.long())
         following.index_copy_(0, last_rows.long(), last_next)
 
-        is_step = self.is_step[:num_tokens]
-        is_step.copy_(semantics.opens_step(current, following, self.is_step_token, self.rule.think_start_id))
+        opens = semantics.opens_step(current, following, self.is_step_token, self.rule.think_start_id)
+        keep = self.keep[:num_tokens]
+        keep.copy_(self.keeps(opens, positions.long()))
         logits = self.logits[:num_tokens]
-        self._head_op(hidden, is_step, *self.head.weights, out=logits)
-        return is_step, logits
+        self._head_op(hidden, keep, *self.head.weights, out=logits)
+        return keep, logits

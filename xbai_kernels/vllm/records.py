@@ -1,41 +1,44 @@
-"""Step records as they leave the worker: ``{request id: (positions, logits)}`` on the runner's output.
+"""Step records as they leave the worker: each computed row's KV-cache slot and head logit.
 
-Both runner patches produce the same payload: for every row of the step that scores a position,
-its request, the absolute position and the head's logit. The scheduler (``engine``) forwards it
-to the front end (``frontend``), which keys it by position, so preemption and recomputation fold in.
+Both runner patches hand the scheduler one int32 array per step, ``rows`` [2, n] for the step's n
+scheduled rows: ``rows[0]`` is the row's KV-cache slot (``block id * block_size + offset``, the
+same flat index whatever block size the attention kernel splits blocks into), bit-inverted
+(``~slot``, negative) when the row keeps no logit; ``rows[1]`` holds the float32 bits of its logit.
+A row keeps its logit when its position opens a step (SPEC's candidate rule, which needs the
+next token, known on the device) or is the last of its KV block (see ``logit_store``).
+
+One array, not a dict by request: the scheduler files it by slot in one vectorised write, so no
+step costs Python work per request or per row anywhere.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import numpy as np
 
-# The attribute of ``ModelRunnerOutput`` that carries a step's records (an extra attribute survives
+# The attribute of ``ModelRunnerOutput`` that carries a step's rows (an extra attribute survives
 # the executor's pickle hop; the scheduler patch reads it).
 RECORDS_ATTRIBUTE = "xbai_sprm"
 
-Records = dict[str, tuple[list[int], list[float]]]
+
+def encode(cache_slots: np.ndarray, keep: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """Host-side encoding (the device writes the same layout): cache_slots int [n], keep bool [n],
+    logits float32 [n] -> int32 [2, n]."""
+    rows = np.empty((2, cache_slots.shape[0]), dtype=np.int32)
+    rows[0] = np.where(keep, cache_slots, ~cache_slots)
+    rows[1] = np.asarray(logits, dtype=np.float32).view(np.int32)
+    return rows
 
 
-def request_rows(rows: np.ndarray, query_start_loc: np.ndarray, num_requests: int) -> np.ndarray:
-    """The request of each packed row: rows int [m] -> int [m]; request r owns rows
-    ``query_start_loc[r]:query_start_loc[r + 1]`` (entries past ``num_requests`` are ignored)."""
-    return np.searchsorted(query_start_loc[: num_requests + 1], rows, side="right") - 1
+def decode(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int32 [2, n] -> (cache slots int32 [n], logits float32 [n], NaN where the row keeps none)."""
+    coded = rows[0]
+    kept = coded >= 0
+    return np.where(kept, coded, ~coded), np.where(kept, rows[1].view(np.float32), np.float32(np.nan))
 
 
-def by_request(requests: np.ndarray, positions: np.ndarray, logits: np.ndarray, req_ids: Sequence[str]) -> Records:
-    """Group scored rows by request: requests int [m] (``request_rows`` of the rows), positions int
-    [m], logits float [m]."""
-    records: Records = {}
-    for request, position, logit in zip(requests.tolist(), positions.tolist(), logits.tolist()):
-        entry = records.setdefault(req_ids[request], ([], []))
-        entry[0].append(position)
-        entry[1].append(logit)
-    return records
-
-
-def attach(output, build: Callable[[], Records]) -> None:
+def attach(output, build: Callable[[], np.ndarray]) -> None:
     """Attach ``build()`` to a runner output: to an async output when vLLM resolves it (after its own
     copy, so no host wait joins the step), or to a plain ``ModelRunnerOutput`` now."""
     resolve = getattr(output, "get_output", None)

@@ -6,14 +6,14 @@ Per engine step:
   row, ``query_start_loc``, each request's first scheduled position, which rows are partial
   prefill chunks and, for those, the next prompt token;
 * ``_update_states_after_model_execute`` (sampled ids still on the device): run
-  ``StepLogitRecorder.update`` and start the copy of its two small outputs to the host;
-* ``sample_tokens`` (its ``ModelRunnerOutput`` built): attach ``{request id: (positions,
-  logits)}`` as the attribute ``xbai_sprm`` for the scheduler (an extra attribute survives the
-  executor's pickle hop). With async scheduling the attribute is filled when vLLM resolves the
-  output, after its own copy, so no host wait is added to the step.
+  ``StepLogitRecorder.update`` and start the copy of the step's rows to the host;
+* ``sample_tokens`` (its ``ModelRunnerOutput`` built): attach the step's rows (each row's KV-cache
+  slot and logit, ``records``) as the attribute ``xbai_sprm`` for the scheduler (an extra
+  attribute survives the executor's pickle hop). With async scheduling the attribute is filled
+  when vLLM resolves the output, after its own copy, so no host wait is added to the step.
 
 Rows move between steps (``condense``, ``swap_states``); nothing here keeps state per row: the
-layout is captured per step and results are keyed by request id and absolute position.
+layout is captured per step and results are keyed by KV-cache slot.
 """
 
 from __future__ import annotations
@@ -35,13 +35,12 @@ logger = logging.getLogger("xbai_kernels.vllm")
 class _StepLayout:
     """Host-side facts of one engine step, captured before the batch rows can move."""
 
-    req_ids: list[str]
+    num_requests: int
     query_start_loc: np.ndarray  # int [R + 1]
-    first_positions: np.ndarray  # int [R]: position of each request's first scheduled token
     num_tokens: int
     next_prompt_ids: np.ndarray  # int64 [R]: next prompt token of partial-prefill rows, else 0
-    host_copy: tuple | None = None  # device path: (is_step, logits, ready event or None) once the update ran
-    host_rows: tuple | None = None  # CPU path: (rows int [m], logits float32 [m]) once the update ran
+    host_copy: tuple | None = None  # device path: (rows int32 [2, T] pinned, ready event) once the update ran
+    host_rows: np.ndarray | None = None  # CPU path: the step's rows (``records``' layout) once the update ran
 
 
 def _runtime(runner):
@@ -50,19 +49,24 @@ def _runtime(runner):
     return runtime if runtime is not None and runtime.recorder is not None and runtime.active else None
 
 
+def _cache_slots(runner) -> torch.Tensor:
+    """int64 [max_tokens]: each scheduled row's KV-cache slot (the one KV group's slot mapping)."""
+    return runner.input_batch.block_table[0].slot_mapping.gpu
+
+
 def _capture_layout(runner) -> _StepLayout:
     num_reqs = runner.input_batch.num_reqs
     query_start_loc = runner.query_start_loc.np[: num_reqs + 1].astype(np.int64)
-    first_positions = runner.input_batch.num_computed_tokens_cpu[:num_reqs].astype(np.int64)
     discard = runner.discard_request_mask.np[:num_reqs]
     next_prompt_ids = np.zeros(num_reqs, dtype=np.int64)
-    for row in np.nonzero(discard)[0]:
-        following = first_positions[row] + query_start_loc[row + 1] - query_start_loc[row]
-        next_prompt_ids[row] = runner.input_batch.token_ids_cpu[row, following]
+    if discard.any():
+        first_positions = runner.input_batch.num_computed_tokens_cpu[:num_reqs]
+        for row in np.flatnonzero(discard):
+            following = first_positions[row] + query_start_loc[row + 1] - query_start_loc[row]
+            next_prompt_ids[row] = runner.input_batch.token_ids_cpu[row, following]
     return _StepLayout(
-        req_ids=list(runner.input_batch.req_ids[:num_reqs]),
+        num_requests=num_reqs,
         query_start_loc=query_start_loc,
-        first_positions=first_positions,
         num_tokens=int(query_start_loc[-1]),
         next_prompt_ids=next_prompt_ids,
     )
@@ -72,34 +76,36 @@ def _run_update(runner, runtime, layout: _StepLayout, sampled_token_ids: torch.T
     if runtime.recorder.device.type == "cpu":
         _record_on_host(runner, runtime, layout, sampled_token_ids)
         return
-    num_reqs, num_tokens = len(layout.req_ids), layout.num_tokens
+    num_reqs, num_tokens = layout.num_requests, layout.num_tokens
     host = runtime.next_host_buffers()
     # Staged through pinned memory: asynchronous copies both ways, no wait on the host.
     staged = host.next_prompt_ids[:num_reqs]
     staged.numpy()[:] = layout.next_prompt_ids
     next_prompt = runtime.next_prompt_ids[:num_reqs]
     next_prompt.copy_(staged, non_blocking=True)
-    is_step, logits = runtime.recorder.update(
+    keep, logits = runtime.recorder.update(
         runtime.hidden[:num_tokens],
         runner.input_ids.gpu[:num_tokens],
+        runner.positions[:num_tokens],
         runner.query_start_loc.gpu[1 : num_reqs + 1] - 1,
         sampled_token_ids[:num_reqs, 0],
         runner.discard_request_mask.gpu[:num_reqs],
         next_prompt,
     )
-    host_is_step, host_logits = host.is_step[:num_tokens], host.logits[:num_tokens]
-    host_is_step.copy_(is_step, non_blocking=True)
-    host_logits.copy_(logits, non_blocking=True)
+    slots = _cache_slots(runner)[:num_tokens]
+    coded = torch.stack((torch.where(keep, slots, ~slots).int(), logits.view(torch.int32)))
+    host_rows = host.rows[: 2 * num_tokens].view(2, num_tokens)
+    host_rows.copy_(coded, non_blocking=True)
     ready = torch.cuda.Event(blocking=True)
     ready.record()
-    layout.host_copy = (host_is_step, host_logits, ready)
+    layout.host_copy = (host_rows, ready)
 
 
 def _record_on_host(runner, runtime, layout: _StepLayout, sampled_token_ids: torch.Tensor) -> None:
     """The CPU engine's step: every tensor is host memory, so the rule runs on numpy views (a dozen
     torch ops would cost more than the step's model work on a small model) and the head only on
-    the rows that open a step, usually none."""
-    num_reqs, num_tokens = len(layout.req_ids), layout.num_tokens
+    the rows that keep a logit."""
+    num_reqs, num_tokens = layout.num_requests, layout.num_tokens
     recorder = runtime.recorder
     current = runner.input_ids.gpu[:num_tokens].numpy().astype(np.int64)
     following = np.empty_like(current)
@@ -108,32 +114,27 @@ def _record_on_host(runner, runtime, layout: _StepLayout, sampled_token_ids: tor
     sampled = sampled_token_ids[:num_reqs, 0].numpy()
     discard = runner.discard_request_mask.np[:num_reqs]
     following[layout.query_start_loc[1:] - 1] = np.where(discard, layout.next_prompt_ids, sampled)
-    is_step = semantics.opens_step(current, following, recorder.step_table_host, recorder.rule.think_start_id)
-    rows = np.flatnonzero(is_step)
-    logits = np.zeros(0, dtype=np.float32)
+    opens = semantics.opens_step(current, following, recorder.step_table_host, recorder.rule.think_start_id)
+    keep = recorder.keeps(opens, runner.positions[:num_tokens].numpy())
+    rows = np.flatnonzero(keep)
+    logits = np.zeros(num_tokens, dtype=np.float32)
     if rows.size:
-        hidden = runtime.hidden[:num_tokens]
-        logits = recorder.head_rows(hidden, torch.from_numpy(rows)).numpy()
-    layout.host_rows = (rows, logits)
+        logits[rows] = recorder.head_rows(runtime.hidden[:num_tokens], torch.from_numpy(rows)).numpy()
+    layout.host_rows = records.encode(_cache_slots(runner)[:num_tokens].numpy(), keep, logits)
 
 
-def _host_records(layout: _StepLayout) -> records.Records:
-    """{request id: (positions, logits)} of this step's candidate positions (waits for the copy)."""
+def _host_records(layout: _StepLayout) -> np.ndarray:
+    """The step's rows (``records``' layout); waits for the device path's copy."""
     start = profile.now() if profile.ENABLED else 0
     if layout.host_rows is not None:
-        rows, logits = layout.host_rows
+        rows = layout.host_rows
     else:
-        is_step, logits, ready = layout.host_copy
-        if ready is not None:
-            ready.synchronize()
-        rows = np.flatnonzero(is_step.numpy())
-        logits = logits.numpy()[rows]
-    requests = records.request_rows(rows, layout.query_start_loc, len(layout.req_ids))
-    positions = layout.first_positions[requests] + rows - layout.query_start_loc[requests]
-    built = records.by_request(requests, positions, logits, layout.req_ids)
+        host_rows, ready = layout.host_copy
+        ready.synchronize()
+        rows = host_rows.numpy().copy()
     if profile.ENABLED:
         profile.add("worker.read", profile.now() - start)
-    return built
+    return rows
 
 
 def execute_model(original):

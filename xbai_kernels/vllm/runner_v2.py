@@ -1,15 +1,16 @@
 """Worker side under Model Runner V2 (vLLM's GPU default): record each step's scored rows.
 
-V2 keeps, per request slot, every token id the request has (``req_states.all_token_ids``, the
-sampled one written there by ``postprocess_sampled``), and its input buffers (``input_ids``,
-``positions``) sit at fixed addresses. So one step's scoring needs from the host only the row
-boundaries and the slots, and runs as one replay of a CUDA graph that ``capture_model`` captured
-beside vLLM's own (``EngineStepRecorder``). Patched:
+V2 keeps, per request (a row of its token table), every token id the request has
+(``req_states.all_token_ids``, the sampled one written there by ``postprocess_sampled``), and its
+input buffers (``input_ids``, ``positions``, the slot mapping) sit at fixed addresses. So one
+step's scoring needs from the host only the row boundaries and the table rows, and runs as one
+replay of a CUDA graph that ``capture_model`` captured beside vLLM's own (``EngineStepRecorder``).
+Patched:
 
 * ``capture_model``: after vLLM's graphs, capture ours for the same padded sizes;
-* ``sample_tokens``: after vLLM's sampling and state update, record the step and attach
-  ``{request id: (positions, logits)}`` to the output when vLLM resolves it (async scheduling
-  resolves it a step later, after its own copy, so the host never waits inside the step).
+* ``sample_tokens``: after vLLM's sampling and state update, record the step and attach its rows
+  (``records``) to the output when vLLM resolves it (async scheduling resolves it a step later,
+  after its own copy, so the host never waits inside the step).
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ def _runtime(runner):
     return runtime if runtime is not None and runtime.engine is not None and runtime.active else None
 
 
-def _engine_inputs(runner) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _engine_inputs(runner) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids, positions, cache slots (the one KV group's slot mapping) and the token table: the
+    persistent buffers a step reads."""
     buffers = runner.input_buffers
-    return buffers.input_ids, buffers.positions, runner.req_states.all_token_ids.gpu
+    return buffers.input_ids, buffers.positions, runner.block_tables.slot_mappings[0], runner.req_states.all_token_ids.gpu
 
 
 def capture_model(original):
@@ -70,16 +73,13 @@ def sample_tokens(original):
             batch.num_tokens,
             batch.num_tokens_after_padding,
         )
-        query_start_loc, req_ids = batch.query_start_loc_np, batch.req_ids
 
-        def build() -> records.Records:
+        def build():
             start = profile.now() if profile.ENABLED else 0
-            rows, positions, logits = step.scored()
-            requests = records.request_rows(rows, query_start_loc, len(req_ids))
-            built = records.by_request(requests, positions, logits, req_ids)
+            rows = step.rows()
             if profile.ENABLED:
                 profile.add("worker.read", profile.now() - start)
-            return built
+            return rows
 
         records.attach(output, build)
         if profile.ENABLED:

@@ -16,14 +16,15 @@ from .recorder import HOST_RING, EngineStepRecorder, StepLogitRecorder
 class SPRMRuntime:
     """What one worker needs to score: the head, the step rule, the ``h`` buffer and a recorder.
 
-    hidden [max_tokens, d] (model dtype) is written by every forward. ``runner`` names the vLLM
+    hidden [max_tokens, d] (model dtype) is written by every forward. ``block_size`` is the KV
+    cache's (every block's last position keeps its logit, ``logit_store``). ``runner`` names the vLLM
     model runner that drives it: ``"v2"`` builds an ``EngineStepRecorder`` (``engine``), ``"v1"`` a
     ``StepLogitRecorder`` (``recorder``) with its staging buffers.
     """
 
     def __init__(
         self, head: SPRMHead, rule: StepRule, vocab_size: int, max_tokens: int, max_requests: int, dtype,
-        runner: str = "v1",
+        runner: str = "v1", block_size: int = 16,
     ):
         if runner not in ("v1", "v2"):
             raise ValueError(f"SPRMRuntime: runner must be 'v1' or 'v2', got {runner!r}")
@@ -36,9 +37,9 @@ class SPRMRuntime:
         self.active = True
         self.engine = self.recorder = None
         if runner == "v2":
-            self.engine = EngineStepRecorder(head, rule, vocab_size, max_tokens, max_requests)
+            self.engine = EngineStepRecorder(head, rule, vocab_size, max_tokens, max_requests, block_size)
             return
-        self.recorder = StepLogitRecorder(head, rule, vocab_size, max_tokens, max_requests)
+        self.recorder = StepLogitRecorder(head, rule, vocab_size, max_tokens, max_requests, block_size)
         self.next_prompt_ids = torch.zeros(max_requests, dtype=torch.int64, device=device)
         self.host = [HostBuffers(max_tokens, max_requests, pinned=device.type == "cuda") for _ in range(HOST_RING)]
         self.steps = 0
@@ -60,10 +61,10 @@ def set_recording(worker, active: bool) -> bool:
 
 
 class HostBuffers:
-    """Host side of one V1 step's copies: next prompt ids to the device, (is_step, logits) back."""
+    """Host side of one V1 step's copies: next prompt ids to the device, the step's rows back
+    (int32 [2, T], ``records``' layout)."""
 
     def __init__(self, max_tokens: int, max_requests: int, pinned: bool) -> None:
         # Explicitly on the CPU: vLLM builds the model under a CUDA default device.
         self.next_prompt_ids = torch.zeros(max_requests, dtype=torch.int64, device="cpu", pin_memory=pinned)
-        self.is_step = torch.zeros(max_tokens, dtype=torch.bool, device="cpu", pin_memory=pinned)
-        self.logits = torch.zeros(max_tokens, dtype=torch.float32, device="cpu", pin_memory=pinned)
+        self.rows = torch.zeros(2 * max_tokens, dtype=torch.int32, device="cpu", pin_memory=pinned)

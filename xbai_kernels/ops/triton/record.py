@@ -127,8 +127,8 @@ def decode_record(
 
 @triton.jit
 def _engine_rows_kernel(
-    ids_ptr, positions_ptr, qsl_ptr, slots_ptr, token_ids_ptr, token_stride, token_columns, table_ptr, table_size,
-    is_step_ptr, step_positions_ptr, num_rows, num_requests, think_start, no_token,
+    ids_ptr, positions_ptr, cache_slots_ptr, qsl_ptr, table_rows_ptr, token_ids_ptr, token_stride, token_columns,
+    table_ptr, table_size, keep_ptr, out_slots_ptr, num_rows, num_requests, think_start, block_size, no_token,
     BLOCK: tl.constexpr, SEARCH_STEPS: tl.constexpr,
 ):
     """``ops.reference.engine_step_rows`` for one block of rows: a binary search finds each row's
@@ -149,55 +149,61 @@ def _engine_rows_kernel(
     current = tl.load(ids_ptr + rows, mask=live, other=no_token).to(tl.int64)
     position = tl.load(positions_ptr + rows, mask=live, other=0).to(tl.int64)
     following = tl.load(ids_ptr + rows + 1, mask=live & ~is_last & (rows + 1 < num_rows), other=no_token).to(tl.int64)
-    slot = tl.load(slots_ptr + request, mask=live & is_last, other=0).to(tl.int64)
+    table_row = tl.load(table_rows_ptr + request, mask=live & is_last, other=0).to(tl.int64)
     column = tl.minimum(position + 1, token_columns - 1)
-    sampled = tl.load(token_ids_ptr + slot * token_stride + column, mask=live & is_last, other=no_token).to(tl.int64)
+    sampled = tl.load(token_ids_ptr + table_row * token_stride + column, mask=live & is_last, other=no_token).to(tl.int64)
     following = tl.where(is_last, sampled, following)
     opens = (
-        live
-        & _is_step_token(following, table_ptr, table_size)
+        _is_step_token(following, table_ptr, table_size)
         & ~_is_step_token(current, table_ptr, table_size)
         & (current != think_start)
         & (current != no_token)
     )
-    tl.store(is_step_ptr + rows, opens.to(tl.int8), mask=in_range)
-    tl.store(step_positions_ptr + rows, tl.where(opens, position, -1).to(tl.int32), mask=in_range)
+    kept = live & (opens | ((position + 1) % block_size == 0))
+    slot = tl.load(cache_slots_ptr + rows, mask=live, other=0).to(tl.int64)
+    coded = tl.where(kept, slot, tl.where(live, -slot - 1, -1))
+    tl.store(keep_ptr + rows, kept.to(tl.int8), mask=in_range)
+    tl.store(out_slots_ptr + rows, coded.to(tl.int32), mask=in_range)
 
 
 def engine_step_rows(
     input_ids: torch.Tensor,
     positions: torch.Tensor,
+    cache_slots: torch.Tensor,
     query_start_loc: torch.Tensor,
-    slots: torch.Tensor,
+    table_rows: torch.Tensor,
     token_ids: torch.Tensor,
     step_table: torch.Tensor,
     think_start_id: int,
-    is_step: torch.Tensor,
-    step_positions: torch.Tensor,
+    block_size: int,
+    keep: torch.Tensor,
+    out_slots: torch.Tensor,
 ) -> None:
     """Triton ``ops.reference.engine_step_rows``: one launch, in place, no host sync."""
     where = "engine_step_rows"
     num_rows = input_ids.shape[0]
-    num_requests = slots.shape[0]
+    num_requests = table_rows.shape[0]
     device = input_ids.device
-    check_rows(where, device, num_rows, input_ids=input_ids, positions=positions)
+    check_rows(where, device, num_rows, input_ids=input_ids, positions=positions, cache_slots=cache_slots)
     check_rows(where, device, num_requests + 1, query_start_loc=query_start_loc)
-    check_rows(where, device, num_requests, slots=slots)
+    check_rows(where, device, num_requests, table_rows=table_rows)
     check_tensor(where, "token_ids", token_ids, ndim=2, dtypes=(torch.int32, torch.int64), device=device)
-    check_tensor(where, "is_step", is_step, ndim=1, dtypes=(torch.bool,), device=device)
-    check_tensor(where, "step_positions", step_positions, ndim=1, dtypes=(torch.int32,), device=device)
-    if token_ids.stride(1) != 1 or is_step.shape[0] != num_rows or step_positions.shape[0] != num_rows:
+    check_tensor(where, "keep", keep, ndim=1, dtypes=(torch.bool,), device=device)
+    check_tensor(where, "out_slots", out_slots, ndim=1, dtypes=(torch.int32,), device=device)
+    if token_ids.stride(1) != 1 or keep.shape[0] != num_rows or out_slots.shape[0] != num_rows:
         raise ValueError(f"{where}: token_ids needs contiguous rows and the outputs [{num_rows}] rows")
+    if block_size < 1:
+        raise ValueError(f"{where}: block_size must be positive, got {block_size}")
     if num_rows == 0:
         return
     if num_requests == 0:
-        is_step.zero_()
-        step_positions.fill_(-1)
+        keep.zero_()
+        out_slots.fill_(-1)
         return
     with _launch.device_guard(input_ids):
         _engine_rows_kernel[(triton.cdiv(num_rows, _BLOCK),)](
-            input_ids, positions, query_start_loc, slots, token_ids, token_ids.stride(0), token_ids.shape[1],
-            step_table.contiguous().view(torch.int8), step_table.numel(), is_step.view(torch.int8), step_positions,
-            num_rows, num_requests, think_start_id, NO_TOKEN,
+            input_ids, positions, cache_slots, query_start_loc, table_rows, token_ids, token_ids.stride(0),
+            token_ids.shape[1], step_table.contiguous().view(torch.int8), step_table.numel(), keep.view(torch.int8),
+            out_slots, num_rows, num_requests, think_start_id, block_size, NO_TOKEN,
             BLOCK=_BLOCK, SEARCH_STEPS=max(1, num_requests.bit_length()),
         )

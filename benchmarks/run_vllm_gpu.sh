@@ -26,7 +26,10 @@ case "$part" in
   tests) TRITON_F32_DEFAULT=ieee python3 -m pytest -q -ra -p no:cacheprovider tests/vllm/test_vllm_gpu.py tests/vllm/test_vllm_recorder.py \
            tests/test_triton_record.py "$@" 2>&1 | tee "$OUT/vllm-gpu-tests.log" ;;
   bench) python3 -m benchmarks vllm "$@" 2>&1 | tee "$OUT/vllm-gpu-bench.log" ;;
-  # Any script under the same environment (a diagnosis, a profile).
-  python) python3 "$@" 2>&1 | tee "$OUT/vllm-gpu-python.log" ;;
+  # Any script under the same environment (a diagnosis, a profile). vLLM forks its engine process
+  # unless torch has initialised CUDA; a script that only asked torch.cuda.is_available() has
+  # initialised the driver all the same, and the forked engine then hangs at start-up (seen on the
+  # H100). So spawn, which needs the script's top level guarded by `if __name__ == "__main__"`.
+  python) VLLM_WORKER_MULTIPROC_METHOD=${VLLM_WORKER_MULTIPROC_METHOD:-spawn} python3 "$@" 2>&1 | tee "$OUT/vllm-gpu-python.log" ;;
   *) echo "usage: $0 tests|bench|python [ARGS]"; exit 2 ;;
 esac

@@ -234,6 +234,7 @@ def throughput_part(args, model: dict) -> dict:
         tokens_per_s = {mode: [] for mode in modes}
         host = {}
         steps = 0
+        on_seconds = 0.0
         for rep in range(args.reps + 1):  # the first round warms up and is not counted
             order = modes if rep % 2 == 0 else modes[::-1]
             for mode in order:
@@ -245,6 +246,7 @@ def throughput_part(args, model: dict) -> dict:
                 if rep > 0:
                     tokens_per_s[mode].append(tokens / seconds)
                 if rep > 0 and mode == "on":
+                    on_seconds += seconds
                     stages = _profile(scored)
                     steps += stages.get("worker.record", (0, 0))[1]
                     for stage, (ns, _) in stages.items():
@@ -258,6 +260,12 @@ def throughput_part(args, model: dict) -> dict:
         row["engine_steps"] = steps
         row["host_us_per_step"] = {stage: ns / 1e3 / max(steps, 1) for stage, ns in host.items()}
         row["host_us_per_step"]["total"] = sum(row["host_us_per_step"].values())
+        # The direct measure: the plugin's host time against the engine step it rides on (the whole
+        # generate call over its engine steps, prefill included). On/off throughput cannot resolve
+        # 1% where the engine's own step time swings by more than that between repetitions.
+        if steps:
+            row["step_us"] = on_seconds * 1e6 / steps
+            row["plugin_host_share"] = row["host_us_per_step"]["total"] / row["step_us"]
         result["batches"].append(row)
         print(f"throughput {model['shape']} B={batch}: " + ", ".join(f"{m} {v:.0f}" for m, v in median.items())
               + f" tok/s; on/stock {row.get('overhead_on_vs_stock', float('nan')):+.2%}, on/off {row['overhead_on_vs_off']:+.2%}; "
@@ -344,6 +352,46 @@ def best_of_n_part(args, model: dict) -> dict:
     return result
 
 
+# ----- combining parts -----------------------------------------------------------------------------
+
+
+def merge(earlier: dict, later: dict) -> dict:
+    """``later`` with what only ``earlier`` measured (throughput of other shapes, recorder rows of
+    other shapes, Best-of-N); both from one device and vLLM, each part keeping its own date."""
+    for key in ("device", "vllm"):
+        if earlier["environment"].get(key) != later["environment"].get(key):
+            raise SystemExit(f"--merge: {key} {earlier['environment'].get(key)!r} differs from this run's "
+                             f"{later['environment'].get(key)!r}; results of different machines are not combined")
+    merged = dict(later)
+    merged["dates"] = sorted(set(earlier.get("dates", [earlier["environment"]["date"]])) | {later["environment"]["date"]})
+    merged["throughput"] = {**earlier.get("throughput", {}), **later.get("throughput", {})}
+    rows = later.get("recorder")
+    if isinstance(rows, list):
+        shapes = {r["shape"] for r in rows}
+        kept = [r for r in earlier.get("recorder", []) if isinstance(r, dict) and r.get("shape") not in shapes]
+        merged["recorder"] = kept + rows
+    elif "recorder" in earlier:
+        merged["recorder"] = earlier["recorder"]
+    if "best_of_n" not in later and "best_of_n" in earlier:
+        merged["best_of_n"] = earlier["best_of_n"]
+    return merged
+
+
+def attach_gpu_shares(result: dict) -> None:
+    """Beside each throughput row, the recorder's GPU time per step at that shape and batch (its own
+    measurement, a graph replay timed by CUDA events) and its share of the row's engine step."""
+    rows = result.get("recorder")
+    if not isinstance(rows, list):
+        return
+    gpu = {(r["shape"], r["batch"]): r["gpu_us"]["median"] for r in rows}
+    for shape, run in result.get("throughput", {}).items():
+        for row in run["batches"]:
+            us = gpu.get((shape, row["batch"]))
+            if us is not None and row.get("step_us"):
+                row["plugin_gpu_us"] = us
+                row["plugin_gpu_share"] = us / row["step_us"]
+
+
 # ----- table, plot and entry point -----------------------------------------------------------------
 
 
@@ -359,14 +407,18 @@ def markdown_table(result: dict) -> str:
         modes = run.get("modes", ["stock", "on", "off"])
         runner = run["runner"]["scored"]
         label = "Model Runner V2" if ".worker.gpu.model_runner." in runner else runner.rsplit(".", 1)[-1]
-        lines += ["", f"**{shape}** ({label}; plugin host time: thread CPU time per engine step, all stages):", "",
-                  "| B | " + " | ".join(f"tok/s {m}" for m in modes) + " | on vs off | on vs stock | plugin host us/step |",
-                  "|---:|" + "---:|" * (len(modes) + 3)]
+        lines += ["", f"**{shape}** ({label}; plugin host time: thread CPU time per engine step, all stages; "
+                  "shares: of the engine step with recording on):", "",
+                  "| B | " + " | ".join(f"tok/s {m}" for m in modes)
+                  + " | on vs off | on vs stock | engine step us | plugin host us/step | host share | GPU share |",
+                  "|---:|" + "---:|" * (len(modes) + 6)]
         for row in run["batches"]:
             stock = row.get("overhead_on_vs_stock")
-            lines.append(f"| {row['batch']} | " + " | ".join(f"{row['tokens_per_s'][m]['median']:.0f}" for m in modes)
-                         + f" | {100 * row['overhead_on_vs_off']:+.2f}% | " + ("-" if stock is None else f"{100 * stock:+.2f}%")
-                         + f" | {row['host_us_per_step']['total']:.0f} |")
+            cells = [str(row["batch"])] + [f"{row['tokens_per_s'][m]['median']:.0f}" for m in modes]
+            cells += [f"{100 * row['overhead_on_vs_off']:+.2f}%", "-" if stock is None else f"{100 * stock:+.2f}%",
+                      f"{row['step_us']:.0f}" if "step_us" in row else "-", f"{row['host_us_per_step']['total']:.0f}"]
+            cells += [f"{100 * row[key]:.2f}%" if key in row else "-" for key in ("plugin_host_share", "plugin_gpu_share")]
+            lines.append("| " + " | ".join(cells) + " |")
     if result.get("recorder") and not isinstance(result["recorder"], dict):
         lines += ["", "Recorder alone (one step: graph replay with its copies; a quarter of the rows are steps):", "",
                   "| d | B | GPU us | host us (record + read) |", "|---:|---:|---:|---:|"]
@@ -431,6 +483,9 @@ def main(argv=None) -> dict:
                         help="gpu_memory_utilization of each of the two engines (default 0.4 on a GPU, 0.15 on a CPU)")
     parser.add_argument("--quick", action="store_true", help="tiny model on a CPU, B 16, 64 tokens, 2 repetitions")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--merge", default=None, metavar="JSON",
+                        help="a result of this benchmark from the same device and vLLM to keep what this run does "
+                             "not measure (model shapes, the recorder, Best-of-N): one GPU call per shape")
     args = parser.parse_args(argv)
     on_gpu = torch.cuda.is_available()
     if args.memory is None:
@@ -467,6 +522,9 @@ def main(argv=None) -> dict:
             model = {**write_model(Path(scratch) / f"weights-{shape}", shape, weights=True,
                                    device="cuda" if on_gpu else "cpu"), "weights": True}
             result["best_of_n"] = {"model": model, **best_of_n_part(args, model)}
+    if args.merge:
+        result = merge(json.loads(Path(args.merge).read_text()), result)
+    attach_gpu_shares(result)
     slug = result["environment"]["device_slug"]
     write_result(result, args.out, f"{slug}-vllm.json", plot=plot)
     print(json.dumps({k: v for k, v in result.items() if k != "environment"}, default=str)[:2000])

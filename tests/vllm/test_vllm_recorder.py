@@ -69,9 +69,13 @@ def _step(device: str):
     head = SPRMHead(HIDDEN).to(device).eval()
     runtime = SPRMRuntime(head, RULE, VOCAB, max_tokens=32, max_requests=4, dtype=torch.float32, block_size=BLOCK_SIZE)
     runtime.hidden[: len(INPUT_IDS)] = torch.randn(len(INPUT_IDS), HIDDEN, device=device)
-    slot_mapping = SimpleNamespace(gpu=torch.tensor(CACHE_SLOTS, device=device))
+    def buffer(values, dtype=None):  # vLLM's CpuGpuBuffer: .np is the host copy's numpy view
+        tensor = torch.tensor(values, dtype=dtype, device=device)
+        return SimpleNamespace(gpu=tensor, np=tensor.cpu().numpy())
+
+    slot_mapping = buffer(CACHE_SLOTS)
     runner = SimpleNamespace(
-        input_ids=SimpleNamespace(gpu=torch.tensor(INPUT_IDS, dtype=torch.int32, device=device)),
+        input_ids=buffer(INPUT_IDS, torch.int32),
         positions=torch.tensor(POSITIONS, device=device),
         query_start_loc=SimpleNamespace(gpu=torch.tensor(QUERY_START_LOC, dtype=torch.int32, device=device)),
         discard_request_mask=SimpleNamespace(gpu=torch.tensor(DISCARD, device=device), np=np.array(DISCARD)),

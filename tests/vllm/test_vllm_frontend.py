@@ -295,10 +295,15 @@ def test_scores_ride_the_finishing_delta_when_read_every_step(frontend_patched):
     assert not hasattr(seen[-1], "sprm_prompt_score")
 
 
-def _stop_string_run(processor, child_id: str, lose_last_chunk: bool):
+def _stop_string_run(lose_last_chunk: bool):
     """A request the front end ends by a stop string after the last token (the engine never saw it
     stop): its logits come as chunks, one per step, from the first decode step on."""
+    from vllm.sampling_params import RequestOutputKind
     from vllm.v1.engine import FinishReason
+    from vllm.v1.engine.output_processor import OutputProcessor
+
+    processor = OutputProcessor(None, log_stats=False)
+    (child_id,) = _add(processor, _engine_request("stop", 1, RequestOutputKind.FINAL_ONLY), None)
 
     ids = PROMPT + COMPLETION
     # The scheduler's store, the request's positions in blocks 0, 1, ... in order.
@@ -322,12 +327,7 @@ def _stop_string_run(processor, child_id: str, lose_last_chunk: bool):
 @requires_vllm
 @pytest.mark.vllm
 def test_stop_string_finish_scores_from_the_chunks(frontend_patched):
-    from vllm.sampling_params import RequestOutputKind
-    from vllm.v1.engine.output_processor import OutputProcessor
-
-    processor = OutputProcessor(None, log_stats=False)
-    (child_id,) = _add(processor, _engine_request("stop", 1, RequestOutputKind.FINAL_ONLY), None)
-    completion_output = _stop_string_run(processor, child_id, lose_last_chunk=False)
+    completion_output = _stop_string_run(lose_last_chunk=False)
     score, step_scores, positions = _expected(len(COMPLETION))
     assert completion_output.sprm_step_positions == positions and positions
     assert np.allclose(completion_output.sprm_step_scores, step_scores, rtol=0, atol=2**-22)
@@ -337,12 +337,7 @@ def test_stop_string_finish_scores_from_the_chunks(frontend_patched):
 @requires_vllm
 @pytest.mark.vllm
 def test_chunks_that_fall_behind_are_an_error_not_a_wrong_score(frontend_patched):
-    from vllm.sampling_params import RequestOutputKind
-    from vllm.v1.engine.output_processor import OutputProcessor
-
-    processor = OutputProcessor(None, log_stats=False)
-    (child_id,) = _add(processor, _engine_request("stop", 1, RequestOutputKind.FINAL_ONLY), None)
-    completion_output = _stop_string_run(processor, child_id, lose_last_chunk=True)
+    completion_output = _stop_string_run(lose_last_chunk=True)
     final_length = len(PROMPT + COMPLETION)
     assert completion_output.sprm_score is None
     assert completion_output.sprm_error == f"the engine sent step logits for {final_length - 1} of the {final_length} tokens"

@@ -407,7 +407,11 @@ def markdown_table(result: dict) -> str:
         modes = run.get("modes", ["stock", "on", "off"])
         runner = run["runner"]["scored"]
         label = "Model Runner V2" if ".worker.gpu.model_runner." in runner else runner.rsplit(".", 1)[-1]
-        lines += ["", f"**{shape}** ({label}; plugin host time: thread CPU time per engine step, all stages; "
+        # The GPU engine's worker shares the engine-core process, so its counters hold every stage;
+        # the CPU engine's multiprocess executor keeps the scheduler's stages in a process that no
+        # collective_rpc reaches.
+        stages = "all stages" if label == "Model Runner V2" else "worker and front end; the scheduler's stages are not collected"
+        lines += ["", f"**{shape}** ({label}; plugin host time: thread CPU time per engine step, {stages}; "
                   "shares: of the engine step with recording on):", "",
                   "| B | " + " | ".join(f"tok/s {m}" for m in modes)
                   + " | on vs off | on vs stock | engine step us | plugin host us/step | host share | GPU share |",

@@ -125,7 +125,10 @@ def headline(results_dir: Path = RESULTS_DIR) -> str:
                 f"{vllm['environment']['device']}): decode throughput with step recording on is "
                 f"{_span([100 * r['overhead_on_vs_off'] for r in rows], '.1f')}% below the same engine with it off at "
                 f"B = {', '.join(str(r['batch']) for r in rows)}; the plugin's host time is "
-                f"{_span([r['host_us_per_step']['total'] for r in rows], '.0f')} us per engine step."
+                f"{_span([r['host_us_per_step']['total'] for r in rows], '.0f')} us per engine step"
+                + (f" ({_span([100 * r['plugin_host_share'] for r in rows], '.1f')}% of the step; its GPU time "
+                   f"{_span([100 * r['plugin_gpu_share'] for r in rows], '.2f')}%)."
+                   if all("plugin_gpu_share" in r for r in rows) else ".")
             )
     return "\n".join(lines) if lines else "No GPU results yet."
 

@@ -23,8 +23,8 @@ part=${1:-tests}; shift || true
 case "$part" in
   # vLLM's Triton attention runs fp32 dots as TF32 unless told otherwise; the fp32 exactness test
   # needs IEEE fp32 (read when Triton compiles, so it is set before anything imports Triton).
-  tests) TRITON_F32_DEFAULT=ieee python3 -m pytest -q -ra -p no:cacheprovider tests/vllm/test_vllm_gpu.py tests/vllm/test_vllm_recorder.py \
-           tests/test_triton_record.py "$@" 2>&1 | tee "$OUT/vllm-gpu-tests.log" ;;
+  tests) TRITON_F32_DEFAULT=ieee python3 -m pytest -q -ra -p no:cacheprovider tests/vllm/test_vllm_gpu.py tests/vllm/test_vllm_prefix_share.py \
+           tests/vllm/test_vllm_recorder.py tests/test_triton_record.py "$@" 2>&1 | tee "$OUT/vllm-gpu-tests.log" ;;
   bench) python3 -m benchmarks vllm "$@" 2>&1 | tee "$OUT/vllm-gpu-bench.log" ;;
   # Any script under the same environment (a diagnosis, a profile). vLLM forks its engine process
   # unless torch has initialised CUDA; a script that only asked torch.cuda.is_available() has

@@ -49,9 +49,10 @@ def _runtime(runner):
     return runtime if runtime is not None and runtime.recorder is not None and runtime.active else None
 
 
-def _cache_slots(runner) -> torch.Tensor:
-    """int64 [max_tokens]: each scheduled row's KV-cache slot (the one KV group's slot mapping)."""
-    return runner.input_batch.block_table[0].slot_mapping.gpu
+def _slot_mapping(runner):
+    """vLLM's ``CpuGpuBuffer`` of each scheduled row's KV-cache slot (int64 [max_tokens], the one
+    KV group's slot mapping): ``.gpu`` on the device, ``.np`` its host copy's numpy view."""
+    return runner.input_batch.block_table[0].slot_mapping
 
 
 def _capture_layout(runner) -> _StepLayout:
@@ -92,7 +93,7 @@ def _run_update(runner, runtime, layout: _StepLayout, sampled_token_ids: torch.T
         runner.discard_request_mask.gpu[:num_reqs],
         next_prompt,
     )
-    slots = _cache_slots(runner)[:num_tokens]
+    slots = _slot_mapping(runner).gpu[:num_tokens]
     coded = torch.stack((torch.where(keep, slots, ~slots).int(), logits.view(torch.int32)))
     host_rows = host.rows[: 2 * num_tokens].view(2, num_tokens)
     host_rows.copy_(coded, non_blocking=True)
@@ -121,7 +122,7 @@ def _record_on_host(runner, runtime, layout: _StepLayout, sampled_token_ids: tor
     logits = np.zeros(num_tokens, dtype=np.float32)
     if rows.size:
         logits[rows] = recorder.head_rows(runtime.hidden[:num_tokens], torch.from_numpy(rows)).numpy()
-    slots = runner.input_batch.block_table[0].slot_mapping.np[:num_tokens]
+    slots = _slot_mapping(runner).np[:num_tokens]
     layout.host_rows = records.encode(slots, keep, logits)
 
 

@@ -158,8 +158,9 @@ def recorder_part(args) -> list[dict]:
         input_ids = torch.randint(0, vocab, (max_tokens,), dtype=torch.int32, device=device)
         positions = torch.randint(0, 4000, (max_tokens,), device=device)
         cache_slots = torch.arange(max_tokens, device=device)
+        query_start_loc = torch.zeros(max_requests + 1, dtype=torch.int32, device=device)
         sizes = (1, 16, 64, 256)
-        recorder.capture(sizes, hidden, input_ids, positions, cache_slots, token_ids)
+        recorder.capture(sizes, hidden, input_ids, positions, cache_slots, query_start_loc, token_ids)
         for batch in sizes:
             # A quarter of the rows open a step (the sampled token after each is the step token);
             # every block_size-th position ends a KV block and keeps its logit too.
@@ -167,9 +168,10 @@ def recorder_part(args) -> list[dict]:
             token_ids[:batch].view(-1)[:] = 7
             positions[:batch] = torch.arange(batch, device=device) % 4000
             token_ids[torch.arange(0, batch, 4, device=device), positions[:batch:4] + 1] = 5
-            query_start_loc = np.arange(batch + 1, dtype=np.int32)
+            # One row per request, padded with the row count as vLLM pads its own buffer.
+            query_start_loc.copy_(torch.arange(max_requests + 1, device=device).clamp(max=batch))
             step = None
-            inputs = (hidden, input_ids, positions, cache_slots, token_ids, query_start_loc, table_rows, batch, batch)
+            inputs = (hidden, input_ids, positions, cache_slots, query_start_loc, token_ids, table_rows, batch, batch)
             for _ in range(20):  # warm-up
                 step = recorder.record(*inputs)
             step.rows()
@@ -191,7 +193,7 @@ def recorder_part(args) -> list[dict]:
                 end_event.record()
                 end_event.synchronize()
                 gpu.append(start_event.elapsed_time(end_event) * 1e3 / 100)
-            kept = int((rows[0] >= 0).sum())
+            kept = int((~np.isnan(rows[1].view(np.float32))).sum())
             assert kept == sum(p % 4 == 0 or (p + 1) % block_size == 0 for p in range(batch)), (batch, kept)
             rows_out.append({"shape": shape, "d": d, "batch": batch, "kept_rows": kept,
                              "gpu_us": spread(gpu), "host_us": spread(host)})

@@ -56,8 +56,9 @@ def _vllm_path():
     table = torch.tensor([IDS], dtype=torch.int32)
     block_ids = [5, 2, 7, 1]  # the request's block table: position p sits in slot block_ids[p // 4] * 4 + p % 4
     cache_slots = torch.tensor([block_ids[p // block_size] * block_size + p % block_size for p in range(rows)])
-    step = recorder.record(torch.randn(rows, 8), table[0, :rows], torch.arange(rows), cache_slots, table,
-                           np.array([0, rows]), np.array([0]), rows, rows)
+    query_start_loc = torch.tensor([0, rows, rows], dtype=torch.int32)  # one request; max_requests + 1 entries
+    step = recorder.record(torch.randn(rows, 8), table[0, :rows], torch.arange(rows), cache_slots, query_start_loc,
+                           table, np.array([0]), rows, rows)
     store = CacheSlotLogits(num_blocks=8, block_size=block_size, rule=RULE)
     store.write(step.rows())
     finished = store.finished_logits(IDS, block_ids)

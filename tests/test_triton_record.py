@@ -175,16 +175,18 @@ def _engine_step(generator, device, max_requests=6, slots_total=8, columns=48, v
         cache_slots=torch.tensor(cache_slots, device=device), query_start_loc=as_int32(query_start_loc),
         table_rows=as_int32(all_rows), token_ids=token_ids.to(device),
     )
-    # SPEC rules 1 and 2, row by row, from the token table; block ends kept too.
-    expected = [-1] * len(input_ids)
+    # SPEC rules 1 and 2, row by row, from the token table; block ends kept too. Padding rows keep
+    # nothing and name slot 0.
+    expected_keep = [False] * len(input_ids)
+    expected_slots = [0] * len(input_ids)
     for r, (row, first, n) in enumerate(zip(table_rows.tolist(), firsts, lengths.tolist())):
         for k in range(n):
             position = first + k
             current, following = token_ids[row, position].item(), token_ids[row, position + 1].item()
             opens = following in STEP_IDS and current not in STEP_IDS and current != THINK_START
-            slot = cache_slots[bounds[r] + k]
-            expected[bounds[r] + k] = slot if opens or (position + 1) % BLOCK_SIZE == 0 else ~slot
-    return tensors, expected
+            expected_keep[bounds[r] + k] = opens or (position + 1) % BLOCK_SIZE == 0
+            expected_slots[bounds[r] + k] = cache_slots[bounds[r] + k]
+    return tensors, (expected_keep, expected_slots)
 
 
 def test_engine_step_rows_matches_the_rule_row_by_row(record_env):
@@ -193,14 +195,14 @@ def test_engine_step_rows_matches_the_rule_row_by_row(record_env):
     table = torch.zeros(12, dtype=torch.bool)
     table[list(STEP_IDS)] = True
     for _ in range(40):
-        tensors, expected = _engine_step(generator, device)
+        tensors, (expected_keep, expected_slots) = _engine_step(generator, device)
         rows = tensors["input_ids"].shape[0]
         for ops in (reference, backend):
             keep = torch.ones(rows, dtype=torch.bool, device=device)
-            out_slots = torch.zeros(rows, dtype=torch.int32, device=device)
+            out_slots = torch.full((rows,), 7, dtype=torch.int32, device=device)
             ops.engine_step_rows(*tensors.values(), table.to(device), THINK_START, BLOCK_SIZE, keep, out_slots)
-            assert out_slots.cpu().tolist() == expected, ops.__name__
-            assert keep.cpu().tolist() == [s >= 0 for s in expected]
+            assert out_slots.cpu().tolist() == expected_slots, ops.__name__
+            assert keep.cpu().tolist() == expected_keep, ops.__name__
 
 
 def test_engine_step_rows_rejects_mismatched_buffers(env):
@@ -227,3 +229,14 @@ def test_staging_copy_moves_int32_both_ways(env):
     assert torch.equal(back, host * 2)
     with pytest.raises(ValueError, match="copy_int32: needs two int32 tensors of one size"):
         copy_int32(host, on_device[:10])
+    # With keep: the last len(keep) values become fill where keep is False, the rest copied as is
+    # (across a block boundary: 2500 values, the masked tail from 1100 on).
+    keep = torch.rand(1400, generator=torch.Generator().manual_seed(0)) < 0.3
+    copy_int32(on_device, back, keep.to(device), fill=-7)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    want = host.clone()
+    want[1100:][~keep] = -7
+    assert torch.equal(back, want)
+    with pytest.raises(ValueError, match="copy_int32: keep must be a contiguous bool"):
+        copy_int32(on_device, back, torch.ones(2600, dtype=torch.bool, device=device))

@@ -92,3 +92,6 @@ def test_scores_match_a_reforward_under_preemption(gpu_engine, tiny_qwen3):
     trajectories, steps = compare(tiny_qwen3, pairs)
     assert trajectories >= 32 and steps > trajectories
     assert preemptions[0] > 0, "the KV cache was meant to force preemption"
+    # Decode steps replay the recorder's graph; only steps of a size without one run eagerly.
+    recorder = _core(gpu_engine).model_executor.driver_worker.worker.model_runner.model.sprm.engine
+    assert recorder.replayed_steps > recorder.eager_steps, (recorder.replayed_steps, recorder.eager_steps)

@@ -16,7 +16,7 @@ import torch
 from xbai_kernels import SPRMHead, StepRule
 from xbai_kernels.ops import reference
 from xbai_kernels.vllm import records
-from xbai_kernels.vllm.recorder import StepLogitRecorder
+from xbai_kernels.vllm.recorder import HOST_RING, StepLogitRecorder
 from xbai_kernels.vllm.runtime import SPRMRuntime
 from xbai_kernels.vllm.runner_v1 import _host_records, _run_update, _StepLayout
 
@@ -163,6 +163,10 @@ def _engine_step(device: str):
         input_ids=torch.tensor(INPUT_IDS + [STEP] * padding, dtype=torch.int32, device=device),
         positions=torch.tensor(POSITIONS + [0] * padding, device=device),
         cache_slots=torch.tensor(CACHE_SLOTS + [-1] * padding, device=device),
+        # vLLM's own buffer: max_requests + 1 entries, padded with the row count.
+        query_start_loc=torch.tensor(
+            QUERY_START_LOC + [len(INPUT_IDS)] * (5 + 1 - len(QUERY_START_LOC)), dtype=torch.int32, device=device
+        ),
         token_ids=token_ids.to(device),
     )
     return recorder, inputs
@@ -172,7 +176,7 @@ def _check_engine(recorder, inputs, step) -> None:
     _check(step.rows(), inputs["hidden"], recorder.weights)
 
 
-LAYOUT = dict(query_start_loc=np.array(QUERY_START_LOC), table_rows=np.array(TABLE_ROWS), num_rows=len(INPUT_IDS))
+LAYOUT = dict(table_rows=np.array(TABLE_ROWS), num_rows=len(INPUT_IDS))
 
 
 def test_engine_step_records_on_cpu():
@@ -200,6 +204,36 @@ def test_engine_step_replays_a_captured_graph_without_host_sync():
         torch.cuda.set_sync_debug_mode("default")
     _check_engine(recorder, inputs, replayed)
     _check_engine(recorder, inputs, eager)
+    # Around the ring and past it, reading only the last step: a turn whose step nobody read is
+    # waited for before its buffers are reused.
+    steps = [recorder.record(**inputs, **LAYOUT, num_padded_rows=PADDED_ROWS) for _ in range(2 * HOST_RING + 1)]
+    _check_engine(recorder, inputs, steps[-1])
+    assert (recorder.replayed_steps, recorder.eager_steps) == (2 * HOST_RING + 2, 1)
     # A graph never runs on buffers other than those it captured.
     moved = {**inputs, "input_ids": inputs["input_ids"].clone()}
     _check_engine(recorder, inputs, recorder.record(**moved, **LAYOUT, num_padded_rows=PADDED_ROWS))
+    assert recorder.eager_steps == 2
+
+
+def test_v2_inputs_are_the_same_tensors_at_every_step():
+    """The V2 recorder replays a graph only for the tensors it captured, checked by identity. V2's slot
+    mapping is row 0 of a [groups, tokens] tensor, and indexing makes a new view each time: the
+    runner patch must hand over one view per tensor, or every step would run eagerly."""
+    from xbai_kernels.vllm.runner_v2 import _engine_inputs
+
+    slot_mappings = torch.zeros(1, 16, dtype=torch.int64)
+    runner = SimpleNamespace(
+        input_buffers=SimpleNamespace(
+            input_ids=torch.zeros(16, dtype=torch.int32),
+            positions=torch.zeros(16, dtype=torch.int64),
+            query_start_loc=torch.zeros(5, dtype=torch.int32),
+        ),
+        block_tables=SimpleNamespace(slot_mappings=slot_mappings),
+        req_states=SimpleNamespace(all_token_ids=SimpleNamespace(gpu=torch.zeros(4, 32, dtype=torch.int32))),
+    )
+    first, second = _engine_inputs(runner), _engine_inputs(runner)
+    assert all(a is b for a, b in zip(first, second))
+    assert first[2].data_ptr() == slot_mappings.data_ptr() and first[2].shape == (16,)
+    runner.block_tables.slot_mappings = torch.zeros(1, 16, dtype=torch.int64)  # a new tensor: a new view
+    third = _engine_inputs(runner)
+    assert third[2] is not first[2] and third[2].data_ptr() == runner.block_tables.slot_mappings.data_ptr()

@@ -146,8 +146,8 @@ def engine_step_rows(
 
     A row keeps its logit when its position opens a step (SPEC's candidate rule) or is the last of
     its KV block (``(position + 1) % block_size == 0``: a prefix-cache hit that ends there needs it
-    whatever token follows). Writes keep bool [T] and out_slots int32 [T]: the row's cache slot
-    where kept, ``~slot`` (negative) for a live row that keeps nothing, -1 for padding.
+    whatever token follows). Writes keep bool [T] (False for padding) and out_slots int32 [T]: each
+    live row's cache slot, 0 for padding (vLLM's null block, which no request owns).
     """
     num_rows = input_ids.shape[0]
     device = input_ids.device
@@ -167,7 +167,7 @@ def engine_step_rows(
     kept = live & (opens | ((position + 1) % block_size == 0))
     slot = cache_slots.long()
     keep.copy_(kept)
-    out_slots.copy_(torch.where(kept, slot, torch.where(live, ~slot, -1)))
+    out_slots.copy_(torch.where(live, slot, 0))
 
 
 # The inference rule on packed ids is the oracle's op as it stands: input_ids int [T], step_table bool

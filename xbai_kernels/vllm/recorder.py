@@ -14,8 +14,8 @@ Two recorders, one per vLLM model runner, both fixed-shape device work with no h
 * ``EngineStepRecorder`` (Model Runner V2, the GPU default): V2 keeps every request's tokens, the
   one just sampled included, in a table by request, so the token after a request's last row is
   read there, on the device. A step is one replay of a CUDA graph captured per padded batch size:
-  the layout (row boundaries and table rows, a few hundred bytes) goes up, the rule and the head
-  run (two kernels), and per row the coded cache slot and its logit come back to pinned memory.
+  the requests' table rows (a few hundred bytes) go up, the rule and the head run, and per row
+  the cache slot and the logit (NaN where none is kept) come back to pinned memory.
 * ``StepLogitRecorder`` (the V1 runner, which the CPU engine uses): V1 hands over the sampled ids
   and the partial-prefill flags as device tensors, so the token after each request's last row is
   assembled from those.
@@ -36,7 +36,10 @@ from ..rule import StepRule
 logger = logging.getLogger("xbai_kernels.vllm")
 
 
-def _engine_copy(src: torch.Tensor, dst: torch.Tensor) -> None:
+def _engine_copy(src: torch.Tensor, dst: torch.Tensor, keep: torch.Tensor | None = None, fill: int = 0) -> None:
+    if keep is not None:  # ``copy_int32``'s contract: the last len(keep) values become fill where not kept
+        src = src.clone()
+        src[src.numel() - keep.numel() :].masked_fill_(~keep, fill)
     dst.copy_(src, non_blocking=True)
 
 
@@ -53,6 +56,9 @@ def _staging_copy(device: torch.device):
     return _engine_copy
 
 
+# float32 NaN as int32 bits: the logit of a row that keeps none.
+_NAN_BITS = int(np.array(np.nan, dtype=np.float32).view(np.int32))
+
 # With async scheduling the engine runs a step ahead of reading the previous one's output; a ring
 # of host buffers keeps a step's copies intact until they are read.
 HOST_RING = 3
@@ -66,24 +72,31 @@ def _step_table(rule: StepRule, vocab_size: int, device) -> torch.Tensor:
 
 class StepRows:
     """One step's rows on the host, valid once ``ready`` (a CUDA event, or None) has completed: a view
-    of a ring buffer holding the coded cache slots of ``padded`` rows, then their logits' bits;
-    the first ``num_rows`` of each are the step's (``records``' layout once read).
+    of a ring buffer holding the cache slots of ``padded`` rows, then their logits' bits; the
+    first ``num_rows`` of each are the step's (``records``' layout once read).
 
     Read it (``rows``) before ``HOST_RING`` further steps are recorded.
     """
 
-    __slots__ = ("values", "num_rows", "padded", "ready")
+    __slots__ = ("values", "num_rows", "padded", "ready", "read")
 
     def __init__(self, values: np.ndarray, num_rows: int, padded: int, ready) -> None:
         self.values = values
         self.num_rows = num_rows
         self.padded = padded
         self.ready = ready
+        self.read = False
+
+    def wait(self) -> None:
+        # A query first: a completed step (the usual case) costs no GIL release, which would hand
+        # the engine's other threads the GIL in the middle of its critical path.
+        if self.ready is not None and not self.read and not self.ready.query():
+            self.ready.synchronize()
+        self.read = True
 
     def rows(self) -> np.ndarray:
         """int32 [2, n], a copy (``records``' layout); waits for the step's download."""
-        if self.ready is not None:
-            self.ready.synchronize()
+        self.wait()
         n, padded = self.num_rows, self.padded
         return self.values[: 2 * padded].reshape(2, padded)[:, :n].copy()
 
@@ -92,13 +105,13 @@ class EngineStepRecorder:
     """Model Runner V2's per-step scoring: plan once (buffers, backends, graphs), then one replay a step.
 
     ``max_tokens`` bounds the rows of one step (T, padding included), ``max_requests`` the
-    requests (R), ``block_size`` is the KV cache's. Device buffers: ``layout`` int32 [2, R + 1]
-    (row 0: ``query_start_loc``, padded with the row count; row 1: each request's row in the token
-    table), ``keep`` bool [T] and ``output`` int32 [2 T] (for a step of n rows: the coded cache
-    slots in ``[:n]``, the logits' float32 bits in ``[n:2n]``, so one contiguous copy brings both
-    back). Host side: a ring of ``HOST_RING`` pinned layout and output buffers, and per (padded
-    size, ring turn) a captured graph of the whole step (upload, two kernels, download, the turn's
-    event), so a step costs the host one numpy fill and one graph launch.
+    requests (R), ``block_size`` is the KV cache's. Device buffers: ``table_rows`` int32 [R] (each
+    request's row in the token table), ``keep`` bool [T] and ``output`` int32 [2 T] (for a step of
+    n rows: the cache slots in ``[:n]``, the logits' float32 bits in ``[n:2n]``, so one contiguous
+    copy brings both back). The row boundaries are vLLM's own device buffer, uploaded for its
+    forward. Host side: a ring of ``HOST_RING`` pinned table-row and output buffers, and per
+    (padded size, ring turn) a captured graph of the whole step (upload, kernels, download, the
+    turn's event), so a step costs the host one numpy copy and one graph launch.
     """
 
     def __init__(
@@ -112,14 +125,14 @@ class EngineStepRecorder:
         self.max_tokens = max_tokens
         self.max_requests = max_requests
         self.block_size = block_size
-        self.layout = torch.zeros(2, max_requests + 1, dtype=torch.int32, device=device)
+        self.table_rows = torch.zeros(max_requests, dtype=torch.int32, device=device)
         self.keep = torch.zeros(max_tokens, dtype=torch.bool, device=device)
         self.output = torch.zeros(2 * max_tokens, dtype=torch.int32, device=device)
         on_cuda = device.type == "cuda"
         # Host staging, pinned so that the copies are asynchronous and can sit inside a CUDA graph.
         # (Explicitly on the CPU: vLLM builds the model under a CUDA default device.)
-        self._host_layout = [
-            torch.zeros(2, max_requests + 1, dtype=torch.int32, device="cpu", pin_memory=on_cuda) for _ in range(HOST_RING)
+        self._host_table_rows = [
+            torch.zeros(max_requests, dtype=torch.int32, device="cpu", pin_memory=on_cuda) for _ in range(HOST_RING)
         ]
         self._host_output = [
             torch.zeros(2 * max_tokens, dtype=torch.int32, device="cpu", pin_memory=on_cuda) for _ in range(HOST_RING)
@@ -130,54 +143,56 @@ class EngineStepRecorder:
         self._ready = [torch.cuda.Event(external=True) if on_cuda else None for _ in range(HOST_RING)]
         self._event_in_graph = False
         self._turn = 0
+        self._steps: list[StepRows | None] = [None] * HOST_RING  # the step each ring turn holds
+        # Steps run as a graph replay / eagerly (no graph for the size, or inputs other than the
+        # captured ones): a decode-heavy run that replays nothing has lost its graphs.
+        self.replayed_steps = 0
+        self.eager_steps = 0
         self._copy = _staging_copy(device)
         # Backends are chosen once: the hot path does no lookups.
         self._rows_op, self._head_op = dispatch.implementations(("engine_step_rows", "head_logits_masked"), device)
-        # (padded rows, ring turn) -> a graph holding the layout's upload, the two kernels and the
-        # results' download into that turn's host buffers: one launch a step.
+        # (padded rows, ring turn) -> a graph holding the table rows' upload, the two kernels and
+        # the results' download into that turn's host buffers: one launch a step.
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self._graph_inputs: tuple[int, ...] | None = None
+        self._graph_inputs: tuple[torch.Tensor, ...] | None = None
 
-    def _run(self, turn: int, num_rows: int, hidden, input_ids, positions, cache_slots, token_ids) -> None:
-        """Upload the layout of ring ``turn``, run the two kernels over rows [0, num_rows) (padding
+    def _run(self, turn: int, num_rows: int, hidden, input_ids, positions, cache_slots, query_start_loc, token_ids) -> None:
+        """Upload the table rows of ring ``turn``, run the kernels over rows [0, num_rows) (padding
         rows included), download slots and logits into that turn's host buffer."""
-        self._copy(self._host_layout[turn].view(-1), self.layout.view(-1))
+        self._copy(self._host_table_rows[turn], self.table_rows)
+        query_start_loc = query_start_loc[: self.max_requests + 1]
+        keep = self.keep[:num_rows]
         logits = self.output[num_rows : 2 * num_rows].view(torch.float32)
         self._rows_op(
             input_ids[:num_rows],
             positions[:num_rows],
             cache_slots[:num_rows],
-            self.layout[0],
-            self.layout[1, :-1],
+            query_start_loc,
+            self.table_rows,
             token_ids,
             self.step_table,
             self.think_start_id,
             self.block_size,
-            self.keep[:num_rows],
+            keep,
             self.output[:num_rows],
         )
-        self._head_op(hidden[:num_rows], self.keep[:num_rows], *self.weights, out=logits)
-        self._copy(self.output[: 2 * num_rows], self._host_output[turn][: 2 * num_rows])
-
-    @staticmethod
-    def _addresses(*tensors) -> tuple[int, ...]:
-        return tuple(t.data_ptr() for t in tensors)
+        self._head_op(hidden[:num_rows], keep, *self.weights, out=logits)
+        # Down with the rows, in the same pass: NaN marks a row that keeps nothing (``records``).
+        self._copy(self.output[: 2 * num_rows], self._host_output[turn][: 2 * num_rows], keep, _NAN_BITS)
 
     @torch.inference_mode()
-    def capture(self, sizes, hidden, input_ids, positions, cache_slots, token_ids) -> int:
+    def capture(self, sizes, hidden, input_ids, positions, cache_slots, query_start_loc, token_ids) -> int:
         """Capture one CUDA graph per padded step size in ``sizes`` (vLLM's own capture sizes, so a
         padded decode step always finds its graph). The inputs are the engine's persistent buffers:
-        their addresses are baked in, and ``record`` checks they did not move. Returns the count."""
+        their addresses are baked in, and ``record`` checks it gets the same tensors. Returns the count."""
         if self.device.type != "cuda":
             return 0
-        for host_layout in self._host_layout:
-            host_layout.zero_()  # no request owns a row: the warm-up and capture runs keep nothing
         limit = min(self.max_tokens, hidden.shape[0], input_ids.shape[0], positions.shape[0], cache_slots.shape[0])
         sizes = sorted({int(s) for s in sizes if 0 < int(s) <= limit})
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         pool = torch.cuda.graph_pool_handle()
-        inputs = (hidden, input_ids, positions, cache_slots, token_ids)
+        inputs = (hidden, input_ids, positions, cache_slots, query_start_loc, token_ids)
         with torch.cuda.stream(stream):
             for size in sizes:  # warm-up: compilation and backend state, outside any capture
                 self._run(0, size, *inputs)
@@ -187,7 +202,7 @@ class EngineStepRecorder:
             for turn in range(HOST_RING):
                 self._graphs[(size, turn)] = self._capture_one(pool, stream, turn, size, *inputs)
         torch.cuda.current_stream(self.device).wait_stream(stream)
-        self._graph_inputs = self._addresses(*inputs)
+        self._graph_inputs = inputs
         return len(sizes)
 
     def _capture_one(self, pool, stream, turn, size, *inputs) -> torch.cuda.CUDAGraph:
@@ -212,17 +227,19 @@ class EngineStepRecorder:
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         cache_slots: torch.Tensor,
+        query_start_loc: torch.Tensor,
         token_ids: torch.Tensor,
-        query_start_loc: np.ndarray,
         table_rows: np.ndarray,
         num_rows: int,
         num_padded_rows: int,
     ) -> StepRows:
         """Record one step: hidden [>= n, d] (model dtype), input_ids int [>= n], positions int
-        [>= n] and cache_slots int64 [>= n] of the scheduled rows, token_ids int32 [S, L] (every
-        request's tokens by table row, the sampled one included), query_start_loc int [R + 1] and
-        table_rows int [R] on the host; n is ``num_padded_rows`` when a graph was captured for it,
-        else ``num_rows``. Asynchronous."""
+        [>= n] and cache_slots int64 [>= n] of the scheduled rows, query_start_loc int32 [R + 1]
+        (request r owns rows ``[qsl[r], qsl[r + 1])``, entries past the live requests repeat the
+        row count, as vLLM pads its own), token_ids int32 [S, L] (every request's tokens by table
+        row, the sampled one included) on the device, and table_rows int [live requests] on the
+        host; n is ``num_padded_rows`` when a graph was captured for it, else ``num_rows``.
+        Asynchronous."""
         num_requests = table_rows.shape[0]
         if num_padded_rows > self.max_tokens or num_requests > self.max_requests:
             raise ValueError(
@@ -230,26 +247,27 @@ class EngineStepRecorder:
                 f"the buffers ({self.max_tokens} / {self.max_requests})"
             )
         turn = self._turn = (self._turn + 1) % HOST_RING
+        previous = self._steps[turn]
+        if previous is not None:
+            previous.wait()  # read HOST_RING steps ago in the engine's order, so normally a no-op
+        self._host_table_rows[turn].numpy()[:num_requests] = table_rows
         ready = self._ready[turn]
-        if ready is not None:
-            ready.synchronize()  # the step that used this ring entry HOST_RING steps ago was read long since
-        host_layout = self._host_layout[turn].numpy()
-        host_layout[0, : num_requests + 1] = query_start_loc[: num_requests + 1]
-        host_layout[0, num_requests + 1 :] = num_rows
-        host_layout[1, :num_requests] = table_rows
-        inputs = (hidden, input_ids, positions, cache_slots, token_ids)
+        inputs = (hidden, input_ids, positions, cache_slots, query_start_loc, token_ids)
         graph = self._graphs.get((num_padded_rows, turn))
-        if graph is not None and self._addresses(*inputs) == self._graph_inputs:
+        if graph is not None and all(a is b for a, b in zip(inputs, self._graph_inputs)):
             graph.replay()
+            self.replayed_steps += 1
             rows = num_padded_rows
             if ready is not None and not self._event_in_graph:
                 ready.record()
         else:
             self._run(turn, num_rows, *inputs)
+            self.eager_steps += 1
             rows = num_rows
             if ready is not None:
                 ready.record()
-        return StepRows(self._host_output[turn].numpy(), num_rows, rows, ready)
+        step = self._steps[turn] = StepRows(self._host_output[turn].numpy(), num_rows, rows, ready)
+        return step
 
 
 class StepLogitRecorder:

@@ -2,8 +2,9 @@
 
 Both runner patches hand the scheduler one int32 array per step, ``rows`` [2, n] for the step's n
 scheduled rows: ``rows[0]`` is the row's KV-cache slot (``block id * block_size + offset``, the
-same flat index whatever block size the attention kernel splits blocks into), bit-inverted
-(``~slot``, negative) when the row keeps no logit; ``rows[1]`` holds the float32 bits of its logit.
+same flat index whatever block size the attention kernel splits blocks into); ``rows[1]`` holds
+the float32 bits of its logit, NaN when the row keeps none (the store then forgets any logit an
+earlier tenant of the slot left there).
 A row keeps its logit when its position opens a step (SPEC's candidate rule, which needs the
 next token, known on the device) or is the last of its KV block (see ``logit_store``).
 
@@ -26,16 +27,14 @@ def encode(cache_slots: np.ndarray, keep: np.ndarray, logits: np.ndarray) -> np.
     """Host-side encoding (the device writes the same layout): cache_slots int [n], keep bool [n],
     logits float32 [n] -> int32 [2, n]."""
     rows = np.empty((2, cache_slots.shape[0]), dtype=np.int32)
-    rows[0] = np.where(keep, cache_slots, ~cache_slots)
-    rows[1] = np.asarray(logits, dtype=np.float32).view(np.int32)
+    rows[0] = cache_slots
+    rows[1] = np.where(keep, np.asarray(logits, dtype=np.float32), np.float32(np.nan)).view(np.int32)
     return rows
 
 
 def decode(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """int32 [2, n] -> (cache slots int32 [n], logits float32 [n], NaN where the row keeps none)."""
-    coded = rows[0]
-    kept = coded >= 0
-    return np.where(kept, coded, ~coded), np.where(kept, rows[1].view(np.float32), np.float32(np.nan))
+    """int32 [2, n] -> (cache slots int32 [n], logits float32 [n], NaN where the row keeps none): views."""
+    return rows[0], rows[1].view(np.float32)
 
 
 def attach(output, build: Callable[[], np.ndarray]) -> None:

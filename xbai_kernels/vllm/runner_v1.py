@@ -94,7 +94,7 @@ def _run_update(runner, runtime, layout: _StepLayout, sampled_token_ids: torch.T
         next_prompt,
     )
     slots = _slot_mapping(runner).gpu[:num_tokens]
-    coded = torch.stack((torch.where(keep, slots, ~slots).int(), logits.view(torch.int32)))
+    coded = torch.stack((slots.int(), torch.where(keep, logits, torch.nan).view(torch.int32)))
     host_rows = host.rows[: 2 * num_tokens].view(2, num_tokens)
     host_rows.copy_(coded, non_blocking=True)
     ready = torch.cuda.Event(blocking=True)

@@ -2,9 +2,9 @@
 
 V2 keeps, per request (a row of its token table), every token id the request has
 (``req_states.all_token_ids``, the sampled one written there by ``postprocess_sampled``), and its
-input buffers (``input_ids``, ``positions``, the slot mapping) sit at fixed addresses. So one
-step's scoring needs from the host only the row boundaries and the table rows, and runs as one
-replay of a CUDA graph that ``capture_model`` captured beside vLLM's own (``EngineStepRecorder``).
+input buffers (``input_ids``, ``positions``, ``query_start_loc``, the slot mapping) sit at fixed
+addresses. So one step's scoring needs from the host only the requests' table rows, and runs as
+one replay of a CUDA graph that ``capture_model`` captured beside vLLM's own (``EngineStepRecorder``).
 Patched:
 
 * ``capture_model``: after vLLM's graphs, capture ours for the same padded sizes;
@@ -31,11 +31,20 @@ def _runtime(runner):
     return runtime if runtime is not None and runtime.engine is not None and runtime.active else None
 
 
-def _engine_inputs(runner) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """input_ids, positions, cache slots (the one KV group's slot mapping) and the token table: the
-    persistent buffers a step reads."""
+# The slot mapping is row 0 of a [groups, tokens] tensor: indexing it makes a new view object every
+# time, so the view is made once per tensor and reused (``record`` checks its inputs by identity).
+_SLOTS_VIEW = "_xbai_sprm_slots_view"
+
+
+def _engine_inputs(runner) -> tuple[torch.Tensor, ...]:
+    """input_ids, positions, cache slots (the one KV group's slot mapping), the row boundaries and
+    the token table: the persistent buffers a step reads."""
     buffers = runner.input_buffers
-    return buffers.input_ids, buffers.positions, runner.block_tables.slot_mappings[0], runner.req_states.all_token_ids.gpu
+    slot_mappings = runner.block_tables.slot_mappings
+    view = runner.__dict__.get(_SLOTS_VIEW)
+    if view is None or view[0] is not slot_mappings:
+        view = runner.__dict__[_SLOTS_VIEW] = (slot_mappings, slot_mappings[0])
+    return buffers.input_ids, buffers.positions, view[1], buffers.query_start_loc, runner.req_states.all_token_ids.gpu
 
 
 def capture_model(original):
@@ -68,7 +77,6 @@ def sample_tokens(original):
         step = runtime.engine.record(
             runtime.hidden,
             *_engine_inputs(self),
-            batch.query_start_loc_np,
             batch.idx_mapping_np[:num_requests],
             batch.num_tokens,
             batch.num_tokens_after_padding,

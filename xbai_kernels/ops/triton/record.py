@@ -161,9 +161,8 @@ def _engine_rows_kernel(
     )
     kept = live & (opens | ((position + 1) % block_size == 0))
     slot = tl.load(cache_slots_ptr + rows, mask=live, other=0).to(tl.int64)
-    coded = tl.where(kept, slot, tl.where(live, -slot - 1, -1))
     tl.store(keep_ptr + rows, kept.to(tl.int8), mask=in_range)
-    tl.store(out_slots_ptr + rows, coded.to(tl.int32), mask=in_range)
+    tl.store(out_slots_ptr + rows, slot.to(tl.int32), mask=in_range)
 
 
 def engine_step_rows(
@@ -198,7 +197,7 @@ def engine_step_rows(
         return
     if num_requests == 0:
         keep.zero_()
-        out_slots.fill_(-1)
+        out_slots.zero_()
         return
     with _launch.device_guard(input_ids):
         _engine_rows_kernel[(triton.cdiv(num_rows, _BLOCK),)](

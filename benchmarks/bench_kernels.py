@@ -163,15 +163,18 @@ def forced_backend(name: str | None):
             os.environ["XBAI_KERNELS_BACKEND"] = saved
 
 
-def backend_ops(op: str, device) -> dict[str, object]:
-    """Backend name -> implementation of ``op``, for every backend dispatch can run on ``device``."""
+def backend_ops(op: str, device, sizes=()) -> dict[str, object]:
+    """Backend name -> implementation of ``op``, for every backend dispatch can run on ``device``
+    (a head op with DTYPE inputs at every hidden size of ``sizes``)."""
     from xbai_kernels.ops import dispatch
 
     found = {}
     for name in dispatch.BACKENDS:
         with forced_backend(name):
             try:
-                found[name] = dispatch.resolve(op, device)[1]
+                for d in sizes or (None,):
+                    inputs = None if d is None else dispatch.HeadInputs(DTYPE, d, grad=False)
+                    found[name] = dispatch.resolve(op, device, inputs)[1]
             except dispatch.BackendUnavailable as exc:
                 print(f"  ({op}: no {name} column: {exc})")
     return found
@@ -236,7 +239,7 @@ def decode_shapes(args) -> list[tuple[int, int, int]]:
 
 
 def decode_cases(args, device, ceilings, budget) -> list[dict]:
-    ops = backend_ops("head_logits_masked", device)
+    ops = backend_ops("head_logits_masked", device, args.decode_d)
     rows_out = []
     heads = released = compiled = None
     current_d = None
@@ -288,7 +291,7 @@ def decode_cases(args, device, ceilings, budget) -> list[dict]:
 def packed_cases(args, device, ceilings, budget) -> list[dict]:
     import xbai_kernels as xk
 
-    ops = backend_ops("head_logits_rows", device)
+    ops = backend_ops("head_logits_rows", device, args.packed_d)
     total = args.tokens
     out = []
     for d in progress(args.packed_d, "packed", lambda d: f"d={d}"):

@@ -201,10 +201,15 @@ def test_edge_inputs():
     rows = torch.tensor([0, 32, -1, 5], device="cuda")
     bad = cuda_ops.head_logits_rows(hidden, rows, w1, b1, w2, b2)
     assert torch.isnan(bad[1]) and torch.isnan(bad[2]) and not torch.isnan(bad[[0, 3]]).any()
-    # fp32 and odd hidden sizes take the reference path and give its numbers.
+    # fp32 and odd hidden sizes are refused here (a backend runs or raises); the router sends them
+    # to a backend that takes them, which gives the reference's numbers.
     w1f, b1f, w2f, b2f = _random_head(59, torch.float32)
     h32 = _random_inputs(7, 59, torch.float32)
-    torch.testing.assert_close(cuda_ops.head_logits(h32, w1f, b1f, w2f, b2f), reference.head_logits(h32, w1f, b1f, w2f, b2f))
+    with pytest.raises(ValueError, match="head_logits: the cuda backend cannot run float32 inputs"):
+        cuda_ops.head_logits(h32, w1f, b1f, w2f, b2f)
+    torch.testing.assert_close(
+        dispatch.call("head_logits", h32.device, h32, w1f, b1f, w2f, b2f), reference.head_logits(h32, w1f, b1f, w2f, b2f)
+    )
     # Empty batches.
     assert cuda_ops.head_logits_rows(hidden, rows[:0], w1, b1, w2, b2).shape == (0,)
 
@@ -232,14 +237,11 @@ def test_pipeline_shapes_give_the_same_bits(monkeypatch, batch):
     mask = _step_mask(batch, batch // 2 + 1)
     results = {}
     for name in ("wide", "deep", "auto", "stream"):
-        monkeypatch.setenv("XBAI_KERNELS_CUDA_PIPELINE", name)
-        results[name] = cuda_ops.head_logits_masked(hidden, mask, w1, b1, w2, b2)
+        with cuda_ops.launch_settings(pipeline=name):
+            results[name] = cuda_ops.head_logits_masked(hidden, mask, w1, b1, w2, b2)
     assert all(torch.equal(results["wide"], results[name]) for name in ("deep", "auto", "stream"))
     expected = reference.head_logits_masked(hidden, mask, w1, b1, w2, b2)
     assert _relative_error(results["wide"], expected) <= SAME_INPUT_RTOL
-    monkeypatch.setenv("XBAI_KERNELS_CUDA_PIPELINE", "sideways")
-    with pytest.raises(ValueError, match="XBAI_KERNELS_CUDA_PIPELINE"):
-        cuda_ops.head_logits_masked(hidden, mask, w1, b1, w2, b2)
 
 
 @pytest.mark.parametrize(
@@ -271,15 +273,14 @@ def test_stream_kernel_gives_the_cp_async_bits(monkeypatch, d, batch, steps, tai
     w1, b1, w2, b2 = _random_head(d, dtype, seed=d + 5)
     hidden = _random_inputs(batch, d, dtype, seed=batch + 6)
     mask = _step_mask(batch, steps, seed=steps + 7)
-    monkeypatch.setenv("XBAI_KERNELS_CUDA_PIPELINE", "wide")
-    expected_bits = cuda_ops.head_logits_masked(hidden, mask, w1, b1, w2, b2)
-    monkeypatch.setenv("XBAI_KERNELS_CUDA_PIPELINE", "stream")
-    monkeypatch.setenv("XBAI_KERNELS_CUDA_TAIL", tail)
+    with cuda_ops.launch_settings(pipeline="wide"):
+        expected_bits = cuda_ops.head_logits_masked(hidden, mask, w1, b1, w2, b2)
     # Garbage in `out` first: every logit, step or not, must be written.
     out = torch.full((batch,), float("nan"), device="cuda")
-    for _ in range(3):  # the ticket counter wraps back to 0 after each call
-        streamed = cuda_ops.head_logits_masked(hidden, mask, w1, b1, w2, b2, out=out)
-        assert torch.equal(streamed, expected_bits), float((streamed - expected_bits).abs().max())
+    with cuda_ops.launch_settings(pipeline="stream", tail=tail):
+        for _ in range(3):  # the ticket counter wraps back to 0 after each call
+            streamed = cuda_ops.head_logits_masked(hidden, mask, w1, b1, w2, b2, out=out)
+            assert torch.equal(streamed, expected_bits), float((streamed - expected_bits).abs().max())
     expected = reference.head_logits_masked(hidden, mask, w1, b1, w2, b2)
     if steps:
         assert _relative_error(streamed, expected) <= SAME_INPUT_RTOL
@@ -287,13 +288,28 @@ def test_stream_kernel_gives_the_cp_async_bits(monkeypatch, d, batch, steps, tai
         assert torch.equal(streamed, expected)
 
 
-def test_bad_tail_and_pipeline_are_named(monkeypatch):
+def test_launch_settings_are_read_once_and_bad_values_are_named(monkeypatch):
     monkeypatch.setenv("XBAI_KERNELS_CUDA_TAIL", "sideways")
     with pytest.raises(ValueError, match="XBAI_KERNELS_CUDA_TAIL='sideways' is not one of auto, fused, kernel"):
-        cuda_ops.tail()
+        cuda_ops.LaunchSettings.from_env()
+    monkeypatch.setenv("XBAI_KERNELS_CUDA_TAIL", "fused")
     monkeypatch.setenv("XBAI_KERNELS_CUDA_PIPELINE", "bulk")  # the copy-engine kernel the stream kernel replaced
     with pytest.raises(ValueError, match="XBAI_KERNELS_CUDA_PIPELINE='bulk' is not one of wide, deep, auto, stream"):
-        cuda_ops.pipeline()
+        cuda_ops.LaunchSettings.from_env()
+    monkeypatch.setenv("XBAI_KERNELS_CUDA_PIPELINE", "deep")
+    monkeypatch.setenv("XBAI_KERNELS_CUDA_PDL", "yes")
+    with pytest.raises(ValueError, match="XBAI_KERNELS_CUDA_PDL='yes' must be 0 or 1"):
+        cuda_ops.LaunchSettings.from_env()
+    monkeypatch.setenv("XBAI_KERNELS_CUDA_PDL", "0")
+    assert cuda_ops.LaunchSettings.from_env() == cuda_ops.LaunchSettings("deep", "fused", False)
+    # The module read the variables when it loaded; changing them later changes nothing.
+    assert cuda_ops.current_launch_settings() == cuda_ops.LaunchSettings()
+    with cuda_ops.launch_settings(pipeline="stream", tail="kernel") as inside:
+        assert cuda_ops.current_launch_settings() == inside == cuda_ops.LaunchSettings("stream", "kernel", True)
+    assert cuda_ops.current_launch_settings() == cuda_ops.LaunchSettings()
+    with pytest.raises(ValueError, match="pipeline='sideways' is not one of"):
+        with cuda_ops.launch_settings(pipeline="sideways"):
+            pass
 
 
 @pytest.mark.cuda
@@ -306,8 +322,8 @@ def test_stream_kernel_single_chunk_rows_and_bad_index(monkeypatch):
     rows = torch.tensor([0, 12, -1, 5, 11], device="cuda")
     results = {}
     for name in ("wide", "stream"):
-        monkeypatch.setenv("XBAI_KERNELS_CUDA_PIPELINE", name)
-        results[name] = (cuda_ops.head_logits(hidden, w1, b1, w2, b2), cuda_ops.head_logits_rows(hidden, rows, w1, b1, w2, b2))
+        with cuda_ops.launch_settings(pipeline=name):
+            results[name] = (cuda_ops.head_logits(hidden, w1, b1, w2, b2), cuda_ops.head_logits_rows(hidden, rows, w1, b1, w2, b2))
     every, picked = results["stream"]
     assert _relative_error(every, reference.head_logits(hidden, w1, b1, w2, b2)) <= SAME_INPUT_RTOL
     assert torch.isnan(picked[[1, 2]]).all() and torch.equal(picked[[0, 3, 4]], every[[0, 5, 11]])

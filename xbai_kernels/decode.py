@@ -100,9 +100,12 @@ class DecodeScorer:
 
         # Three launches on a fast backend (candidates, head, record) instead of thirty small ops:
         # this runs after every sampled token.
-        candidates, head_logits, record = dispatch.implementations(_STEP_OPS, self.device)
+        weights = self.head.weights
+        candidates, head_logits, record = dispatch.implementations(
+            _STEP_OPS, self.device, dispatch.head_inputs(hidden, weights)
+        )
         is_step = candidates(self._last_token, sampled, slots, self._step_table, self.rule.think_start_id)
-        logits = head_logits(hidden, is_step, *self.head.weights)
+        logits = head_logits(hidden, is_step, *weights)
         record(
             self._events, self._logits, self._counts, self._last_token,
             slots, positions, sampled, is_step, logits, self.rule.think_start_id, self.rule.think_end_id,

@@ -53,6 +53,11 @@ class SPRMHead(nn.Sequential):
         first, last = self._modules["0"], self._modules["3"]
         return first.weight, first.bias, last.weight, last.bias
 
+    def scoring_inputs(self) -> dispatch.HeadInputs:
+        """How scoring calls look to the backend router: hidden states in the head's own dtype, no
+        autograd (the decode scorer and the vLLM recorders pick their ops once with this)."""
+        return dispatch.HeadInputs(self._modules["0"].weight.dtype, self.hidden_size, grad=False)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         w1 = self[0].weight
         check_tensor("SPRMHead", "hidden", hidden, dtypes=FLOAT_DTYPES, device=w1.device)

@@ -115,7 +115,10 @@ def score_trajectories(
     if hidden.stride(-1) != 1:
         hidden = hidden.contiguous()
 
-    find_steps, head_logits_rows, trajectory_scores = dispatch.implementations(_PACKED_OPS, device)
+    weights = head.weights
+    find_steps, head_logits_rows, trajectory_scores = dispatch.implementations(
+        _PACKED_OPS, device, dispatch.head_inputs(hidden, weights)
+    )
     try:
         steps = find_steps(
             input_ids.contiguous(), _step_table(rule, device), rule.think_start_id, rule.think_end_id,
@@ -126,7 +129,7 @@ def score_trajectories(
         raise ValueError(f"{where}: {exc.reason}") from None
     # With a capacity, the padding slots past cu_steps[-1] cost no head work (counted on the device).
     live = None if capacity is None else steps.cu_steps[-1:]
-    logits = head_logits_rows(hidden, steps.rows, *head.weights, num_rows=live)
+    logits = head_logits_rows(hidden, steps.rows, *weights, num_rows=live)
     step_scores, scores = trajectory_scores(logits, steps.cu_steps, steps.complete)
     return TrajectoryScores(
         positions=steps.positions,

@@ -15,10 +15,12 @@ Ops of the backend contract (``ops/reference.py``):
                   think_start_id, think_end_id) -> None (in place)
 
 The tensor-core kernels take fp16/bf16 ``hidden`` with every weight in the same dtype, d a multiple
-of 8. Other inputs (fp32, mixed dtypes, odd d) and calls that need autograd go to the reference
-path, which computes the same function; the log says so once. A row index outside ``hidden``
-gives NaN instead of an error, because checking would need a host synchronization.
+of 8, and no autograd; ``refuses`` tells the router (``ops.dispatch``) so, and other inputs reaching
+these functions are an error. A row index outside ``hidden`` gives NaN instead of an error, because
+checking would need a host synchronization.
 
+How the kernels launch is settled once, when this module loads, from three variables that exist for
+measurement (the defaults are the fastest measured); ``launch_settings`` changes them for a block.
 ``XBAI_KERNELS_CUDA_PIPELINE=wide|deep|stream|auto`` picks how W1 streams (csrc/sprm_head_launch.cu);
 all give the same bits. ``wide``/``deep``: per-thread 16-byte cp.async copies, 256 or 128 contiguous
 bytes of each W1 row per stage, any GPU from sm_80. ``stream``: sm_90, W1 by TMA boxes and the scored
@@ -36,15 +38,16 @@ before it on the stream.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
-import logging
 import os
+from dataclasses import dataclass
 
 import torch
 from torch.utils import _python_dispatch
 
 from xbai_kernels import _validate
-from xbai_kernels.ops import reference
+from xbai_kernels.ops import dispatch, reference
 
 try:
     from xbai_kernels import _C
@@ -53,8 +56,6 @@ except ImportError as exc:  # built without nvcc, or XBAI_KERNELS_BUILD_CUDA=0
     _IMPORT_ERROR: str | None = str(exc)
 else:
     _IMPORT_ERROR = None
-
-logger = logging.getLogger("xbai_kernels")
 
 BUILD_HINT = "built without CUDA: reinstall with XBAI_KERNELS_BUILD_CUDA=1 and nvcc on PATH"
 # sm_80 is the oldest target compiled in (mma.sync bf16, cp.async); newer GPUs run its PTX or sm_90a.
@@ -76,23 +77,62 @@ def _env_choice(variable: str, choices, default: str) -> str:
     return name
 
 
-def pipeline() -> str:
-    """The W1 pipeline shape the next launch uses (``XBAI_KERNELS_CUDA_PIPELINE``, default auto)."""
-    return _env_choice("XBAI_KERNELS_CUDA_PIPELINE", _PIPELINES, DEFAULT_PIPELINE)
+@dataclass(frozen=True)
+class LaunchSettings:
+    """How the head kernels launch; every choice gives the same bits.
+
+    pipeline: how W1 streams (wide, deep, stream, auto). tail: who sums the decode logits' slices
+    (``fused``, the streaming kernel's last CTA; ``kernel``, a second launch; ``auto``, fused up to
+    32 rows). dependent_launch: programmatic dependent launch on sm_90+.
+    """
+
+    pipeline: str = DEFAULT_PIPELINE
+    tail: str = "auto"
+    dependent_launch: bool = True
+
+    def __post_init__(self):
+        if self.pipeline not in _PIPELINES:
+            raise ValueError(f"pipeline={self.pipeline!r} is not one of {', '.join(_PIPELINES)}")
+        if self.tail not in _TAILS:
+            raise ValueError(f"tail={self.tail!r} is not one of {', '.join(_TAILS)}")
+
+    @classmethod
+    def from_env(cls) -> "LaunchSettings":
+        """``XBAI_KERNELS_CUDA_PIPELINE``, ``_TAIL`` and ``_PDL`` (0 or 1); an error names a bad value."""
+        pdl = os.environ.get("XBAI_KERNELS_CUDA_PDL", "1").strip()
+        if pdl not in ("0", "1"):
+            raise ValueError(f"XBAI_KERNELS_CUDA_PDL={pdl!r} must be 0 or 1")
+        return cls(
+            _env_choice("XBAI_KERNELS_CUDA_PIPELINE", _PIPELINES, DEFAULT_PIPELINE),
+            _env_choice("XBAI_KERNELS_CUDA_TAIL", _TAILS, "auto"),
+            pdl == "1",
+        )
+
+    @property
+    def codes(self) -> tuple[int, int, int]:
+        """(pipeline, dependent launch, tail) as ``_C.head_logits`` takes them."""
+        return _PIPELINES[self.pipeline], int(self.dependent_launch), _TAILS[self.tail]
 
 
-def tail() -> str:
-    """Who sums the decode logits' slices (``XBAI_KERNELS_CUDA_TAIL``, default auto): ``fused``, the
-    last CTA of the streaming kernel; ``kernel``, a second launch; ``auto``, fused up to 32 rows."""
-    return _env_choice("XBAI_KERNELS_CUDA_TAIL", _TAILS, "auto")
+_settings = LaunchSettings.from_env()
+_launch_codes = _settings.codes
 
 
-def dependent_launch() -> bool:
-    """Whether launches use programmatic dependent launch (``XBAI_KERNELS_CUDA_PDL``, default 1)."""
-    value = os.environ.get("XBAI_KERNELS_CUDA_PDL", "1").strip()
-    if value not in ("0", "1"):
-        raise ValueError(f"XBAI_KERNELS_CUDA_PDL={value!r} must be 0 or 1")
-    return value == "1"
+def current_launch_settings() -> LaunchSettings:
+    return _settings
+
+
+@contextlib.contextmanager
+def launch_settings(**changes):
+    """Launch with some ``LaunchSettings`` fields changed inside the block (benchmarks, tests)."""
+    global _settings, _launch_codes
+    saved = _settings
+    _settings = dataclasses.replace(saved, **changes)
+    _launch_codes = _settings.codes
+    try:
+        yield _settings
+    finally:
+        _settings, _launch_codes = saved, saved.codes
 
 
 def unavailable_reason() -> str | None:
@@ -114,22 +154,27 @@ def compiled_targets() -> str | None:
     return None if _C is None else _C.compiled_targets()
 
 
-@functools.cache
-def _note_reference_route(reason: str) -> None:
-    logger.info("xbai_kernels: the cuda backend runs the reference path for %s", reason)
-
-
-def _reference_route(hidden: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> str | None:
-    """Why these inputs cannot take the kernel (they then take the reference path), or None."""
-    if hidden.dtype not in KERNEL_DTYPES:
-        return f"{hidden.dtype} inputs (the kernels take float16/bfloat16)"
-    if any(w.dtype != hidden.dtype for w in weights):
-        return "head weights whose dtype differs from hidden"
-    if hidden.shape[-1] % 8 != 0:
-        return "a hidden size that is not a multiple of 8 (the kernels read 16-byte rows)"
-    if torch.is_grad_enabled() and (hidden.requires_grad or any(w.requires_grad for w in weights)):
-        return "inputs that require grad (the kernels have no backward)"
+def refuses(op: str, inputs) -> str | None:
+    """Why the head kernels cannot take a call with these ``dispatch.HeadInputs``, or None (the router
+    asks before it picks this backend; the other ops take whatever their checks accept)."""
+    if inputs.dtype is None:
+        return "head weights whose dtype differs from hidden's"
+    if inputs.dtype not in KERNEL_DTYPES:
+        return f"{str(inputs.dtype).removeprefix('torch.')} inputs (the CUDA kernels take float16/bfloat16)"
+    if inputs.hidden_size % 8 != 0:
+        return f"hidden size {inputs.hidden_size}, not a multiple of 8 (the CUDA kernels read 16-byte rows)"
+    if inputs.grad:
+        return "inputs that require grad (the CUDA kernels have no backward)"
     return None
+
+
+def _check_kernel_inputs(where: str, hidden: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> None:
+    """The backend runs or raises: inputs the router would have sent elsewhere are an error here."""
+    if hidden.dtype in KERNEL_DTYPES and hidden.shape[1] % 8 == 0 and all(w.dtype == hidden.dtype for w in weights):
+        if not (torch.is_grad_enabled() and (hidden.requires_grad or any(w.requires_grad for w in weights))):
+            return
+    reason = refuses(where, dispatch.head_inputs(hidden, weights))
+    raise ValueError(f"{where}: the cuda backend cannot run {reason}; the automatic backend choice routes such calls")
 
 
 def _check_head(where: str, hidden: torch.Tensor, w1, b1, w2, b2) -> None:
@@ -165,6 +210,8 @@ def _launch(source: int, hidden, rows, row_mask, w1, b1, w2, b2, out: torch.Tens
     w1 = w1.contiguous()
     b1, w2, b2 = b1.contiguous(), w2.contiguous(), b2.contiguous()
     d = hidden.shape[1]
+    # Scratch for the kernels' partial sums, from torch's caching allocator: stream-ordered, so calls
+    # in flight never share it, and taken from a graph's own pool while a CUDA graph captures.
     workspace = torch.empty(_C.workspace_bytes(source, num_rows, d), dtype=torch.uint8, device=hidden.device)
     arguments = (
         hidden.data_ptr(), hidden.shape[0], hidden.stride(0), d, source,
@@ -173,8 +220,7 @@ def _launch(source: int, hidden, rows, row_mask, w1, b1, w2, b2, out: torch.Tens
         num_rows,
         w1.data_ptr(), b1.data_ptr(), w2.data_ptr(), b2.data_ptr(),
         out.data_ptr(), workspace.data_ptr(), workspace.numel(),
-        _DTYPE_CODES[hidden.dtype], _PIPELINES[pipeline()], int(dependent_launch()), _TAILS[tail()],
-        _stream(hidden.device),
+        _DTYPE_CODES[hidden.dtype], *_launch_codes, _stream(hidden.device),
     )
     with _device_scope(hidden.device):
         _C.head_logits(*arguments)
@@ -265,10 +311,7 @@ def _op(custom_op, hidden: torch.Tensor):
 def head_logits(hidden: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
     """logit of every row. hidden [N, d] -> float32 [N]."""
     _check_head("head_logits", hidden, w1, b1, w2, b2)
-    route = _reference_route(hidden, (w1, b1, w2, b2))
-    if route is not None:
-        _note_reference_route(route)
-        return reference.head_logits(hidden, w1, b1, w2, b2)
+    _check_kernel_inputs("head_logits", hidden, (w1, b1, w2, b2))
     return _op(_head_logits_op, hidden)(hidden, w1, b1, w2, b2)
 
 
@@ -282,10 +325,7 @@ def head_logits_rows(hidden: torch.Tensor, rows: torch.Tensor, w1, b1, w2, b2, n
     _validate.check_tensor("head_logits_rows", "rows", rows, ndim=1, dtypes=_validate.INDEX_DTYPES, device=hidden.device)
     if num_rows is not None:
         _validate.check_row_count("head_logits_rows", num_rows, hidden.device)
-    route = _reference_route(hidden, (w1, b1, w2, b2))
-    if route is not None:
-        _note_reference_route(route)
-        return reference.head_logits_rows(hidden, rows, w1, b1, w2, b2, num_rows)
+    _check_kernel_inputs("head_logits_rows", hidden, (w1, b1, w2, b2))
     logits = _op(_head_logits_rows_op, hidden)(hidden, rows.long(), w1, b1, w2, b2)
     return logits if num_rows is None else reference.zero_past(logits, num_rows)
 
@@ -315,10 +355,7 @@ def head_logits_masked(
         _validate.check_tensor(where, "out", out, ndim=1, dtypes=(torch.float32,), device=hidden.device)
         if out.shape[0] != hidden.shape[0] or not out.is_contiguous():
             raise ValueError(f"{where}: out must be a contiguous float32 [{hidden.shape[0]}], got {tuple(out.shape)}")
-    route = _reference_route(hidden, (w1, b1, w2, b2))
-    if route is not None:
-        _note_reference_route(route)
-        return reference.head_logits_masked(hidden, row_mask, w1, b1, w2, b2, out=out)
+    _check_kernel_inputs(where, hidden, (w1, b1, w2, b2))
     if out is None:
         return _op(_head_logits_masked_op, hidden)(hidden, row_mask, w1, b1, w2, b2)
     _op(_head_logits_masked_out_op, hidden)(hidden, row_mask, w1, b1, w2, b2, out)

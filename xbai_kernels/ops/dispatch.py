@@ -7,8 +7,13 @@ Backends are modules exposing the op names of ``ops.reference`` (the contract). 
 * Otherwise a CUDA tensor takes the fastest backend measured for the op (docs/kernels.md):
   ``triton`` first, except the decode scorer's per-token ops, where the compiled module's lower
   launch cost wins; a CPU tensor takes ``reference``. A fast backend that is missing on a CUDA
-  tensor falls back to the next one, the last being ``reference``, and says so once in the log;
-  ``XBAI_KERNELS_STRICT=1`` turns a fallback to ``reference`` into an error.
+  tensor, or that refuses the call's inputs (the head's ``HeadInputs``: the CUDA kernels take only
+  fp16/bf16 with d a multiple of 8, no kernel has a backward), falls back to the next one, the last
+  being ``reference``, and says so once in the log; ``XBAI_KERNELS_STRICT=1`` turns a fallback to
+  ``reference`` into an error.
+
+This is the only place that routes. A backend runs the inputs it is given or raises; each
+(op, device, head inputs, settings) is decided once and cached.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import importlib
 import logging
 import os
 from types import ModuleType
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -41,6 +46,32 @@ _AUTO_ORDER_BY_OP = {op: _DECODE_ORDER for op in ("head_logits_masked", "decode_
 
 class BackendUnavailable(RuntimeError):
     """A requested backend cannot run here; the message says why."""
+
+
+class HeadInputs(NamedTuple):
+    """What decides which backend can run a head op: the dtype that ``hidden`` and all four weights
+    share (None when they differ), the hidden size d, and whether autograd has to see the call."""
+
+    dtype: torch.dtype | None
+    hidden_size: int
+    grad: bool
+
+
+# The head ops and where their weights (W1, b1, W2, b2) start among the positional arguments.
+_HEAD_WEIGHTS_AT = {"head_logits": 1, "head_logits_rows": 2, "head_logits_masked": 2}
+
+
+def head_inputs(hidden: torch.Tensor, weights) -> HeadInputs:
+    """The ``HeadInputs`` of a call on ``hidden`` [N, d] with head ``weights`` (W1, b1, W2, b2)."""
+    # Spelled out rather than with all()/any(): the decode scorer asks after every sampled token.
+    w1, b1, w2, b2 = weights
+    dtype = hidden.dtype
+    if not (w1.dtype is dtype and b1.dtype is dtype and w2.dtype is dtype and b2.dtype is dtype):
+        dtype = None
+    grad = torch.is_grad_enabled() and (
+        hidden.requires_grad or w1.requires_grad or b1.requires_grad or w2.requires_grad or b2.requires_grad
+    )
+    return HeadInputs(dtype, hidden.shape[-1], grad)
 
 
 def forced_backend(value: str | None = None) -> str | None:
@@ -86,16 +117,28 @@ def _say_once(message: str, level: int) -> None:
     logger.log(level, message)
 
 
-def resolve(op: str, device: torch.device) -> tuple[str, Callable]:
-    """(backend name, implementation) of ``op`` for tensors on ``device``."""
-    return _resolve(op, device, *_settings())
+def resolve(op: str, device: torch.device, inputs: HeadInputs | None = None) -> tuple[str, Callable]:
+    """(backend name, implementation) of ``op`` for tensors on ``device``; a head op also needs the
+    ``inputs`` it will be called with (``head_inputs``), since not every backend takes every dtype."""
+    return _resolve(op, device, _inputs_of(op, inputs), *_settings())
 
 
-def implementations(ops: tuple[str, ...], device: torch.device) -> tuple[Callable, ...]:
-    """The implementation of each of ``ops`` on ``device``, reading the settings once (a lookup in
-    ``os.environ`` costs about a microsecond, and the decode scorer resolves three ops per token)."""
+def implementations(
+    ops: tuple[str, ...], device: torch.device, inputs: HeadInputs | None = None
+) -> tuple[Callable, ...]:
+    """The implementation of each of ``ops`` on ``device`` (head ops for ``inputs``), reading the
+    settings once (a lookup in ``os.environ`` costs about a microsecond, and the decode scorer
+    resolves three ops per token)."""
     settings = _settings()
-    return tuple(_resolve(op, device, *settings)[1] for op in ops)
+    return tuple(_resolve(op, device, _inputs_of(op, inputs), *settings)[1] for op in ops)
+
+
+def _inputs_of(op: str, inputs: HeadInputs | None) -> HeadInputs | None:
+    if op not in _HEAD_WEIGHTS_AT:
+        return None  # one cache entry per op whatever the caller passed
+    if inputs is None:
+        raise TypeError(f"dispatch: {op} is a head op, resolve it with the HeadInputs of its call")
+    return inputs
 
 
 def _settings() -> tuple[str, str, str | None]:
@@ -104,13 +147,26 @@ def _settings() -> tuple[str, str, str | None]:
     return env.get("XBAI_KERNELS_BACKEND", ""), env.get("XBAI_KERNELS_STRICT", "0"), env.get("TRITON_INTERPRET")
 
 
+def _refusal(name: str, op: str, device: torch.device, inputs: HeadInputs | None) -> str | None:
+    """None when backend ``name`` runs ``op`` on ``device`` for ``inputs``, else why not."""
+    reason = unavailable_reason(name, device)
+    if reason is not None:
+        return reason
+    module = _load(name)
+    if not hasattr(module, op):
+        return f"the {name} backend has no {op!r} op"
+    if inputs is not None and hasattr(module, "refuses"):
+        return module.refuses(op, inputs)
+    return None
+
+
 @functools.cache
-def _resolve(op: str, device: torch.device, backend_setting: str, strict_setting: str, _interpret) -> tuple[str, Callable]:
+def _resolve(
+    op: str, device: torch.device, inputs: HeadInputs | None, backend_setting: str, strict_setting: str, _interpret
+) -> tuple[str, Callable]:
     forced, strict_mode = forced_backend(backend_setting), strict(strict_setting)
     if forced is not None:
-        reason = unavailable_reason(forced, device)
-        if reason is None and not hasattr(_load(forced), op):
-            reason = f"the {forced} backend has no {op!r} op"
+        reason = _refusal(forced, op, device, inputs)
         if reason is not None:
             raise BackendUnavailable(f"XBAI_KERNELS_BACKEND={forced}: {reason}")
         _say_once(f"xbai_kernels: {op} uses the {forced} backend (forced)", logging.INFO)
@@ -120,12 +176,11 @@ def _resolve(op: str, device: torch.device, backend_setting: str, strict_setting
         return "reference", getattr(_load("reference"), op)
     reasons = []
     for name in _AUTO_ORDER_BY_OP.get(op, _AUTO_ORDER_CUDA):
-        reason = unavailable_reason(name, device)
-        if reason is None and not hasattr(_load(name), op):
-            reason = f"the {name} backend has no {op!r} op"
+        reason = _refusal(name, op, device, inputs)
         if reason is None:
             if name == "reference":
-                message = f"xbai_kernels: {op} falls back to the reference path on {device}: " + "; ".join(reasons)
+                what = op if inputs is None else f"{op} ({_describe(inputs)})"
+                message = f"xbai_kernels: {what} falls back to the reference path on {device}: " + "; ".join(reasons)
                 if strict_mode:
                     raise BackendUnavailable(message + " (XBAI_KERNELS_STRICT=1)")
                 _say_once(message, logging.WARNING)
@@ -136,6 +191,13 @@ def _resolve(op: str, device: torch.device, backend_setting: str, strict_setting
     raise AssertionError("unreachable: the reference backend always resolves")
 
 
+def _describe(inputs: HeadInputs) -> str:
+    dtype = "mixed dtypes" if inputs.dtype is None else str(inputs.dtype).removeprefix("torch.")
+    return f"{dtype}, d={inputs.hidden_size}" + (", with autograd" if inputs.grad else "")
+
+
 def call(op: str, device: torch.device, *args, **kwargs):
-    """Run ``op`` on the backend chosen for ``device``."""
-    return resolve(op, device)[1](*args, **kwargs)
+    """Run ``op`` on the backend chosen for ``device`` (and, for a head op, for its inputs)."""
+    at = _HEAD_WEIGHTS_AT.get(op)
+    inputs = None if at is None else head_inputs(args[0], args[at : at + 4])
+    return _resolve(op, device, inputs, *_settings())[1](*args, **kwargs)

@@ -79,7 +79,7 @@ def _build_runtime(vllm_config, hf_config) -> SPRMRuntime | None:
         head.hidden_size,
         len(rule.step_token_ids),
         runner.upper(),
-        dispatch.resolve("head_logits_masked", head[0].weight.device)[0],
+        dispatch.resolve("head_logits_masked", head[0].weight.device, head.scoring_inputs())[0],
     )
     return runtime
 

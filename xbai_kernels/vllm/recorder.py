@@ -150,7 +150,9 @@ class EngineStepRecorder:
         self.eager_steps = 0
         self._copy = _staging_copy(device)
         # Backends are chosen once: the hot path does no lookups.
-        self._rows_op, self._head_op = dispatch.implementations(("engine_step_rows", "head_logits_masked"), device)
+        self._rows_op, self._head_op = dispatch.implementations(
+            ("engine_step_rows", "head_logits_masked"), device, head.scoring_inputs()
+        )
         # (padded rows, ring turn) -> a graph holding the table rows' upload, the two kernels and
         # the results' download into that turn's host buffers: one launch a step.
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
@@ -291,7 +293,9 @@ class StepLogitRecorder:
         self.logits = torch.zeros(max_tokens, dtype=torch.float32, device=device)
         self.max_tokens = max_tokens
         self.max_requests = max_requests
-        self._head_op, self._rows_head_op = dispatch.implementations(("head_logits_masked", "head_logits_rows"), device)
+        self._head_op, self._rows_head_op = dispatch.implementations(
+            ("head_logits_masked", "head_logits_rows"), device, head.scoring_inputs()
+        )
         # The CPU engine applies the rule to numpy views (see ``runner_v1._record_on_host``), and its
         # head (the reference path, which computes in float32) takes float32 weights made once
         # instead of converting the model-dtype ones at every step.

@@ -29,6 +29,7 @@ __all__ = [
     "head_logits_rows",
     "sprm_head_loss",
     "step_mask",
+    "refuses",
     "trajectory_scores",
     "unavailable_reason",
 ]
@@ -41,6 +42,12 @@ def head_logits(hidden: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
     """logit of every row: hidden [N, d] -> float32 [N] (the packed kernel over rows 0..N-1)."""
     rows = torch.arange(hidden.shape[0] if hidden.dim() == 2 else 0, device=hidden.device)
     return head_logits_rows(hidden, rows, w1, b1, w2, b2)
+
+
+def refuses(op: str, inputs) -> str | None:
+    """Why a head op cannot run here for these ``dispatch.HeadInputs``, or None: the inference
+    kernels take any float dtype and size but have no backward (training has ``sprm_head_loss``)."""
+    return "inputs that require grad (the Triton inference kernels have no backward)" if inputs.grad else None
 
 
 def unavailable_reason() -> str | None:

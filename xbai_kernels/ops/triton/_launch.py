@@ -69,6 +69,13 @@ def head_weights(where: str, hidden: torch.Tensor, w1, b1, w2, b2):
     return w1.contiguous(), b1.contiguous(), w2.contiguous().view(-1), b2.contiguous()
 
 
+def refuse_autograd(where: str, hidden: torch.Tensor, weights) -> None:
+    """The inference kernels have no backward: a call that autograd must see is an error, not a
+    result silently cut from the graph (the router sends such calls to the reference path)."""
+    if torch.is_grad_enabled() and (hidden.requires_grad or any(w.requires_grad for w in weights)):
+        raise ValueError(f"{where}: the Triton backend has no backward; call it under torch.no_grad()")
+
+
 def check_hidden(where: str, hidden) -> None:
     check_tensor(where, "hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES)
 

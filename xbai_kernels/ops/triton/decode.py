@@ -261,6 +261,7 @@ def head_logits_masked(
     batch, d = hidden.shape
     if row_mask.shape[0] != batch:
         raise ValueError(f"{where}: row_mask has {row_mask.shape[0]} entries, hidden has {batch} rows")
+    _launch.refuse_autograd(where, hidden, (w1, b1, w2, b2))
     w1, b1, w2, b2 = _launch.head_weights(where, hidden, w1, b1, w2, b2)
     if out is None:
         out = torch.empty(batch, dtype=torch.float32, device=hidden.device)

@@ -199,6 +199,7 @@ def head_logits_rows(hidden: torch.Tensor, rows: torch.Tensor, w1, b1, w2, b2, n
     _launch.check_rows(where, rows, hidden.device)
     if num_rows is not None:
         check_row_count(where, num_rows, hidden.device)
+    _launch.refuse_autograd(where, hidden, (w1, b1, w2, b2))
     w1, b1, w2, b2 = _launch.head_weights(where, hidden, w1, b1, w2, b2)
     hidden = _launch.rows_last_contiguous(hidden)
     return launch_rows_head(hidden, rows.contiguous(), w1, b1, w2, b2, config=config,

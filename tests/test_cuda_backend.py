@@ -412,6 +412,6 @@ def test_torch_compile_fullgraph():
 @needs_kernels
 def test_dispatch_forced_cuda_backend(monkeypatch):
     monkeypatch.setenv("XBAI_KERNELS_BACKEND", "cuda")
-    name, fn = dispatch.resolve("head_logits_masked", torch.device("cuda", 0))
+    name, fn = dispatch.resolve("head_logits_masked", torch.device("cuda", 0), dispatch.HeadInputs(torch.bfloat16, 1536, False))
     assert name == "cuda" and fn is cuda_ops.head_logits_masked
     assert importlib.import_module("xbai_kernels._C").compiled_targets().split().count("sm_90a") == 1

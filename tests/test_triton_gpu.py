@@ -197,6 +197,7 @@ def test_chained_launches_in_a_graph_give_the_bits_of_plain_launches(monkeypatch
     mask = _mask(batch, 0.25, seed=23)
     decode_out = torch.empty(batch, device=DEVICE)
 
+    @torch.no_grad()  # the kernels have no backward, and the head's weights are parameters
     def run():
         result = xk.score_trajectories(hidden, ids, head, rule, cu_seqlens, capacity=1024)
         _backend().head_logits_masked(hidden[:batch], mask, *head.weights, out=decode_out)

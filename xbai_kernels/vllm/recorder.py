@@ -119,7 +119,8 @@ class EngineStepRecorder:
     ) -> None:
         device = head[0].weight.device
         self.device = device
-        self.weights = head.weights
+        # Detached views: recording never needs autograd, and the kernels refuse calls that do.
+        self.weights = tuple(w.detach() for w in head.weights)
         self.think_start_id = rule.think_start_id
         self.step_table = _step_table(rule, vocab_size, device)
         self.max_tokens = max_tokens
@@ -301,7 +302,8 @@ class StepLogitRecorder:
         # instead of converting the model-dtype ones at every step.
         on_cpu = device.type == "cpu"
         self.step_table_host = self.is_step_token.numpy() if on_cpu else None
-        self._rows_weights = tuple(w.float() for w in head.weights) if on_cpu else head.weights
+        self.weights = tuple(w.detach() for w in head.weights)  # recording needs no autograd
+        self._rows_weights = tuple(w.float() for w in self.weights) if on_cpu else self.weights
 
     def head_rows(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Logits of the selected rows: hidden [T, d], rows int64 [m] -> float32 [m]."""
@@ -349,5 +351,5 @@ class StepLogitRecorder:
         keep = self.keep[:num_tokens]
         keep.copy_(self.keeps(opens, positions.long()))
         logits = self.logits[:num_tokens]
-        self._head_op(hidden, keep, *self.head.weights, out=logits)
+        self._head_op(hidden, keep, *self.weights, out=logits)
         return keep, logits

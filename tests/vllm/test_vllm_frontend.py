@@ -130,7 +130,7 @@ def test_no_step_scores_zero():
 
 
 def test_options_take_booleans_only():
-    assert options.parse_options(None) == {"sprm_score_prompt": False}
+    assert options.parse_options(None) == {"sprm_score_prompt": False, "sprm_prune": None}
     assert options.parse_options({"sprm_score_prompt": True, "other_plugin": "x"})["sprm_score_prompt"] is True
     for bad in ("false", "no", "0", 2.5, 1, 0, None, [True]):
         with pytest.raises(options.SPRMOptionError, match="'sprm_score_prompt' in extra_args takes a JSON boolean") as info:
@@ -143,7 +143,15 @@ def test_options_take_booleans_only():
 def test_unknown_sprm_option_is_refused_with_a_hint():
     with pytest.raises(options.SPRMOptionError, match=r"unknown SPRM option 'sprm_score_promt' .*did you mean 'sprm_score_prompt'"):
         options.parse_options({"sprm_score_promt": True})
-    assert options.parse_options({"score_prompt": "anything"}) == {"sprm_score_prompt": False}  # not ours
+    assert options.parse_options({"score_prompt": "anything"}) == {"sprm_score_prompt": False, "sprm_prune": None}  # not ours
+
+
+def test_prune_option_is_checked_and_normalized():
+    values = options.parse_options({"sprm_prune": '{"policy": "absolute", "threshold": 0.4}'})
+    assert values["sprm_prune"] == {"policy": "absolute", "threshold": 0.4, "min_steps": 4, "window": None, "min_keep": 1}
+    with pytest.raises(options.SPRMOptionError, match=r"'sprm_prune' in extra_args needs steps in increasing order") as info:
+        options.parse_options({"sprm_prune": {"policy": "relative", "steps": [8, 4], "keep": [0.5, 0.25]}})
+    assert info.value.option == "sprm_prune"
 
 
 # ----- vLLM's output processor and collector, fed scripted engine outputs --------------------------

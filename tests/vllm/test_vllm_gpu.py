@@ -95,3 +95,25 @@ def test_scores_match_a_reforward_under_preemption(gpu_engine, tiny_qwen3):
     # Decode steps replay the recorder's graph; only steps of a size without one run eagerly.
     recorder = _core(gpu_engine).model_executor.driver_worker.worker.model_runner.model.sprm.engine
     assert recorder.replayed_steps > recorder.eager_steps, (recorder.replayed_steps, recorder.eager_steps)
+
+
+def test_pruning_under_async_scheduling_and_preemption(gpu_engine, tiny_qwen3):
+    """Pruned candidates stop while a step of theirs may be in flight (async scheduling): each
+    decision equals its replay, and every candidate, pruned or not, scores as its re-forward."""
+    from vllm import SamplingParams
+
+    from xbai_kernels.vllm import pruning
+
+    policy = {"policy": "relative", "steps": [2, 4], "keep": [0.5, 0.25], "min_keep": 2}
+    params = SamplingParams(n=8, max_tokens=160, temperature=1.0, extra_args={"sprm_prune": policy})
+    outputs = gpu_engine.generate(_prompts(6, 40), params, use_tqdm=False)
+    completions = [c for o in outputs for c in o.outputs]
+    pruned = [c for c in completions if c.sprm_pruned]
+    assert len(pruned) >= 4 and all(c.stop_reason == "sprm_pruned" and len(c.token_ids) < 160 for c in pruned)
+    for output in outputs:
+        logs = {c.index: c.sprm_prune_decisions for c in output.outputs}
+        assert pruning.replay(pruning.parse_policy(policy), logs) == logs
+    for completion in pruned:
+        assert len(completion.sprm_step_scores) == completion.sprm_pruned_at_step
+    trajectories, _ = compare(tiny_qwen3, [(o.prompt_token_ids, c) for o in outputs for c in o.outputs])
+    assert trajectories == len(completions)

@@ -46,3 +46,21 @@ def test_n8(engine, tiny_qwen2_released_head):
     pairs = [(o.prompt_token_ids, c) for o in outputs for c in o.outputs]
     trajectories, steps = compare(tiny_qwen2_released_head, pairs, engine_dtype=torch.bfloat16)
     assert trajectories == 32 and steps >= 32
+
+
+def test_pruning_across_the_process_boundary(engine, tiny_qwen2_released_head):
+    """The siblings' group travels in extra_args and the decisions in the step payload (msgpack)."""
+    from vllm import SamplingParams
+
+    from xbai_kernels.vllm import pruning
+
+    policy = {"policy": "relative", "steps": [1, 2], "keep": [0.5, 0.25], "min_keep": 2}
+    params = SamplingParams(n=8, temperature=1.0, max_tokens=64, extra_args={"sprm_prune": policy})
+    outputs = engine.generate(["<think>\nwe compute.\n\n"] * 2, params, use_tqdm=False)
+    completions = [c for o in outputs for c in o.outputs]
+    assert any(c.sprm_pruned for c in completions)
+    for output in outputs:
+        logs = {c.index: c.sprm_prune_decisions for c in output.outputs}
+        assert pruning.replay(pruning.parse_policy(policy), logs) == logs
+    pairs = [(o.prompt_token_ids, c) for o in outputs for c in o.outputs]
+    assert compare(tiny_qwen2_released_head, pairs, engine_dtype=torch.bfloat16)[0] == 16

@@ -225,3 +225,29 @@ def test_score_prompt_takes_json_booleans(server, tiny_qwen3, endpoint):
             prompt_ids = response.get("prompt_token_ids") or choice.get("prompt_token_ids")
             check_scores(tiny_qwen3, prompt_ids, choice["sprm_prompt_step_positions"],
                          choice["sprm_prompt_step_scores"], choice["sprm_prompt_score"])
+
+
+def test_prune_is_a_json_string_in_vllm_xargs(server, tiny_qwen3):
+    """vLLM's protocol types vllm_xargs values as strings, numbers or lists: the policy object travels
+    as a JSON string, pruned choices carry the fields, and the others are unchanged."""
+    policy = {"policy": "relative", "steps": [1, 2], "keep": [0.5, 0.25], "min_keep": 1}
+    body = {"model": str(tiny_qwen3), "prompt": "<think>\nwe compute the sum", "n": 8, "max_tokens": 64,
+            "temperature": 1.0, "return_token_ids": True, "vllm_xargs": {"sprm_prune": json.dumps(policy)}}
+    response = json.loads(_post(f"{server}/v1/completions", body))
+    choices = response["choices"]
+    assert len(choices) == 8 and all("sprm_prune_decisions" in c for c in choices)
+    pruned = [c for c in choices if c["sprm_pruned"]]
+    assert pruned and all(c["finish_reason"] == "length" and c["stop_reason"] == "sprm_pruned" for c in pruned)
+    assert all(c["sprm_pruned_at_step"] is None for c in choices if not c["sprm_pruned"])
+    pairs = [(c["prompt_token_ids"], _Choice(c, c["token_ids"])) for c in choices]
+    assert compare(tiny_qwen3, pairs)[0] == 8
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_bad_prune_policy_is_400(server, tiny_qwen3, endpoint):
+    bad = json.dumps({"policy": "relative", "steps": [4, 2], "keep": [0.5, 0.25]})
+    url, body = _endpoint_body(server, endpoint, str(tiny_qwen3), {"sprm_prune": bad}, n=2, temperature=1.0)
+    status, answer = _post_status(url, body)
+    assert status == 400, answer
+    error = answer["error"]
+    assert error["param"] == "vllm_xargs.sprm_prune" and "increasing" in error["message"], error

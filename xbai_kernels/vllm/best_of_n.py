@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .pruning import OPTION as PRUNE_OPTION
+
 # SPEC, test-time scaling: the released modes.
 MODES = {"low": 2, "medium": 8, "high": 32}
 
@@ -23,6 +25,8 @@ class Candidate:
     step_scores: list[float]
     step_positions: list[int]
     finish_reason: str | None
+    pruned: bool = False  # a pruning policy stopped it (``pruning``); it never wins the pick
+    pruned_at_step: int | None = None
 
 
 @dataclass
@@ -48,8 +52,12 @@ def resolve_n(mode: str | None, n: int | None) -> int:
 
 
 def pick_best(candidates: list[Candidate]) -> Candidate:
-    """Highest score wins; a candidate without a score never wins over one with a score; ties keep order."""
-    return max(candidates, key=lambda c: (c.score is not None, c.score if c.score is not None else 0.0, -c.index))
+    """Highest score wins; a pruned candidate never wins over one that ran to its end, nor one without
+    a score over one with a score; ties keep order."""
+    return max(
+        candidates,
+        key=lambda c: (not c.pruned, c.score is not None, c.score if c.score is not None else 0.0, -c.index),
+    )
 
 
 def _candidate(completion) -> Candidate:
@@ -67,22 +75,31 @@ def _candidate(completion) -> Candidate:
         step_scores=list(completion.sprm_step_scores),
         step_positions=list(completion.sprm_step_positions),
         finish_reason=completion.finish_reason,
+        pruned=bool(getattr(completion, "sprm_pruned", False)),
+        pruned_at_step=getattr(completion, "sprm_pruned_at_step", None),
     )
 
 
-def best_of_n(llm, prompts, mode: str | None = None, n: int | None = None, use_tqdm: bool = False, **sampling):
+def best_of_n(
+    llm, prompts, mode: str | None = None, n: int | None = None, prune=None, use_tqdm: bool = False, **sampling
+):
     """Sample N candidates per prompt in one ``llm.generate`` call; return one ``BestOfN`` per prompt.
 
     ``llm`` is a ``vllm.LLM`` serving a model with an SPRM head; ``prompts`` is one prompt or a
     list (strings, or anything ``LLM.generate`` accepts); ``mode`` is low / medium / high (N = 2 /
-    8 / 32) or ``n`` is given; ``sampling`` goes to ``SamplingParams`` (temperature, top_p,
-    max_tokens, stop, ...).
+    8 / 32) or ``n`` is given; ``prune`` is a pruning policy (``pruning``: e.g. ``{"policy":
+    "relative", "steps": [4, 8], "keep": [0.5, 0.25]}``) that stops losing candidates while they
+    decode; ``sampling`` goes to ``SamplingParams`` (temperature, top_p, max_tokens, stop, ...).
     """
     from vllm import SamplingParams
 
     if "n" in sampling:
         raise ValueError("best_of_n: pass n as its own argument, not inside the sampling options")
     count = resolve_n(mode, n)
+    if prune is not None:
+        extra = dict(sampling.pop("extra_args", None) or {})
+        extra[PRUNE_OPTION] = prune
+        sampling["extra_args"] = extra
     single = isinstance(prompts, (str, dict))
     batch = [prompts] if single else list(prompts)
     outputs = llm.generate(batch, SamplingParams(n=count, **sampling), use_tqdm=use_tqdm)

@@ -27,20 +27,28 @@ from ..rule import StepRule
 from . import config as sprm_config
 from . import profile
 from .logit_store import CacheSlotLogits
+from .pruning import OPTION as PRUNE_OPTION
+from .pruning import Pruner
 from .records import RECORDS_ATTRIBUTE
 
 logger = logging.getLogger("xbai_kernels.vllm")
 
 PAYLOAD_KEY = "xbai_sprm"
+# The stop reason of a candidate that a Best-of-N pruning policy stopped (finish reason "length").
+PRUNED = "sprm_pruned"
 # A preempted request's block table, noted when vLLM takes its blocks (see ``preempt_request``).
 _PREEMPTED_BLOCKS = "_xbai_sprm_preempted_blocks"
 
 
 class _SchedulerScoring:
-    """Per-scheduler state: the logit store, and the stopped requests' logits not yet sent, by client."""
+    """Per-scheduler state: the logit store, the stopped requests' logits not yet sent (by client),
+    and the requests that a Best-of-N pruning policy watches (``pruning.Pruner``)."""
 
     def __init__(self, store: CacheSlotLogits) -> None:
         self.store = store
+        rule = store.rule
+        self.pruner = Pruner(rule.step_token_ids, rule.think_start_id, rule.think_end_id)
+        self.pruned: dict[int, dict[str, dict]] = {}  # by client: request id -> its pruning record
         self.stopped: dict[int, dict[str, list]] = {}
         # Requests with stop strings: the front end may end them, unseen here, at any step, so
         # their logits also go out as they are computed (positions delivered so far, by id).
@@ -51,6 +59,31 @@ class _SchedulerScoring:
         self.streamed.pop(request.request_id, None)
         finished = self.store.finished_logits(request.all_token_ids, block_ids)
         self.stopped.setdefault(request.client_index, {})[request.request_id] = finished.to_payload()
+        record = self.pruner.finish(request.request_id)
+        if record is not None:
+            self.pruned.setdefault(request.client_index, {})[request.request_id] = record
+
+    def prune(self, scheduler, outputs) -> None:
+        """Let each watched request's policy see what it decoded this step, and stop the ones it
+        prunes now (``_stop_pruned``)."""
+        from vllm.v1.request import RequestStatus
+
+        requests, store, manager = scheduler.requests, self.store, scheduler.kv_cache_manager
+        stopping = []
+        for req_id in list(self.pruner.members):
+            request = requests.get(req_id)
+            if request is None or request.is_finished():  # aborted: no stop hook ran
+                self.pruner.finish(req_id)
+                continue
+            if request.status != RequestStatus.RUNNING:
+                continue  # preempted: read on once it runs again (its positions are recomputed)
+            read = lambda tokens, first, req_id=req_id: store.finished_logits(  # noqa: E731
+                tokens, manager.get_block_ids(req_id)[0], first_position=first
+            )
+            if self.pruner.observe(req_id, request.all_token_ids, read):
+                stopping.append(request)
+        if stopping:
+            _stop_pruned(scheduler, stopping, outputs)
 
     def stream(self, requests, kv_cache_manager) -> None:
         """Queue the newly computed logits of each live stop-string request (called once a step's
@@ -73,18 +106,52 @@ class _SchedulerScoring:
             self.chunks.setdefault(request.client_index, {})[req_id] = chunk.to_payload()
 
     def attach(self, outputs) -> None:
-        """Put each client's stopped requests (and stop-string chunks) on the first output of its
-        batch of this step."""
+        """Put each client's stopped requests (and stop-string chunks, pruning records) on the first
+        output of its batch of this step."""
         for client in self.stopped.keys() | self.chunks.keys():
             batch = outputs.get(client)
             if batch is None or not batch.outputs:  # the client is gone: nothing reads it
                 continue
             payload = {"stopped": self.stopped.get(client, {}), "chunks": self.chunks.get(client, {})}
+            if client in self.pruned:
+                payload["pruned"] = self.pruned[client]
             carrier = batch.outputs[0]
             params = carrier.kv_transfer_params
             carrier.kv_transfer_params = {**params, PAYLOAD_KEY: payload} if params else {PAYLOAD_KEY: payload}
         self.stopped.clear()
         self.chunks.clear()
+        self.pruned.clear()
+
+
+def _stop_pruned(scheduler, requests, outputs) -> None:
+    """Finish pruned running requests now, as vLLM finishes one that reached its length limit:
+    the stop hook reads their logits, their blocks are freed, and each gets a final output without
+    new tokens (finish reason "length", stop reason ``PRUNED``), so the front end returns what they
+    decoded. A step of theirs already in flight (async scheduling) is dropped when it returns."""
+    from vllm.v1.core.sched.utils import remove_all
+    from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
+    from vllm.v1.request import RequestStatus
+
+    for request in requests:
+        request.status = RequestStatus.FINISHED_LENGTH_CAPPED
+        request.stop_reason = PRUNED
+        scheduler._handle_stopped_request(request)
+        kv_transfer_params, _ = scheduler._free_request(request)
+        batch = outputs.get(request.client_index)
+        if batch is None:
+            batch = outputs[request.client_index] = EngineCoreOutputs(outputs=[])
+        batch.outputs.append(
+            EngineCoreOutput(
+                request_id=request.request_id,
+                new_token_ids=[],
+                finish_reason=request.get_finished_reason(),
+                stop_reason=request.stop_reason,
+                events=request.take_events(),
+                kv_transfer_params=kv_transfer_params,
+                trace_headers=request.trace_headers,
+            )
+        )
+    scheduler.running = remove_all(scheduler.running, set(requests))
 
 
 def _scoring(scheduler) -> _SchedulerScoring | None:
@@ -121,8 +188,11 @@ def add_request(original):
     def wrapper(self, request, *args, **kwargs):
         scoring = _scoring(self)
         params = request.sampling_params
-        if scoring is not None and params is not None and params.stop:
-            scoring.streamed.setdefault(request.request_id, 0)
+        if scoring is not None and params is not None:
+            if params.stop:
+                scoring.streamed.setdefault(request.request_id, 0)
+            if params.extra_args and PRUNE_OPTION in params.extra_args:
+                scoring.pruner.add(request.request_id, params.extra_args)
         return original(self, request, *args, **kwargs)
 
     return wrapper
@@ -173,6 +243,8 @@ def update_from_output(original):
             if profile.ENABLED:
                 profile.add("scheduler", profile.now() - start)
         outputs = original(self, scheduler_output, model_runner_output, *args, **kwargs)
+        if scoring.pruner.members:
+            scoring.prune(self, outputs)
         if scoring.streamed:
             scoring.stream(self.requests, self.kv_cache_manager)
         if scoring.stopped or scoring.chunks:

@@ -29,7 +29,7 @@ import functools
 import logging
 
 from . import options as sprm_options
-from . import profile
+from . import profile, pruning
 from .engine import PAYLOAD_KEY
 from .logit_store import FinishedLogits
 from .results import SPRMResult, region_positions, score_steps, sprm_fields
@@ -39,6 +39,7 @@ logger = logging.getLogger("xbai_kernels.vllm")
 SCORE_PROMPT_ARG = "sprm_score_prompt"
 
 _FINISHED, _CHUNKS, _ENGINE, _OPTIONS = "xbai_sprm_finished", "xbai_sprm_chunks", "xbai_sprm_engine", "xbai_sprm_options"
+_PRUNED = "xbai_sprm_pruned"
 
 
 def _take_payload(engine_core_outputs) -> dict | None:
@@ -104,6 +105,11 @@ def _attach_scores(request_state, output, finish_reason) -> None:
     _set_result(output, "sprm", score_steps(*region_positions(finished, final_length)))
     if (state.get(_OPTIONS) or {}).get(SCORE_PROMPT_ARG):
         _set_result(output, "sprm_prompt", score_steps(*region_positions(finished, prompt_len)))
+    pruned = state.pop(_PRUNED, None)
+    if pruned is not None:  # a candidate a pruning policy watched: whether it stopped it, and why
+        output.sprm_pruned = pruned["pruned_at_step"] is not None
+        output.sprm_pruned_at_step = pruned["pruned_at_step"]
+        output.sprm_prune_decisions = pruned["decisions"]
 
 
 # ----- the patches: each takes vLLM's original and returns the replacement -------------------------
@@ -124,6 +130,10 @@ def process_outputs(original):
                 request_state = request_states.get(req_id)
                 if request_state is not None:
                     setattr(request_state, _FINISHED, FinishedLogits.from_payload(finished))
+            for req_id, record in payload.get("pruned", {}).items():
+                request_state = request_states.get(req_id)
+                if request_state is not None:
+                    setattr(request_state, _PRUNED, record)
             # A stop-string request's logits so far: a stop string ends it here, unseen by the engine.
             for req_id, chunk in payload["chunks"].items():
                 request_state = request_states.get(req_id)
@@ -182,6 +192,24 @@ def from_new_request(original):
         return state
 
     return classmethod(wrapper)
+
+
+def parent_request_init(original):
+    """``ParentRequest.__init__`` (an n > 1 request, before it fans out): when it asks for pruning,
+    tell the engine which requests are siblings and how many there are. The children share the
+    parent's ``extra_args`` (a shallow copy of its sampling parameters), and the engine core sees
+    neither the parent nor n, so both go in under ``pruning.GROUP_KEY``."""
+
+    @functools.wraps(original)
+    def wrapper(self, request, *args, **kwargs):
+        original(self, request, *args, **kwargs)
+        params = self.sampling_params
+        extra = getattr(params, "extra_args", None)
+        if extra and pruning.OPTION in extra:
+            # A new dict: the request's parameters are vLLM's own copy, but the dict may be the caller's.
+            params.extra_args = {**extra, pruning.GROUP_KEY: [self.request_id, params.n]}
+
+    return wrapper
 
 
 def request_output_add(original):

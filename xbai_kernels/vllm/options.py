@@ -19,6 +19,8 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from . import pruning
+
 PREFIX = "sprm_"
 
 
@@ -56,6 +58,15 @@ OPTIONS: dict[str, Option] = {
             False,
             "also score the prompt alone as a trajectory (sprm_prompt_score, sprm_prompt_step_scores, "
             "sprm_prompt_step_positions), from the hidden states of its prefill",
+        ),
+        Option(
+            "sprm_prune",
+            pruning.normalize_policy,
+            None,
+            "stop Best-of-N candidates whose running step scores fall behind while they decode: "
+            '{"policy": "relative", "steps": [4, 8], "keep": [0.5, 0.25], "min_keep": 1} or '
+            '{"policy": "absolute", "threshold": 0.3, "min_steps": 4, "window": null, "min_keep": 1} '
+            "(a JSON string in the OpenAI server's vllm_xargs); see xbai_kernels.vllm.pruning",
         ),
     )
 }

@@ -61,6 +61,8 @@ PATCHES: tuple[Patch, ...] = (
     *_group("frontend", f"{_OUTPUT}:RequestState", "frontend", "_new_completion_output", "from_new_request"),
     *_group("frontend", "vllm.outputs:RequestOutput", "frontend", ("add", "request_output_add")),
     *_group("frontend", "vllm.v1.engine.input_processor:InputProcessor", "frontend", "_validate_params"),
+    # Front end, Best-of-N pruning: tell the engine which requests are siblings.
+    *_group("frontend", "vllm.v1.engine.parallel_sampling:ParentRequest", "frontend", ("__init__", "parent_request_init")),
     # OpenAI server (applied when its modules are first imported, see ``server.install_server_patch``):
     # options checked on the raw request body, fields copied onto the response choices.
     *_group("server", f"{_SERVING}.completion.serving:OpenAIServingCompletion", "server",

@@ -23,7 +23,8 @@ from .. import semantics
 from .logit_store import FinishedLogits
 
 # The attributes a scored ``CompletionOutput`` may carry; ``sprm_prompt_*`` only when the request
-# asked for the prompt's own score, ``*_error`` only when a score could not be computed.
+# asked for the prompt's own score, ``*_error`` only when a score could not be computed,
+# ``sprm_prune*`` only when it asked for pruning (``pruning``).
 SPRM_FIELDS = (
     "sprm_score",
     "sprm_step_scores",
@@ -33,6 +34,9 @@ SPRM_FIELDS = (
     "sprm_prompt_step_scores",
     "sprm_prompt_step_positions",
     "sprm_prompt_error",
+    "sprm_pruned",
+    "sprm_pruned_at_step",
+    "sprm_prune_decisions",
 )
 
 

@@ -1,8 +1,9 @@
-"""The ``xbai-kernels`` command: make-tiny-model, convert, demo, bench."""
+"""The ``xbai-kernels`` command: make-tiny-model, convert, demo, bench, eval."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -56,6 +57,47 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .demo import engine_options
+    from .head import CheckpointError, check_model_directory
+    from .vllm import evaluate, pruning
+
+    where = "xbai-kernels eval"
+    try:
+        problems = evaluate.load_problems(args.data)
+        policy = None if args.no_prune else pruning.normalize_policy(args.prune)
+        check_model_directory(args.model)
+    except (OSError, ValueError, CheckpointError) as exc:
+        print(f"{where}: {exc}", file=sys.stderr)
+        return 2
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    from vllm import LLM
+
+    llm = LLM(str(args.model), seed=args.seed, **engine_options())
+    try:
+        result = evaluate.evaluate(
+            llm, problems, modes, prune=policy, chat=not args.raw_prompts,
+            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+        )
+    except ValueError as exc:
+        print(f"{where}: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    result = {"model": str(args.model), "data": str(args.data), **result}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    evaluate.plot(result, args.out / "eval.png")
+    for run in result["runs"]:
+        label = f"{run['mode']:>6} N={run['n']:<2} {'pruned' if run['prune'] else 'full':>6}"
+        print(f"{label}: accuracy {run['accuracy']:.1%} (any candidate {run['any_correct']:.1%}), "
+              f"{run['decode_tokens']} decode tokens, {run['seconds']:.1f} s, {run['pruned_fraction']:.0%} pruned")
+    print(f"wrote {args.out / 'eval.json'} and {args.out / 'eval.png'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xbai-kernels", description="SPRM step-reward head kernels for XBai o4 / MetaStone-S1."
@@ -99,7 +141,32 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="one width, fewer repetitions")
     bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     bench.set_defaults(run=_bench)
+
+    evaluation = commands.add_parser(
+        "eval",
+        help="Best-of-N with and without pruning on problems with answers (vLLM): accuracy, tokens, time",
+        description="Best-of-N at each mode, unpruned and with a pruning policy, on a JSONL of problems "
+        '({"problem": ..., "answer": ...} per line; the last \\boxed{} of the pick is compared). '
+        "Random weights answer nothing: judge a policy with a real checkpoint.",
+    )
+    evaluation.add_argument("data", type=Path, help="JSONL: one problem (problem, question or prompt) and answer per line")
+    evaluation.add_argument("--model", type=Path, required=True, help="model directory with an SPRM head")
+    evaluation.add_argument("--modes", default="low,medium,high", help="comma list of low, medium, high (N = 2, 8, 32)")
+    evaluation.add_argument("--prune", default=json.dumps(pruning_default()), help="the policy, JSON (default: %(default)s)")
+    evaluation.add_argument("--no-prune", action="store_true", help="unpruned runs only")
+    evaluation.add_argument("--max-tokens", type=int, default=32768)
+    evaluation.add_argument("--temperature", type=float, default=0.7)
+    evaluation.add_argument("--top-p", type=float, default=0.95)
+    evaluation.add_argument("--seed", type=int, default=0)
+    evaluation.add_argument("--raw-prompts", action="store_true", help="send problems as they are, without the chat template")
+    evaluation.add_argument("--out", type=Path, default=Path("xbai-eval"), help="results folder (default: %(default)s)")
+    evaluation.set_defaults(run=_eval)
     return parser
+
+
+def pruning_default() -> dict:
+    """The policy ``eval`` tries when none is given: half the candidates past step 4, a quarter past 8."""
+    return {"policy": "relative", "steps": [4, 8], "keep": [0.5, 0.25], "min_keep": 1}
 
 
 def main(argv: list[str] | None = None) -> int:

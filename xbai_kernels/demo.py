@@ -274,14 +274,11 @@ def _run_demo_vllm(model_dir, num_samples, max_new_tokens, seed, prompt, echo) -
     if tiny:
         model_dir = ensure_tiny_model()
         echo(f"model: tiny Qwen3 with random weights (built in {model_dir}), served by vLLM")
-        # The vLLM CPU engine wants KV blocks of a multiple of 32 tokens; a small memory share suffices.
-        engine_options = dict(dtype="float32", gpu_memory_utilization=0.3, max_model_len=1024, enforce_eager=True)
+        options = dict(engine_options(), dtype="float32", max_model_len=1024, enforce_eager=True)
     else:
         echo(f"model: {model_dir}, served by vLLM")
-        # On the CPU vLLM reads gpu_memory_utilization as the share of host memory to reserve: its
-        # default (0.92) fails as soon as anything else holds memory.
-        engine_options = {} if torch.cuda.is_available() else dict(gpu_memory_utilization=0.3, enforce_eager=True)
-    llm = LLM(str(model_dir), seed=seed, block_size=32, **engine_options)
+        options = engine_options()
+    llm = LLM(str(model_dir), seed=seed, **options)
     try:
         tokenizer = llm.get_tokenizer()
         chat = tokenizer.apply_chat_template(
@@ -311,6 +308,16 @@ def _run_demo_vllm(model_dir, num_samples, max_new_tokens, seed, prompt, echo) -
             f"{'identical' if same_positions else 'DIFFER'}, largest step-score difference {difference:.2e}"
         )
     return DemoResult([result.prompt + c.text if result.prompt else c.text for c in candidates], scores, best)
+
+
+def engine_options() -> dict:
+    """``vllm.LLM`` options for this machine: vLLM's defaults on a GPU; on a CPU, KV blocks of 32
+    tokens (the CPU engine wants a multiple of 32), a share of host memory that leaves room for the
+    rest (vLLM reads gpu_memory_utilization as that share, and its default 0.92 fails as soon as
+    anything else holds memory), and no graph capture."""
+    if torch.cuda.is_available():
+        return {}
+    return dict(block_size=32, gpu_memory_utilization=0.3, enforce_eager=True)
 
 
 def _shutdown(llm) -> None:

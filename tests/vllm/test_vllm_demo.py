@@ -34,3 +34,26 @@ def test_demo_cross_check_on_the_tiny_model(tmp_path, monkeypatch):
     assert "step positions identical" in check
     assert float(check.rsplit(" ", 1)[-1]) < 2.0**-8
     assert len(result.texts) == 2 and result.best in (0, 1)
+
+
+def test_eval_command_runs_best_of_n_with_and_without_pruning(tiny_qwen3, tmp_path, capsys):
+    """The mechanics on the tiny model: every mode asked for, unpruned and pruned, with its tokens,
+    time and accuracy (0 here: random weights box no answer)."""
+    import json
+
+    from xbai_kernels import cli
+
+    data = tmp_path / "problems.jsonl"
+    data.write_text("".join(json.dumps({"problem": f"what is {k} + {k}?", "answer": 2 * k}) + "\n" for k in range(3)))
+    policy = json.dumps({"policy": "relative", "steps": [1, 2], "keep": [0.5, 0.25]})
+    out = tmp_path / "eval"
+    assert cli.main(["eval", str(data), "--model", str(tiny_qwen3), "--modes", "low,medium", "--max-tokens", "64",
+                     "--prune", policy, "--out", str(out)]) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert (out / "eval.png").stat().st_size > 0 and result["problems"] == 3
+    runs = {(run["mode"], run["prune"] is not None): run for run in result["runs"]}
+    assert set(runs) == {("low", False), ("low", True), ("medium", False), ("medium", True)}
+    for run in runs.values():
+        assert 0.0 <= run["accuracy"] <= run["any_correct"] <= 1.0 and run["decode_tokens"] > 0
+    assert runs[("medium", False)]["pruned_fraction"] == 0.0 and runs[("medium", True)]["pruned_fraction"] > 0.0
+    assert "medium N=8  pruned" in capsys.readouterr().out

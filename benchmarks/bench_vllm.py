@@ -1,6 +1,6 @@
 """vLLM with SPRM scoring: what the plugin costs a decode step, and what one-engine Best-of-N saves.
 
-    python -m benchmarks vllm [--parts recorder,throughput,best-of-n] [--models 1.5b,7b] [--quick] [--out PATH]
+    python -m benchmarks vllm [--parts recorder,throughput,best-of-n,pruning] [--models 1.5b,7b] [--quick] [--out PATH]
 
 Random-weight Qwen2 models at the released shapes (no hub: the config, a tokenizer made on the spot
 and a random head are written to a temporary directory; throughput uses vLLM's dummy weights).
@@ -15,6 +15,9 @@ and a random head are written to a temporary directory; throughput uses vLLM's d
 * ``best-of-n`` (GPU): N candidates per prompt, scored in the generating engine, against the
   released pipeline: generation in a stock engine, then a HuggingFace forward over every
   candidate to read ``h`` and score it. Same prompts, same seeds.
+* ``pruning``: Best-of-N whose losing candidates a pruning policy stops while they decode
+  (``PRUNE_POLICY``), against the same Best-of-N unpruned in the same engine, interleaved: decode
+  tokens, wall time, and each logged decision against its offline replay.
 
 A step token is made about ``STEP_FRACTION`` of the sampled tokens by a logit bias (random weights
 would almost never sample it). Results: JSON (device, versions, date, shapes, medians and spreads)
@@ -354,6 +357,62 @@ def best_of_n_part(args, model: dict) -> dict:
     return result
 
 
+# ----- pruning: Best-of-N that stops losing candidates, against Best-of-N that does not --------------
+
+
+PRUNE_POLICY = {"policy": "relative", "steps": [4, 8], "keep": [0.5, 0.25], "min_keep": 1}
+
+
+def prune_part(args, model: dict) -> dict:
+    """One scored engine, the same prompts x N with and without ``PRUNE_POLICY``, interleaved: decode
+    tokens, wall time, and every pruning decision against its offline replay."""
+    from vllm import SamplingParams
+
+    from xbai_kernels.vllm import pruning
+
+    llm = engine(model, scoring=True, memory=args.memory)
+    batch_prompts = prompts(args.prune_prompts, model["tokenizer_vocab"], seed=2000)
+    base = dict(n=args.prune_n, max_tokens=args.prune_tokens, ignore_eos=True, temperature=1.0, detokenize=False,
+                logit_bias={model["step_token"]: model["step_bias"]})
+    modes = {"unpruned": SamplingParams(**base), "pruned": SamplingParams(**base, extra_args={"sprm_prune": PRUNE_POLICY})}
+    llm.generate(batch_prompts[:1], SamplingParams(**{**base, "max_tokens": 16}), use_tqdm=False)  # warm-up
+    seconds = {mode: [] for mode in modes}
+    tokens = {mode: [] for mode in modes}
+    replay_equal, pruned, candidates, steps_seen = True, 0, 0, 0
+    policy = pruning.parse_policy(PRUNE_POLICY)
+    for rep in range(args.prune_reps):
+        for mode in (modes if rep % 2 == 0 else dict(reversed(modes.items()))):
+            start = time.perf_counter()
+            outputs = llm.generate(batch_prompts, modes[mode], use_tqdm=False)
+            seconds[mode].append(time.perf_counter() - start)
+            tokens[mode].append(sum(len(c.token_ids) for o in outputs for c in o.outputs))
+            if mode == "pruned":
+                for output in outputs:
+                    logs = {c.index: c.sprm_prune_decisions for c in output.outputs}
+                    replay_equal &= pruning.replay(policy, logs) == logs
+                    pruned += sum(c.sprm_pruned for c in output.outputs)
+                    candidates += len(output.outputs)
+                    steps_seen += sum(len(c.sprm_step_positions) for c in output.outputs)
+    shutdown(llm)
+    median_s = {mode: statistics.median(v) for mode, v in seconds.items()}
+    median_tokens = {mode: statistics.median(v) for mode, v in tokens.items()}
+    case = {
+        "n": args.prune_n, "prompts": args.prune_prompts, "max_new_tokens": args.prune_tokens, "policy": PRUNE_POLICY,
+        "seconds": {mode: spread(v) for mode, v in seconds.items()},
+        "decode_tokens": {mode: spread(v) for mode, v in tokens.items()},
+        "token_saving": 1 - median_tokens["pruned"] / median_tokens["unpruned"],
+        "speedup": median_s["unpruned"] / median_s["pruned"],
+        "pruned_fraction": pruned / max(candidates, 1),
+        "step_fraction_pruned_run": steps_seen / max(sum(tokens["pruned"]), 1),
+        "decisions_equal_replay": bool(replay_equal),
+    }
+    print(f"pruning N={args.prune_n} x {args.prune_prompts} prompts, {args.prune_tokens} tokens: decode tokens "
+          f"{median_tokens['unpruned']:.0f} -> {median_tokens['pruned']:.0f} ({case['token_saving']:.0%} fewer), "
+          f"wall {median_s['unpruned']:.2f} -> {median_s['pruned']:.2f} s ({case['speedup']:.2f}x); "
+          f"{case['pruned_fraction']:.0%} of candidates pruned; replay equal {replay_equal}", flush=True)
+    return {"model": model, "cases": [case]}
+
+
 # ----- combining parts -----------------------------------------------------------------------------
 
 
@@ -374,8 +433,9 @@ def merge(earlier: dict, later: dict) -> dict:
         merged["recorder"] = kept + rows
     elif "recorder" in earlier:
         merged["recorder"] = earlier["recorder"]
-    if "best_of_n" not in later and "best_of_n" in earlier:
-        merged["best_of_n"] = earlier["best_of_n"]
+    for part in ("best_of_n", "pruning"):
+        if part not in later and part in earlier:
+            merged[part] = earlier[part]
     return merged
 
 
@@ -437,6 +497,19 @@ def markdown_table(result: dict) -> str:
         lines += [f"| {c['n']} | {c['prompts']} | {c['ours_s']:.2f} | {c['released_s']:.2f} | {c['speedup']:.2f}x | "
                   f"{c['positions_equal']} | {c['max_step_score_diff']:.4f} | {100 * c['best_of_n_pick_agreement']:.0f}% |"
                   for c in bon["cases"]]
+    pruning = result.get("pruning")
+    if pruning:
+        policy = pruning["cases"][0]["policy"]
+        lines += ["", f"Best-of-N with pruning (policy: keep the best {policy['keep'][0]:.0%} at step {policy['steps'][0]} and "
+                  f"{policy['keep'][1]:.0%} at step {policy['steps'][1]}, candidates decoding to their limit), against "
+                  "the same Best-of-N unpruned in the same engine, interleaved:", "",
+                  "| N | prompts | max tokens | decode tokens unpruned | pruned | fewer | wall s unpruned | pruned | speedup "
+                  "| candidates pruned | decisions = replay |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        lines += [f"| {c['n']} | {c['prompts']} | {c['max_new_tokens']} | {c['decode_tokens']['unpruned']['median']:.0f} | "
+                  f"{c['decode_tokens']['pruned']['median']:.0f} | {100 * c['token_saving']:.0f}% | "
+                  f"{c['seconds']['unpruned']['median']:.2f} | {c['seconds']['pruned']['median']:.2f} | {c['speedup']:.2f}x | "
+                  f"{100 * c['pruned_fraction']:.0f}% | {c['decisions_equal_replay']} |" for c in pruning["cases"]]
     return "\n".join(lines)
 
 
@@ -473,7 +546,7 @@ def plot(result: dict, path) -> None:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks vllm", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parts", default="recorder,throughput,best-of-n")
+    parser.add_argument("--parts", default="recorder,throughput,best-of-n,pruning")
     parser.add_argument("--models", default=None, help="comma list of: " + ", ".join(MODEL_SHAPES)
                         + " (default 1.5b on a GPU, tiny on a CPU)")
     parser.add_argument("--batch", default=None, help="comma list (default 1,16,64,256 on a GPU, 1,16,64 on a CPU)")
@@ -485,6 +558,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--bon-n", default=None, help="comma list (default 8,32 on a GPU, 8 on a CPU)")
     parser.add_argument("--bon-prompts", type=int, default=8)
     parser.add_argument("--bon-tokens", type=int, default=None, help="default 512 on a GPU, 256 on a CPU")
+    parser.add_argument("--prune-n", type=int, default=None, help="pruning part: N (default 32 on a GPU, 8 on a CPU)")
+    parser.add_argument("--prune-prompts", type=int, default=None, help="default 64 on a GPU, 8 on a CPU")
+    parser.add_argument("--prune-tokens", type=int, default=None, help="max new tokens (default 2048 on a GPU, 512 on a CPU)")
+    parser.add_argument("--prune-reps", type=int, default=2)
     parser.add_argument("--memory", type=float, default=None,
                         help="gpu_memory_utilization of each of the two engines (default 0.4 on a GPU, 0.15 on a CPU)")
     parser.add_argument("--quick", action="store_true", help="tiny model on a CPU, B 16, 64 tokens, 2 repetitions")
@@ -497,13 +574,15 @@ def main(argv=None) -> dict:
     if args.memory is None:
         args.memory = 0.4 if on_gpu else 0.15
     # On a CPU the tiny model: its backbone is small, so the plugin's host share is the largest it gets.
-    defaults = dict(models="1.5b", batch="1,16,64,256", bon_n="8,32", bon_tokens=512) if on_gpu else \
-        dict(models="tiny", batch="1,16,64", bon_n="8", bon_tokens=256)
+    defaults = dict(models="1.5b", batch="1,16,64,256", bon_n="8,32", bon_tokens=512, prune_n=32, prune_prompts=64,
+                    prune_tokens=2048) if on_gpu else \
+        dict(models="tiny", batch="1,16,64", bon_n="8", bon_tokens=256, prune_n=8, prune_prompts=8, prune_tokens=512)
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.quick:
         args.batch, args.new_tokens, args.reps, args.bon_n, args.bon_prompts, args.bon_tokens = "16", 64, 2, "8", 4, 64
+        args.prune_n, args.prune_prompts, args.prune_tokens = 8, 2, 384
     parts = args.parts.split(",")
     import vllm
 
@@ -528,6 +607,9 @@ def main(argv=None) -> dict:
             model = {**write_model(Path(scratch) / f"weights-{shape}", shape, weights=True,
                                    device="cuda" if on_gpu else "cpu"), "weights": True}
             result["best_of_n"] = {"model": model, **best_of_n_part(args, model)}
+        if "pruning" in parts:
+            shape = args.models.split(",")[0]
+            result["pruning"] = prune_part(args, write_model(Path(scratch) / f"dummy-{shape}", shape, weights=False))
     if args.merge:
         result = merge(json.loads(Path(args.merge).read_text()), result)
     attach_gpu_shares(result)

@@ -502,7 +502,8 @@ def markdown_table(result: dict) -> str:
         policy = pruning["cases"][0]["policy"]
         lines += ["", f"Best-of-N with pruning (policy: keep the best {policy['keep'][0]:.0%} at step {policy['steps'][0]} and "
                   f"{policy['keep'][1]:.0%} at step {policy['steps'][1]}, candidates decoding to their limit), against "
-                  "the same Best-of-N unpruned in the same engine, interleaved:", "",
+                  "the same Best-of-N unpruned in the same engine, interleaved "
+                  f"({_repetitions(pruning['cases'][0]['seconds']['pruned']['n'])} each, medians):", "",
                   "| N | prompts | max tokens | decode tokens unpruned | pruned | fewer | wall s unpruned | pruned | speedup "
                   "| candidates pruned | decisions = replay |",
                   "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -513,6 +514,10 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+
+
+def _repetitions(count: int) -> str:
+    return f"{count} repetition" + ("" if count == 1 else "s")
 
 
 def plot(result: dict, path) -> None:

@@ -378,13 +378,16 @@ def prune_part(args, model: dict) -> dict:
     llm.generate(batch_prompts[:1], SamplingParams(**{**base, "max_tokens": 16}), use_tqdm=False)  # warm-up
     seconds = {mode: [] for mode in modes}
     tokens = {mode: [] for mode in modes}
+    engine_steps = {mode: [] for mode in modes}  # wall = steps x step time: which one pruning shortens
     replay_equal, pruned, candidates, steps_seen = True, 0, 0, 0
     policy = pruning.parse_policy(PRUNE_POLICY)
     for rep in range(args.prune_reps):
         for mode in (modes if rep % 2 == 0 else dict(reversed(modes.items()))):
+            _profile(llm)  # reset the counters
             start = time.perf_counter()
             outputs = llm.generate(batch_prompts, modes[mode], use_tqdm=False)
             seconds[mode].append(time.perf_counter() - start)
+            engine_steps[mode].append(_profile(llm).get("worker.record", (0, 0))[1])
             tokens[mode].append(sum(len(c.token_ids) for o in outputs for c in o.outputs))
             if mode == "pruned":
                 for output in outputs:
@@ -400,6 +403,7 @@ def prune_part(args, model: dict) -> dict:
         "n": args.prune_n, "prompts": args.prune_prompts, "max_new_tokens": args.prune_tokens, "policy": PRUNE_POLICY,
         "seconds": {mode: spread(v) for mode, v in seconds.items()},
         "decode_tokens": {mode: spread(v) for mode, v in tokens.items()},
+        "engine_steps": {mode: spread(v) for mode, v in engine_steps.items()},
         "token_saving": 1 - median_tokens["pruned"] / median_tokens["unpruned"],
         "speedup": median_s["unpruned"] / median_s["pruned"],
         "pruned_fraction": pruned / max(candidates, 1),

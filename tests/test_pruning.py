@@ -163,7 +163,8 @@ def test_pruner_reads_only_what_a_step_added():
     assert pruner.members["1_p"].index == 1 and pruner.groups["p"].size == 2
     reads = []
 
-    def read(tokens, first):
+    def read(request_id, tokens, first):
+        assert request_id == "1_p"
         reads.append((list(tokens), first))
         return _stretch(tokens, first, np.full(len(tokens) - 1, _logit(0.2), dtype=np.float32))
 

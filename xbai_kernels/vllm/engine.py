@@ -69,6 +69,10 @@ class _SchedulerScoring:
         from vllm.v1.request import RequestStatus
 
         requests, store, manager = scheduler.requests, self.store, scheduler.kv_cache_manager
+
+        def read(req_id, tokens, first):  # only when a step or a marker came: the usual step reads nothing
+            return store.finished_logits(tokens, manager.get_block_ids(req_id)[0], first_position=first)
+
         stopping = []
         for req_id in list(self.pruner.members):
             request = requests.get(req_id)
@@ -77,9 +81,6 @@ class _SchedulerScoring:
                 continue
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted: read on once it runs again (its positions are recomputed)
-            read = lambda tokens, first, req_id=req_id: store.finished_logits(  # noqa: E731
-                tokens, manager.get_block_ids(req_id)[0], first_position=first
-            )
             if self.pruner.observe(req_id, request.all_token_ids, read):
                 stopping.append(request)
         if stopping:

@@ -367,8 +367,9 @@ class Pruner:
     def observe(self, request_id: str, token_ids, read_part) -> bool:
         """Read what member ``request_id`` decoded since the last call; True when its policy stops it.
 
-        token_ids: prompt and output so far; read_part(tokens, first_position) -> ``FinishedLogits``
-        of that stretch (``CacheSlotLogits.finished_logits`` over the request's block table).
+        token_ids: prompt and output so far; read_part(request_id, tokens, first_position) ->
+        ``FinishedLogits`` of that stretch (``CacheSlotLogits.finished_logits`` over the request's
+        block table).
         """
         member = self.members[request_id]
         end = len(token_ids) - 1  # positions before the last one know their successor
@@ -377,7 +378,7 @@ class Pruner:
         if end == member.delivered + 1 and token_ids[end] not in self._interesting:
             member.delivered = end  # position end - 1 opens no step, and no marker came
             return False
-        part = read_part(token_ids[member.delivered : end + 1], member.delivered)
+        part = read_part(request_id, token_ids[member.delivered : end + 1], member.delivered)
         member.delivered = end
         return member.group.update(member.index, part)
 

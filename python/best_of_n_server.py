@@ -16,7 +16,9 @@ then
 
 Every choice of /v1/chat/completions (and /v1/completions) carries ``sprm_score`` (the trajectory
 score), ``sprm_step_scores`` and ``sprm_step_positions``; this script asks for N choices in one
-request and keeps the best. Standard library only.
+request and keeps the best. With ``--prune`` the server stops losing choices while they decode
+(``--prune '{"policy": "relative", "steps": [4, 8], "keep": [0.5, 0.25]}'``, sent as a JSON string
+in ``vllm_xargs``); a pruned choice is marked and never kept. Standard library only.
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ import urllib.request
 MODES = {"low": 2, "medium": 8, "high": 32}
 
 
-def chat_best_of_n(url: str, question: str, n: int, max_tokens: int, temperature: float, top_p: float) -> dict:
-    """POST one chat request with ``n`` choices; return the response JSON."""
+def chat_best_of_n(
+    url: str, question: str, n: int, max_tokens: int, temperature: float, top_p: float, prune: str | None = None
+) -> dict:
+    """POST one chat request with ``n`` choices (pruned by the policy ``prune``, JSON); return the response JSON."""
     body = {
         "model": _served_model(url),
         "messages": [{"role": "user", "content": question}],
@@ -40,6 +44,8 @@ def chat_best_of_n(url: str, question: str, n: int, max_tokens: int, temperature
         "temperature": temperature,
         "top_p": top_p,
     }
+    if prune is not None:
+        body["vllm_xargs"] = {"sprm_prune": prune}
     request = urllib.request.Request(
         f"{url}/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
     )
@@ -53,8 +59,8 @@ def _served_model(url: str) -> str:
 
 
 def pick(choices: list[dict]) -> dict:
-    """The choice with the highest trajectory score (a choice without one never wins)."""
-    scored = [c for c in choices if c.get("sprm_score") is not None]
+    """The choice with the highest trajectory score (a pruned choice, or one without a score, never wins)."""
+    scored = [c for c in choices if c.get("sprm_score") is not None and not c.get("sprm_pruned")]
     if not scored:
         raise SystemExit(
             "the server returned no SPRM scores: is xbai-kernels installed next to vLLM, and does the model "
@@ -74,15 +80,17 @@ def main(argv: list[str] | None = None) -> int:
     # The released pipeline sampled at temperature 0.6-0.8 with top_p 0.95.
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--prune", default=None, help="a pruning policy, JSON (see docs/serving.md)")
     args = parser.parse_args(argv)
     n = args.n if args.n is not None else MODES[args.mode]
 
-    response = chat_best_of_n(args.url, args.question, n, args.max_tokens, args.temperature, args.top_p)
+    response = chat_best_of_n(args.url, args.question, n, args.max_tokens, args.temperature, args.top_p, args.prune)
     choices = response["choices"]
     for choice in choices:
         steps = choice.get("sprm_step_scores") or []
         score = choice.get("sprm_score")
-        print(f"choice {choice['index']}: score {score if score is None else round(score, 4)}, {len(steps)} steps")
+        pruned = f", pruned at step {choice['sprm_pruned_at_step']}" if choice.get("sprm_pruned") else ""
+        print(f"choice {choice['index']}: score {score if score is None else round(score, 4)}, {len(steps)} steps{pruned}")
     best = pick(choices)
     print(f"\nbest of {n}: choice {best['index']} (score {best['sprm_score']:.4f})\n")
     print(best["message"]["content"])

@@ -170,6 +170,21 @@ def test_best_of_n_example_script(server):
     assert f"score {max(scores):.4f}" in best
 
 
+def test_best_of_n_example_script_with_pruning(server):
+    script = Path(__file__).resolve().parents[2] / "python" / "best_of_n_server.py"
+    policy = json.dumps({"policy": "relative", "steps": [1, 2], "keep": [0.5, 0.25]})
+    result = subprocess.run(
+        [sys.executable, str(script), "--url", server, "-n", "8", "--max-tokens", "64", "--prune", policy,
+         "<think>\nwe compute the sum"],
+        capture_output=True, text=True, timeout=120, check=True,
+    )
+    choices = [line for line in result.stdout.splitlines() if line.startswith("choice ")]
+    assert len(choices) == 8 and any("pruned at step" in line for line in choices)
+    best = next(line for line in result.stdout.splitlines() if line.startswith("best of 8"))
+    picked = next(line for line in choices if line.startswith(f"choice {best.split('choice ')[1].split(' ')[0]}:"))
+    assert "pruned" not in picked
+
+
 def _post_status(url: str, body: dict) -> tuple[int, dict | str]:
     """(HTTP status, JSON body or the raw text of a stream) of one request."""
     try:

@@ -1,4 +1,5 @@
-"""vLLM integration: SPRM step scores from the same decoding pass, in ``LLM.generate`` and the OpenAI server.
+"""vLLM integration: SPRM step scores from the same decoding pass, in ``LLM.generate`` and the OpenAI server,
+and Best-of-N that stops losing candidates while they decode (``best_of_n(..., prune=...)``, ``pruning``).
 
 Installing xbai-kernels registers ``register`` as a ``vllm.general_plugins`` entry point, which
 vLLM calls in every process it starts. Supported: vLLM 0.26.x and 0.32.x (``SUPPORTED_VLLM``; every

@@ -465,10 +465,11 @@ def markdown_table(result: dict) -> str:
     """docs/benchmarks.md: throughput with recording on and off (and stock), the plugin's host time
     per step by stage, the recorder's per-step time, Best-of-N against the released pipeline."""
     env = result["environment"]
-    lines = [f"vLLM {env['vllm']} on {env['device']} ({env['date'][:10]}), random-weight Qwen2, bf16, "
-             f"{result['settings']['new_tokens']} new tokens, about {100 * result['step_fraction_target']:.1f}% of "
-             f"the sampled tokens steps; medians of {result['settings']['reps']} interleaved repetitions (min and max "
-             f"in the JSON)."]
+    # A merged result holds parts of several runs: each table says its own settings.
+    dates = ", ".join(sorted({date[:10] for date in result.get("dates", [env["date"]])}))
+    lines = [f"vLLM {env['vllm']} on {env['device']} ({dates}), random-weight Qwen2, bf16, about "
+             f"{100 * result['step_fraction_target']:.1f}% of the sampled tokens steps; medians of interleaved "
+             "repetitions (min and max in the JSON)."]
     for shape, run in result.get("throughput", {}).items():
         modes = run.get("modes", ["stock", "on", "off"])
         runner = run["runner"]["scored"]
@@ -477,8 +478,10 @@ def markdown_table(result: dict) -> str:
         # the CPU engine's multiprocess executor keeps the scheduler's stages in a process that no
         # collective_rpc reaches.
         stages = "all stages" if label == "Model Runner V2" else "worker and front end; the scheduler's stages are not collected"
-        lines += ["", f"**{shape}** ({label}; plugin host time: thread CPU time per engine step, {stages}; "
-                  "shares: of the engine step with recording on):", "",
+        first = run["batches"][0]
+        lines += ["", f"**{shape}** ({label}; {first['new_tokens']} new tokens, "
+                  f"{_repetitions(first['tokens_per_s'][modes[0]]['n'])}; plugin host time: thread CPU time per "
+                  f"engine step, {stages}; shares: of the engine step with recording on):", "",
                   "| B | " + " | ".join(f"tok/s {m}" for m in modes)
                   + " | on vs off | on vs stock | engine step us | plugin host us/step | host share | GPU share |",
                   "|---:|" + "---:|" * (len(modes) + 6)]

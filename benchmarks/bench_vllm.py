@@ -360,6 +360,7 @@ def best_of_n_part(args, model: dict) -> dict:
 # ----- pruning: Best-of-N that stops losing candidates, against Best-of-N that does not --------------
 
 
+# The relative policy's defaults: half the candidates past step 4, a quarter past step 8.
 PRUNE_POLICY = {"policy": "relative", "steps": [4, 8], "keep": [0.5, 0.25], "min_keep": 1}
 
 

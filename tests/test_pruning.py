@@ -176,3 +176,11 @@ def test_pruner_reads_only_what_a_step_added():
     record = pruner.finish("1_p")
     assert record["pruned_at_step"] == 1 and record["decisions"][0]["stopped"]
     assert not pruner.members and not pruner.groups
+
+
+def test_a_members_record_is_readable_before_it_finishes():
+    pruner = pruning.Pruner((STEP,), THINK_START, THINK_END)
+    pruner.add("r", {pruning.OPTION: {"policy": "absolute", "threshold": 0.5, "min_steps": 1, "min_keep": 0}})
+    assert pruner.record("r") == {"pruned_at_step": None, "decisions": []}
+    assert pruner.record("not a member") is None and pruner.finish("not a member") is None
+    assert pruner.finish("r") == {"pruned_at_step": None, "decisions": []} and not pruner.members

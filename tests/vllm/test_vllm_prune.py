@@ -30,7 +30,8 @@ def _generate(engine, prompts, n=8, prune=RELATIVE, **sampling):
     from vllm import SamplingParams
 
     extra = None if prune is None else {"sprm_prune": prune}
-    params = SamplingParams(n=n, temperature=1.0, max_tokens=96, extra_args=extra, **sampling)
+    sampling = {"temperature": 1.0, "max_tokens": 96, **sampling}
+    params = SamplingParams(n=n, extra_args=extra, **sampling)
     return engine.generate(prompts, params, use_tqdm=False)
 
 
@@ -107,3 +108,19 @@ def test_a_bad_policy_is_refused_before_the_request_runs(engine):
     with pytest.raises(ValueError, match="sprm_prune.*increasing"):
         _generate(engine, PROMPTS[:1], prune={"policy": "relative", "steps": [4, 2], "keep": [0.5, 0.25]})
     assert _generate(engine, PROMPTS[:1], n=2, prune=None)[0].outputs[0].sprm_score is not None
+
+
+def test_candidates_that_a_stop_string_ends_carry_their_decisions(engine, tiny_qwen3):
+    """The front end ends a stop-string request where no stop hook runs: its pruning record comes
+    with the step's logit chunk, so every candidate still has its fields and its replay holds."""
+    from xbai_kernels.vllm import pruning
+
+    outputs = _generate(engine, PROMPTS * 2, max_tokens=160, stop=["sum", "check"])
+    completions = [c for o in outputs for c in o.outputs]
+    by_string = [c for c in completions if isinstance(c.stop_reason, str) and c.stop_reason != "sprm_pruned"]
+    assert by_string and any(c.sprm_pruned for c in completions)
+    assert all(not c.sprm_pruned and isinstance(c.sprm_prune_decisions, list) for c in by_string)
+    for output in outputs:
+        logs = {c.index: c.sprm_prune_decisions for c in output.outputs}
+        assert pruning.replay(pruning.parse_policy(RELATIVE), logs) == logs
+    assert compare(tiny_qwen3, [(o.prompt_token_ids, c) for o in outputs for c in o.outputs])[0] == len(completions)

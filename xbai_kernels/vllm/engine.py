@@ -105,6 +105,11 @@ class _SchedulerScoring:
             )
             self.streamed[req_id] = end
             self.chunks.setdefault(request.client_index, {})[req_id] = chunk.to_payload()
+            # A stop string ends the request in the front end, where no stop hook runs: its pruning
+            # record travels with each chunk (the front end keeps the latest).
+            record = self.pruner.record(req_id)
+            if record is not None:
+                self.pruned.setdefault(request.client_index, {})[req_id] = record
 
     def attach(self, outputs) -> None:
         """Put each client's stopped requests (and stop-string chunks, pruning records) on the first

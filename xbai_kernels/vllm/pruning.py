@@ -382,19 +382,25 @@ class Pruner:
         member.delivered = end
         return member.group.update(member.index, part)
 
+    def record(self, request_id: str) -> dict | None:
+        """A member's pruning record so far (the step it was pruned at, or None, and its decisions),
+        or None for a request that is not a member."""
+        member = self.members.get(request_id)
+        if member is None:
+            return None
+        candidate = member.group.candidate(member.index)
+        return {"pruned_at_step": candidate.pruned_at_step, "decisions": [d.to_json() for d in candidate.decisions]}
+
     def finish(self, request_id: str) -> dict | None:
         """Forget a member that stopped (pruned, finished or aborted); its pruning record, or None
         for a request that is not a member."""
+        record = self.record(request_id)
         member = self.members.pop(request_id, None)
         if member is None:
             return None
         group = member.group
         group.finished(member.index)
-        candidate = group.candidate(member.index)
         group.members -= 1
         if group.members == 0:
             self.groups.pop(group.key, None)
-        return {
-            "pruned_at_step": candidate.pruned_at_step,
-            "decisions": [d.to_json() for d in candidate.decisions],
-        }
+        return record

@@ -137,7 +137,7 @@ def test_the_triton_kernels_refuse_autograd_instead_of_cutting_the_graph():
     pytest.importorskip("triton")
     from xbai_kernels.ops.triton import _launch
 
-    weights = [torch.zeros(8, 4, requires_grad=True)]
+    weights = [torch.zeros(8, 4, requires_grad=True), torch.zeros(8), torch.zeros(1, 8), torch.zeros(1)]  # W1, b1, W2, b2
     with pytest.raises(ValueError, match="head_logits_rows: the Triton backend has no backward"):
         _launch.refuse_autograd("head_logits_rows", torch.zeros(2, 4), weights)
     with torch.no_grad():

@@ -170,11 +170,9 @@ def refuses(op: str, inputs) -> str | None:
 
 def _check_kernel_inputs(where: str, hidden: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> None:
     """The backend runs or raises: inputs the router would have sent elsewhere are an error here."""
-    if hidden.dtype in KERNEL_DTYPES and hidden.shape[1] % 8 == 0 and all(w.dtype == hidden.dtype for w in weights):
-        if not (torch.is_grad_enabled() and (hidden.requires_grad or any(w.requires_grad for w in weights))):
-            return
     reason = refuses(where, dispatch.head_inputs(hidden, weights))
-    raise ValueError(f"{where}: the cuda backend cannot run {reason}; the automatic backend choice routes such calls")
+    if reason is not None:
+        raise ValueError(f"{where}: the cuda backend cannot run {reason}; the automatic backend choice routes such calls")
 
 
 def _check_head(where: str, hidden: torch.Tensor, w1, b1, w2, b2) -> None:

@@ -61,6 +61,14 @@ class HeadInputs(NamedTuple):
 _HEAD_WEIGHTS_AT = {"head_logits": 1, "head_logits_rows": 2, "head_logits_masked": 2}
 
 
+def needs_autograd(hidden: torch.Tensor, weights) -> bool:
+    """Whether autograd must see a head call on ``hidden`` with ``weights`` (W1, b1, W2, b2)."""
+    w1, b1, w2, b2 = weights
+    return torch.is_grad_enabled() and (
+        hidden.requires_grad or w1.requires_grad or b1.requires_grad or w2.requires_grad or b2.requires_grad
+    )
+
+
 def head_inputs(hidden: torch.Tensor, weights) -> HeadInputs:
     """The ``HeadInputs`` of a call on ``hidden`` [N, d] with head ``weights`` (W1, b1, W2, b2)."""
     # Spelled out rather than with all()/any(): the decode scorer asks after every sampled token.
@@ -68,10 +76,7 @@ def head_inputs(hidden: torch.Tensor, weights) -> HeadInputs:
     dtype = hidden.dtype
     if not (w1.dtype is dtype and b1.dtype is dtype and w2.dtype is dtype and b2.dtype is dtype):
         dtype = None
-    grad = torch.is_grad_enabled() and (
-        hidden.requires_grad or w1.requires_grad or b1.requires_grad or w2.requires_grad or b2.requires_grad
-    )
-    return HeadInputs(dtype, hidden.shape[-1], grad)
+    return HeadInputs(dtype, hidden.shape[-1], needs_autograd(hidden, weights))
 
 
 def forced_backend(value: str | None = None) -> str | None:

@@ -81,7 +81,13 @@ def _fraction(value, name: str) -> float:
 
 
 def parse_policy(value) -> Policy:
-    """The policy a request's ``sprm_prune`` value describes; ``ValueError`` with the reason otherwise."""
+    """The policy a request's ``sprm_prune`` value describes (an object, or a JSON string holding one:
+    the OpenAI server's ``vllm_xargs`` cannot hold an object); ``ValueError`` with the reason otherwise."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError("takes a JSON object (as an object, or as a string holding one)") from None
     if not isinstance(value, dict):
         raise ValueError('takes an object such as {"policy": "relative", "steps": [4, 8], "keep": [0.5, 0.25]}')
     name = value.get("policy")
@@ -121,13 +127,7 @@ def parse_policy(value) -> Policy:
 
 def normalize_policy(value) -> dict:
     """The ``sprm_prune`` option as it travels to the engine: a plain dict with every default filled
-    in (``parse_policy`` accepts it back). A JSON string is read first: the OpenAI server's
-    ``vllm_xargs`` cannot hold an object."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise ValueError("takes a JSON object (as an object, or as a string holding one)") from None
+    in (``parse_policy`` accepts it back)."""
     policy = parse_policy(value)
     name = "relative" if isinstance(policy, RelativePolicy) else "absolute"
     fields = {key: list(v) if isinstance(v, tuple) else v for key, v in asdict(policy).items()}
@@ -359,7 +359,7 @@ class Pruner:
             index = int(head) if parent == group_id and head.isdigit() else 0
         group = self.groups.get(group_id)
         if group is None:
-            policy = parse_policy(normalize_policy(extra_args[OPTION]))
+            policy = parse_policy(extra_args[OPTION])
             group = self.groups[group_id] = SiblingGroup(policy, int(size), group_id)
         group.members += 1
         self.members[request_id] = Member(group, index)

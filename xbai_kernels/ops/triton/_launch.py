@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from ..._validate import FLOAT_DTYPES, INDEX_DTYPES, check_head_weights, check_tensor
+from .. import dispatch
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -72,7 +73,7 @@ def head_weights(where: str, hidden: torch.Tensor, w1, b1, w2, b2):
 def refuse_autograd(where: str, hidden: torch.Tensor, weights) -> None:
     """The inference kernels have no backward: a call that autograd must see is an error, not a
     result silently cut from the graph (the router sends such calls to the reference path)."""
-    if torch.is_grad_enabled() and (hidden.requires_grad or any(w.requires_grad for w in weights)):
+    if dispatch.needs_autograd(hidden, weights):
         raise ValueError(f"{where}: the Triton backend has no backward; call it under torch.no_grad()")
 
 

@@ -104,12 +104,12 @@ def test_relative_policy_keeps_the_better_arrivals_and_min_keep():
     # Arrivals at the second step, in this order, with these running scores.
     order = [(0, 0.6), (1, 0.9), (2, 0.3), (3, 0.95)]
     stopped = {index: group.update(index, _part([_logit(score)] * 2)) for index, score in order}
-    # 0: first, kept. 1: best of two, kept (allowed 1). 2: third of three, allowed 2: stopped.
-    # 3: best of four: kept.
+    # 0: first, kept (at least one continues). 1: best of two, kept (allowed 1). 2: third of three,
+    # allowed 1: stopped. 3: best of four (allowed 2): kept.
     assert stopped == {0: False, 1: False, 2: True, 3: False}
     assert group.kept == 3
     candidate = group.candidates[2]
-    assert candidate.pruned_at_step == 2 and candidate.decisions[0].allowed == 2 and candidate.decisions[0].arrival == 2
+    assert candidate.pruned_at_step == 2 and candidate.decisions[0].allowed == 1 and candidate.decisions[0].arrival == 2
     # A late arrival below every other: the policy says stop, min_keep still allows it (3 kept -> 2).
     assert group.update(4, _part([_logit(0.1)] * 2)) is True and group.kept == 2
     # Now min_keep = 2 overrules the policy.
@@ -120,9 +120,24 @@ def test_relative_policy_keeps_the_better_arrivals_and_min_keep():
 def test_relative_keep_fractions_are_of_the_whole_group():
     """keep [0.5, 0.25]: half continue past the first checkpoint, and half of those past the second."""
     policy = pruning.RelativePolicy((1, 2), (0.5, 0.25))
-    assert [policy.allowed(0, k) for k in (1, 2, 3, 4)] == [1, 1, 2, 2]
-    assert [policy.allowed(1, k) for k in (1, 2, 3, 4)] == [1, 1, 2, 2]
+    assert [policy.allowed(0, k) for k in (1, 2, 3, 4, 5)] == [1, 1, 1, 2, 2]
+    assert [policy.allowed(1, k) for k in (1, 2, 3, 4, 5)] == [1, 1, 1, 2, 2]
     assert pruning.RelativePolicy((1,), (1.0,)).allowed(0, 7) == 7
+
+
+def test_relative_shares_hold_over_random_arrival_orders():
+    """Candidates of random quality arriving in random order: about keep[j] x N continue past each
+    checkpoint, not more (the first arrival, which always continues, must not tilt the share)."""
+    rng = random.Random(0)
+    size, trials, survivors = 32, 400, [0, 0]
+    for _ in range(trials):
+        group = pruning.SiblingGroup(pruning.RelativePolicy((1, 2), (0.5, 0.25)), size)
+        alive = list(range(size))
+        for checkpoint in range(2):
+            rng.shuffle(alive)
+            alive = [i for i in alive if not group.update(i, _part([rng.uniform(-3, 3)], first=checkpoint))]
+            survivors[checkpoint] += len(alive)
+    assert 15.0 <= survivors[0] / trials <= 17.0 and 7.0 <= survivors[1] / trials <= 9.0, survivors
 
 
 def test_absolute_policy_with_and_without_a_window():

@@ -11,7 +11,7 @@ Policies (``sprm_prune`` in ``SamplingParams.extra_args`` / ``vllm_xargs``, pars
   completes its ``steps[j]``-th scored step, its running score is ranked among the scores its
   siblings had at that same step count (those that got there before it, in arrival order, and itself).
   ``keep[j]`` is the fraction of the N candidates meant to continue past ``steps[j]``, so among the
-  arrivals at checkpoint j the best ``ceil(keep[j] / keep[j-1] * arrivals)`` continue (``keep[-1]`` = 1)
+  arrivals at checkpoint j the best ``max(1, floor(keep[j] / keep[j-1] * arrivals))`` continue (``keep[-1]`` = 1)
   and a candidate ranked below stops. Ties rank the earlier arrival first.
 * ``{"policy": "absolute", "threshold": 0.3, "min_steps": 4, "window": null, "min_keep": 1}``: a
   candidate stops at the first scored step (from ``min_steps`` on) where its running score, or the
@@ -49,10 +49,13 @@ class RelativePolicy:
     min_keep: int = 1
 
     def allowed(self, checkpoint: int, arrivals: int) -> int:
-        """How many of ``arrivals`` candidates at checkpoint ``checkpoint`` (an index into ``steps``) continue."""
+        """How many of ``arrivals`` candidates at checkpoint ``checkpoint`` (an index into ``steps``)
+        continue: the share rounded down, but at least one. Rounding up would favour the early
+        arrivals (the first always continues, the third of three with a half share too): over random
+        arrival orders about 54% of 32 candidates pass a half share that way, 49% this way."""
         before = self.keep[checkpoint - 1] if checkpoint else 1.0
-        # The ratio is a float: round away the representation error before ceil (0.5 / 0.5 * 3 is 3).
-        return math.ceil(round(self.keep[checkpoint] / before * arrivals, 9))
+        # The ratio is a float: round away the representation error before floor (0.5 / 0.5 * 3 is 3).
+        return max(1, math.floor(round(self.keep[checkpoint] / before * arrivals, 9)))
 
 
 @dataclass(frozen=True)

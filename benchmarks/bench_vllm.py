@@ -366,37 +366,54 @@ PRUNE_POLICY = {"policy": "relative", "steps": [4, 8], "keep": [0.5, 0.25], "min
 
 def prune_part(args, model: dict) -> dict:
     """One scored engine, the same prompts x N with and without ``PRUNE_POLICY``, interleaved: decode
-    tokens, wall time, and every pruning decision against its offline replay."""
+    tokens, wall time, and every pruning decision against its offline replay.
+
+    A third mode, ``lengths_known``, is the floor for those savings: each candidate of the pruned run
+    as a request of its own, capped at the length pruning gave it (the decode work of the pruned run,
+    with every stop known in advance, and no policy running). Pruned against lengths_known is what the
+    machinery costs; lengths_known against unpruned is what the policy's stops can save at best."""
     from vllm import SamplingParams
 
     from xbai_kernels.vllm import pruning
 
     llm = engine(model, scoring=True, memory=args.memory)
     batch_prompts = prompts(args.prune_prompts, model["tokenizer_vocab"], seed=2000)
-    base = dict(n=args.prune_n, max_tokens=args.prune_tokens, ignore_eos=True, temperature=1.0, detokenize=False,
+    base = dict(max_tokens=args.prune_tokens, ignore_eos=True, temperature=1.0, detokenize=False,
                 logit_bias={model["step_token"]: model["step_bias"]})
-    modes = {"unpruned": SamplingParams(**base), "pruned": SamplingParams(**base, extra_args={"sprm_prune": PRUNE_POLICY})}
+    modes = {"unpruned": SamplingParams(n=args.prune_n, **base),
+             "pruned": SamplingParams(n=args.prune_n, **base, extra_args={"sprm_prune": PRUNE_POLICY})}
     llm.generate(batch_prompts[:1], SamplingParams(**{**base, "max_tokens": 16}), use_tqdm=False)  # warm-up
-    seconds = {mode: [] for mode in modes}
-    tokens = {mode: [] for mode in modes}
-    engine_steps = {mode: [] for mode in modes}  # wall = steps x step time: which one pruning shortens
+    seconds = {mode: [] for mode in (*modes, "lengths_known")}
+    tokens = {mode: [] for mode in seconds}
+    engine_steps = {mode: [] for mode in seconds}  # wall = steps x step time: which one pruning shortens
     replay_equal, pruned, candidates, steps_seen = True, 0, 0, 0
     policy = pruning.parse_policy(PRUNE_POLICY)
+
+    def timed(mode, requests, params):
+        _profile(llm)  # reset the counters
+        start = time.perf_counter()
+        outputs = llm.generate(requests, params, use_tqdm=False)
+        seconds[mode].append(time.perf_counter() - start)
+        engine_steps[mode].append(_profile(llm).get("worker.record", (0, 0))[1])
+        tokens[mode].append(sum(len(c.token_ids) for o in outputs for c in o.outputs))
+        return outputs
+
     for rep in range(args.prune_reps):
         for mode in (modes if rep % 2 == 0 else dict(reversed(modes.items()))):
-            _profile(llm)  # reset the counters
-            start = time.perf_counter()
-            outputs = llm.generate(batch_prompts, modes[mode], use_tqdm=False)
-            seconds[mode].append(time.perf_counter() - start)
-            engine_steps[mode].append(_profile(llm).get("worker.record", (0, 0))[1])
-            tokens[mode].append(sum(len(c.token_ids) for o in outputs for c in o.outputs))
-            if mode == "pruned":
-                for output in outputs:
-                    logs = {c.index: c.sprm_prune_decisions for c in output.outputs}
-                    replay_equal &= pruning.replay(policy, logs) == logs
-                    pruned += sum(c.sprm_pruned for c in output.outputs)
-                    candidates += len(output.outputs)
-                    steps_seen += sum(len(c.sprm_step_positions) for c in output.outputs)
+            outputs = timed(mode, batch_prompts, modes[mode])
+            if mode != "pruned":
+                continue
+            lengths = []
+            for prompt, output in zip(batch_prompts, outputs):
+                logs = {c.index: c.sprm_prune_decisions for c in output.outputs}
+                replay_equal &= pruning.replay(policy, logs) == logs
+                pruned += sum(c.sprm_pruned for c in output.outputs)
+                candidates += len(output.outputs)
+                steps_seen += sum(len(c.sprm_step_positions) for c in output.outputs)
+                lengths += [(prompt, len(c.token_ids)) for c in sorted(output.outputs, key=lambda c: c.index)]
+            # In the order vLLM admits an n > 1 request's children: by prompt, then by index.
+            timed("lengths_known", [prompt for prompt, _ in lengths],
+                  [SamplingParams(**{**base, "max_tokens": max(length, 1)}) for _, length in lengths])
     shutdown(llm)
     median_s = {mode: statistics.median(v) for mode, v in seconds.items()}
     median_tokens = {mode: statistics.median(v) for mode, v in tokens.items()}
@@ -407,14 +424,17 @@ def prune_part(args, model: dict) -> dict:
         "engine_steps": {mode: spread(v) for mode, v in engine_steps.items()},
         "token_saving": 1 - median_tokens["pruned"] / median_tokens["unpruned"],
         "speedup": median_s["unpruned"] / median_s["pruned"],
+        "speedup_lengths_known": median_s["unpruned"] / median_s["lengths_known"],
         "pruned_fraction": pruned / max(candidates, 1),
         "step_fraction_pruned_run": steps_seen / max(sum(tokens["pruned"]), 1),
         "decisions_equal_replay": bool(replay_equal),
     }
     print(f"pruning N={args.prune_n} x {args.prune_prompts} prompts, {args.prune_tokens} tokens: decode tokens "
           f"{median_tokens['unpruned']:.0f} -> {median_tokens['pruned']:.0f} ({case['token_saving']:.0%} fewer), "
-          f"wall {median_s['unpruned']:.2f} -> {median_s['pruned']:.2f} s ({case['speedup']:.2f}x); "
-          f"{case['pruned_fraction']:.0%} of candidates pruned; replay equal {replay_equal}", flush=True)
+          f"wall {median_s['unpruned']:.2f} -> {median_s['pruned']:.2f} s ({case['speedup']:.2f}x; lengths known in "
+          f"advance {median_s['lengths_known']:.2f} s, {case['speedup_lengths_known']:.2f}x); engine steps "
+          + ", ".join(f"{m} {statistics.median(v):.0f}" for m, v in engine_steps.items())
+          + f"; {case['pruned_fraction']:.0%} of candidates pruned; replay equal {replay_equal}", flush=True)
     return {"model": model, "cases": [case]}
 
 

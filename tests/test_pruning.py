@@ -199,3 +199,25 @@ def test_a_members_record_is_readable_before_it_finishes():
     assert pruner.record("r") == {"pruned_at_step": None, "decisions": []}
     assert pruner.record("not a member") is None and pruner.finish("not a member") is None
     assert pruner.finish("r") == {"pruned_at_step": None, "decisions": []} and not pruner.members
+
+
+def test_a_candidate_past_the_last_checkpoint_is_no_longer_watched():
+    """Per step the scheduler reads only the members a policy may still stop: a relative policy's
+    candidate that passed its last checkpoint keeps its record but costs nothing more."""
+    pruner = pruning.Pruner((STEP,), THINK_START, THINK_END)
+    extra = {pruning.OPTION: {"policy": "relative", "steps": [1, 2], "keep": [1.0, 1.0]}, pruning.GROUP_KEY: ["p", 2]}
+    pruner.add("0_p", extra)
+    pruner.add("1_p", extra)
+
+    def read(request_id, tokens, first):
+        return _stretch(tokens, first, np.full(len(tokens) - 1, _logit(0.7), dtype=np.float32))
+
+    tokens = [7, 8, 6, STEP]
+    assert pruner.observe("0_p", tokens, read) is False and "0_p" in pruner.watched  # step 1 of 2
+    tokens += [6, STEP]
+    assert pruner.observe("0_p", tokens, read) is False
+    assert "0_p" not in pruner.watched and "0_p" in pruner.members  # settled after its last checkpoint
+    assert [d["checkpoint"] for d in pruner.record("0_p")["decisions"]] == [0, 1]
+    assert set(pruner.watched) == {"1_p"}
+    assert pruner.finish("0_p")["pruned_at_step"] is None and pruner.finish("1_p") is not None
+    assert not pruner.members and not pruner.watched and not pruner.groups

@@ -124,3 +124,24 @@ def test_candidates_that_a_stop_string_ends_carry_their_decisions(engine, tiny_q
         logs = {c.index: c.sprm_prune_decisions for c in output.outputs}
         assert pruning.replay(pruning.parse_policy(RELATIVE), logs) == logs
     assert compare(tiny_qwen3, [(o.prompt_token_ids, c) for o in outputs for c in o.outputs])[0] == len(completions)
+
+
+def test_an_aborted_candidate_is_forgotten(engine):
+    """A request the front end aborts gets no stop hook: the scheduler's abort path drops it from the
+    pruner, group and all, including candidates that no policy watches any more."""
+    from vllm import SamplingParams
+
+    # One checkpoint that keeps everyone: a candidate past its first step is settled, no longer read.
+    settle = {"policy": "relative", "steps": [1], "keep": [1.0]}
+    params = SamplingParams(n=4, temperature=1.0, max_tokens=1024, ignore_eos=True, extra_args={"sprm_prune": settle})
+    engine.llm_engine.add_request("abort-me", PROMPTS[0], params)
+    scoring = engine.llm_engine.engine_core.engine_core.scheduler.__dict__["_xbai_sprm"]  # built by the add
+    for _ in range(80):
+        engine.llm_engine.step()
+        if len(scoring.pruner.members) == 4 and not scoring.pruner.watched:
+            break
+    assert len(scoring.pruner.members) == 4 and not scoring.pruner.watched, "every candidate was meant to settle"
+    engine.llm_engine.abort_request(["abort-me"])
+    while engine.llm_engine.has_unfinished_requests():
+        engine.llm_engine.step()
+    assert not scoring.pruner.members and not scoring.pruner.groups

@@ -63,6 +63,11 @@ class _SchedulerScoring:
         if record is not None:
             self.pruned.setdefault(request.client_index, {})[request.request_id] = record
 
+    def forget(self, request_id: str) -> None:
+        """An aborted request: nothing of it is sent (the front end ended it)."""
+        self.streamed.pop(request_id, None)
+        self.pruner.finish(request_id)
+
     def prune(self, scheduler, outputs) -> None:
         """Let each watched request's policy see what it decoded this step, and stop the ones it
         prunes now (``_stop_pruned``)."""
@@ -74,10 +79,10 @@ class _SchedulerScoring:
             return store.finished_logits(tokens, manager.get_block_ids(req_id)[0], first_position=first)
 
         stopping = []
-        for req_id in list(self.pruner.members):
+        for req_id in list(self.pruner.watched):
             request = requests.get(req_id)
-            if request is None or request.is_finished():  # aborted: no stop hook ran
-                self.pruner.finish(req_id)
+            if request is None:  # members leave on their stop hook or abort (``finish_requests``): a safety net
+                self.forget(req_id)
                 continue
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted: read on once it runs again (its positions are recomputed)
@@ -91,8 +96,8 @@ class _SchedulerScoring:
         tokens are appended: positions below ``num_tokens - 1`` are computed and filed)."""
         for req_id, delivered in list(self.streamed.items()):
             request = requests.get(req_id)
-            if request is None:  # aborted: the front end already ended it
-                del self.streamed[req_id]
+            if request is None:  # as in ``prune``
+                self.forget(req_id)
                 continue
             end = request.num_tokens - 1
             if request.num_output_tokens == 0 or end <= delivered:
@@ -204,6 +209,22 @@ def add_request(original):
     return wrapper
 
 
+def finish_requests(original):
+    """``Scheduler.finish_requests`` (the front end aborts requests, e.g. a client that went away): no
+    stop hook runs for those, so forget them here."""
+
+    @functools.wraps(original)
+    def wrapper(self, *args, **kwargs):
+        finished = original(self, *args, **kwargs)
+        scoring = _scoring(self)
+        if scoring is not None:
+            for request in finished or ():
+                scoring.forget(request.request_id)
+        return finished
+
+    return wrapper
+
+
 def handle_stopped_request(original):
     """``Scheduler._handle_stopped_request``: read the stopping request's logits while it still holds
     its blocks (vLLM frees them right after, or keeps a resumable request going)."""
@@ -249,7 +270,7 @@ def update_from_output(original):
             if profile.ENABLED:
                 profile.add("scheduler", profile.now() - start)
         outputs = original(self, scheduler_output, model_runner_output, *args, **kwargs)
-        if scoring.pruner.members:
+        if scoring.pruner.watched:
             scoring.prune(self, outputs)
         if scoring.streamed:
             scoring.stream(self.requests, self.kv_cache_manager)

@@ -54,7 +54,7 @@ PATCHES: tuple[Patch, ...] = (
     *_group("runner_v2", "vllm.v1.worker.gpu.model_runner:GPUModelRunner", "runner_v2", "capture_model", "sample_tokens"),
     # Engine core: file the rows by KV-cache slot, read a stopping request's logits, send them on.
     *_group("scheduler", "vllm.v1.core.sched.scheduler:Scheduler", "engine",
-            "update_from_output", "add_request", "_handle_stopped_request", "_preempt_request"),
+            "update_from_output", "add_request", "finish_requests", "_handle_stopped_request", "_preempt_request"),
     # Front end: file the records, score finished requests, keep the fields through merged deltas,
     # refuse bad SPRM options before a request starts.
     *_group("frontend", f"{_OUTPUT}:OutputProcessor", "frontend", "process_outputs", "add_request"),

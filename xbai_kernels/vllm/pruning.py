@@ -248,6 +248,13 @@ class SiblingGroup:
         """A candidate stopped (on its own, or pruned): later stretches of it are not read."""
         self.candidate(index).live = False
 
+    def settled(self, index: int) -> bool:
+        """Whether the policy can no longer stop candidate ``index``: it stopped, or it passed a
+        relative policy's last checkpoint."""
+        candidate = self.candidate(index)
+        steps = getattr(self.policy, "steps", None)
+        return not candidate.live or (steps is not None and candidate.checkpoints_passed == len(steps))
+
     def update(self, index: int, part: FinishedLogits) -> bool:
         """Take the next stretch of candidate ``index``; True when the policy stops it now."""
         candidate = self.candidate(index)
@@ -343,13 +350,16 @@ class Member:
 class Pruner:
     """The scheduler's pruned requests: their groups, and how far each has been read.
 
-    ``observe`` is called for each live member after every engine step; in the common case (one new
-    token, neither a step token nor a marker) it only moves a counter. Otherwise the new stretch
-    (step candidates, their logits from the KV-slot store, markers) goes to the group's policy.
+    ``observe`` is called after every engine step for each ``watched`` member: those its policy may
+    still stop (a relative policy's candidate that passed its last checkpoint is settled, and only
+    its record is kept). In the common case (one new token, neither a step token nor a marker) it
+    only moves a counter. Otherwise the new stretch (step candidates, their logits from the KV-slot
+    store, markers) goes to the group's policy.
     """
 
     def __init__(self, step_token_ids, think_start_id: int, think_end_id: int) -> None:
         self.members: dict[str, Member] = {}
+        self.watched: dict[str, Member] = {}
         self.groups: dict[str, SiblingGroup] = {}
         self._interesting = frozenset(step_token_ids) | {think_start_id, think_end_id}
 
@@ -365,7 +375,7 @@ class Pruner:
             policy = parse_policy(extra_args[OPTION])
             group = self.groups[group_id] = SiblingGroup(policy, int(size), group_id)
         group.members += 1
-        self.members[request_id] = Member(group, index)
+        self.members[request_id] = self.watched[request_id] = Member(group, index)
 
     def observe(self, request_id: str, token_ids, read_part) -> bool:
         """Read what member ``request_id`` decoded since the last call; True when its policy stops it.
@@ -383,7 +393,10 @@ class Pruner:
             return False
         part = read_part(request_id, token_ids[member.delivered : end + 1], member.delivered)
         member.delivered = end
-        return member.group.update(member.index, part)
+        stop = member.group.update(member.index, part)
+        if member.group.settled(member.index):
+            del self.watched[request_id]
+        return stop
 
     def record(self, request_id: str) -> dict | None:
         """A member's pruning record so far (the step it was pruned at, or None, and its decisions),
@@ -399,6 +412,7 @@ class Pruner:
         for a request that is not a member."""
         record = self.record(request_id)
         member = self.members.pop(request_id, None)
+        self.watched.pop(request_id, None)
         if member is None:
             return None
         group = member.group

@@ -271,7 +271,10 @@ def update_from_output(original):
                 profile.add("scheduler", profile.now() - start)
         outputs = original(self, scheduler_output, model_runner_output, *args, **kwargs)
         if scoring.pruner.watched:
+            start = profile.now() if profile.ENABLED else 0
             scoring.prune(self, outputs)
+            if profile.ENABLED:
+                profile.add("scheduler.prune", profile.now() - start)
         if scoring.streamed:
             scoring.stream(self.requests, self.kv_cache_manager)
         if scoring.stopped or scoring.chunks:

@@ -364,77 +364,116 @@ def best_of_n_part(args, model: dict) -> dict:
 PRUNE_POLICY = {"policy": "relative", "steps": [4, 8], "keep": [0.5, 0.25], "min_keep": 1}
 
 
-def prune_part(args, model: dict) -> dict:
-    """One scored engine, the same prompts x N with and without ``PRUNE_POLICY``, interleaved: decode
-    tokens, wall time, and every pruning decision against its offline replay.
+PRUNE_MODES = ("unpruned", "pruned", "lengths_known", "fixed_cuts")
 
-    A third mode, ``lengths_known``, is the floor for those savings: each candidate of the pruned run
-    as a request of its own, capped at the length pruning gave it (the decode work of the pruned run,
-    with every stop known in advance, and no policy running). Pruned against lengths_known is what the
-    machinery costs; lengths_known against unpruned is what the policy's stops can save at best."""
+
+def fixed_cut_lengths(n: int, max_tokens: int, policy: dict = PRUNE_POLICY) -> list[int]:
+    """The ideal a policy is measured against: of each group of ``n``, the candidates it stops at
+    checkpoint j (``keep[j-1] - keep[j]`` of them) capped in advance where that checkpoint falls on
+    average (``steps[j] / STEP_FRACTION`` tokens), the ``keep[-1]`` share run to ``max_tokens``."""
+    lengths, kept = [], 1.0
+    for step, keep in zip(policy["steps"], policy["keep"]):
+        lengths += [min(round(step / STEP_FRACTION), max_tokens)] * round((kept - keep) * n)
+        kept = keep
+    return lengths + [max_tokens] * (n - len(lengths))
+
+
+def _host_us_per_step(stages: dict) -> dict:
+    """The plugin's host time per engine step by stage, in us (profile stages: (ns, calls))."""
+    steps = max(stages.get("worker.record", (0, 0))[1], 1)
+    return {stage: ns / 1e3 / steps for stage, (ns, _) in sorted(stages.items())}
+
+
+def prune_part(args, model: dict) -> dict:
+    """One scored engine, the same prompts x N in each mode of ``args.prune_modes``, interleaved:
+    decode tokens, wall time, engine steps, the plugin's host time per step, and every pruning
+    decision against its offline replay.
+
+    * ``unpruned``: Best-of-N; ``pruned``: the same with ``PRUNE_POLICY``;
+    * ``lengths_known``: each candidate of the last pruned run as a request of its own, capped at the
+      length pruning gave it (the pruned run's decode work with every stop known in advance and no
+      policy running): pruned against it is what the machinery costs;
+    * ``fixed_cuts``: the policy's ideal, ``fixed_cut_lengths`` per group: pruned against it is what
+      stopping on real scores (where the checkpoints really fall, who arrives first) costs.
+    """
     from vllm import SamplingParams
 
     from xbai_kernels.vllm import pruning
 
+    chosen = [mode for mode in PRUNE_MODES if mode in args.prune_modes.split(",")]
+    if "lengths_known" in chosen and "pruned" not in chosen:
+        raise SystemExit("--prune-modes: lengths_known replays a pruned run's lengths; add pruned")
     llm = engine(model, scoring=True, memory=args.memory)
     batch_prompts = prompts(args.prune_prompts, model["tokenizer_vocab"], seed=2000)
     base = dict(max_tokens=args.prune_tokens, ignore_eos=True, temperature=1.0, detokenize=False,
                 logit_bias={model["step_token"]: model["step_bias"]})
-    modes = {"unpruned": SamplingParams(n=args.prune_n, **base),
-             "pruned": SamplingParams(n=args.prune_n, **base, extra_args={"sprm_prune": PRUNE_POLICY})}
+    cuts = fixed_cut_lengths(args.prune_n, args.prune_tokens)
+    lengths: list[int] = []  # the last pruned run's, by prompt then index
+
+    def requests(mode):  # (prompts, params) of one run; one request per candidate for the capped modes
+        if mode in ("unpruned", "pruned"):
+            extra = {"extra_args": {"sprm_prune": PRUNE_POLICY}} if mode == "pruned" else {}
+            return batch_prompts, SamplingParams(n=args.prune_n, **base, **extra)
+        caps = lengths if mode == "lengths_known" else cuts * len(batch_prompts)
+        # In the order vLLM admits an n > 1 request's children: by prompt, then by index.
+        fanned = [prompt for prompt in batch_prompts for _ in range(args.prune_n)]
+        return fanned, [SamplingParams(**{**base, "max_tokens": max(cap, 1)}) for cap in caps]
+
     llm.generate(batch_prompts[:1], SamplingParams(**{**base, "max_tokens": 16}), use_tqdm=False)  # warm-up
-    seconds = {mode: [] for mode in (*modes, "lengths_known")}
-    tokens = {mode: [] for mode in seconds}
-    engine_steps = {mode: [] for mode in seconds}  # wall = steps x step time: which one pruning shortens
+    seconds, tokens, engine_steps, host = ({mode: [] for mode in chosen} for _ in range(4))
     replay_equal, pruned, candidates, steps_seen = True, 0, 0, 0
     policy = pruning.parse_policy(PRUNE_POLICY)
-
-    def timed(mode, requests, params):
-        _profile(llm)  # reset the counters
-        start = time.perf_counter()
-        outputs = llm.generate(requests, params, use_tqdm=False)
-        seconds[mode].append(time.perf_counter() - start)
-        engine_steps[mode].append(_profile(llm).get("worker.record", (0, 0))[1])
-        tokens[mode].append(sum(len(c.token_ids) for o in outputs for c in o.outputs))
-        return outputs
-
     for rep in range(args.prune_reps):
-        for mode in (modes if rep % 2 == 0 else dict(reversed(modes.items()))):
-            outputs = timed(mode, batch_prompts, modes[mode])
+        order = chosen if rep % 2 == 0 else chosen[::-1]
+        if "lengths_known" in order:  # after the pruned run whose lengths it replays
+            order = [m for m in order if m != "lengths_known"]
+            order.insert(order.index("pruned") + 1, "lengths_known")
+        for mode in order:
+            run_prompts, params = requests(mode)
+            _profile(llm)  # reset the counters
+            start = time.perf_counter()
+            outputs = llm.generate(run_prompts, params, use_tqdm=False)
+            seconds[mode].append(time.perf_counter() - start)
+            stages = _profile(llm)
+            engine_steps[mode].append(stages.get("worker.record", (0, 0))[1])
+            host[mode].append(_host_us_per_step(stages))
+            tokens[mode].append(sum(len(c.token_ids) for o in outputs for c in o.outputs))
+            print(f"pruning {mode}: {seconds[mode][-1]:.2f} s, {tokens[mode][-1]} decode tokens, "
+                  f"{engine_steps[mode][-1]} engine steps", flush=True)
             if mode != "pruned":
                 continue
             lengths = []
-            for prompt, output in zip(batch_prompts, outputs):
+            for output in outputs:
                 logs = {c.index: c.sprm_prune_decisions for c in output.outputs}
                 replay_equal &= pruning.replay(policy, logs) == logs
                 pruned += sum(c.sprm_pruned for c in output.outputs)
                 candidates += len(output.outputs)
                 steps_seen += sum(len(c.sprm_step_positions) for c in output.outputs)
-                lengths += [(prompt, len(c.token_ids)) for c in sorted(output.outputs, key=lambda c: c.index)]
-            # In the order vLLM admits an n > 1 request's children: by prompt, then by index.
-            timed("lengths_known", [prompt for prompt, _ in lengths],
-                  [SamplingParams(**{**base, "max_tokens": max(length, 1)}) for _, length in lengths])
+                lengths += [len(c.token_ids) for c in sorted(output.outputs, key=lambda c: c.index)]
     shutdown(llm)
     median_s = {mode: statistics.median(v) for mode, v in seconds.items()}
     median_tokens = {mode: statistics.median(v) for mode, v in tokens.items()}
     case = {
         "n": args.prune_n, "prompts": args.prune_prompts, "max_new_tokens": args.prune_tokens, "policy": PRUNE_POLICY,
+        "fixed_cuts": sorted(set(cuts)),
         "seconds": {mode: spread(v) for mode, v in seconds.items()},
         "decode_tokens": {mode: spread(v) for mode, v in tokens.items()},
         "engine_steps": {mode: spread(v) for mode, v in engine_steps.items()},
-        "token_saving": 1 - median_tokens["pruned"] / median_tokens["unpruned"],
-        "speedup": median_s["unpruned"] / median_s["pruned"],
-        "speedup_lengths_known": median_s["unpruned"] / median_s["lengths_known"],
-        "pruned_fraction": pruned / max(candidates, 1),
-        "step_fraction_pruned_run": steps_seen / max(sum(tokens["pruned"]), 1),
-        "decisions_equal_replay": bool(replay_equal),
+        "host_us_per_step": {mode: {stage: statistics.median(run[stage] for run in runs if stage in run)
+                                    for stage in runs[-1]} for mode, runs in host.items()},
     }
-    print(f"pruning N={args.prune_n} x {args.prune_prompts} prompts, {args.prune_tokens} tokens: decode tokens "
-          f"{median_tokens['unpruned']:.0f} -> {median_tokens['pruned']:.0f} ({case['token_saving']:.0%} fewer), "
-          f"wall {median_s['unpruned']:.2f} -> {median_s['pruned']:.2f} s ({case['speedup']:.2f}x; lengths known in "
-          f"advance {median_s['lengths_known']:.2f} s, {case['speedup_lengths_known']:.2f}x); engine steps "
-          + ", ".join(f"{m} {statistics.median(v):.0f}" for m, v in engine_steps.items())
-          + f"; {case['pruned_fraction']:.0%} of candidates pruned; replay equal {replay_equal}", flush=True)
+    if "unpruned" in chosen:
+        case["speedups"] = {mode: median_s["unpruned"] / median_s[mode] for mode in chosen if mode != "unpruned"}
+        case["token_savings"] = {mode: 1 - median_tokens[mode] / median_tokens["unpruned"] for mode in chosen if mode != "unpruned"}
+        if "pruned" in chosen:  # the headline pair
+            case["speedup"], case["token_saving"] = case["speedups"]["pruned"], case["token_savings"]["pruned"]
+    if "pruned" in chosen:
+        case.update(pruned_fraction=pruned / max(candidates, 1), step_fraction_pruned_run=steps_seen / max(sum(tokens["pruned"]), 1),
+                    decisions_equal_replay=bool(replay_equal))
+    print(f"pruning N={args.prune_n} x {args.prune_prompts} prompts, {args.prune_tokens} tokens: "
+          + "; ".join(f"{mode} {median_s[mode]:.2f} s, {median_tokens[mode]:.0f} tokens" for mode in chosen)
+          + (f"; {case['pruned_fraction']:.0%} of candidates pruned; replay equal {replay_equal}" if "pruned" in chosen else ""),
+          flush=True)
     return {"model": model, "cases": [case]}
 
 
@@ -595,6 +634,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--prune-prompts", type=int, default=None, help="default 64 on a GPU, 8 on a CPU")
     parser.add_argument("--prune-tokens", type=int, default=None, help="max new tokens (default 2048 on a GPU, 512 on a CPU)")
     parser.add_argument("--prune-reps", type=int, default=2)
+    parser.add_argument("--prune-modes", default=",".join(PRUNE_MODES), help=f"pruning part: some of {', '.join(PRUNE_MODES)}")
     parser.add_argument("--memory", type=float, default=None,
                         help="gpu_memory_utilization of each of the two engines (default 0.4 on a GPU, 0.15 on a CPU)")
     parser.add_argument("--quick", action="store_true", help="tiny model on a CPU, B 16, 64 tokens, 2 repetitions")

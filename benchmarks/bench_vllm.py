@@ -365,6 +365,12 @@ PRUNE_POLICY = {"policy": "relative", "steps": [4, 8], "keep": [0.5, 0.25], "min
 
 
 PRUNE_MODES = ("unpruned", "pruned", "lengths_known", "fixed_cuts")
+PRUNE_MODE_NAMES = {
+    "unpruned": "unpruned: every candidate to its limit",
+    "pruned": "pruned on the in-decode step scores",
+    "lengths_known": "the pruned run's lengths, known in advance",
+    "fixed_cuts": "the policy's ideal: caps at {cuts} tokens",
+}
 
 
 def fixed_cut_lengths(n: int, max_tokens: int, policy: dict = PRUNE_POLICY) -> list[int]:
@@ -455,7 +461,7 @@ def prune_part(args, model: dict) -> dict:
     median_tokens = {mode: statistics.median(v) for mode, v in tokens.items()}
     case = {
         "n": args.prune_n, "prompts": args.prune_prompts, "max_new_tokens": args.prune_tokens, "policy": PRUNE_POLICY,
-        "fixed_cuts": sorted(set(cuts)),
+        "fixed_cuts": sorted(set(cuts) - {args.prune_tokens}),
         "seconds": {mode: spread(v) for mode, v in seconds.items()},
         "decode_tokens": {mode: spread(v) for mode, v in tokens.items()},
         "engine_steps": {mode: spread(v) for mode, v in engine_steps.items()},
@@ -566,18 +572,23 @@ def markdown_table(result: dict) -> str:
                   for c in bon["cases"]]
     pruning = result.get("pruning")
     if pruning:
-        policy = pruning["cases"][0]["policy"]
-        lines += ["", f"Best-of-N with pruning (policy: keep the best {policy['keep'][0]:.0%} at step {policy['steps'][0]} and "
-                  f"{policy['keep'][1]:.0%} at step {policy['steps'][1]}, candidates decoding to their limit), against "
-                  "the same Best-of-N unpruned in the same engine, interleaved "
-                  f"({_repetitions(pruning['cases'][0]['seconds']['pruned']['n'])} each, medians):", "",
-                  "| N | prompts | max tokens | decode tokens unpruned | pruned | fewer | wall s unpruned | pruned | speedup "
-                  "| candidates pruned | decisions = replay |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-        lines += [f"| {c['n']} | {c['prompts']} | {c['max_new_tokens']} | {c['decode_tokens']['unpruned']['median']:.0f} | "
-                  f"{c['decode_tokens']['pruned']['median']:.0f} | {100 * c['token_saving']:.0f}% | "
-                  f"{c['seconds']['unpruned']['median']:.2f} | {c['seconds']['pruned']['median']:.2f} | {c['speedup']:.2f}x | "
-                  f"{100 * c['pruned_fraction']:.0f}% | {c['decisions_equal_replay']} |" for c in pruning["cases"]]
+        for c in pruning["cases"]:
+            policy = c["policy"]
+            lines += ["", f"Best-of-N with pruning, {c['prompts']} prompts x N = {c['n']}, up to {c['max_new_tokens']} new tokens "
+                      f"(policy: keep the best {policy['keep'][0]:.0%} at step {policy['steps'][0]} and {policy['keep'][1]:.0%} at "
+                      f"step {policy['steps'][1]}), one engine, modes in turn, the order reversed on alternate repetitions "
+                      f"({_repetitions(c['seconds']['pruned']['n'])} each, medians); {100 * c['pruned_fraction']:.0f}% of "
+                      f"candidates pruned, every decision equal to its offline replay: {c['decisions_equal_replay']}:", "",
+                      "| mode | decode tokens | fewer | wall s | speedup | engine steps |", "|---|---:|---:|---:|---:|---:|"]
+            for mode, seconds in c["seconds"].items():
+                fewer = c.get("token_savings", {}).get(mode)
+                speedup = c.get("speedups", {}).get(mode)
+                lines.append(
+                    f"| {PRUNE_MODE_NAMES[mode].format(cuts=' / '.join(str(x) for x in c.get('fixed_cuts', [])))} | "
+                    f"{c['decode_tokens'][mode]['median']:.0f} | {'' if fewer is None else f'{100 * fewer:.0f}%'} | "
+                    f"{seconds['median']:.2f} | {'' if speedup is None else f'{speedup:.2f}x'} | "
+                    f"{c['engine_steps'][mode]['median']:.0f} |"
+                )
     return "\n".join(lines)
 
 

@@ -137,8 +137,10 @@ def headline(results_dir: Path = RESULTS_DIR) -> str:
             f"- **Best-of-N with pruning** ({vllm['environment']['device']}, {case['prompts']} prompts x N = {case['n']}, "
             f"up to {case['max_new_tokens']} tokens, keep {policy['keep'][0]:.0%} at step {policy['steps'][0]} and "
             f"{policy['keep'][1]:.0%} at step {policy['steps'][1]}): {100 * case['token_saving']:.0f}% fewer decode tokens, "
-            f"a wall time {case['speedup']:.2f}x shorter than the same Best-of-N unpruned; every decision equals its "
-            f"offline replay."
+            f"a wall time {case['speedup']:.2f}x shorter than the same Best-of-N unpruned"
+            + (f" (the same stops known in advance: {case['speedups']['lengths_known']:.2f}x)"
+               if "lengths_known" in case.get("speedups", {}) else "")
+            + "; every decision equals its offline replay."
         )
     return "\n".join(lines) if lines else "No GPU results yet."
 

@@ -1,7 +1,12 @@
 """The three SPRM kernels against eager PyTorch, torch.compile and the hardware floor, on one CUDA GPU.
 
 * ``decode``: ``head_logits_masked`` on a decode batch of B rows, none, a quarter or all of them steps;
-* ``packed``: ``head_logits_rows`` on 2% of T = 65536 packed tokens (and the whole ``score_trajectories``);
+* ``packed``: ``head_logits_rows`` on 2% and 20% of T = 65536 packed tokens (and the whole
+  ``score_trajectories``);
+* ``rows``: the head at any number of selected rows (none, one, a quarter, all of B up to 8192, and
+  100 of 4096 and of 8192), through both ops as ``auto`` dispatch runs them and through each backend,
+  against the released head on all rows and on the index-selected rows, all as graph replays,
+  with auto's ratios to the best eager form and to the floor;
 * ``train``: ``sprm_head_loss`` forward + backward on n step rows, with its peak memory.
 
 Every backend that ``ops.dispatch`` can run here is a column (``XBAI_KERNELS_BACKEND`` forced per
@@ -294,14 +299,15 @@ def packed_cases(args, device, ceilings, budget) -> list[dict]:
     ops = backend_ops("head_logits_rows", device, args.packed_d)
     total = args.tokens
     out = []
-    for d in progress(args.packed_d, "packed", lambda d: f"d={d}"):
+    for d, fraction in progress([(d, f) for d in args.packed_d for f in args.step_fractions], "packed",
+                                lambda s: f"d={s[0]} steps={s[1]:.0%}"):
         heads = weight_copies(d, device)
         released = [released_head(w) for w in heads]
         g = torch.Generator(device=device).manual_seed(d)
         sets = []
         for k in range(2):
             hidden = torch.randn(total, d, device=device, dtype=DTYPE, generator=g)
-            mask = torch.rand(total, device=device, generator=g) < args.step_fraction
+            mask = torch.rand(total, device=device, generator=g) < fraction
             sets.append((hidden, mask, mask.nonzero().squeeze(-1)))
         n = int(sets[0][2].numel())
         bytes_moved = (2 * d * d + 4 * d + 1) * 2 + n * d * 2 + n * 4
@@ -341,6 +347,79 @@ def packed_cases(args, device, ceilings, budget) -> list[dict]:
         del heads, released, sets, arg_sets, eager_sets
         torch.cuda.empty_cache()
     return out
+
+
+# ----- rows: the head at any number of selected rows -----------------------------------------------
+
+ROWS_B = (1, 16, 256, 1024, 8192)
+# Few rows of a large buffer: a decode batch right after a common step, a prefill chunk's steps.
+ROWS_SPARSE = ((4096, 100), (8192, 100))
+
+
+def rows_shapes(ds, batches, sparse=ROWS_SPARSE) -> list[tuple[int, int, int]]:
+    """(d, B, selected rows): none, one, a quarter and all of each B, then the sparse cases."""
+    shapes = []
+    for d in ds:
+        for batch in batches:
+            shapes += [(d, batch, n) for n in dict.fromkeys((0, 1, max(1, batch // 4), batch))]
+        shapes += [(d, batch, n) for batch, n in sparse]
+    return shapes
+
+
+def rows_cases(args, device, ceilings, budget) -> list[dict]:
+    """Both head ops on n selected rows of B, as graph replays: ``head_logits_masked`` (the rows a
+    device mask, their count never on the host) and ``head_logits_rows`` (an index list of n), each
+    as ``auto`` dispatch resolves it and as each fast backend runs it; the released bf16 head on
+    all B rows and on ``index_select`` of the n rows (cuBLAS); the floor; auto's ratios."""
+    from xbai_kernels.ops import dispatch
+
+    fast = [name for name in dispatch.BACKENDS if name != "reference"]
+    ops = {op: {k: v for k, v in backend_ops(op, device, args.rows_d).items() if k in fast}
+           for op in ("head_logits_masked", "head_logits_rows")}
+    rows_out = []
+    current_d = heads = released = None
+    for d, batch, n in progress(rows_shapes(args.rows_d, args.rows_b), "rows", lambda s: f"d={s[0]} B={s[1]} n={s[2]}"):
+        if d != current_d:
+            del heads, released
+            torch.cuda.empty_cache()
+            heads = weight_copies(d, device)
+            released = [released_head(w) for w in heads]
+            current_d = d
+        inputs = dispatch.HeadInputs(DTYPE, d, grad=False)
+        sets = decode_sets(batch, d, n, heads, device, seed=batch + d + n)
+        sets = [(*s, s[1].nonzero().squeeze(-1)) for s in sets]  # + the selected rows, in order
+        weight_bytes = (2 * d * d + 4 * d + 1) * 2
+        row = {
+            "d": d, "B": batch, "rows": n,
+            "floor_memory_us": 1e6 * ((weight_bytes if n else 0) + batch + n * d * 2 + batch * 4) / ceilings["copy_Bps"],
+            "floor_compute_us": 1e6 * 4 * n * d * d / ceilings["matmul_flops"],
+        }
+        row["floor_us"] = max(row["floor_memory_us"], row["floor_compute_us"])
+        for op, impls in ops.items():
+            short = "masked" if op == "head_logits_masked" else "rows"
+            auto_name, auto_impl = dispatch.resolve(op, device, inputs)
+            row[f"{short}_auto_backend"] = auto_name
+            for name, impl in {"auto": auto_impl, **impls}.items():
+                if short == "masked":
+                    call = lambda h, m, w1, b1, w2, b2, out, r, impl=impl: impl(h, m, w1, b1, w2, b2, out=out)
+                else:
+                    call = lambda h, m, w1, b1, w2, b2, out, r, impl=impl: impl(h, r, w1, b1, w2, b2)
+                guarded(row, f"{short}[{name}]_graph", lambda: graph_us(call, sets))
+        eager = [(s[0], s[7], released[k % len(released)]) for k, s in enumerate(sets)]
+        guarded(row, "eager_all_graph", lambda: graph_us(lambda h, r, head: head(h), eager))
+        guarded(row, "eager_index_graph", lambda: graph_us(lambda h, r, head: head(h.index_select(0, r)), eager))
+        best_eager = min((row[k] for k in ("eager_all_graph", "eager_index_graph") if row.get(k)), default=None)
+        for short in ("masked", "rows"):
+            auto = row.get(f"{short}[auto]_graph")
+            if auto and best_eager:
+                row[f"{short}_auto_vs_best_eager"] = auto / best_eager
+            if auto and row["floor_us"] > 0.01:
+                row[f"{short}_auto_vs_floor"] = auto / row["floor_us"]
+        rows_out.append(row)
+        print(_line("rows", row), flush=True)
+    del heads, released
+    torch.cuda.empty_cache()
+    return rows_out
 
 
 # ----- train -------------------------------------------------------------------------------------
@@ -455,7 +534,7 @@ def sweep(args, device, budget) -> dict:
         heads = weight_copies(d, device)
         g = torch.Generator(device=device).manual_seed(d)
         hidden = torch.randn(args.tokens, d, device=device, dtype=DTYPE, generator=g)
-        rows = (torch.rand(args.tokens, device=device, generator=g) < args.step_fraction).nonzero().squeeze(-1)
+        rows = (torch.rand(args.tokens, device=device, generator=g) < args.step_fractions[0]).nonzero().squeeze(-1)
         arg_sets = [(hidden, rows, w) for w in heads]
         for cfg in configs:
             if not budget.allows(10):
@@ -530,7 +609,8 @@ def _line(kind: str, row: dict) -> str:
 
 
 _NOT_COLUMNS = ("errors", "min_max")
-_SHAPE_KEYS = {"decode": ("d", "B", "step_rows"), "packed": ("d", "T", "n"), "train": ("n", "d", "dropout_p")}
+_SHAPE_KEYS = {"decode": ("d", "B", "step_rows"), "packed": ("d", "T", "n"), "rows": ("d", "B", "rows"),
+               "train": ("n", "d", "dropout_p")}
 
 
 def markdown_table(result: dict) -> str:
@@ -569,7 +649,7 @@ def plot(result: dict, path) -> None:
         rows = result[section]
         keys = _SHAPE_KEYS[section]
         columns = [c for row in rows for c in row if c not in keys and c != "errors" and not c.endswith("_MB")
-                   and not c.startswith("floor_") and isinstance(row.get(c), (float, int, type(None)))]
+                   and not c.startswith("floor_") and "_vs_" not in c and isinstance(row.get(c), (float, int, type(None)))]
         columns = sorted(set(columns) | {"floor_us"}, key=lambda c: (c != "floor_us", c))
         width = 0.8 / len(columns)
         for j, column in enumerate(columns):
@@ -596,13 +676,14 @@ def main(argv=None) -> dict | None:
                         help="fewer shapes, shorter timing windows, torch.compile at one decode shape only")
     parser.add_argument("--sweep", action="store_true", help="also time Triton launch shapes around the defaults")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
-    parser.add_argument("--sections", default="decode,packed,train")
+    parser.add_argument("--sections", default="decode,packed,rows,train")
     parser.add_argument("--budget", type=float, default=1e9, help="seconds after which optional work is skipped")
     parser.add_argument("--tokens", type=int, default=65536)
-    parser.add_argument("--step-fraction", type=float, default=0.02)
+    parser.add_argument("--step-fractions", default="0.02,0.2", help="packed: shares of the T tokens that are steps")
     parser.add_argument("--dropout", type=float, default=0.5)
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>-kernels.json)")
     args = parser.parse_args(argv)
+    args.step_fractions = tuple(float(f) for f in args.step_fractions.split(","))
     if not torch.cuda.is_available():
         print("python -m benchmarks kernels: needs a CUDA GPU; nothing to time here")
         return None
@@ -610,12 +691,14 @@ def main(argv=None) -> dict | None:
         TIMING.update(warmup_ms=10, rep_ms=30)
         args.decode_d, args.decode_b = (1536, 5120), (1, 256)
         args.packed_d = (5120,)
+        args.rows_d, args.rows_b = (5120,), (16, 1024)
         args.train_shapes = ((1024, 1536),)
         # One compile: each torch.compile costs seconds to tens of seconds, more than all the timing.
         args.compile_decode, args.compile_packed, args.compile_train = {(5120, 256)}, set(), set()
     else:
         args.decode_d, args.decode_b = (1536, 3584, 5120), (1, 16, 64, 256, 1024)
         args.packed_d = (1536, 3584, 5120)
+        args.rows_d, args.rows_b = (1536, 3584, 5120), ROWS_B
         args.train_shapes = ((1024, 1536), (4096, 5120))
         args.compile_decode = {(d, b) for d in args.decode_d for b in args.decode_b}
         args.compile_packed, args.compile_train = set(args.packed_d), set(args.train_shapes)
@@ -632,7 +715,7 @@ def main(argv=None) -> dict | None:
         "timing": {**TIMING, "statistic": "median of triton.testing.do_bench (CUDA events)"},
         "decode_step_fractions": list(DECODE_STEP_FRACTIONS),
     }
-    runners = {"decode": decode_cases, "packed": packed_cases, "train": train_cases}
+    runners = {"decode": decode_cases, "packed": packed_cases, "rows": rows_cases, "train": train_cases}
     for section in sections:
         started = time.monotonic()
         try:

@@ -33,6 +33,17 @@ def test_kernel_decode_plan_covers_every_d_batch_and_step_fraction():
     assert len(shapes) == len(set(shapes))
 
 
+def test_kernel_rows_plan_covers_none_one_a_quarter_all_and_the_sparse_cases():
+    shapes = bench_kernels.rows_shapes((1536, 5120), bench_kernels.ROWS_B)
+    for d in (1536, 5120):
+        for b in bench_kernels.ROWS_B:
+            counts = sorted(n for dd, bb, n in shapes if (dd, bb) == (d, b))
+            expected = [0, 1] if b == 1 else [0, 1, b // 4, b]
+            assert counts == sorted(expected + [100] * (b == 8192)), (d, b, counts)
+        assert [n for dd, b, n in shapes if (dd, b) == (d, 4096)] == [100]
+    assert len(shapes) == len(set(shapes))
+
+
 def test_kv_buckets_end_at_the_cache_length_and_cover_every_position():
     ends = decode_loops.kv_bucket_ends(prompt_len=128, new_tokens=2048, buckets=4)
     assert ends == sorted(ends) and len(ends) == 4

@@ -4,8 +4,8 @@
 * ``packed``: ``head_logits_rows`` on 2% and 20% of T = 65536 packed tokens (and the whole
   ``score_trajectories``);
 * ``rows``: the head at any number of selected rows (none, one, a quarter, all of B up to 8192, and
-  100 of 4096 and of 8192), through both ops as ``auto`` dispatch runs them and through each backend,
-  against the released head on all rows and on the index-selected rows, all as graph replays,
+  100 of 4096 and of 8192), through both ops as ``auto`` dispatch runs them and through each backend
+  (the Triton masked op under each of its two schedules too), against the released head on all rows and on the index-selected rows, all as graph replays,
   with auto's ratios to the best eager form and to the floor;
 * ``train``: ``sprm_head_loss`` forward + backward on n step rows, with its peak memory.
 
@@ -376,6 +376,11 @@ def rows_cases(args, device, ceilings, budget) -> list[dict]:
     fast = [name for name in dispatch.BACKENDS if name != "reference"]
     ops = {op: {k: v for k, v in backend_ops(op, device, args.rows_d).items() if k in fast}
            for op in ("head_logits_masked", "head_logits_rows")}
+    masked_triton = ops["head_logits_masked"].get("triton")
+    if masked_triton is not None:  # both of its schedules at every B, whichever B would choose
+        for schedule in ("decode", "gathered"):
+            ops["head_logits_masked"][f"triton-{schedule}"] = (
+                lambda *a, schedule=schedule, **k: masked_triton(*a, schedule=schedule, **k))
     rows_out = []
     current_d = heads = released = None
     for d, batch, n in progress(rows_shapes(args.rows_d, args.rows_b), "rows", lambda s: f"d={s[0]} B={s[1]} n={s[2]}"):

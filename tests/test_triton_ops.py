@@ -195,6 +195,55 @@ def test_masked_two_launch_variant_and_repeated_calls(env):
         torch.testing.assert_close(fused, separate, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("d", [59, 96])
+@pytest.mark.parametrize(("batch", "pattern"), [(1, "all"), (37, "random"), (37, "none"), (37, "all"), (70, "random")])
+def test_masked_gathered_schedule_matches_reference(env, monkeypatch, d, batch, pattern):
+    """The GEMM schedule for many step rows (compaction, packed kernel, scatter), at step counts that
+    are not a multiple of its row tile, zero and all rows, and masks longer than one scan chunk."""
+    triton_ops, device = env
+    from xbai_kernels.ops.triton import gathered
+
+    monkeypatch.setattr(gathered, "_SCAN_CHUNK", 16)  # 37 and 70 rows: a scan over several chunks
+    weights = make_head(d, device, seed=d)
+    hidden = randn(batch, d, device=device, seed=batch)
+    mask = {
+        "random": random_mask(batch, device, seed=d + batch),
+        "none": torch.zeros(batch, dtype=torch.bool, device=device),
+        "all": torch.ones(batch, dtype=torch.bool, device=device),
+    }[pattern]
+    hidden[~mask] = float("nan")  # rows that are not steps are never read
+    out = torch.full((batch,), float("nan"), device=device)
+    returned = triton_ops.head_logits_masked(hidden, mask, *weights, out=out, schedule="gathered")
+    assert returned is out
+    expected = reference.head_logits_masked(torch.nan_to_num(hidden), mask, *weights)
+    torch.testing.assert_close(out, expected, **FP32_TOL)
+    assert torch.all(out[~mask] == 0.0)
+    assert torch.equal(out, triton_ops.head_logits_masked(hidden, mask, *weights, schedule="gathered"))
+
+
+def test_masked_gathered_schedule_16bit_and_the_batch_that_chooses_it(env, monkeypatch):
+    """16-bit inputs within PyTorch's own error; without a schedule, B decides (never the step count)."""
+    triton_ops, device = env
+    from xbai_kernels.ops.triton import decode
+
+    weights = make_head(64, device, dtype=torch.bfloat16, seed=3)
+    hidden = randn(33, 64, device=device, dtype=torch.bfloat16, seed=4)
+    mask = random_mask(33, device, seed=5)
+    out = triton_ops.head_logits_masked(hidden, mask, *weights, schedule="gathered")
+    expected = torch.where(mask, float64_logits(hidden, weights), 0.0)
+    assert_within_torch_error(out, expected, torch.where(mask, torch_logits_in_dtype(hidden, weights), 0.0))
+    calls = []
+    monkeypatch.setattr(decode, "masked_by_compaction", lambda *a, **k: calls.append(a[0].shape[0]) or a[6])
+    monkeypatch.setattr(decode, "GATHERED_FROM_BATCH", 33)
+    triton_ops.head_logits_masked(hidden[:32], mask[:32], *weights)
+    triton_ops.head_logits_masked(hidden, mask, *weights)
+    assert calls == [33]
+    with pytest.raises(ValueError, match="schedule"):
+        triton_ops.head_logits_masked(hidden, mask, *weights, schedule="fast")
+    with pytest.raises(ValueError, match="RowsConfig"):
+        triton_ops.head_logits_masked(hidden, mask, *weights, schedule="gathered", config=decode.default_config(33, 64, device))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d", [64, 40])
 def test_masked_launch_variants_give_the_same_bits(env, dtype, d):

@@ -29,6 +29,15 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from ..._validate import check_tensor
 from . import _launch
 from ._tile import chain_start, preactivation_tile, relu_bias, sum_partials_kernel, sum_tiles
+from .gathered import masked_by_compaction
+from .packed import RowsConfig
+
+# From this batch size up, head_logits_masked runs the gathered schedule. The decode kernel has each
+# program walk every step row itself, which starves the tensor cores once hundreds of rows are steps
+# (an H100 at d = 5120: 1024 step rows of 1024 took 3.3x cuBLAS, where the packed kernel, which
+# the gathered schedule runs, came within 8% of cuBLAS on 1311 rows); below it, decode batches with
+# a few steps keep the kernel tuned for them.
+GATHERED_FROM_BATCH = 1024
 
 
 @triton.jit
@@ -248,12 +257,19 @@ def head_logits_masked(
     w2,
     b2,
     out: torch.Tensor | None = None,
-    config: DecodeConfig | None = None,
+    config: DecodeConfig | RowsConfig | None = None,
+    schedule: str | None = None,
 ) -> torch.Tensor:
     """Head logits of the rows where ``row_mask`` is set, 0.0 elsewhere; no host synchronization.
 
     hidden [B, d] fp32/fp16/bf16 (rows may be strided), row_mask bool [B] -> float32 [B], written
     into ``out`` (float32 [B], contiguous) when given. Bitwise deterministic run to run.
+
+    ``schedule``: ``"decode"`` (this module's kernel: built for a few step rows), ``"gathered"``
+    (``gathered.masked_by_compaction``: a GEMM over the compacted step rows, for many), or None:
+    chosen from B alone (``GATHERED_FROM_BATCH``), never from the step count, which only the
+    device knows. ``config`` is the chosen schedule's launch shape (``DecodeConfig`` /
+    ``RowsConfig``).
     """
     where = "head_logits_masked"
     _launch.check_hidden(where, hidden)
@@ -273,6 +289,15 @@ def head_logits_masked(
         return out
     hidden = _launch.rows_last_contiguous(hidden)
     row_mask = row_mask.contiguous().view(torch.uint8)
+    if schedule is None:
+        schedule = "gathered" if batch >= GATHERED_FROM_BATCH else "decode"
+    if schedule not in ("decode", "gathered"):
+        raise ValueError(f'{where}: schedule must be "decode", "gathered" or None, got {schedule!r}')
+    wanted = DecodeConfig if schedule == "decode" else RowsConfig
+    if config is not None and not isinstance(config, wanted):
+        raise ValueError(f"{where}: the {schedule} schedule takes a {wanted.__name__}, got {type(config).__name__}")
+    if schedule == "gathered":
+        return masked_by_compaction(hidden, row_mask, w1, b1, w2, b2, out, config=config)
     fmt = _launch.dot_format(hidden, w1)
     cfg = config or default_config(batch, d, hidden.device, fmt.dtype.primitive_bitwidth // 8)
     tile_units = cfg.tile_units or cfg.block_n

@@ -123,3 +123,16 @@ def test_reward_outcome_reads_point_one_as_ignored_in_float32():
     correct, valid = semantics.reward_outcome(torch.tensor([1.0, 0.1, 0.0, 0.6], dtype=torch.float64))
     assert correct.tolist() == [True, False, False, True]
     assert valid.tolist() == [True, False, True, True]
+
+
+def test_the_step_rule_as_two_lookups_equals_the_rule_over_every_pair():
+    """``opens_step_tables``: the host's factorised form of ``opens_step``, over every (token i,
+    token i+1) of a small vocabulary with a run of step ids and both markers, NO_TOKEN after."""
+    import numpy as np
+
+    table = RULE.step_table("cpu", size=12).numpy()
+    may_open, is_step = semantics.opens_step_tables(table, RULE.think_start_id)
+    current, following = np.meshgrid(np.arange(12), np.arange(-1, 12), indexing="ij")
+    expected = semantics.opens_step(current.ravel(), following.ravel(), table, RULE.think_start_id)
+    assert np.array_equal(may_open[current.ravel()] & is_step[following.ravel()], expected)
+    assert expected.any() and not expected.all()

@@ -46,8 +46,9 @@ def is_step_token(tokens: torch.Tensor, step_table: torch.Tensor) -> torch.Tenso
     """bool, the shape of ``tokens`` (int): whether each id is in the step set, by ``step_table``
     (bool [V], ``StepRule.step_table``); ids outside the table, ``NO_TOKEN`` included, are not.
 
-    Written with operations torch tensors and numpy arrays share, so the CPU engine's host-side
-    recorder applies the same rule to numpy arrays (``opens_step`` likewise)."""
+    Written with operations torch tensors and numpy arrays share, so host code (the vLLM
+    scheduler's reads at a request's stop) applies the same rule to numpy arrays (``opens_step``
+    likewise)."""
     size = step_table.shape[0]
     inside = (tokens >= 0) & (tokens < size)
     return inside & step_table[tokens * inside]  # ids outside read entry 0 and are masked off
@@ -68,6 +69,23 @@ def opens_step(
         & (current != think_start_id)
         & (current != NO_TOKEN)
     )
+
+
+def opens_step_tables(step_table: np.ndarray, think_start_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """``opens_step`` as two lookups, for a host that applies it to a few ids at a time (numpy).
+
+    The rule is a condition on token i+1 and a condition on token i, so over ids in [0, V):
+    opens_step(current, following) == may_open[current] & is_step[following], where ``is_step``
+    (bool [V + 1]) is ``step_table`` with a last False entry that ``NO_TOKEN`` (-1) indexes, and
+    ``may_open`` (bool [V]) is whether an id may precede a step: the rule itself, asked of every id
+    followed by a step token. Returns (may_open, is_step)."""
+    size = step_table.shape[0]
+    is_step = np.zeros(size + 1, dtype=bool)
+    is_step[:size] = step_table
+    ids = np.arange(size, dtype=np.int64)
+    step_id = int(np.flatnonzero(step_table)[0])
+    may_open = opens_step(ids, np.full(size, step_id), step_table, think_start_id)
+    return may_open, is_step
 
 
 def in_thinking_region(

@@ -97,6 +97,51 @@ def test_step_records_on_cpu():
     _check(_host_records(layout), runtime.hidden, runtime.head.weights)
 
 
+def test_a_decode_step_records_on_cpu():
+    """One row per request (every row is its request's last): the token after each is the one sampled."""
+    torch.manual_seed(0)
+    head = SPRMHead(HIDDEN).eval()
+    runtime = SPRMRuntime(head, RULE, VOCAB, max_tokens=32, max_requests=4, dtype=torch.float32, block_size=BLOCK_SIZE)
+    runtime.hidden[:3] = torch.randn(3, HIDDEN)
+    ids, positions, sampled = [3, STEP, 9], [6, 9, 21], [STEP, STEP, 4]
+    # Row 0 opens a step; row 1, a step token followed by another, is inside a run and opens none;
+    # row 2 is followed by no step token. No row ends a KV block of 4 (positions 6, 9, 21).
+    slots = np.array([100, 200, 300])
+    runner = SimpleNamespace(
+        input_ids=SimpleNamespace(np=np.array(ids, dtype=np.int32)),
+        positions=torch.tensor(positions),
+        discard_request_mask=SimpleNamespace(np=np.zeros(3, dtype=bool)),
+        input_batch=SimpleNamespace(block_table=[SimpleNamespace(slot_mapping=SimpleNamespace(np=slots))]),
+    )
+    layout = _StepLayout(num_requests=3, query_start_loc=np.array([0, 1, 2, 3]), num_tokens=3,
+                         next_prompt_ids=np.zeros(3, dtype=np.int64))
+    _run_update(runner, runtime, layout, torch.tensor(sampled, dtype=torch.int32)[:, None])
+    got_slots, logits = records.decode(_host_records(layout))
+    assert got_slots.tolist() == slots.tolist()
+    assert np.flatnonzero(~np.isnan(logits)).tolist() == [0]
+    want = reference.head_logits(runtime.hidden[:1], *head.weights)
+    torch.testing.assert_close(torch.from_numpy(logits[:1]), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_cpu_engines_host_head_is_the_oracles(dtype):
+    """``HostStep``: the oracle's float32 head on the kept rows of a model-dtype buffer, in numpy,
+    and the step rule by lookups, equal to ``semantics.opens_step``."""
+    from xbai_kernels import semantics
+    from xbai_kernels.vllm.recorder import HostStep
+
+    torch.manual_seed(0)
+    head = SPRMHead(HIDDEN, dtype=dtype).eval()
+    table = RULE.step_table("cpu", size=VOCAB).numpy()
+    host = HostStep(RULE, table, head.weights)
+    hidden = torch.randn(9, HIDDEN).to(dtype)
+    rows = np.array([0, 4, 8])
+    want = reference.head_logits(hidden[torch.from_numpy(rows)], *head.weights)
+    torch.testing.assert_close(torch.from_numpy(host.logits(hidden, rows)), want, atol=1e-5, rtol=1e-5)
+    current, following = np.array([3, STEP, THINK, 7, 3]), np.array([STEP, 6, STEP, 9, -1])
+    assert host.opens(current, following).tolist() == semantics.opens_step(current, following, table, THINK).tolist()
+
+
 def test_recorder_rejects_oversized_steps():
     recorder = StepLogitRecorder(SPRMHead(HIDDEN).eval(), RULE, VOCAB, max_tokens=4, max_requests=2, block_size=16)
     ids = torch.zeros(5, dtype=torch.int64)

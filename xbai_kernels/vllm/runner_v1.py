@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import semantics
 from . import profile, records
 
 logger = logging.getLogger("xbai_kernels.vllm")
@@ -103,27 +102,27 @@ def _run_update(runner, runtime, layout: _StepLayout, sampled_token_ids: torch.T
 
 
 def _record_on_host(runner, runtime, layout: _StepLayout, sampled_token_ids: torch.Tensor) -> None:
-    """The CPU engine's step: every tensor is host memory, so the rule runs on numpy views (a dozen
-    torch ops would cost more than the step's model work on a small model) and the head only on
-    the rows that keep a logit. The persistent buffers are read through numpy views made once: a
-    torch slice costs microseconds here, a numpy one a fraction of that."""
+    """The CPU engine's step: every tensor is host memory, so the rule and the head run in numpy
+    (``recorder.HostStep``), the head on the kept rows only. The persistent buffers are read through
+    numpy views made once: a torch slice costs microseconds here, a numpy one a fraction of that."""
     num_reqs, num_tokens = layout.num_requests, layout.num_tokens
     recorder = runtime.recorder
-    current = runner.input_ids.np[:num_tokens].astype(np.int64)
-    following = np.empty_like(current)
-    following[:-1] = current[1:]
-    following[-1] = semantics.NO_TOKEN
-    sampled = sampled_token_ids.numpy()[:num_reqs, 0]
+    host = recorder.host
+    current = runner.input_ids.np[:num_tokens]
     discard = runner.discard_request_mask.np[:num_reqs]
-    following[layout.query_start_loc[1:] - 1] = np.where(discard, layout.next_prompt_ids, sampled)
-    opens = semantics.opens_step(current, following, recorder.step_table_host, recorder.rule.think_start_id)
-    keep = recorder.keeps(opens, _numpy_view(runner, "positions", runner.positions)[:num_tokens])
+    # The token after each request's last row: the one sampled, or the next prompt token after a
+    # partial prefill chunk (whose sample vLLM throws away).
+    after_last = np.where(discard, layout.next_prompt_ids, sampled_token_ids.numpy()[:num_reqs, 0])
+    if num_tokens == num_reqs:  # one row per request (a decode step): every row is a request's last
+        following = after_last
+    else:
+        following = np.empty(num_tokens, dtype=np.int64)
+        following[:-1] = current[1:]
+        following[layout.query_start_loc[1:] - 1] = after_last
+    keep = recorder.keeps(host.opens(current, following), _numpy_view(runner, "positions", runner.positions)[:num_tokens])
     rows = np.flatnonzero(keep)
-    logits = np.zeros(num_tokens, dtype=np.float32)
-    if rows.size:
-        logits[rows] = recorder.head_rows(runtime.hidden[:num_tokens], torch.from_numpy(rows)).numpy()
-    slots = _slot_mapping(runner).np[:num_tokens]
-    layout.host_rows = records.encode(slots, keep, logits)
+    logits = host.logits(runtime.hidden, rows) if rows.size else np.zeros(0, dtype=np.float32)
+    layout.host_rows = records.encode_rows(_slot_mapping(runner).np[:num_tokens], rows, logits)
 
 
 _VIEWS = "_xbai_sprm_numpy_views"

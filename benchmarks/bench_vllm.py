@@ -10,8 +10,9 @@ and a random head are written to a temporary directory; throughput uses vLLM's d
   the wall clock, per decode batch size.
 * ``throughput``: decode tokens/s of vLLM's default engine without the plugin (``stock``) and of
   one engine with the plugin whose recording is switched on and off in turn (``on``, ``off``:
-  the same engine, so engine-to-engine variance cancels out of on/off), repetitions interleaved;
-  with ``XBAI_SPRM_PROFILE=1``, the plugin's host time per engine step by stage.
+  the same engine, so engine-to-engine variance cancels out of on/off), repetitions interleaved,
+  with the plugin's profile hooks off; then, in separate runs with them on
+  (``xbai_kernels.vllm.profile``), its host time per engine step by stage.
 * ``best-of-n`` (GPU): N candidates per prompt, scored in the generating engine, against the
   released pipeline: generation in a stock engine, then a HuggingFace forward over every
   candidate to read ``h`` and score it. Same prompts, same seeds.
@@ -36,7 +37,6 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("XBAI_SPRM_PROFILE", "1")  # before vLLM starts its processes, which inherit it
 # The benchmark sends two functions of this package to the engine (switch recording, read the
 # counters): vLLM serializes callables only when allowed.
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
@@ -229,6 +229,18 @@ def _profile(llm) -> dict:
     return stages
 
 
+# Generate calls per batch size that read the plugin's host time (profile hooks on), after the timed ones.
+PROFILED_RUNS = 2
+
+
+def _profiling(llm, enabled: bool) -> None:
+    """The plugin's profile hooks on or off, in the engine's processes and this one."""
+    from xbai_kernels.vllm import profile
+
+    llm.collective_rpc(profile.set_enabled, args=(enabled,))
+    profile.set_enabled(None, enabled)
+
+
 def throughput_part(args, model: dict) -> dict:
     from xbai_kernels.vllm import runtime
 
@@ -236,46 +248,53 @@ def throughput_part(args, model: dict) -> dict:
     modes = tuple(args.modes.split(","))
     stock = engine(model, scoring=False, memory=memory) if "stock" in modes else None
     scored = engine(model, scoring=True, memory=memory)
-    result = {"runner": {"scored": runner_name(scored)}, "modes": list(modes), "batches": []}
+    result = {"runner": {"scored": runner_name(scored)}, "modes": list(modes), "batches": [],
+              "profiled_runs": PROFILED_RUNS}  # host time from runs of their own; throughput unprofiled
     if stock is not None:
         result["runner"]["stock"] = runner_name(stock)
     for batch in [int(b) for b in args.batch.split(",")]:
         batch_prompts = prompts(batch, model["tokenizer_vocab"], seed=batch)
         params = sampling(model, args.new_tokens)
         tokens_per_s = {mode: [] for mode in modes}
-        host = {}
-        steps = 0
-        on_seconds = 0.0
+        # Throughput with the profile hooks off: they would add their own clock reads to "on" only.
+        _profiling(scored, False)
+        on_seconds = []
         for rep in range(args.reps + 1):  # the first round warms up and is not counted
             order = modes if rep % 2 == 0 else modes[::-1]
             for mode in order:
                 llm = stock if mode == "stock" else scored
                 if mode != "stock":
                     scored.collective_rpc(runtime.set_recording, args=(mode == "on",))
-                    _profile(scored)  # reset the counters
                 seconds, tokens = _generate_timed(llm, batch_prompts, params)
                 if rep > 0:
                     tokens_per_s[mode].append(tokens / seconds)
-                if rep > 0 and mode == "on":
-                    on_seconds += seconds
-                    stages = _profile(scored)
-                    steps += stages.get("worker.record", (0, 0))[1]
-                    for stage, (ns, _) in stages.items():
-                        host[stage] = host.get(stage, 0) + ns
+                    if mode == "on":
+                        on_seconds.append(seconds)
         scored.collective_rpc(runtime.set_recording, args=(True,))
+        # The plugin's host time by stage, and the step count, from separate profiled runs.
+        _profiling(scored, True)
+        host, steps = {}, 0
+        for _ in range(PROFILED_RUNS):
+            _profile(scored)  # reset the counters
+            _generate_timed(scored, batch_prompts, params)
+            stages = _profile(scored)
+            steps += stages.get("worker.record", (0, 0))[1]
+            for stage, (ns, _) in stages.items():
+                host[stage] = host.get(stage, 0) + ns
         row = {"batch": batch, "new_tokens": args.new_tokens, "tokens_per_s": {m: spread(v) for m, v in tokens_per_s.items()}}
         median = {m: statistics.median(v) for m, v in tokens_per_s.items()}
         if "stock" in median:
             row["overhead_on_vs_stock"] = median["stock"] / median["on"] - 1
         row["overhead_on_vs_off"] = median["off"] / median["on"] - 1
-        row["engine_steps"] = steps
+        row["engine_steps"] = steps // PROFILED_RUNS
         row["host_us_per_step"] = {stage: ns / 1e3 / max(steps, 1) for stage, ns in host.items()}
         row["host_us_per_step"]["total"] = sum(row["host_us_per_step"].values())
-        # The direct measure: the plugin's host time against the engine step it rides on (the whole
-        # generate call over its engine steps, prefill included). On/off throughput cannot resolve
-        # 1% where the engine's own step time swings by more than that between repetitions.
+        # The direct measure: the plugin's host time against the engine step it rides on (an
+        # unprofiled "on" generate call over its engine steps, prefill included). On/off throughput
+        # cannot resolve 1% where the engine's own step time swings by more than that between
+        # repetitions.
         if steps:
-            row["step_us"] = on_seconds * 1e6 / steps
+            row["step_us"] = statistics.median(on_seconds) * 1e6 / row["engine_steps"]
             row["plugin_host_share"] = row["host_us_per_step"]["total"] / row["step_us"]
         result["batches"].append(row)
         print(f"throughput {model['shape']} B={batch}: " + ", ".join(f"{m} {v:.0f}" for m, v in median.items())
@@ -416,6 +435,7 @@ def prune_part(args, model: dict) -> dict:
     if "lengths_known" in chosen and "pruned" not in chosen:
         raise SystemExit("--prune-modes: lengths_known replays a pruned run's lengths; add pruned")
     llm = engine(model, scoring=True, memory=args.memory)
+    _profiling(llm, True)  # engine steps and the host time per stage, in every mode alike
     batch_prompts = prompts(args.prune_prompts, model["tokenizer_vocab"], seed=2000)
     base = dict(max_tokens=args.prune_tokens, ignore_eos=True, temperature=1.0, detokenize=False,
                 logit_bias={model["step_token"]: model["step_bias"]})
@@ -552,8 +572,11 @@ def markdown_table(result: dict) -> str:
         stages = "all stages" if label == "Model Runner V2" else "worker and front end; the scheduler's stages are not collected"
         first = run["batches"][0]
         lines += ["", f"**{shape}** ({label}; {first['new_tokens']} new tokens, "
-                  f"{_repetitions(first['tokens_per_s'][modes[0]]['n'])}; plugin host time: thread CPU time per "
-                  f"engine step, {stages}; shares: of the engine step with recording on):", "",
+                  f"{_repetitions(first['tokens_per_s'][modes[0]]['n'])}"
+                  + (f", timed with the plugin's profile hooks off" if "profiled_runs" in run else "")
+                  + "; plugin host time"
+                  + (f" (from {run['profiled_runs']} profiled runs of their own)" if "profiled_runs" in run else "")
+                  + f": thread CPU time per engine step, {stages}; shares: of the engine step with recording on):", "",
                   "| B | " + " | ".join(f"tok/s {m}" for m in modes)
                   + " | on vs off | on vs stock | engine step us | plugin host us/step | host share | GPU share |",
                   "|---:|" + "---:|" * (len(modes) + 6)]

@@ -57,6 +57,15 @@ class RelativePolicy:
         # The ratio is a float: round away the representation error before floor (0.5 / 0.5 * 3 is 3).
         return max(1, math.floor(round(self.keep[checkpoint] / before * arrivals, 9)))
 
+    def decide(self, checkpoint: int, earlier: list[float], score: float) -> tuple[int, bool]:
+        """(allowed, stop) for an arrival at checkpoint ``checkpoint`` with ``score``, after the
+        siblings' ``earlier`` scores there: it stops when ranked below the allowed count (ties rank
+        the earlier arrival first). A missing logit (NaN) makes the score unknown: such a candidate
+        is never stopped for it."""
+        rank = 1 + sum(1 for other in earlier if other >= score)
+        allowed = self.allowed(checkpoint, len(earlier) + 1)
+        return allowed, rank > allowed and not math.isnan(score)
+
 
 @dataclass(frozen=True)
 class AbsolutePolicy:
@@ -66,6 +75,10 @@ class AbsolutePolicy:
     min_steps: int = 4
     window: int | None = None
     min_keep: int = 1
+
+    def stops(self, step: int, score: float) -> bool:
+        """Whether a candidate with ``step`` scored steps and this score stops."""
+        return step >= self.min_steps and score < self.threshold
 
 
 Policy = RelativePolicy | AbsolutePolicy
@@ -278,7 +291,7 @@ class SiblingGroup:
         return self._threshold(candidate, policy)
 
     def _decide(self, candidate: Sibling, decision: Decision) -> bool:
-        decision.stopped = decision.stop and self.kept - 1 >= self.policy.min_keep
+        decision.stopped = _stopped_within_min_keep(self.policy, decision.stop, self.kept)
         candidate.decisions.append(decision)
         if decision.stopped:
             candidate.pruned_at_step = decision.step
@@ -289,11 +302,8 @@ class SiblingGroup:
     def _checkpoint(self, candidate: Sibling, checkpoint: int) -> bool:
         score = candidate.running.score
         arrivals = self.arrivals[checkpoint]
-        rank = 1 + sum(1 for earlier in arrivals if earlier >= score)  # ties: the earlier arrival ranks first
+        allowed, stop = self.policy.decide(checkpoint, arrivals, score)
         arrivals.append(score)
-        allowed = self.policy.allowed(checkpoint, len(arrivals))
-        # A missing logit (NaN) makes the score unknown: such a candidate is never stopped for it.
-        stop = rank > allowed and not math.isnan(score)
         decision = Decision(candidate.running.count, score, stop, False, self.kept, checkpoint, len(arrivals) - 1, allowed)
         return self._decide(candidate, decision)
 
@@ -302,7 +312,7 @@ class SiblingGroup:
         if running.count < policy.min_steps:
             return False
         score = running.score if policy.window is None else running.window_score(policy.window)
-        if not score < policy.threshold:
+        if not policy.stops(running.count, score):
             return False
         return self._decide(candidate, Decision(running.count, score, True, False, self.kept))
 
@@ -321,17 +331,21 @@ def replay(policy: Policy, logs: dict[int, list[dict]]) -> dict[int, list[dict]]
             )
             scores: list[float] = []
             for entry in entries:
-                rank = 1 + sum(1 for earlier in scores if earlier >= entry["score"])
+                entry["allowed"], entry["stop"] = policy.decide(checkpoint, scores, entry["score"])
                 scores.append(entry["score"])
-                entry["allowed"] = policy.allowed(checkpoint, len(scores))
-                entry["stop"] = rank > entry["allowed"] and not math.isnan(entry["score"])
-                entry["stopped"] = entry["stop"] and entry["kept"] - 1 >= policy.min_keep
+                entry["stopped"] = _stopped_within_min_keep(policy, entry["stop"], entry["kept"])
         return replayed
     for decisions in replayed.values():
         for entry in decisions:
-            entry["stop"] = entry["step"] >= policy.min_steps and entry["score"] < policy.threshold
-            entry["stopped"] = entry["stop"] and entry["kept"] - 1 >= policy.min_keep
+            entry["stop"] = policy.stops(entry["step"], entry["score"])
+            entry["stopped"] = _stopped_within_min_keep(policy, entry["stop"], entry["kept"])
     return replayed
+
+
+def _stopped_within_min_keep(policy: Policy, stop: bool, kept: int) -> bool:
+    """Whether a candidate the policy asks to ``stop`` does stop: not when that would leave fewer
+    than ``min_keep`` of the ``kept`` unpruned candidates of its group."""
+    return stop and kept - 1 >= policy.min_keep
 
 
 # The key the front end adds to an n > 1 request's extra_args (``frontend.parent_request_init``):

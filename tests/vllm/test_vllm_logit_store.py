@@ -43,10 +43,10 @@ def _compute(store, head, ids, hidden, first: int, block_ids) -> None:
 def test_rows_are_filed_by_slot_and_a_recomputed_slot_takes_the_latest():
     store = CacheSlotLogits(num_blocks=4, block_size=BLOCK_SIZE, rule=RULE)
     slots = np.array([5, 6, 9])
-    store.write(records.encode(slots, np.array([True, False, True]), np.array([0.5, 7.0, -1.0], dtype=np.float32)))
+    store.write(records.encode(slots, np.array([0, 2]), np.array([0.5, -1.0], dtype=np.float32)))  # row 1 keeps none
     assert store.values[5] == np.float32(0.5) and store.values[9] == np.float32(-1.0)
     assert np.isnan(store.values[6]) and np.isnan(store.values[0])  # kept nothing; never written
-    store.write(records.encode(slots[:1], np.array([True]), np.array([2.5], dtype=np.float32)))
+    store.write(records.encode(slots[:1], np.array([0]), np.array([2.5], dtype=np.float32)))
     assert store.values[5] == np.float32(2.5)
 
 

@@ -133,11 +133,11 @@ def test_the_cpu_engines_host_head_is_the_oracles(dtype):
     torch.manual_seed(0)
     head = SPRMHead(HIDDEN, dtype=dtype).eval()
     table = RULE.step_table("cpu", size=VOCAB).numpy()
-    host = HostStep(RULE, table, head.weights)
     hidden = torch.randn(9, HIDDEN).to(dtype)
+    host = HostStep(RULE, table, head.weights, hidden)
     rows = np.array([0, 4, 8])
     want = reference.head_logits(hidden[torch.from_numpy(rows)], *head.weights)
-    torch.testing.assert_close(torch.from_numpy(host.logits(hidden, rows)), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(host.logits(rows)), want, atol=1e-5, rtol=1e-5)
     current, following = np.array([3, STEP, THINK, 7, 3]), np.array([STEP, 6, STEP, 9, -1])
     assert host.opens(current, following).tolist() == semantics.opens_step(current, following, table, THINK).tolist()
 
@@ -180,7 +180,8 @@ def test_step_update_has_no_host_sync_and_replays_in_a_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     slots = np.array(CACHE_SLOTS)
-    _check(records.encode(slots, keep.cpu().numpy(), logits.cpu().numpy()), runtime.hidden, runtime.head.weights)
+    kept = np.flatnonzero(keep.cpu().numpy())
+    _check(records.encode(slots, kept, logits.cpu().numpy()[kept]), runtime.hidden, runtime.head.weights)
 
 
 # The same step under Model Runner V2: the token table holds each request's tokens by table row

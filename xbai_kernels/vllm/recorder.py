@@ -278,43 +278,35 @@ class HostStep:
     small torch ops, each entering the intra-op thread pool, cost more than the model's own step on
     a small model (numpy: a fraction of that).
 
-    ``keeps``: the step rule as two lookups (``semantics.opens_step_tables``, derived from the rule
-    itself) plus every KV block's last position; ``logits``: the head on the kept rows, the oracle's
-    math (``ops.reference.head_logits``, float32 throughout) with weights converted once.
+    ``opens``: the step rule as two lookups (``semantics.opens_step_tables``, derived from the rule
+    itself); ``logits``: the head on rows of the engine's ``hidden`` buffer, the oracle's math
+    (``ops.reference.head_logits``, float32 throughout) with weights converted once.
     """
 
-    def __init__(self, rule: StepRule, step_table: np.ndarray, weights) -> None:
+    def __init__(self, rule: StepRule, step_table: np.ndarray, weights, hidden: torch.Tensor) -> None:
         self.may_open, self.is_step = semantics.opens_step_tables(step_table, rule.think_start_id)
         w1, b1, w2, b2 = (w.detach().float().cpu() for w in weights)
         self.w1t = w1.T.contiguous().numpy()  # [d, 2d]
         self.b1 = b1.numpy()
         self.w2 = w2.reshape(-1).numpy()
         self.b2 = float(b2.reshape(()))
-        self._hidden_view: tuple | None = None
+        # hidden [T, d] (a CPU tensor the model writes every step) as numpy: a bf16 is the top half
+        # of an fp32's bits, so its rows convert exactly by a shift of their int16 view.
+        self._bf16 = hidden.dtype == torch.bfloat16
+        self._hidden = hidden.view(torch.int16).numpy().view(np.uint16) if self._bf16 else hidden.numpy()
 
     def opens(self, current: np.ndarray, following: np.ndarray) -> np.ndarray:
         """bool [n]: ``semantics.opens_step`` of ids in [0, V) followed by ids in [-1, V)."""
         return self.may_open[current] & self.is_step[following]
 
-    def logits(self, hidden: torch.Tensor, rows: np.ndarray) -> np.ndarray:
-        """float32 [m]: the head of rows ``rows`` of the CPU tensor hidden [T, d] (any float dtype)."""
-        activation = self._float32_rows(hidden, rows) @ self.w1t
+    def logits(self, rows: np.ndarray) -> np.ndarray:
+        """float32 [m]: the head of rows ``rows`` of ``hidden``."""
+        selected = self._hidden[rows]
+        hidden = (selected.astype(np.uint32) << 16).view(np.float32) if self._bf16 else selected.astype(np.float32, copy=False)
+        activation = hidden @ self.w1t
         activation += self.b1
         np.maximum(activation, 0.0, out=activation)
         return activation @ self.w2 + np.float32(self.b2)
-
-    def _float32_rows(self, hidden: torch.Tensor, rows: np.ndarray) -> np.ndarray:
-        """float32 [m, d], converted exactly in numpy (a bf16 is the top half of an fp32's bits); the
-        numpy view of the engine's persistent ``hidden`` is made once."""
-        view = self._hidden_view
-        if view is None or view[0] is not hidden:
-            bf16 = hidden.dtype == torch.bfloat16
-            array = hidden.view(torch.int16).numpy().view(np.uint16) if bf16 else hidden.numpy()
-            view = self._hidden_view = (hidden, array, bf16)
-        selected = view[1][rows]
-        if view[2]:
-            return (selected.astype(np.uint32) << 16).view(np.float32)
-        return selected.astype(np.float32, copy=False)
 
 
 class StepLogitRecorder:
@@ -340,8 +332,6 @@ class StepLogitRecorder:
         self.max_requests = max_requests
         (self._head_op,) = dispatch.implementations(("head_logits_masked",), device, head.scoring_inputs())
         self.weights = tuple(w.detach() for w in head.weights)  # recording needs no autograd
-        # The CPU engine records on the host (``runner_v1._record_on_host``), in numpy.
-        self.host = HostStep(rule, self.is_step_token.numpy(), self.weights) if device.type == "cpu" else None
 
     def keeps(self, opens, positions):
         """The rows that keep a logit (torch or numpy): those opening a step, and every KV block's

@@ -23,15 +23,9 @@ import numpy as np
 RECORDS_ATTRIBUTE = "xbai_sprm"
 
 
-def encode(cache_slots: np.ndarray, keep: np.ndarray, logits: np.ndarray) -> np.ndarray:
-    """Host-side encoding (the device writes the same layout): cache_slots int [n], keep bool [n],
-    logits float32 [n] -> int32 [2, n]."""
-    return encode_rows(cache_slots, np.flatnonzero(keep), np.asarray(logits, dtype=np.float32)[keep])
-
-
-def encode_rows(cache_slots: np.ndarray, kept: np.ndarray, logits: np.ndarray) -> np.ndarray:
-    """``encode`` from the kept rows only: cache_slots int [n], kept int [m] (row indices), logits
-    float32 [m] (theirs) -> int32 [2, n]."""
+def encode(cache_slots: np.ndarray, kept: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """Host-side encoding (the device writes the same layout): cache_slots int [n], kept int [m]
+    (the rows that keep a logit), logits float32 [m] (theirs) -> int32 [2, n]."""
     rows = np.empty((2, cache_slots.shape[0]), dtype=np.int32)
     rows[0] = cache_slots
     values = rows[1].view(np.float32)

@@ -106,8 +106,7 @@ def _record_on_host(runner, runtime, layout: _StepLayout, sampled_token_ids: tor
     (``recorder.HostStep``), the head on the kept rows only. The persistent buffers are read through
     numpy views made once: a torch slice costs microseconds here, a numpy one a fraction of that."""
     num_reqs, num_tokens = layout.num_requests, layout.num_tokens
-    recorder = runtime.recorder
-    host = recorder.host
+    recorder, host = runtime.recorder, runtime.host_step
     current = runner.input_ids.np[:num_tokens]
     discard = runner.discard_request_mask.np[:num_reqs]
     # The token after each request's last row: the one sampled, or the next prompt token after a
@@ -121,8 +120,8 @@ def _record_on_host(runner, runtime, layout: _StepLayout, sampled_token_ids: tor
         following[layout.query_start_loc[1:] - 1] = after_last
     keep = recorder.keeps(host.opens(current, following), _numpy_view(runner, "positions", runner.positions)[:num_tokens])
     rows = np.flatnonzero(keep)
-    logits = host.logits(runtime.hidden, rows) if rows.size else np.zeros(0, dtype=np.float32)
-    layout.host_rows = records.encode_rows(_slot_mapping(runner).np[:num_tokens], rows, logits)
+    logits = host.logits(rows) if rows.size else np.zeros(0, dtype=np.float32)
+    layout.host_rows = records.encode(_slot_mapping(runner).np[:num_tokens], rows, logits)
 
 
 _VIEWS = "_xbai_sprm_numpy_views"

@@ -10,7 +10,7 @@ import torch
 
 from ..head import SPRMHead
 from ..rule import StepRule
-from .recorder import HOST_RING, EngineStepRecorder, StepLogitRecorder
+from .recorder import HOST_RING, EngineStepRecorder, HostStep, StepLogitRecorder
 
 
 class SPRMRuntime:
@@ -19,7 +19,8 @@ class SPRMRuntime:
     hidden [max_tokens, d] (model dtype) is written by every forward. ``block_size`` is the KV
     cache's (every block's last position keeps its logit, ``logit_store``). ``runner`` names the vLLM
     model runner that drives it: ``"v2"`` builds an ``EngineStepRecorder`` (``engine``), ``"v1"`` a
-    ``StepLogitRecorder`` (``recorder``) with its staging buffers.
+    ``StepLogitRecorder`` (``recorder``) with its staging buffers, and on a CPU the numpy step work
+    over ``hidden`` (``host_step``, a ``HostStep``).
     """
 
     def __init__(
@@ -35,11 +36,13 @@ class SPRMRuntime:
         self.hidden = torch.zeros(max_tokens, head.hidden_size, dtype=dtype, device=device)
         # Benchmarks switch recording off and on in a live engine (``set_recording``) to measure its cost.
         self.active = True
-        self.engine = self.recorder = None
+        self.engine = self.recorder = self.host_step = None
         if runner == "v2":
             self.engine = EngineStepRecorder(head, rule, vocab_size, max_tokens, max_requests, block_size)
             return
         self.recorder = StepLogitRecorder(head, rule, vocab_size, max_tokens, max_requests, block_size)
+        if device.type == "cpu":  # the CPU engine records on the host, in numpy (``runner_v1._record_on_host``)
+            self.host_step = HostStep(rule, self.recorder.is_step_token.numpy(), self.recorder.weights, self.hidden)
         self.next_prompt_ids = torch.zeros(max_requests, dtype=torch.int64, device=device)
         self.host = [HostBuffers(max_tokens, max_requests, pinned=device.type == "cuda") for _ in range(HOST_RING)]
         self.steps = 0

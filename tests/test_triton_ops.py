@@ -95,6 +95,13 @@ def random_mask(batch: int, device, seed: int, fraction: float = 0.5) -> torch.T
     return (torch.rand(batch, generator=g) < fraction).to(device)
 
 
+def pattern_mask(pattern: str, batch: int, device, seed: int) -> torch.Tensor:
+    """A step mask of ``batch`` rows: "random" (about half), "none" or "all"."""
+    if pattern == "random":
+        return random_mask(batch, device, seed=seed)
+    return torch.full((batch,), pattern == "all", dtype=torch.bool, device=device)
+
+
 # ----- decode: head_logits_masked ----------------------------------------------------------------
 
 
@@ -105,11 +112,7 @@ def test_masked_matches_reference_fp32(env, d, batch, pattern):
     triton_ops, device = env
     weights = make_head(d, device, seed=d)
     hidden = randn(batch, d, device=device, seed=batch)
-    mask = {
-        "random": random_mask(batch, device, seed=d + batch),
-        "none": torch.zeros(batch, dtype=torch.bool, device=device),
-        "all": torch.ones(batch, dtype=torch.bool, device=device),
-    }[pattern]
+    mask = pattern_mask(pattern, batch, device, seed=d + batch)
     out = triton_ops.head_logits_masked(hidden, mask, *weights)
     expected = reference.head_logits_masked(hidden, mask, *weights)
     assert out.dtype == torch.float32 and out.shape == (batch,)
@@ -206,11 +209,7 @@ def test_masked_gathered_schedule_matches_reference(env, monkeypatch, d, batch, 
     monkeypatch.setattr(gathered, "_SCAN_CHUNK", 16)  # 37 and 70 rows: a scan over several chunks
     weights = make_head(d, device, seed=d)
     hidden = randn(batch, d, device=device, seed=batch)
-    mask = {
-        "random": random_mask(batch, device, seed=d + batch),
-        "none": torch.zeros(batch, dtype=torch.bool, device=device),
-        "all": torch.ones(batch, dtype=torch.bool, device=device),
-    }[pattern]
+    mask = pattern_mask(pattern, batch, device, seed=d + batch)
     hidden[~mask] = float("nan")  # rows that are not steps are never read
     out = torch.full((batch,), float("nan"), device=device)
     returned = triton_ops.head_logits_masked(hidden, mask, *weights, out=out, schedule="gathered")

@@ -273,21 +273,21 @@ def throughput_part(args, model: dict) -> dict:
         scored.collective_rpc(runtime.set_recording, args=(True,))
         # The plugin's host time by stage, and the step count, from separate profiled runs.
         _profiling(scored, True)
-        host, steps = {}, 0
+        stages: dict[str, tuple[int, int]] = {}
         for _ in range(PROFILED_RUNS):
             _profile(scored)  # reset the counters
             _generate_timed(scored, batch_prompts, params)
-            stages = _profile(scored)
-            steps += stages.get("worker.record", (0, 0))[1]
-            for stage, (ns, _) in stages.items():
-                host[stage] = host.get(stage, 0) + ns
+            for stage, (ns, calls) in _profile(scored).items():
+                total_ns, total_calls = stages.get(stage, (0, 0))
+                stages[stage] = (total_ns + ns, total_calls + calls)
+        steps = stages.get("worker.record", (0, 0))[1]
         row = {"batch": batch, "new_tokens": args.new_tokens, "tokens_per_s": {m: spread(v) for m, v in tokens_per_s.items()}}
         median = {m: statistics.median(v) for m, v in tokens_per_s.items()}
         if "stock" in median:
             row["overhead_on_vs_stock"] = median["stock"] / median["on"] - 1
         row["overhead_on_vs_off"] = median["off"] / median["on"] - 1
         row["engine_steps"] = steps // PROFILED_RUNS
-        row["host_us_per_step"] = {stage: ns / 1e3 / max(steps, 1) for stage, ns in host.items()}
+        row["host_us_per_step"] = _host_us_per_step(stages)
         row["host_us_per_step"]["total"] = sum(row["host_us_per_step"].values())
         # The direct measure: the plugin's host time against the engine step it rides on (an
         # unprofiled "on" generate call over its engine steps, prefill included). On/off throughput
